@@ -1,0 +1,1 @@
+"""Conventional recommendation baselines evaluated with the same splits and metric code."""

@@ -1,0 +1,123 @@
+"""`recalign` command line: prepare / stats / vocab (data), and the model commands as they land."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+DEFAULT_SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def _name_from(path: Path) -> str:
+  name = path.name.lower().removeprefix("amazon-")
+  return re.sub(r"[^a-z0-9_]+", "_", name).strip("_") or "data"
+
+
+def cmd_prepare(args) -> int:
+  from recalign.data import IngestReport, prepare, read_source
+  from recalign.data.prepare import format_stats
+  source = Path(args.source)
+  t0 = time.time()
+  print(f"reading {source} ...", flush=True)
+  raw = read_source(source, args.format, meta=args.meta, report=IngestReport(strict=args.strict))
+  name = args.name or _name_from(Path(args.out))
+  data = prepare(raw, name=name, kcore=args.kcore, seed=args.seed,
+                 num_validation_users=args.validation_users)
+  data.save(args.out)
+  print(format_stats(data.manifest))
+  for kind, examples in raw.report.examples.items():
+    for ex in examples:
+      print(f"  e.g. [{kind}] {ex}")
+  print(f"wrote {args.out} in {time.time() - t0:.1f}s")
+  return 0
+
+
+def cmd_stats(args) -> int:
+  from recalign.data.prepare import format_stats
+  path = Path(args.data) / "manifest.json"
+  if not path.exists():
+    print(f"error: {path} not found (run `recalign prepare` first)", file=sys.stderr)
+    return 2
+  manifest = json.loads(path.read_text())
+  print(json.dumps(manifest, indent=2) if args.json else format_stats(manifest))
+  return 0
+
+
+def cmd_vocab(args) -> int:
+  from recalign.data import PreparedData, item_id
+  from recalign.data.vocab import check_item_ids, load_vocabulary, train_vocabulary
+  data = PreparedData.load(args.data)
+  if args.spm:  # a user-supplied model (e.g. the standard T5 / FLAN-T5 one): only check it
+    path = Path(args.spm)
+  else:
+    t0 = time.time()
+    path = train_vocabulary(data, Path(args.data) / "vocab", vocab_size=args.size)
+    print(f"trained {path} in {time.time() - t0:.1f}s")
+  vocab = load_vocabulary(path)
+  ids = [item_id(k) for k in range(data.num_items)]
+  check = check_item_ids(vocab, ids)
+  print(f"vocabulary size {vocab.vocab_size} (incl. {vocab.extra_ids} sentinels); item IDs: "
+        f"{len(ids)} checked, at most {check.max_tokens} tokens, {len(check.token_ids)} distinct tokens")
+  for f in check.failures[:10]:
+    print("  inconsistent:", f)
+  if check.failures:
+    print(f"error: {len(check.failures)} item IDs tokenise inconsistently", file=sys.stderr)
+    return 1
+  return 0
+
+
+def cmd_demo(args) -> int:
+  """The README's main job: prepare the shared Beauty data, train its vocabulary, print statistics."""
+  out = Path(args.out)
+  data_dir = out / "data" / "beauty"
+  rc = main(["prepare", "--source", str(args.data), "--out", str(data_dir), "--name", "beauty"])
+  return rc or main(["vocab", str(data_dir)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="recalign", description=__doc__)
+  sub = p.add_subparsers(dest="command", required=True)
+
+  s = sub.add_parser("prepare", help="ingest a raw data set, k-core, leave-one-out split, random IDs")
+  s.add_argument("--source", required=True, help="amazon-tsv folder, reviews_*.json[.gz] (or its folder), "
+                 "or a RecBole folder with *.inter / *.item")
+  s.add_argument("--format", choices=["amazon-tsv", "amazon-raw", "recbole"], help="default: detected")
+  s.add_argument("--meta", help="amazon-raw: meta_<Category>.json[.gz] (default: found beside the reviews)")
+  s.add_argument("--out", required=True, help="output folder")
+  s.add_argument("--name", help="data set name used in task names (default: from --out)")
+  s.add_argument("--kcore", type=int, default=5)
+  s.add_argument("--seed", type=int, default=0, help="seeds the item ID permutation and validation subset")
+  s.add_argument("--validation-users", type=int, default=3000)
+  s.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
+  s.set_defaults(fn=cmd_prepare)
+
+  s = sub.add_parser("stats", help="print a prepared data set's manifest")
+  s.add_argument("data")
+  s.add_argument("--json", action="store_true")
+  s.set_defaults(fn=cmd_stats)
+
+  s = sub.add_parser("vocab", help="train (or check) the SentencePiece vocabulary of a prepared data set")
+  s.add_argument("data")
+  s.add_argument("--size", type=int, default=8000, help="pieces, excluding the 100 sentinels")
+  s.add_argument("--spm", help="check this existing SentencePiece model instead of training one")
+  s.set_defaults(fn=cmd_vocab)
+
+  s = sub.add_parser("demo", help="end-to-end demo on the shared Amazon Beauty data")
+  s.add_argument("--data", default=str(DEFAULT_SHARED / "amazon-beauty"))
+  s.add_argument("--out", default="runs/demo")
+  s.set_defaults(fn=cmd_demo)
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  return args.fn(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

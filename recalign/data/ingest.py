@@ -1,0 +1,408 @@
+"""Readers that normalise every supported source into one `RawData`.
+
+Supported sources:
+  * `amazon-tsv`: `interactions.tsv` (user_id, item_id, timestamp[, rating]) + `items.tsv`
+    (item_id, title, brand, price, categories) as in `shared/data/amazon-beauty/`.
+  * `amazon-raw`: the files users download themselves, `reviews_<Category>_5.json[.gz]` (one JSON
+    object per line) and `meta_<Category>.json[.gz]` (one Python-literal dict per line, parsed
+    with `ast.literal_eval`, never `eval`).
+  * `recbole`: RecBole atomic files `<name>.inter` / `<name>.item` (e.g. `shared/data/ml-100k/`).
+
+Bad records are skipped and counted in an `IngestReport` (or raise `DataError` with `strict`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import gzip
+import hashlib
+import html
+import io
+import json
+import math
+import re
+import unicodedata
+from pathlib import Path
+from typing import Iterator, Optional
+
+from recalign.data.report import DataError, IngestReport
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  """Words the templates use for a data set ("A user has purchased the following Amazon products...")."""
+  noun: str = "Amazon products"   # plural noun for the items
+  verb_past: str = "purchased"    # "A user has <verb_past> the following ..."
+  verb: str = "buy"               # "What would the user <verb> next?"
+
+
+AMAZON = Domain()
+MOVIES = Domain("movies", "watched", "watch")
+
+
+@dataclasses.dataclass
+class ItemMeta:
+  title: str = ""
+  brand: str = ""
+  price: str = ""
+  categories: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Interaction:
+  item: str
+  timestamp: Optional[float]
+  rating: Optional[float]
+
+
+@dataclasses.dataclass
+class RawData:
+  """Per-user interactions in file order, item metadata, and where they came from."""
+  sequences: dict[str, list[Interaction]]
+  items: dict[str, ItemMeta]
+  domain: Domain
+  source_format: str
+  source_files: list[Path]
+  report: IngestReport
+  has_ratings: bool = False
+
+
+# Strings that would be mistaken for template markers once an item is rendered into a prompt.
+_MARKERS = re.compile(r"\[masked item\]|<extra_id_\d+>", re.IGNORECASE)
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str, report: IngestReport) -> str:
+  """Unescapes HTML entities, NFKC-normalises, folds tabs/newlines, removes template markers."""
+  if not text:
+    return ""
+  out = text
+  if "&" in out:
+    for _ in range(3):  # "&amp;amp;" style double escaping is common in the Amazon dumps
+      un = html.unescape(out)
+      if un == out:
+        break
+      out = un
+    if out != text:
+      report.repair("html_entities_unescaped")
+  out = unicodedata.normalize("NFKC", out)
+  if _MARKERS.search(out):
+    report.repair("template_markers_removed")
+    out = _MARKERS.sub(" ", out)
+  folded = _SPACE.sub(" ", out).strip()
+  if folded != out.strip() and any(c in out for c in "\t\n\r"):
+    report.repair("tabs_newlines_folded")
+  return folded
+
+
+def sha256_file(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+  if path.suffix == ".gz":
+    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict")
+  return open(path, encoding="utf-8", errors="strict")
+
+
+def _lines(path: Path, report: IngestReport) -> Iterator[tuple[int, str]]:
+  """Yields (1-based line number, line without newline); undecodable lines are counted skips."""
+  with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+    for i, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        report.skip("undecodable_line", str(path), i, None, f"not UTF-8 ({e.reason})")
+        continue
+      line = line.rstrip("\r\n")
+      if line.strip():
+        yield i, line
+
+
+def _number(value, path: Path, line: int, field: str, report: IngestReport,
+            kind: str) -> Optional[float]:
+  try:
+    x = float(value)
+  except (TypeError, ValueError):
+    report.skip(kind, str(path), line, field, f"not a number: {value!r}")
+    return None
+  if not math.isfinite(x):
+    report.skip(kind, str(path), line, field, f"not finite: {value!r}")
+    return None
+  return x
+
+
+def _add_meta(items: dict[str, ItemMeta], item: str, meta: ItemMeta, path: Path, line: int,
+              report: IngestReport):
+  if item in items:
+    report.skip("duplicate_item_metadata", str(path), line, "item_id", f"item {item!r} listed again")
+    return
+  items[item] = meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Amazon TSV (the layout of shared/data/amazon-beauty)
+
+
+def read_amazon_tsv(directory: Path | str, *, report: Optional[IngestReport] = None,
+                    domain: Domain = AMAZON) -> RawData:
+  directory = Path(directory)
+  report = report or IngestReport()
+  inter_path, items_path = directory / "interactions.tsv", directory / "items.tsv"
+  for p in (inter_path, items_path):
+    if not p.exists():
+      raise DataError(str(p), None, None, "file not found (amazon-tsv needs interactions.tsv and items.tsv)")
+
+  sequences: dict[str, list[Interaction]] = {}
+  has_ratings = False
+  header: list[str] = []
+  for n, line in _lines(inter_path, report):
+    cols = line.split("\t")
+    if not header:
+      header = cols
+      missing = {"user_id", "item_id"} - set(header)
+      if missing:
+        raise DataError(str(inter_path), n, ",".join(sorted(missing)), "missing header column(s)")
+      has_ratings = "rating" in header
+      continue
+    if len(cols) != len(header):
+      report.skip("malformed_line", str(inter_path), n, None,
+                  f"expected {len(header)} tab-separated fields, got {len(cols)}")
+      continue
+    row = dict(zip(header, cols))
+    user, item = row["user_id"].strip(), row["item_id"].strip()
+    if not user or not item:
+      report.skip("missing_field", str(inter_path), n, "user_id" if not user else "item_id", "empty")
+      continue
+    ts = rating = None
+    if "timestamp" in row:
+      ts = _number(row["timestamp"], inter_path, n, "timestamp", report, "bad_timestamp")
+      if ts is None:
+        continue
+    if has_ratings:
+      rating = _number(row["rating"], inter_path, n, "rating", report, "bad_rating")
+      if rating is None:
+        continue
+    sequences.setdefault(user, []).append(Interaction(item, ts, rating))
+
+  items: dict[str, ItemMeta] = {}
+  header = []
+  for n, line in _lines(items_path, report):
+    cols = line.split("\t")
+    if not header:
+      header = cols
+      if "item_id" not in header:
+        raise DataError(str(items_path), n, "item_id", "missing header column")
+      continue
+    if len(cols) != len(header):
+      report.skip("malformed_line", str(items_path), n, None,
+                  f"expected {len(header)} tab-separated fields, got {len(cols)}")
+      continue
+    row = dict(zip(header, cols))
+    item = row["item_id"].strip()
+    if not item:
+      report.skip("missing_field", str(items_path), n, "item_id", "empty")
+      continue
+    cats = tuple(c for c in (clean_text(c, report) for c in row.get("categories", "").split("|")) if c)
+    _add_meta(items, item, ItemMeta(
+        title=clean_text(row.get("title", ""), report), brand=clean_text(row.get("brand", ""), report),
+        price=clean_text(row.get("price", ""), report), categories=cats), items_path, n, report)
+  return RawData(sequences, items, domain, "amazon-tsv", [inter_path, items_path], report, has_ratings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw Amazon 2014 review / metadata dumps
+
+
+def _format_categories(value) -> tuple[str, ...]:
+  """Amazon meta `categories` is a list of category paths (lists of strings)."""
+  if isinstance(value, str):
+    return (value,)
+  paths = []
+  for path in value or []:
+    if isinstance(path, (list, tuple)):
+      paths.append(" > ".join(str(p) for p in path))
+    else:
+      paths.append(str(path))
+  return tuple(paths)
+
+
+def read_amazon_raw(reviews: Path | str, meta: Optional[Path | str] = None, *,
+                    report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
+  reviews = Path(reviews)
+  report = report or IngestReport()
+  sequences: dict[str, list[Interaction]] = {}
+  for n, line in _lines(reviews, report):
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      report.skip("malformed_line", str(reviews), n, None, f"not JSON ({e.msg})")
+      continue
+    if not isinstance(obj, dict):
+      report.skip("malformed_line", str(reviews), n, None, "not a JSON object")
+      continue
+    missing = [f for f in ("reviewerID", "asin", "unixReviewTime") if not obj.get(f) and obj.get(f) != 0]
+    if missing:
+      report.skip("missing_field", str(reviews), n, missing[0], "missing or empty")
+      continue
+    ts = _number(obj["unixReviewTime"], reviews, n, "unixReviewTime", report, "bad_timestamp")
+    if ts is None:
+      continue
+    rating = None
+    if "overall" in obj:
+      rating = _number(obj["overall"], reviews, n, "overall", report, "bad_rating")
+      if rating is None:
+        continue
+    sequences.setdefault(str(obj["reviewerID"]), []).append(Interaction(str(obj["asin"]), ts, rating))
+  has_ratings = any(x.rating is not None for seq in sequences.values() for x in seq)
+  if has_ratings and any(x.rating is None for seq in sequences.values() for x in seq):
+    raise DataError(str(reviews), None, "overall", "some reviews have a rating and others not")
+
+  items: dict[str, ItemMeta] = {}
+  files = [reviews]
+  if meta is not None:
+    meta = Path(meta)
+    files.append(meta)
+    for n, line in _lines(meta, report):
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError:
+        try:  # the 2014 dumps are Python literals (single quotes); literal_eval is safe, eval is not
+          obj = ast.literal_eval(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+          report.skip("malformed_line", str(meta), n, None, f"not a JSON/Python literal ({type(e).__name__})")
+          continue
+      if not isinstance(obj, dict) or not obj.get("asin"):
+        report.skip("missing_field", str(meta), n, "asin", "missing or not a dict")
+        continue
+      price = obj.get("price", "")
+      _add_meta(items, str(obj["asin"]), ItemMeta(
+          title=clean_text(str(obj.get("title", "") or ""), report),
+          brand=clean_text(str(obj.get("brand", "") or ""), report),
+          price="" if price in ("", None) else clean_text(str(price), report),
+          categories=tuple(clean_text(c, report) for c in _format_categories(obj.get("categories")))),
+          meta, n, report)
+  return RawData(sequences, items, domain, "amazon-raw", files, report, has_ratings)
+
+
+# ---------------------------------------------------------------------------------------------
+# RecBole atomic files
+
+
+def _atomic_header(cols: list[str], path: Path) -> list[str]:
+  names = []
+  for c in cols:
+    name, _, typ = c.partition(":")
+    if not typ:
+      raise DataError(str(path), 1, c, "RecBole header fields look like 'name:type'")
+    names.append(name)
+  return names
+
+
+def read_recbole(path: Path | str, *, report: Optional[IngestReport] = None,
+                 domain: Domain = MOVIES) -> RawData:
+  """`path` is the folder holding `<name>.inter` (and optionally `<name>.item`)."""
+  path = Path(path)
+  report = report or IngestReport()
+  inters = sorted(path.glob("*.inter"))
+  if len(inters) != 1:
+    raise DataError(str(path), None, None, f"expected exactly one *.inter file, found {len(inters)}")
+  inter_path = inters[0]
+  item_path = inter_path.with_suffix(".item")
+
+  sequences: dict[str, list[Interaction]] = {}
+  header: list[str] = []
+  for n, line in _lines(inter_path, report):
+    cols = line.split("\t")
+    if not header:
+      header = _atomic_header(cols, inter_path)
+      for need in ("user_id", "item_id"):
+        if need not in header:
+          raise DataError(str(inter_path), n, need, "missing header column")
+      continue
+    if len(cols) != len(header):
+      report.skip("malformed_line", str(inter_path), n, None,
+                  f"expected {len(header)} tab-separated fields, got {len(cols)}")
+      continue
+    row = dict(zip(header, cols))
+    if not row["user_id"] or not row["item_id"]:
+      report.skip("missing_field", str(inter_path), n, "user_id" if not row["user_id"] else "item_id", "empty")
+      continue
+    ts = rating = None
+    if "timestamp" in row:
+      ts = _number(row["timestamp"], inter_path, n, "timestamp", report, "bad_timestamp")
+      if ts is None:
+        continue
+    if "rating" in row:
+      rating = _number(row["rating"], inter_path, n, "rating", report, "bad_rating")
+      if rating is None:
+        continue
+    sequences.setdefault(row["user_id"], []).append(Interaction(row["item_id"], ts, rating))
+
+  items: dict[str, ItemMeta] = {}
+  files = [inter_path]
+  if item_path.exists():
+    files.append(item_path)
+    header = []
+    for n, line in _lines(item_path, report):
+      cols = line.split("\t")
+      if not header:
+        header = _atomic_header(cols, item_path)
+        if "item_id" not in header:
+          raise DataError(str(item_path), n, "item_id", "missing header column")
+        continue
+      if len(cols) != len(header):
+        report.skip("malformed_line", str(item_path), n, None,
+                    f"expected {len(header)} tab-separated fields, got {len(cols)}")
+        continue
+      row = dict(zip(header, cols))
+      title = row.get("movie_title", row.get("title", ""))
+      cats = row.get("class", row.get("categories", ""))
+      _add_meta(items, row["item_id"], ItemMeta(
+          title=clean_text(title, report), brand=clean_text(row.get("brand", ""), report),
+          price=clean_text(row.get("price", ""), report),
+          categories=tuple(clean_text(c, report) for c in cats.split() if c)), item_path, n, report)
+  has_ratings = "rating" in header or any(x.rating is not None for s in sequences.values() for x in s)
+  return RawData(sequences, items, domain, "recbole", files, report, has_ratings)
+
+
+SOURCES = {"amazon-tsv": read_amazon_tsv, "amazon-raw": read_amazon_raw, "recbole": read_recbole}
+
+
+def detect_format(path: Path) -> str:
+  if path.is_dir():
+    if (path / "interactions.tsv").exists():
+      return "amazon-tsv"
+    if list(path.glob("*.inter")):
+      return "recbole"
+    if list(path.glob("reviews_*.json*")):
+      return "amazon-raw"
+  elif path.name.startswith("reviews_"):
+    return "amazon-raw"
+  raise DataError(str(path), None, None,
+                  "cannot tell the format; pass --format amazon-tsv|amazon-raw|recbole")
+
+
+def read_source(path: Path | str, fmt: Optional[str] = None, *, meta: Optional[Path | str] = None,
+                report: Optional[IngestReport] = None) -> RawData:
+  """Reads any supported source; `fmt=None` detects it from the path."""
+  path = Path(path)
+  fmt = fmt or detect_format(path)
+  if fmt not in SOURCES:
+    raise ValueError(f"unknown source format {fmt!r}; known: {sorted(SOURCES)}")
+  if fmt == "amazon-raw":
+    if path.is_dir():
+      reviews = sorted(path.glob("reviews_*.json*"))
+      if len(reviews) != 1:
+        raise DataError(str(path), None, None, f"expected one reviews_*.json[.gz], found {len(reviews)}")
+      path = reviews[0]
+      if meta is None:
+        cands = sorted(path.parent.glob("meta_*.json*"))
+        meta = cands[0] if cands else None
+    return read_amazon_raw(path, meta, report=report)
+  return SOURCES[fmt](path, report=report)

@@ -1,0 +1,267 @@
+"""From `RawData` to a prepared data set: dedup, chronological order, k-core, leave-one-out, random IDs.
+
+A prepared data set is a folder:
+  manifest.json          counts, seed, k-core, domain words, source hashes, skip/repair report
+  items.jsonl            one item per line, line k has ID "I{k+1}": {"id", "source_id", "title", ...}
+  users.jsonl            one user per line: {"user", "items": ["I12", ...], "timestamps", ["ratings"]}
+                         in chronological order; the last item is the test target, the second last
+                         the validation target, the rest is training data (leave-one-out).
+  validation_users.json  indices of the seeded validation subset (all users are used for test)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from recalign.data.ingest import Domain, ItemMeta, RawData, sha256_file
+from recalign.data.report import DataError
+
+FORMAT_VERSION = 1
+MIN_INTERACTIONS = 3  # leave-one-out needs >= 1 training item besides validation and test
+
+
+def item_id(index: int) -> str:
+  """Item index k (0-based row of items.jsonl) <-> short ID "I{k+1}"."""
+  return f"I{index + 1}"
+
+
+def item_index(iid: str) -> int:
+  if not (iid.startswith("I") and iid[1:].isdigit()):
+    raise ValueError(f"not an item ID: {iid!r}")
+  return int(iid[1:]) - 1
+
+
+@dataclasses.dataclass
+class PreparedData:
+  name: str
+  domain: Domain
+  items: list[ItemMeta]               # index k <-> ID item_id(k)
+  source_item_ids: list[str]
+  users: list[str]
+  sequences: list[np.ndarray]         # int32 item indices, chronological
+  timestamps: Optional[list[np.ndarray]]
+  ratings: Optional[list[np.ndarray]]
+  validation_users: np.ndarray        # int32 user indices
+  manifest: dict
+
+  @property
+  def num_items(self) -> int:
+    return len(self.items)
+
+  @property
+  def num_users(self) -> int:
+    return len(self.users)
+
+  @property
+  def has_ratings(self) -> bool:
+    return self.ratings is not None
+
+  @property
+  def has_titles(self) -> bool:
+    return any(m.title for m in self.items)
+
+  def train_sequence(self, user: int) -> np.ndarray:
+    return self.sequences[user][:-2]
+
+  def validation_target(self, user: int) -> int:
+    return int(self.sequences[user][-2])
+
+  def test_target(self, user: int) -> int:
+    return int(self.sequences[user][-1])
+
+  def train_popularity(self) -> np.ndarray:
+    """Interaction counts per item in the training split only (no validation/test leakage)."""
+    return np.bincount(np.concatenate([self.train_sequence(u) for u in range(self.num_users)]),
+                       minlength=self.num_items).astype(np.int64)
+
+  # ------------------------------------------------------------------------------------------
+  def save(self, out: Path | str) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "items.jsonl", "w", encoding="utf-8") as f:
+      for k, (meta, src) in enumerate(zip(self.items, self.source_item_ids)):
+        row = {"id": item_id(k), "source_id": src, "title": meta.title, "brand": meta.brand,
+               "price": meta.price, "categories": list(meta.categories)}
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with open(out / "users.jsonl", "w", encoding="utf-8") as f:
+      for u, user in enumerate(self.users):
+        row = {"user": user, "items": [item_id(int(i)) for i in self.sequences[u]]}
+        if self.timestamps is not None:
+          row["timestamps"] = [float(t) for t in self.timestamps[u]]
+        if self.ratings is not None:
+          row["ratings"] = [float(r) for r in self.ratings[u]]
+        f.write(json.dumps(row) + "\n")
+    (out / "validation_users.json").write_text(json.dumps([int(u) for u in self.validation_users]))
+    (out / "manifest.json").write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+  @classmethod
+  def load(cls, path: Path | str) -> "PreparedData":
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not mpath.exists():
+      raise DataError(str(mpath), None, None, "not a prepared data set (run `recalign prepare` first)")
+    manifest = json.loads(mpath.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+      raise DataError(str(mpath), None, "format_version",
+                      f"expected {FORMAT_VERSION}, got {manifest.get('format_version')}")
+    items, src = [], []
+    with open(path / "items.jsonl", encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        row = json.loads(line)
+        if row["id"] != item_id(n - 1):
+          raise DataError(str(path / "items.jsonl"), n, "id", f"expected {item_id(n - 1)}, got {row['id']}")
+        items.append(ItemMeta(row["title"], row["brand"], row["price"], tuple(row["categories"])))
+        src.append(row["source_id"])
+    users, seqs, times, rates = [], [], [], []
+    with open(path / "users.jsonl", encoding="utf-8") as f:
+      for line in f:
+        row = json.loads(line)
+        users.append(row["user"])
+        seqs.append(np.array([item_index(i) for i in row["items"]], np.int32))
+        if "timestamps" in row:
+          times.append(np.array(row["timestamps"], np.float64))
+        if "ratings" in row:
+          rates.append(np.array(row["ratings"], np.float32))
+    val = np.array(json.loads((path / "validation_users.json").read_text()), np.int32)
+    return cls(name=manifest["name"], domain=Domain(**manifest["domain"]), items=items,
+               source_item_ids=src, users=users, sequences=seqs,
+               timestamps=times if len(times) == len(users) else None,
+               ratings=rates if len(rates) == len(users) else None,
+               validation_users=val, manifest=manifest)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def kcore_filter(sequences: dict[str, list], k: int) -> dict[str, list]:
+  """Iteratively drops users and items with fewer than k interactions until none is left."""
+  if k <= 1:
+    return sequences
+  seqs = sequences
+  while True:
+    counts: dict[str, int] = {}
+    for s in seqs.values():
+      for x in s:
+        counts[x.item] = counts.get(x.item, 0) + 1
+    new = {}
+    for u, s in seqs.items():
+      kept = [x for x in s if counts[x.item] >= k]
+      if len(kept) >= k:
+        new[u] = kept
+    if sum(map(len, new.values())) == sum(map(len, seqs.values())):
+      return new
+    seqs = new
+
+
+def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
+            num_validation_users: int = 3000, min_interactions: int = MIN_INTERACTIONS) -> PreparedData:
+  """Dedups, orders chronologically (stable), k-cores, assigns random IDs and draws the validation subset."""
+  report = raw.report
+  if min_interactions < MIN_INTERACTIONS:
+    raise ValueError(f"min_interactions must be >= {MIN_INTERACTIONS} for leave-one-out")
+  seqs: dict[str, list] = {}
+  for user, inter in raw.sequences.items():
+    seen, kept = set(), []
+    # Stable sort: interactions with equal timestamps keep their file order.
+    ordered = sorted(inter, key=lambda x: x.timestamp if x.timestamp is not None else 0.0)
+    for x in ordered:
+      if x.item in seen:
+        report.repair("duplicate_user_item_dropped")  # keep the earliest interaction only
+        continue
+      seen.add(x.item)
+      kept.append(x)
+    seqs[user] = kept
+  before_users, before_inter = len(seqs), sum(map(len, seqs.values()))
+  seqs = kcore_filter(seqs, kcore)
+  report.skipped["users_removed_by_kcore"] += before_users - len(seqs)
+  report.skipped["interactions_removed_by_kcore"] += before_inter - sum(map(len, seqs.values()))
+  short = [u for u, s in seqs.items() if len(s) < min_interactions]
+  for u in short:
+    del seqs[u]
+  report.skipped[f"users_with_fewer_than_{min_interactions}_interactions"] += len(short)
+  if not seqs:
+    raise DataError(str(raw.source_files[0]), None, None, "no users left after filtering")
+
+  # Random IDs: sort the source IDs (so the input's row order does not matter), then permute.
+  # Numbering by first appearance would leak sequence information into the IDs (as P5's did).
+  source_ids = sorted({x.item for s in seqs.values() for x in s})
+  rng = np.random.default_rng(seed)
+  number = rng.permutation(len(source_ids))  # source_ids[j] gets index number[j], i.e. ID I{number[j]+1}
+  index_of = {sid: int(number[j]) for j, sid in enumerate(source_ids)}
+  by_index = [""] * len(source_ids)
+  for sid, k in index_of.items():
+    by_index[k] = sid
+
+  missing_meta = [sid for sid in by_index if sid not in raw.items]
+  report.skipped["items_without_metadata"] += len(missing_meta)
+  unused = len(set(raw.items) - set(index_of))
+  report.skipped["metadata_items_not_in_interactions"] += unused
+  items = [raw.items.get(sid, ItemMeta()) for sid in by_index]
+  report.skipped["items_with_empty_title_rendered_by_id"] += sum(1 for m in items if not m.title)
+
+  users = list(seqs)  # file order of first appearance
+  sequences = [np.array([index_of[x.item] for x in seqs[u]], np.int32) for u in users]
+  timestamps = None
+  if all(x.timestamp is not None for u in users for x in seqs[u]):
+    timestamps = [np.array([x.timestamp for x in seqs[u]], np.float64) for u in users]
+  ratings = None
+  if raw.has_ratings:
+    ratings = [np.array([x.rating for x in seqs[u]], np.float32) for u in users]
+  val_rng = np.random.default_rng([seed, 1])  # its own stream: changing one draw leaves the other
+  n_val = min(num_validation_users, len(users))
+  validation_users = np.sort(val_rng.choice(len(users), n_val, replace=False)).astype(np.int32)
+
+  lengths = np.array([len(s) for s in sequences])
+  manifest = {
+      "format_version": FORMAT_VERSION,
+      "name": name,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "source": {"format": raw.source_format,
+                 "files": {str(p): sha256_file(p) for p in raw.source_files}},
+      "seed": seed, "kcore": kcore, "min_interactions": min_interactions,
+      "domain": dataclasses.asdict(raw.domain),
+      "has_ratings": ratings is not None, "has_timestamps": timestamps is not None,
+      "counts": {
+          "users": len(users), "items": len(items), "interactions": int(lengths.sum()),
+          "train_interactions": int((lengths - 2).sum()),
+          "validation_users": n_val, "test_users": len(users),
+          "sequence_length": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 3),
+                              "max": int(lengths.max())},
+          "density": float(lengths.sum()) / (len(users) * len(items)),
+      },
+      "fields": {"title": sum(1 for m in items if m.title), "brand": sum(1 for m in items if m.brand),
+                 "price": sum(1 for m in items if m.price),
+                 "categories": sum(1 for m in items if m.categories)},
+      "report": report.to_json(),
+  }
+  return PreparedData(name, raw.domain, items, by_index, users, sequences, timestamps, ratings,
+                      validation_users, manifest)
+
+
+def format_stats(manifest: dict) -> str:
+  c = manifest["counts"]
+  lines = [f"data set      {manifest['name']}  (source: {manifest['source']['format']}, "
+           f"{manifest['kcore']}-core, seed {manifest['seed']})",
+           f"users         {c['users']}", f"items         {c['items']}",
+           f"interactions  {c['interactions']}  (train {c['train_interactions']}, density {c['density']:.5f})",
+           f"seq length    min {c['sequence_length']['min']}  mean {c['sequence_length']['mean']}  "
+           f"max {c['sequence_length']['max']}",
+           f"eval users    validation {c['validation_users']} (seeded subset), test {c['test_users']}",
+           f"ratings       {'yes' if manifest['has_ratings'] else 'no'}",
+           "fields        " + ", ".join(f"{k} {v}" for k, v in manifest["fields"].items())]
+  rep = manifest["report"]
+  for k, v in rep["skipped"].items():
+    lines.append(f"skipped       {v:>7d}  {k}")
+  for k, v in rep["repaired"].items():
+    lines.append(f"repaired      {v:>7d}  {k}")
+  for path, digest in manifest["source"]["files"].items():
+    lines.append(f"source        {path}  sha256 {digest[:16]}…")
+  return "\n".join(lines)
+

@@ -1,0 +1,1 @@
+"""SeqIO tasks and mixtures for recommendation (see `recalign.tasks.registry`)."""

@@ -1,0 +1,44 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("RECALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared(name: str) -> Path:
+  path = SHARED / name
+  if not path.exists():
+    if os.environ.get("CI"):
+      raise FileNotFoundError(f"{path} is missing: CI must run with ../shared beside the checkout")
+    pytest.skip(f"{path} not available")
+  return path
+
+
+def write_tiny_tsv(root: Path, *, ratings: bool = True) -> Path:
+  """A hand-made amazon-tsv data set: 6 users, 8 items, titles; every user has >= 4 items."""
+  root.mkdir(parents=True, exist_ok=True)
+  seqs = {  # user -> [(item, timestamp, rating)], deliberately out of time order in the file
+      "u1": [("a", 3, 5), ("b", 1, 4), ("c", 2, 2), ("d", 4, 5), ("e", 5, 1)],
+      "u2": [("b", 1, 5), ("c", 2, 4), ("d", 3, 3), ("f", 4, 5)],
+      "u3": [("a", 1, 2), ("c", 2, 5), ("e", 3, 4), ("g", 4, 5), ("h", 5, 4)],
+      "u4": [("b", 1, 1), ("d", 2, 5), ("f", 3, 4), ("g", 4, 2)],
+      "u5": [("a", 1, 4), ("e", 1, 5), ("h", 2, 3), ("c", 3, 5)],
+      "u6": [("f", 1, 5), ("g", 2, 4), ("h", 3, 1), ("a", 4, 5), ("b", 5, 4)],
+  }
+  head = "user_id\titem_id\ttimestamp" + ("\trating" if ratings else "")
+  lines = [head]
+  for u, s in seqs.items():
+    for item, t, r in s:
+      lines.append(f"{u}\t{item}\t{t}" + (f"\t{r}" if ratings else ""))
+  (root / "interactions.tsv").write_text("\n".join(lines) + "\n")
+  titles = {"a": "Rose Oil", "b": "Lip Balm &amp; Tint", "c": "Nail Polish", "d": "Hair Gel",
+            "e": "Face Cream", "f": "Eye Liner", "g": "Soap Bar", "h": "Body Lotion"}
+  rows = ["item_id\ttitle\tbrand\tprice\tcategories"]
+  for k, title in titles.items():
+    rows.append(f"{k}\t{title}\tBrand{k.upper()}\t{ord(k) - 90}.99\tBeauty > {title.split()[-1]}")
+  (root / "items.tsv").write_text("\n".join(rows) + "\n")
+  return root

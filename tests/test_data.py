@@ -1,0 +1,172 @@
+import gzip
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import shared, write_tiny_tsv
+from recalign import cli
+from recalign.data import DataError, IngestReport, PreparedData, item_id, prepare, read_source
+from recalign.data.ingest import Interaction, clean_text
+from recalign.data.prepare import kcore_filter
+
+
+@pytest.fixture(scope="module")
+def beauty():
+  return prepare(read_source(shared("amazon-beauty")), name="beauty", seed=0)
+
+
+def test_beauty_counts_match_source_md(beauty):
+  text = (shared("amazon-beauty") / "SOURCE.md").read_text()
+  expected = {k: int(v) for k, v in re.findall(r"- (users|items|interactions): (\d+)", text)}
+  c = beauty.manifest["counts"]
+  assert expected == {"users": 22363, "items": 12101, "interactions": 198502}  # SOURCE.md was parsed
+  assert (c["users"], c["items"], c["interactions"]) == (
+      expected["users"], expected["items"], expected["interactions"])
+  assert c["validation_users"] == 3000 and c["test_users"] == 22363
+  assert beauty.manifest["report"]["repaired"]["html_entities_unescaped"] > 0
+  assert not any("&amp;" in m.title for m in beauty.items)
+
+
+def test_leave_one_out_has_no_leakage(beauty):
+  for u, seq in enumerate(beauty.sequences):
+    train = set(beauty.train_sequence(u).tolist())
+    assert len(train) == len(seq) - 2
+    assert beauty.validation_target(u) not in train and beauty.test_target(u) not in train
+    assert beauty.validation_target(u) != beauty.test_target(u)
+    ts = beauty.timestamps[u]
+    assert np.all(np.diff(ts) >= 0)  # chronological: the held-out items are the latest
+  # popularity counts only the training split
+  assert beauty.train_popularity().sum() == beauty.manifest["counts"]["train_interactions"]
+
+
+def test_random_ids_deterministic_seeded_and_not_order_of_appearance(beauty, tmp_path):
+  raw = read_source(shared("amazon-beauty"))
+  again = prepare(raw, name="beauty", seed=0)
+  other = prepare(read_source(shared("amazon-beauty")), name="beauty", seed=1)
+  assert again.source_item_ids == beauty.source_item_ids
+  assert other.source_item_ids != beauty.source_item_ids
+  assert not np.array_equal(other.validation_users, beauty.validation_users)
+  # Order of first appearance vs. assigned number: uncorrelated.
+  first_seen, order = {}, []
+  for seq in beauty.sequences:
+    for i in seq.tolist():
+      if i not in first_seen:
+        first_seen[i] = len(first_seen)
+        order.append(i)
+  rho = np.corrcoef(np.arange(len(order)), np.array(order))[0, 1]
+  assert abs(rho) < 0.05, rho
+  # IDs survive a save/load round trip.
+  beauty.save(tmp_path / "b")
+  loaded = PreparedData.load(tmp_path / "b")
+  assert loaded.source_item_ids == beauty.source_item_ids
+  assert all(np.array_equal(a, b) for a, b in zip(loaded.sequences, beauty.sequences))
+  assert loaded.items[5] == beauty.items[5]
+
+
+def test_recbole_ml100k_has_ratings_and_movie_domain():
+  raw = read_source(shared("ml-100k"))
+  assert raw.source_format == "recbole" and raw.has_ratings
+  assert len(raw.sequences) == 943 and sum(map(len, raw.sequences.values())) == 100000
+  assert len(raw.items) == 1682 and raw.items["1"].title == "Toy Story"
+  assert raw.items["1"].categories == ("Animation", "Children's", "Comedy")
+  data = prepare(raw, name="ml100k")
+  assert data.has_ratings and data.domain.noun == "movies"
+  assert data.ratings[0].shape == data.sequences[0].shape
+
+
+def test_chronological_sort_is_stable_and_duplicates_keep_earliest(tmp_path):
+  write_tiny_tsv(tmp_path)
+  data = prepare(read_source(tmp_path), name="tiny", kcore=0)
+  u1 = data.users.index("u1")
+  assert [data.source_item_ids[i] for i in data.sequences[u1]] == ["b", "c", "a", "d", "e"]
+  u5 = data.users.index("u5")  # a and e share timestamp 1: file order kept
+  assert [data.source_item_ids[i] for i in data.sequences[u5]] == ["a", "e", "h", "c"]
+  assert data.ratings[u1].tolist() == [4, 2, 5, 5, 1]
+  assert [data.items[i].title for i in data.sequences[u1][:1]] == ["Lip Balm & Tint"]
+
+
+def test_kcore_is_iterative():
+  I = lambda *items: [Interaction(i, None, None) for i in items]  # noqa: E731
+  seqs = {"u1": I("a", "b"), "u2": I("a", "b"), "u3": I("a", "c")}
+  # k=2: item c (1 user) goes, then u3 has 1 item and goes, then a and b still have 2 users.
+  assert {u: [x.item for x in s] for u, s in kcore_filter(seqs, 2).items()} == {
+      "u1": ["a", "b"], "u2": ["a", "b"]}
+  assert kcore_filter(seqs, 3) == {}
+
+
+def test_clean_text_unescapes_folds_and_removes_markers():
+  rep = IngestReport()
+  assert clean_text("Tom &amp;amp; Jerry\tpart\n2", rep) == "Tom & Jerry part 2"
+  assert clean_text("Balm [masked item] <extra_id_3> x", rep) == "Balm x"
+  assert rep.repaired["html_entities_unescaped"] == 1
+  assert rep.repaired["template_markers_removed"] == 1
+  assert rep.repaired["tabs_newlines_folded"] == 1
+
+
+def _write_raw(tmp_path):
+  reviews = [
+      {"reviewerID": "U1", "asin": "A", "overall": 5.0, "unixReviewTime": 10},
+      {"reviewerID": "U1", "asin": "B", "overall": 2.0, "unixReviewTime": 20},
+      "this is { not json",
+      {"reviewerID": "U1", "asin": "C", "overall": 4.0},                       # no time
+      {"reviewerID": "U1", "asin": "C", "overall": 4.0, "unixReviewTime": 30},
+      {"reviewerID": "U2", "asin": "A", "overall": "x", "unixReviewTime": 5},  # bad rating
+      {"reviewerID": "U2", "asin": "A", "overall": 3.0, "unixReviewTime": 5},
+      {"reviewerID": "U2", "asin": "B", "overall": 4.0, "unixReviewTime": 6},
+      {"reviewerID": "U2", "asin": "C", "overall": 1.0, "unixReviewTime": 7},
+      {"reviewerID": "U3", "asin": "A", "overall": 1.0, "unixReviewTime": 7},  # only 1 interaction
+  ]
+  with gzip.open(tmp_path / "reviews_Test_5.json.gz", "wt") as f:
+    for r in reviews:
+      f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+  meta = [
+      "{'asin': 'A', 'title': 'Shampoo &amp; Rinse', 'price': 3.5, 'brand': 'X', "
+      "'categories': [['Beauty', 'Hair']]}",
+      "{'asin': 'B', 'title': 'Tab\\there', 'categories': [['Beauty']]}",
+      "{'asin': 'C', 'title': __import__('os').system('echo pwned')}",   # must never be evaluated
+      "{'asin': 'Z', 'title': 'unused'}",
+  ]
+  (tmp_path / "meta_Test.json").write_text("\n".join(meta) + "\n")
+
+
+def test_amazon_raw_parser_counts_every_bad_line(tmp_path):
+  _write_raw(tmp_path)
+  raw = read_source(tmp_path)
+  assert raw.source_format == "amazon-raw" and raw.has_ratings
+  rep = raw.report
+  assert rep.skipped["malformed_line"] == 2          # the broken review and the code-carrying meta line
+  assert rep.skipped["missing_field"] == 1 and rep.skipped["bad_rating"] == 1
+  assert any("reviews_Test_5.json.gz:3" in e for e in rep.examples["malformed_line"])
+  assert raw.items["A"] .title == "Shampoo & Rinse" and raw.items["A"].price == "3.5"
+  assert raw.items["A"].categories == ("Beauty > Hair",) and raw.items["B"].title == "Tab here"
+  data = prepare(raw, name="t", kcore=0)
+  sk = data.manifest["report"]["skipped"]
+  assert sk["users_with_fewer_than_3_interactions"] == 1   # U3
+  assert sk["items_without_metadata"] == 1                  # C (its meta line was refused)
+  assert sk["metadata_items_not_in_interactions"] == 1      # Z
+  assert data.num_users == 2 and data.num_items == 3
+
+
+def test_strict_mode_names_file_line_and_field(tmp_path):
+  _write_raw(tmp_path)
+  with pytest.raises(DataError, match=r"reviews_Test_5\.json\.gz:3: not JSON"):
+    read_source(tmp_path, report=IngestReport(strict=True))
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "x.inter").write_text("user_id:token\titem_id:token\trating:float\n1\t2\tfive\n")
+  with pytest.raises(DataError, match=r"x\.inter:2 \[rating\]: not a number"):
+    read_source(tmp_path / "bad", report=IngestReport(strict=True))
+
+
+def test_cli_prepare_and_stats(tmp_path, capsys):
+  write_tiny_tsv(tmp_path / "src")
+  assert cli.main(["prepare", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "tiny"),
+                   "--kcore", "2"]) == 0
+  assert cli.main(["stats", str(tmp_path / "tiny")]) == 0
+  out = capsys.readouterr().out
+  assert "users         6" in out and "items         8" in out and "ratings       yes" in out
+  manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
+  assert manifest["source"]["files"][str(tmp_path / "src" / "items.tsv")] is not None
+  rows = (tmp_path / "tiny" / "items.jsonl").read_text().splitlines()
+  assert [json.loads(r)["id"] for r in rows] == [item_id(k) for k in range(8)]
