@@ -17,13 +17,13 @@ from typing import Iterable, Iterator, Optional, Sequence
 import sentencepiece as spm
 
 from recalign.data.prepare import PreparedData, item_id
-from recalign.tasks import templates as tpl
 
 NUM_EXTRA_IDS = 100
 VOCAB_FILE = "spm.model"
 
 
 def training_text(data: PreparedData) -> Iterator[str]:
+  from recalign.tasks import templates as tpl  # (recalign.tasks imports this module)
   t = tpl.Templates(data.domain)
   for _ in range(1000):  # templates are in every example: weight them like frequent text
     yield from t.all_text()

@@ -1,0 +1,363 @@
+"""Rendering and dynamic sampling in TensorFlow: from (history, target) to `inputs` / `targets`.
+
+Prompts are assembled at the token level from per-item token tables (tokenised once, when a task
+is built) -- equal to tokenising the rendered text because all joins are at white space (see
+`templates`) -- so the oldest history items can be dropped exactly to fit TASK_FEATURE_LENGTHS and
+the target is never cut. Each example also carries its text (`inputs_pretokenized`, ...).
+
+All randomness is stateless: `example_key` folds the task's seed, the example's id and the epoch
+into a `tf.random.stateless_*` key.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from recalign.data.prepare import PreparedData, item_id
+from recalign.tasks import templates as tpl
+
+RNG = tf.Tensor  # shape [2] int64 stateless key
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+class TokenTable:
+  """Texts and their token ids; `tf()` gives (RaggedTensor [n, None] int32, string Tensor [n])."""
+
+  def __init__(self, texts: list[str], vocab):
+    self.texts = list(texts)
+    toks = [vocab.encode(t) for t in self.texts]
+    self.lengths = np.array([len(t) for t in toks], np.int64)
+    self.values = np.array([i for t in toks for i in t], np.int32)
+
+  def tf(self) -> tuple[tf.RaggedTensor, tf.Tensor]:
+    return (tf.RaggedTensor.from_row_lengths(self.values, self.lengths), tf.constant(self.texts))
+
+
+class ItemTables:
+  """Every rendering of every item, tokenised once. Entry rows N and N+1 are the mask and `None;`."""
+
+  def __init__(self, data: PreparedData, vocab, *, with_titles: bool = True):
+    ids = [item_id(k) for k in range(data.num_items)]
+    bare = [tpl.entry(i, m.title, with_titles) for i, m in zip(ids, data.items)]
+    self.num_items = data.num_items
+    self.mask_row, self.none_row = data.num_items, data.num_items + 1
+    self.entry = TokenTable([b + ";" for b in bare] + [tpl.MASK + ";", "None;"], vocab)
+    self.bare = TokenTable(bare, vocab)
+    self.id = TokenTable(ids, vocab)
+    self.id_comma = TokenTable([i + "," for i in ids], vocab)
+    self.vocab = vocab
+
+  def fixed(self, text: str) -> "Fixed":
+    return Fixed(text, self.vocab.encode(text))
+
+
+class Fixed:
+  def __init__(self, text: str, tokens: list[int]):
+    self.text, self.tokens = text, tokens
+
+  def tf(self) -> tuple[tf.Tensor, tf.Tensor]:
+    return tf.constant(self.tokens, tf.int32), tf.constant(self.text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness
+
+
+def salt(name: str) -> int:
+  return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def example_key(seed: int, task_salt: int, example_id: tf.Tensor, epoch: tf.Tensor) -> RNG:
+  key = tf.constant([seed, task_salt], tf.int64)
+  key = tf.random.experimental.stateless_fold_in(key, tf.cast(example_id, tf.int64))
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(epoch, tf.int64))
+
+
+def split_key(key: RNG, n: int) -> list[RNG]:
+  return tf.unstack(tf.random.experimental.stateless_split(key, n))
+
+
+def random_order(key: RNG, n: tf.Tensor) -> tf.Tensor:
+  """A uniformly random permutation of range(n)."""
+  return tf.argsort(tf.random.stateless_uniform([n], key))
+
+
+def sample_negatives(key: RNG, log_popularity: tf.Tensor, exclude: tf.Tensor, k: int) -> tf.Tensor:
+  """k distinct items drawn by popularity without replacement (Gumbel top-k), none in `exclude`.
+
+  `log_popularity` is log(training count); items never seen in training get a large negative
+  logit, so they are drawn only once every seen item is used up.
+  """
+  n = tf.shape(log_popularity)[0]
+  banned = tf.scatter_nd(tf.cast(exclude[:, None], tf.int32), tf.ones_like(exclude, tf.bool), [n])
+  u = tf.random.stateless_uniform([n], key, minval=1e-12, maxval=1.0)
+  scores = tf.where(banned, -np.inf, log_popularity - tf.math.log(-tf.math.log(u)))
+  return tf.math.top_k(scores, k).indices
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembly
+
+
+class Renderer:
+  """TF-side rendering helpers over one task's tables (created inside the tf.data map function)."""
+
+  def __init__(self, tables: ItemTables):
+    self.t = tables
+    self.entry_tok, self.entry_txt = tables.entry.tf()
+    self.bare_tok, self.bare_txt = tables.bare.tf()
+    self.id_tok, self.id_txt = tables.id.tf()
+    self.idc_tok, self.idc_txt = tables.id_comma.tf()
+
+  def entry_lengths(self, rows: tf.Tensor) -> tf.Tensor:
+    return tf.gather(self.entry_tok.row_lengths(), rows)
+
+  def items(self, rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`a; b; c;` for entry rows (`None;` when empty)."""
+    rows = tf.cond(tf.size(rows) > 0, lambda: rows, lambda: tf.constant([self.t.none_row], tf.int32))
+    return (tf.gather(self.entry_tok, rows).flat_values,
+            tf.strings.reduce_join(tf.gather(self.entry_txt, rows), separator=" "))
+
+  def item(self, idx: tf.Tensor, table: str = "bare") -> tuple[tf.Tensor, tf.Tensor]:
+    tok, txt = getattr(self, f"{table}_tok"), getattr(self, f"{table}_txt")
+    return tok[idx], txt[idx]
+
+  def ids(self, items: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`I1, I2, I3` for a non-empty list of items."""
+    head, last = items[:-1], items[-1]
+    tok = tf.concat([tf.gather(self.idc_tok, head).flat_values, self.id_tok[last]], 0)
+    txt = tf.strings.reduce_join(tf.concat([tf.gather(self.idc_txt, head), [self.id_txt[last]]], 0),
+                                 separator=" ")
+    return tok, txt
+
+  @staticmethod
+  def join(*parts: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    return tf.concat([p[0] for p in parts], 0), tf.strings.join([p[1] for p in parts], separator=" ")
+
+
+def keep_recent(lengths: tf.Tensor, budget: tf.Tensor) -> tf.Tensor:
+  """How many of the most recent items fit in `budget` tokens."""
+  cum = tf.cumsum(tf.cast(lengths, tf.int64), reverse=True)
+  return tf.reduce_sum(tf.cast(cum <= tf.cast(budget, tf.int64), tf.int32))
+
+
+def truncate_oldest(rows: tf.Tensor, lengths: tf.Tensor, budget) -> tf.Tensor:
+  n = keep_recent(lengths, budget)
+  return rows[tf.size(rows) - n:]
+
+
+def fixed_len(*parts: Fixed | tuple) -> int:
+  return sum(len(p.tokens) for p in parts)
+
+
+def output(inputs: tuple[tf.Tensor, tf.Tensor], targets: tuple[tf.Tensor, tf.Tensor]) -> dict:
+  return {"inputs": inputs[0], "targets": targets[0],
+          "inputs_pretokenized": inputs[1], "targets_pretokenized": targets[1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# T5 span corruption
+
+
+def _random_segmentation(num_items: tf.Tensor, num_segments: tf.Tensor, key: RNG) -> tf.Tensor:
+  """Splits num_items into num_segments random positive lengths (summing to num_items)."""
+  first = tf.cast(tf.range(num_items - 1) < num_segments - 1, tf.int32)
+  first = tf.gather(first, random_order(key, num_items - 1))
+  segment_id = tf.cumsum(tf.pad(first, [[1, 0]]))
+  return tf.math.unsorted_segment_sum(tf.ones_like(segment_id), segment_id, num_segments)
+
+
+def random_spans_noise_mask(length: tf.Tensor, key: RNG, noise_density: float = 0.2,
+                            mean_noise_span_length: float = 3.0) -> tf.Tensor:
+  """T5's noise mask: round(length * density) noise tokens in spans of mean length 3; the
+  sequence starts with a non-noise span. Needs length >= 2."""
+  lf = tf.cast(length, tf.float32)
+  num_noise = tf.clip_by_value(tf.cast(tf.round(lf * noise_density), tf.int32), 1, length - 1)
+  num_spans = tf.maximum(tf.cast(tf.round(tf.cast(num_noise, tf.float32) / mean_noise_span_length),
+                                 tf.int32), 1)
+  num_spans = tf.minimum(num_spans, length - num_noise)  # every span needs a non-noise partner
+  k1, k2 = split_key(key, 2)
+  noise = _random_segmentation(num_noise, num_spans, k1)
+  nonnoise = _random_segmentation(length - num_noise, num_spans, k2)
+  interleaved = tf.reshape(tf.stack([nonnoise, noise], axis=1), [-1])
+  starts = tf.cumsum(interleaved)[:-1]
+  indicator = tf.math.unsorted_segment_sum(tf.ones_like(starts), starts, length)
+  return tf.equal(tf.math.floormod(tf.cumsum(indicator), 2), 1)
+
+
+def spans_to_sentinels(tokens: tf.Tensor, mask: tf.Tensor, vocab_size: int) -> tf.Tensor:
+  """Replaces each masked span with one sentinel: <extra_id_0> = vocab_size - 1, then downwards."""
+  prev = tf.pad(mask[:-1], [[1, 0]])
+  first = tf.logical_and(mask, tf.logical_not(prev))
+  sentinel = vocab_size - tf.cumsum(tf.cast(first, tf.int32))
+  return tf.boolean_mask(tf.where(first, sentinel, tokens), tf.logical_not(tf.logical_and(mask, prev)))
+
+
+def span_corruption(tokens: tf.Tensor, key: RNG, vocab_size: int, noise_density: float = 0.2,
+                    mean_noise_span_length: float = 3.0) -> tuple[tf.Tensor, tf.Tensor]:
+  mask = random_spans_noise_mask(tf.size(tokens), key, noise_density, mean_noise_span_length)
+  return (spans_to_sentinels(tokens, mask, vocab_size),
+          spans_to_sentinels(tokens, tf.logical_not(mask), vocab_size))
+
+
+def span_corruption_targets_length(n: int, noise_density: float = 0.2,
+                                   mean_noise_span_length: float = 3.0) -> int:
+  """Target length (without EOS) that span corruption produces for n tokens."""
+  noise = min(max(int(round(n * noise_density)), 1), max(n - 1, 1))
+  spans = min(max(int(round(noise / mean_noise_span_length)), 1), max(n - noise, 1))
+  return noise + spans  # one sentinel per noise span (the sequence ends with a noise span)
+
+
+def max_source_tokens(targets_budget: int, noise_density: float = 0.2,
+                      mean_noise_span_length: float = 3.0) -> int:
+  """The longest source whose span-corruption targets fit in `targets_budget` tokens."""
+  n = 2
+  while span_corruption_targets_length(n + 1, noise_density, mean_noise_span_length) <= targets_budget:
+    n += 1
+  return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: each builds (inputs, targets) for one example.
+
+TaskFn = Callable[..., dict]
+
+
+def retrieval(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, **_) -> dict:
+  hist = truncate_oldest(ex["history"], r.entry_lengths(ex["history"]),
+                         budget - fixed_len(fx["history"], fx["retrieval"]))
+  return output(r.join(fx["history"].tf(), r.items(hist), fx["retrieval"].tf()),
+                r.item(ex["target"], "id"))
+
+
+def ranking(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, log_popularity, user_items,
+            num_candidates: int, **_) -> dict:
+  k_neg, k_pos = split_key(key, 2)
+  negatives = sample_negatives(k_neg, log_popularity, user_items[ex["user"]], num_candidates - 1)
+  cands = tf.concat([[ex["target"]], negatives], 0)
+  cands = tf.gather(cands, random_order(k_pos, num_candidates))  # random position of the positive
+  cand_tok, cand_txt = r.ids(cands)
+  need = fixed_len(fx["history"], fx["ranking"]) + tf.size(cand_tok)
+  check = tf.debugging.assert_less_equal(
+      need, tf.cast(budget, tf.int32),
+      message=f"ranking: the template and {num_candidates} candidate IDs do not fit in "
+              "TASK_FEATURE_LENGTHS['inputs']; raise it (about 8 tokens per candidate)")
+  with tf.control_dependencies([check]):
+    hist = truncate_oldest(ex["history"], r.entry_lengths(ex["history"]), budget - need)
+  out = output(r.join(fx["history"].tf(), r.items(hist), fx["ranking"].tf(), (cand_tok, cand_txt)),
+               r.item(ex["target"], "id"))
+  out["candidates"] = cands
+  return out
+
+
+def rating(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, **_) -> dict:
+  cand = r.item(ex["target"], "bare")
+  need = fixed_len(fx["liked"], fx["disliked"], fx["rating"]) + tf.size(cand[0]) + 4  # + 2x "None;"
+  hist = ex["history"]
+  n = keep_recent(r.entry_lengths(hist), tf.cast(budget, tf.int32) - need)
+  hist, hr = hist[tf.size(hist) - n:], ex["history_rating"][tf.size(hist) - n:]
+  liked, disliked = tf.boolean_mask(hist, hr > 3), tf.boolean_mask(hist, hr <= 3)
+  label = ex["target_rating"] > 3
+  inputs = r.join(fx["liked"].tf(), r.items(liked), fx["disliked"].tf(), r.items(disliked),
+                  fx["rating"].tf(), cand)
+  yes, no = fx["yes"].tf(), fx["no"].tf()
+  targets = (tf.where(label, yes[0], no[0]), tf.where(label, yes[1], no[1]))
+  out = output(inputs, targets)
+  out["label"] = tf.cast(label, tf.int32)
+  return out
+
+
+def mim(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, mask_rate: float, **_) -> dict:
+  window = tf.concat([ex["history"], [ex["target"]]], 0)
+  window = truncate_oldest(window, r.entry_lengths(window), budget - fixed_len(fx["history"], fx["mim"]))
+  n = tf.size(window)
+  num_mask = tf.maximum(1, tf.cast(tf.round(tf.cast(n, tf.float32) * mask_rate), tf.int32))
+  masked_pos = tf.sort(random_order(key, n)[:num_mask])
+  is_masked = tf.scatter_nd(masked_pos[:, None], tf.ones_like(masked_pos, tf.bool), [n])
+  rows = tf.where(is_masked, r.t.mask_row, window)
+  return output(r.join(fx["history"].tf(), r.items(rows), fx["mim"].tf()),
+                r.items(tf.gather(window, masked_pos)))
+
+
+def mlm(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget: tf.Tensor,
+        window_size: int, vocab_size: int, noise_density: float, mean_noise_span_length: float,
+        max_source: int, **_) -> dict:
+  window = tf.concat([ex["history"], [ex["target"]]], 0)
+  n = tf.size(window)
+  k_len, k_start, k_span = split_key(key, 3)
+  hi = tf.minimum(n, window_size)
+  lo = tf.minimum(2, hi)
+  length = tf.random.stateless_uniform([], k_len, minval=lo, maxval=hi + 1, dtype=tf.int32)
+  start = tf.random.stateless_uniform([], k_start, minval=0, maxval=n - length + 1, dtype=tf.int32)
+  sub = window[start:start + length]
+  sub = truncate_oldest(sub, r.entry_lengths(sub), tf.minimum(tf.cast(budget, tf.int32), max_source))
+  tokens, text = r.items(sub)
+  inputs, targets = span_corruption(tokens, k_span, vocab_size, noise_density, mean_noise_span_length)
+  # The *_pretokenized fields hold the source text before corruption.
+  return {"inputs": inputs, "targets": targets, "inputs_pretokenized": text, "targets_pretokenized": text}
+
+
+def bpr(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, log_popularity, user_items, **_) -> dict:
+  k_neg, k_pos = split_key(key, 2)
+  negative = sample_negatives(k_neg, log_popularity, user_items[ex["user"]], 1)
+  pair = tf.gather(tf.concat([[ex["target"]], negative], 0), random_order(k_pos, 2))
+  pair_tok, pair_txt = r.items(pair)
+  need = fixed_len(fx["history"], fx["bpr"]) + tf.size(pair_tok)
+  hist = truncate_oldest(ex["history"], r.entry_lengths(ex["history"]), tf.cast(budget, tf.int32) - need)
+  out = output(r.join(fx["history"].tf(), r.items(hist), fx["bpr"].tf(), (pair_tok, pair_txt)),
+               r.item(ex["target"], "bare"))
+  out["candidates"] = pair
+  return out
+
+
+TASK_FNS: dict[str, TaskFn] = {"retrieval": retrieval, "ranking": ranking, "rating": rating,
+                               "mim": mim, "mlm": mlm, "bpr": bpr}
+
+
+def fixed_texts(tables: ItemTables, templates: tpl.Templates) -> dict[str, Fixed]:
+  t = templates
+  return {name: tables.fixed(text) for name, text in {
+      "history": t.history, "retrieval": t.retrieval, "ranking": t.ranking, "liked": t.liked,
+      "disliked": t.disliked, "rating": t.rating, "mim": t.mim, "bpr": t.bpr,
+      "yes": "yes", "no": "no"}.items()}
+
+
+def make_preprocessor(kind: str, tables: ItemTables, templates: tpl.Templates, *, seed: int,
+                      task_name: str, log_popularity: Optional[np.ndarray] = None,
+                      user_items=None, **options):
+  """A seqio preprocessor (ds, sequence_length) -> ds producing token `inputs` / `targets`."""
+  fn = TASK_FNS[kind]
+  fx = fixed_texts(tables, templates)
+  task_salt = salt(task_name)
+
+  def preprocess(ds: tf.data.Dataset, sequence_length: Optional[dict] = None) -> tf.data.Dataset:
+    lengths = sequence_length or {}
+    budget = lengths.get("inputs", 1 << 20) - 1   # room for EOS
+    targets_budget = lengths.get("targets", 1 << 20) - 1
+    max_source = max_source_tokens(min(targets_budget, 4096), options.get("noise_density", 0.2),
+                                   options.get("mean_noise_span_length", 3.0))
+
+    def map_fn(ex):
+      r = Renderer(tables)
+      extra = {}
+      if log_popularity is not None:
+        extra["log_popularity"] = tf.constant(log_popularity, tf.float32)
+        extra["user_items"] = tf.RaggedTensor.from_row_lengths(*user_items)
+      key = example_key(seed, task_salt, ex["example_id"], ex["epoch"])
+      out = fn(ex, key, r, fx, tf.constant(budget), targets_budget=targets_budget,
+               max_source=max_source, vocab_size=tables.vocab.vocab_size, **extra, **options)
+      out.update(user=ex["user"], example_id=ex["example_id"], epoch=ex["epoch"],
+                 target_item=ex["target"])
+      return out
+
+    return ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+  preprocess.__name__ = f"recalign_{kind}"
+  return preprocess

@@ -1,0 +1,213 @@
+"""Registers a prepared data set's seqio tasks and the paper's mixtures.
+
+    import recalign.tasks as rt
+    rt.register_dataset("data/beauty")              # beauty_retrieval, beauty_mim, ..., beauty_reat
+    ds = rt.get("beauty_reat").get_dataset({"inputs": 512, "targets": 64}, split="train")
+
+Tasks: `<name>_{retrieval,ranking,mim,mlm,bpr,item_qa}` (+ `_rating` with ratings).
+Mixtures: `<name>_reat` (retrieval+MIM+MLM), `_raat` (ranking+MIM+MLM+BPR), `_rpat`
+(rating+MIM+MLM), `_ut` (retrieval+ranking[+rating]), `_ut_at` (UT+MIM+MLM); rates default to
+the number of examples per task (seqio.mixing_rate_num_examples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from recalign.data.prepare import PreparedData, item_id
+from recalign.data.vocab import load_vocabulary
+from recalign.tasks import preprocessors as pp
+from recalign.tasks import sources
+from recalign.tasks import templates as tpl
+
+REC_TASKS = ("retrieval", "ranking", "rating")
+AUX_TASKS = ("mim", "mlm", "bpr", "item_qa")
+MIXTURES = {
+    "reat": ("retrieval", "mim", "mlm"),
+    "raat": ("ranking", "mim", "mlm", "bpr"),
+    "rpat": ("rating", "mim", "mlm"),
+    "ut": ("retrieval", "ranking", "rating"),
+    "ut_at": ("retrieval", "ranking", "rating", "mim", "mlm"),
+}
+
+_REGISTERED: dict[str, "DatasetConfig"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  window: int = 20                      # w: items per window (history w-1 + target)
+  num_candidates: int = 100             # ranking: target + 99 popularity-sampled negatives
+  mask_rate: float = 0.2                # MIM
+  noise_density: float = 0.2            # MLM span corruption
+  mean_noise_span_length: float = 3.0
+  with_titles: Optional[bool] = None    # None: titles when the data set has them
+  seed: int = 0                         # all sampling (masks, negatives, spans, eval candidates)
+
+
+class RecDataSource(seqio.DataSource):
+  """seqio source over `sources.Examples`; train is an endless, epoch-tagged stream."""
+
+  def __init__(self, examples: Mapping[str, sources.Examples], seed: int):
+    self._examples, self._seed = dict(examples), seed
+    super().__init__(splits=list(examples),
+                     num_input_examples={k: len(v) for k, v in examples.items()})
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return [split]
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None, **_) -> tf.data.Dataset:
+    if split not in self._examples:
+      raise ValueError(f"split {split!r} not available; this task has {sorted(self._examples)}")
+    ds = sources.to_dataset(self._examples[split], split=split, shuffle=shuffle,
+                            seed=self._seed if seed is None else seed)
+    if shard_info and shard_info.num_shards > 1:  # multi-host: every process its own slice
+      ds = ds.shard(shard_info.num_shards, shard_info.index)
+    return ds
+
+
+class ItemQASource(seqio.DataSource):
+  """Static item QA pairs ("What's the title of I12?" -> title, title -> ID)."""
+
+  def __init__(self, pairs: list[tuple[str, str]]):
+    self._pairs = pairs
+    super().__init__(splits=["train"], num_input_examples={"train": len(pairs)})
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return [split]
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None, **_) -> tf.data.Dataset:
+    if split != "train":
+      raise ValueError(f"item QA has only a train split, not {split!r}")
+    q, a = zip(*self._pairs)
+    ds = tf.data.Dataset.from_tensor_slices({"inputs": list(q), "targets": list(a)})
+    if shard_info and shard_info.num_shards > 1:
+      ds = ds.shard(shard_info.num_shards, shard_info.index)
+    if shuffle:
+      ds = ds.shuffle(len(self._pairs), seed=seed)
+    return ds.map(lambda x: {**x, "inputs_pretokenized": x["inputs"], "targets_pretokenized": x["targets"]})
+
+
+def item_qa_pairs(data: PreparedData) -> list[tuple[str, str]]:
+  pairs = []
+  for k, m in enumerate(data.items):
+    iid = item_id(k)
+    values = {"title": m.title, "brand": m.brand, "price": m.price, "categories": " | ".join(m.categories)}
+    for attr, question in tpl.Templates.QA.items():
+      if values[attr]:
+        pairs.append((question.format(id=iid), values[attr]))
+    if m.title:
+      pairs.append((tpl.Templates.QA_ID.format(title=m.title), iid))
+  return pairs
+
+
+def _output_features(vocab) -> dict[str, seqio.Feature]:
+  return {"inputs": seqio.Feature(vocab, add_eos=True), "targets": seqio.Feature(vocab, add_eos=True)}
+
+
+def _register_task(name: str, source, preprocessors, vocab):
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
+                         output_features=_output_features(vocab), metric_fns=[])
+
+
+def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=None,
+                     config: DatasetConfig = DatasetConfig()) -> list[str]:
+  """Registers every task and mixture of a prepared data set; returns their names.
+
+  `vocab`: a seqio vocabulary, or None for the data set's own `vocab/spm.model`.
+  Registering the same name again replaces the earlier registration.
+  """
+  data = PreparedData.load(data_dir)
+  name = name or data.name
+  vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
+  with_titles = data.has_titles if config.with_titles is None else config.with_titles
+  tables = pp.ItemTables(data, vocab, with_titles=with_titles)
+  templates = tpl.Templates(data.domain)
+
+  examples = {s: sources.build_examples(data, s, config.window) for s in sources.SPLITS}
+  pop = data.train_popularity()
+  log_pop = np.where(pop > 0, np.log(np.maximum(pop, 1)), -1e9).astype(np.float32)
+  user_lengths = np.array([len(s) for s in data.sequences], np.int64)
+  user_items = (np.concatenate(data.sequences).astype(np.int32), user_lengths)
+  free = data.num_items - int(user_lengths.max())
+  if config.num_candidates - 1 > free:
+    raise ValueError(f"{name}: num_candidates={config.num_candidates} needs {config.num_candidates - 1} "
+                     f"items the user never interacted with, but only {free} exist for the heaviest "
+                     f"user; lower DatasetConfig.num_candidates")
+
+  kinds = ["retrieval", "ranking", "mim", "mlm", "bpr"] + (["rating"] if data.has_ratings else [])
+  names = []
+  for kind in kinds:
+    task = f"{name}_{kind}"
+    splits = examples if kind in REC_TASKS else {"train": examples["train"],
+                                                 "validation": examples["validation"]}
+    options = {}
+    if kind in ("ranking", "bpr"):
+      options.update(log_popularity=log_pop, user_items=user_items)
+    if kind == "ranking":
+      options["num_candidates"] = config.num_candidates
+    if kind == "mim":
+      options["mask_rate"] = config.mask_rate
+    if kind == "mlm":
+      options.update(window_size=config.window, noise_density=config.noise_density,
+                     mean_noise_span_length=config.mean_noise_span_length)
+    pre = pp.make_preprocessor(kind, tables, templates, seed=config.seed, task_name=task, **options)
+    _register_task(task, RecDataSource(splits, config.seed), [pre, seqio.preprocessors.append_eos_after_trim],
+                   vocab)
+    names.append(task)
+
+  qa = item_qa_pairs(data)
+  if qa:
+    _register_task(f"{name}_item_qa", ItemQASource(qa),
+                   [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim], vocab)
+    names.append(f"{name}_item_qa")
+
+  for mix, members in MIXTURES.items():
+    present = [f"{name}_{m}" for m in members if f"{name}_{m}" in names]
+    if members[0] not in kinds:
+      continue  # RpAT needs ratings
+    if len(present) < len(members):
+      logging.info("%s_%s without the rating task: %s has no ratings", name, mix, name)
+    mname = f"{name}_{mix}"
+    if mname in seqio.MixtureRegistry.names():
+      seqio.MixtureRegistry.remove(mname)
+    seqio.MixtureRegistry.add(mname, present, default_rate=seqio.mixing_rate_num_examples)
+    names.append(mname)
+  _REGISTERED[name] = config
+  return names
+
+
+def get(name: str):
+  """`seqio.get_mixture_or_task` with an error that says what is registered and why not."""
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError:
+    pass
+  known = sorted(n for n in (*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names())
+                 if any(n.startswith(d + "_") for d in _REGISTERED))
+  base, _, kind = name.rpartition("_")
+  if kind in ("rating", "rpat") and base in _REGISTERED:
+    raise ValueError(f"{name!r}: data set {base!r} has no ratings, so it has no rating task "
+                     "(rating needs explicit ratings, e.g. ml-100k)")
+  hint = (f"registered recalign tasks/mixtures: {', '.join(known)}" if known else
+          "no recalign data set is registered: call recalign.tasks.register_dataset(DIR) or set "
+          "RECALIGN_DATA=DIR[:DIR...] before importing recalign.tasks")
+  raise ValueError(f"unknown task or mixture {name!r}; {hint}")

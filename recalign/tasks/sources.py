@@ -1,0 +1,105 @@
+"""Examples before rendering: sliding windows over the leave-one-out splits, as tf.data sources.
+
+Every example is a user's history (item indices, chronological) and a target item. The `train`
+split is an endless stream of epochs: each element carries its `epoch`, and the preprocessors fold
+(`example_id`, `epoch`) into their stateless seeds, so masks and negatives are re-drawn every epoch
+and reproduced exactly for a seed, independent of shuffling, parallelism or host sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from recalign.data.prepare import PreparedData
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass
+class Examples:
+  """One split's examples as flat numpy arrays (histories ragged via row splits)."""
+  user: np.ndarray            # int32 [E]
+  target: np.ndarray          # int32 [E]
+  history: np.ndarray         # int32 [sum of history lengths]
+  history_splits: np.ndarray  # int64 [E + 1]
+  target_rating: Optional[np.ndarray] = None
+  history_rating: Optional[np.ndarray] = None
+
+  def __len__(self) -> int:
+    return len(self.user)
+
+  def histories(self) -> list[np.ndarray]:
+    return [self.history[a:b] for a, b in zip(self.history_splits[:-1], self.history_splits[1:])]
+
+
+def _pack(rows: list[tuple[int, np.ndarray, int, Optional[np.ndarray], Optional[float]]]) -> Examples:
+  hist = [r[1] for r in rows]
+  splits = np.concatenate([[0], np.cumsum([len(h) for h in hist])]).astype(np.int64)
+  with_r = rows and rows[0][3] is not None
+  return Examples(
+      user=np.array([r[0] for r in rows], np.int32),
+      target=np.array([r[2] for r in rows], np.int32),
+      history=np.concatenate(hist).astype(np.int32) if rows else np.zeros([0], np.int32),
+      history_splits=splits,
+      history_rating=np.concatenate([r[3] for r in rows]).astype(np.float32) if with_r else None,
+      target_rating=np.array([r[4] for r in rows], np.float32) if with_r else None)
+
+
+def build_examples(data: PreparedData, split: str, window: int = 20) -> Examples:
+  """Windows of `window` items; the last item of a window is the target, the rest its history.
+
+  train: windows [i_k .. i_{k+w-1}] over the training split, 1 <= k <= max(1, L-w+1); windows
+    without any history (L = 1) are not examples. validation: the last w-1 training items ->
+    validation item (seeded user subset). test: the last w-1 items up to and including the
+    validation item -> test item (all users).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  rows = []
+  ratings = data.ratings
+  users = data.validation_users if split == "validation" else range(data.num_users)
+  for u in users:
+    seq = data.sequences[u]
+    r = ratings[u] if ratings is not None else None
+    if split == "train":
+      n = len(seq) - 2
+      for k in range(max(1, n - window + 1)):
+        end = min(k + window, n)
+        if end - k < 2:
+          continue
+        rows.append((u, seq[k:end - 1], int(seq[end - 1]),
+                     None if r is None else r[k:end - 1], None if r is None else float(r[end - 1])))
+    else:
+      end = len(seq) - (2 if split == "validation" else 1)
+      start = max(0, end - (window - 1))
+      rows.append((u, seq[start:end], int(seq[end]),
+                   None if r is None else r[start:end], None if r is None else float(r[end])))
+  return _pack(rows)
+
+
+def to_dataset(ex: Examples, *, split: str, shuffle: bool, seed: int) -> tf.data.Dataset:
+  """A tf.data stream of dicts; `train` repeats forever with a fresh shuffle and `epoch` per pass."""
+  n = len(ex)
+  features = {
+      "example_id": np.arange(n, dtype=np.int64),
+      "user": ex.user, "target": ex.target,
+      "history": tf.RaggedTensor.from_row_splits(ex.history, ex.history_splits),
+  }
+  if ex.target_rating is not None:
+    features["target_rating"] = ex.target_rating
+    features["history_rating"] = tf.RaggedTensor.from_row_splits(ex.history_rating, ex.history_splits)
+  base = tf.data.Dataset.from_tensor_slices(features)
+
+  def epoch_ds(epoch):
+    ds = base
+    if shuffle:
+      ds = ds.shuffle(n, seed=tf.cast(seed * 1_000_003 + epoch, tf.int64), reshuffle_each_iteration=False)
+    return ds.map(lambda x: {**x, "epoch": epoch})
+
+  if split == "train":
+    return tf.data.Dataset.counter().flat_map(epoch_ds)
+  return epoch_ds(tf.constant(0, tf.int64))

@@ -1,0 +1,224 @@
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import shared, write_tiny_tsv
+import recalign.tasks as rt
+from recalign.data import PreparedData, item_id, prepare, read_source
+from recalign.data.vocab import load_vocabulary, train_vocabulary
+from recalign.tasks import preprocessors as pp
+from recalign.tasks import sources
+
+LENGTHS = {"inputs": 512, "targets": 64}
+H = ("A user has purchased the following Amazon products (arranged in chronological order, "
+     "from earliest to most recent):")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tiny")
+  data = prepare(read_source(write_tiny_tsv(root / "src")), name="tiny", kcore=0, seed=0)
+  data.save(root / "tiny")
+  train_vocabulary(data, root / "tiny" / "vocab", vocab_size=300)
+  rt.register_dataset(root / "tiny", config=rt.DatasetConfig(num_candidates=3))
+  return PreparedData.load(root / "tiny"), load_vocabulary(root / "tiny" / "vocab")
+
+
+def first(task, split="train", lengths=LENGTHS, n=1):
+  ds = rt.get(task).get_dataset(lengths, split=split, shuffle=False)
+  return list(ds.take(n).as_numpy_iterator())
+
+
+def names(data, seq):
+  return [data.items[i].title for i in seq]
+
+
+def e(data, i, semi=True):
+  return f"Item ID: {item_id(i)}, Title: {data.items[i].title}" + (";" if semi else "")
+
+
+def test_exact_text_and_tokens_of_every_task(tiny):
+  data, vocab = tiny
+  u1 = data.users.index("u1")
+  seq = data.sequences[u1]                      # b, c, a | d (validation) | e (test)
+  assert names(data, seq) == ["Lip Balm & Tint", "Nail Polish", "Rose Oil", "Hair Gel", "Face Cream"]
+  b, c, a, d, ee = (int(x) for x in seq)
+  ex = {x["user"]: x for x in first("tiny_retrieval", n=6)}[u1]
+  assert ex["inputs_pretokenized"].decode() == (
+      f"{H} Item ID: {item_id(b)}, Title: Lip Balm & Tint; Item ID: {item_id(c)}, Title: Nail Polish; "
+      "What would the user buy next?")
+  assert ex["targets_pretokenized"].decode() == item_id(a)
+  # Token-level assembly equals tokenising the text; EOS (1) appended.
+  assert ex["inputs"].tolist() == vocab.encode(ex["inputs_pretokenized"].decode()) + [1]
+  assert ex["targets"].tolist() == vocab.encode(item_id(a)) + [1]
+
+  test = {x["user"]: x for x in first("tiny_retrieval", "test", n=6)}[u1]
+  assert test["inputs_pretokenized"].decode() == (
+      f"{H} {e(data, b)} {e(data, c)} {e(data, a)} {e(data, d)} What would the user buy next?")
+  assert test["targets_pretokenized"].decode() == item_id(ee)
+
+  rank = {x["user"]: x for x in first("tiny_ranking", "validation", n=6)}[u1]
+  cands = [item_id(int(i)) for i in rank["candidates"]]
+  assert rank["inputs_pretokenized"].decode() == (
+      f"{H} {e(data, b)} {e(data, c)} {e(data, a)} Which of the following candidate items would you "
+      f"recommend the user to buy next? Candidate items are: {', '.join(cands)}")
+  assert item_id(d) in cands and len(set(cands)) == 3
+  assert rank["inputs"].tolist() == vocab.encode(rank["inputs_pretokenized"].decode()) + [1]
+
+  rating = {x["user"]: x for x in first("tiny_rating", "test", n=6)}[u1]   # ratings b4 c2 a5 d5 | e1
+  assert rating["inputs_pretokenized"].decode() == (
+      f"A user likes the following Amazon products: {e(data, b)} {e(data, a)} {e(data, d)} "
+      f"The user dislikes the following Amazon products: {e(data, c)} Predict whether the user would "
+      f"like the following item. Answer yes or no. {e(data, ee, semi=False)}")
+  assert rating["targets_pretokenized"].decode() == "no" and rating["label"] == 0
+
+  mim = {x["user"]: x for x in first("tiny_mim", n=6)}[u1]
+  window = [b, c, a]
+  text = mim["inputs_pretokenized"].decode()
+  masked = [i for i in window if e(data, i) not in text]
+  assert text.count("[masked item];") == len(masked) == 1      # 20% of 3 items, at least one
+  assert mim["targets_pretokenized"].decode() == " ".join(e(data, i) for i in masked)
+  assert text.endswith("What are the masked items, in chronological order?")
+
+  bpr = {x["user"]: x for x in first("tiny_bpr", n=6)}[u1]
+  pair = [int(i) for i in bpr["candidates"]]
+  assert a in pair and len(set(pair)) == 2
+  assert bpr["inputs_pretokenized"].decode() == (
+      f"{H} {e(data, b)} {e(data, c)} Which of the following two items would the user buy next? "
+      f"{e(data, pair[0])} {e(data, pair[1])}")
+  assert bpr["targets_pretokenized"].decode() == e(data, a, semi=False)
+
+  qa = first("tiny_item_qa", n=2)
+  assert qa[0]["inputs_pretokenized"].decode() == "What's the title of I1?"
+  assert qa[0]["targets_pretokenized"].decode() == data.items[0].title
+
+
+def test_sample_counts_per_split(tiny):
+  data, _ = tiny
+  # training lengths (items minus validation and test): u1 3, u2 2, u3 3, u4 2, u5 2, u6 3
+  assert len(sources.build_examples(data, "train", window=20)) == 6
+  assert len(sources.build_examples(data, "train", window=2)) == 2 + 1 + 2 + 1 + 1 + 2
+  ex = sources.build_examples(data, "train", window=2)
+  assert all(len(h) == 1 for h in ex.histories())
+  assert len(sources.build_examples(data, "validation")) == len(sources.build_examples(data, "test")) == 6
+  assert rt.get("tiny_retrieval").num_input_examples("train") == 6
+
+
+def test_training_samples_never_contain_validation_or_test_items(tiny):
+  data, _ = tiny
+  held = {u: {item_id(data.validation_target(u)), item_id(data.test_target(u))}
+          for u in range(data.num_users)}
+  for task in ("tiny_retrieval", "tiny_ranking", "tiny_rating", "tiny_mim", "tiny_mlm", "tiny_bpr"):
+    for ex in first(task, n=6 * 5):   # five epochs
+      text = ex["inputs_pretokenized"].decode() + " " + ex["targets_pretokenized"].decode()
+      ids = set(re.findall(r"I\d+", text))
+      assert ids and not ids & held[int(ex["user"])], (task, text)
+
+
+def test_negatives_exclude_user_items_and_follow_popularity(tiny):
+  data, _ = tiny
+  for ex in first("tiny_ranking", n=6 * 10):
+    user_items = set(data.sequences[int(ex["user"])].tolist())
+    negs = set(int(i) for i in ex["candidates"]) - {int(ex["target_item"])}
+    assert len(negs) == 2 and not negs & user_items
+  # Gumbel top-k samples without replacement in proportion to popularity.
+  log_pop = tf.math.log(tf.constant([1.0, 2.0, 7.0, 0.0, 10.0]))
+  counts = np.zeros(5)
+  for s in range(2000):
+    neg = pp.sample_negatives(tf.constant([s, 1], tf.int64), log_pop, tf.constant([4], tf.int32), 1)
+    counts[int(neg[0])] += 1
+  np.testing.assert_allclose(counts / counts.sum(), [0.1, 0.2, 0.7, 0.0, 0.0], atol=0.03)
+
+
+def test_resampling_differs_across_epochs_and_reproduces(tiny):
+  def stream(task, n=6 * 4):
+    return [(int(x["example_id"]), int(x["epoch"]), x["inputs"].tolist(), x["targets"].tolist())
+            for x in first(task, n=n)]
+  for task in ("tiny_mim", "tiny_mlm", "tiny_bpr", "tiny_ranking"):
+    a, b = stream(task), stream(task)
+    assert a == b                                       # same seed: same samples
+    by_epoch = {}
+    for eid, ep, inp, tgt in a:
+      by_epoch.setdefault(eid, {})[ep] = (inp, tgt)
+    changed = sum(len({str(v) for v in d.values()}) > 1 for d in by_epoch.values())
+    assert changed >= 3, task                           # most examples re-drawn across 4 epochs
+  # Evaluation candidates are fixed.
+  v1, v2 = first("tiny_ranking", "validation", n=6), first("tiny_ranking", "validation", n=6)
+  assert [x["inputs"].tolist() for x in v1] == [x["inputs"].tolist() for x in v2]
+
+
+def test_long_histories_drop_the_oldest_items_never_the_target(tiny):
+  data, vocab = tiny
+  lengths = {"inputs": 60, "targets": 16}
+  for split in ("test", "validation"):
+    for ex in first("tiny_retrieval", split, lengths, n=6):
+      text = ex["inputs_pretokenized"].decode()
+      assert len(ex["inputs"]) <= 60 and ex["inputs"][-1] == 1
+      assert ex["inputs"].tolist() == vocab.encode(text) + [1]   # not cut by seqio's trim
+      assert text.endswith("What would the user buy next?")
+      u = int(ex["user"])
+      end = len(data.sequences[u]) - (1 if split == "test" else 2)
+      kept = [int(item_id_num) - 1 for item_id_num in re.findall(r"Item ID: I(\d+)", text)]
+      assert kept == data.sequences[u][end - len(kept):end].tolist()   # a suffix: newest items kept
+  assert any(len(re.findall("Item ID", x["inputs_pretokenized"].decode())) < 4
+             for x in first("tiny_retrieval", "test", lengths, n=6))
+
+
+def test_span_corruption_properties():
+  vocab_size = 1000
+  tokens = tf.range(10, 110, dtype=tf.int32)   # 100 distinct tokens
+  for s in range(20):
+    key = tf.constant([s, 7], tf.int64)
+    mask = pp.random_spans_noise_mask(tf.constant(100), key).numpy()
+    assert mask.sum() == 20 and not mask[0]                      # 20% noise, starts with non-noise
+    spans = int(np.sum(mask[1:] & ~mask[:-1]))
+    assert spans == round(20 / 3)
+    inputs, targets = (t.numpy() for t in pp.span_corruption(tokens, key, vocab_size))
+    sent_in = [t for t in inputs if t >= vocab_size - 100]
+    sent_tg = [t for t in targets if t >= vocab_size - 100]
+    assert sent_in == list(range(vocab_size - 1, vocab_size - 1 - spans, -1))   # <extra_id_0>, 1, ...
+    assert sent_tg == sent_in and targets[0] == vocab_size - 1   # targets: <extra_id_k> span_k ...
+    assert len(targets) == pp.span_corruption_targets_length(100)
+    # Reconstruct: replace each sentinel in inputs by the target span following the same sentinel.
+    spans_of, cur = {}, None
+    for t in targets:
+      if t >= vocab_size - 100:
+        cur = t
+        spans_of[cur] = []
+      else:
+        spans_of[cur].append(t)
+    rebuilt = [x for t in inputs for x in (spans_of[t] if t >= vocab_size - 100 else [t])]
+    assert rebuilt == list(range(10, 110))
+
+
+def test_mixtures_and_helpful_errors(tiny):
+  _, vocab = tiny
+  mix = rt.get("tiny_reat")
+  assert sorted(t.name for t in mix.tasks) == ["tiny_mim", "tiny_mlm", "tiny_retrieval"]
+  ut = rt.get("tiny_ut")
+  assert sorted(t.name for t in ut.tasks) == ["tiny_ranking", "tiny_rating", "tiny_retrieval"]
+  ds = mix.get_dataset(LENGTHS, split="train", shuffle=True, seed=3)
+  got = list(ds.take(60).as_numpy_iterator())
+  texts = [vocab.decode(x["inputs"].tolist()) for x in got]
+  kinds = {("masked" in t, "next?" in t) for t in texts}
+  assert len(kinds) >= 3
+  with pytest.raises(ValueError, match="unknown task or mixture 'tiny_nope'.*tiny_reat"):
+    rt.get("tiny_nope")
+
+
+def test_beauty_has_no_rating_task_and_renders_real_titles(tmp_path):
+  data = prepare(read_source(shared("amazon-beauty")), name="beauty")
+  data.save(tmp_path / "beauty")
+  train_vocabulary(data, tmp_path / "beauty" / "vocab")
+  names = rt.register_dataset(tmp_path / "beauty")
+  assert "beauty_rating" not in names and "beauty_rpat" not in names and "beauty_ut_at" in names
+  with pytest.raises(ValueError, match="has no ratings"):
+    rt.get("beauty_rating")
+  ex = first("beauty_ranking", "test", {"inputs": 1024, "targets": 16})[0]
+  text = ex["inputs_pretokenized"].decode()
+  assert len(re.findall(r"I\d+", text.split("Candidate items are:")[1])) == 100
+  assert text.endswith(item_id(int(ex["candidates"][-1])))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="raise it"):
+    first("beauty_ranking", "test", {"inputs": 256, "targets": 16})
