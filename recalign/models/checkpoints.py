@@ -1,0 +1,271 @@
+"""Checkpoint import/export: Hugging Face T5 / FLAN-T5 (safetensors) and T5X, plus vocabulary resizing.
+
+Parameters are nested dicts of numpy arrays in recalign's (= T5X's) naming; see `network.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from recalign.models.network import T5Config
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def config_from_hf(hf: dict, **overrides) -> T5Config:
+  proj = hf.get("feed_forward_proj", "relu")
+  gated = proj.startswith("gated-")
+  act = proj.removeprefix("gated-")
+  act = {"gelu_new": "gelu", "gelu": "gelu", "relu": "relu", "silu": "silu"}.get(act)
+  if act is None:
+    raise ValueError(f"config.json: unsupported feed_forward_proj {proj!r}")
+  cfg = T5Config(
+      vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"],
+      num_encoder_layers=hf["num_layers"], num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+      head_dim=hf["d_kv"], mlp_dim=hf["d_ff"], mlp_activations=(act, "linear") if gated else (act,),
+      dropout_rate=hf.get("dropout_rate", 0.1), logits_via_embedding=_scaled_tied(hf),
+      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6))
+  return cfg.replace(**overrides)
+
+
+def _scaled_tied(hf: dict) -> bool:
+  """T5 1.0 (tied, logits scaled by d_model**-0.5) vs T5.1.1 (untied, unscaled).
+
+  transformers 4 wrote `tie_word_embeddings: false` for T5.1.1; transformers 5 always ties, writes
+  `tie_word_embeddings: true` and says `scale_decoder_outputs: false` instead (and may then omit
+  `lm_head.weight`: the output projection is the shared embedding, unscaled).
+  """
+  if "scale_decoder_outputs" in hf:
+    return bool(hf["scale_decoder_outputs"])
+  return bool(hf.get("tie_word_embeddings", True))
+
+
+def config_to_hf(cfg: T5Config) -> dict:
+  gated = len(cfg.mlp_activations) == 2
+  act = {"gelu": "gelu_new"}.get(cfg.mlp_activations[0], cfg.mlp_activations[0])
+  return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+          "vocab_size": cfg.vocab_size, "d_model": cfg.emb_dim, "d_kv": cfg.head_dim, "d_ff": cfg.mlp_dim,
+          "num_layers": cfg.num_encoder_layers, "num_decoder_layers": cfg.num_decoder_layers,
+          "num_heads": cfg.num_heads, "feed_forward_proj": ("gated-" if gated else "") + act,
+          "is_gated_act": gated, "dense_act_fn": act,
+          "tie_word_embeddings": cfg.logits_via_embedding, "scale_decoder_outputs": cfg.logits_via_embedding,
+          "dropout_rate": cfg.dropout_rate,
+          "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+          "relative_attention_max_distance": cfg.relative_attention_max_distance,
+          "layer_norm_epsilon": cfg.layer_norm_epsilon, "pad_token_id": 0, "eos_token_id": 1,
+          "decoder_start_token_id": 0, "is_encoder_decoder": True}
+
+
+def _hf_names(cfg: T5Config) -> dict[str, tuple[tuple[str, ...], bool]]:
+  """HF tensor name -> (our parameter path, transpose?)."""
+  names: dict[str, tuple[tuple[str, ...], bool]] = {"shared.weight": (("token_embedder", "embedding"), False)}
+  mlp = (["wi_0", "wi_1"] if len(cfg.mlp_activations) == 2 else ["wi"]) + ["wo"]
+
+  def attn(hf: str, ours: tuple[str, ...]):
+    for a, b in zip("qkvo", ("query", "key", "value", "out")):
+      names[f"{hf}.{a}.weight"] = (ours + (b, "kernel"), True)
+
+  for stack, n in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+    names[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+        (stack, "relpos_bias", "rel_embedding"), True)
+    names[f"{stack}.final_layer_norm.weight"] = ((stack, f"{stack}_norm", "scale"), False)
+    for i in range(n):
+      hb, ob = f"{stack}.block.{i}.layer", (stack, f"layers_{i}")
+      if stack == "encoder":
+        attn(f"{hb}.0.SelfAttention", ob + ("attention",))
+        names[f"{hb}.0.layer_norm.weight"] = (ob + ("pre_attention_layer_norm", "scale"), False)
+        ff = 1
+      else:
+        attn(f"{hb}.0.SelfAttention", ob + ("self_attention",))
+        names[f"{hb}.0.layer_norm.weight"] = (ob + ("pre_self_attention_layer_norm", "scale"), False)
+        attn(f"{hb}.1.EncDecAttention", ob + ("encoder_decoder_attention",))
+        names[f"{hb}.1.layer_norm.weight"] = (ob + ("pre_cross_attention_layer_norm", "scale"), False)
+        ff = 2
+      for m in mlp:
+        names[f"{hb}.{ff}.DenseReluDense.{m}.weight"] = (ob + ("mlp", m, "kernel"), True)
+      names[f"{hb}.{ff}.layer_norm.weight"] = (ob + ("pre_mlp_layer_norm", "scale"), False)
+  if not cfg.logits_via_embedding:
+    names["lm_head.weight"] = (("decoder", "logits_dense", "kernel"), True)
+  return names
+
+
+def _set(tree: dict, path: tuple[str, ...], value):
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file
+  single = directory / "model.safetensors"
+  index = directory / "model.safetensors.index.json"
+  if single.exists():
+    return load_file(str(single))
+  if index.exists():  # sharded: weight_map names the file of each tensor
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    out = {}
+    for f in files:
+      out.update(load_file(str(directory / f)))
+    return out
+  raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json "
+                          "(save the model with safe_serialization=True)")
+
+
+def load_hf(directory: str | Path, *, vocab_size: Optional[int] = None,
+            dtype=np.float32) -> tuple[T5Config, dict]:
+  """Imports a HF T5 / FLAN-T5 directory (config.json + safetensors) -> (config, params)."""
+  directory = Path(directory)
+  cfg_path = directory / "config.json"
+  if not cfg_path.exists():
+    raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face model directory")
+  cfg = config_from_hf(json.loads(cfg_path.read_text()))
+  tensors = _read_safetensors(directory)
+  params: dict = {}
+  for hf_name, (path, transpose) in _hf_names(cfg).items():
+    if hf_name not in tensors:
+      if hf_name == "shared.weight" and "encoder.embed_tokens.weight" in tensors:
+        hf_name = "encoder.embed_tokens.weight"
+      elif hf_name == "lm_head.weight" and "shared.weight" in tensors:  # transformers 5, unscaled tied
+        hf_name = "shared.weight"
+      else:
+        raise KeyError(f"{directory}: tensor {hf_name!r} missing from the checkpoint")
+    x = np.asarray(tensors[hf_name], dtype=dtype)
+    _set(params, path, x.T if transpose else x)
+  if vocab_size is not None and vocab_size != cfg.vocab_size:
+    params = resize_vocab(params, vocab_size)
+    cfg = cfg.replace(vocab_size=vocab_size)
+  return cfg, params
+
+
+def save_hf(cfg: T5Config, params: dict, directory: str | Path) -> Path:
+  """Exports to a directory `transformers.T5ForConditionalGeneration.from_pretrained` reads."""
+  from safetensors.numpy import save_file
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  out = {}
+  for hf_name, (path, transpose) in _hf_names(cfg).items():
+    x = np.asarray(_get(params, path), np.float32)
+    out[hf_name] = np.ascontiguousarray(x.T if transpose else x)
+  out["encoder.embed_tokens.weight"] = out["decoder.embed_tokens.weight"] = out["shared.weight"].copy()
+  if cfg.logits_via_embedding:
+    out["lm_head.weight"] = out["shared.weight"].copy()
+  save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt"})
+  (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+  return directory
+
+
+def resize_vocab(params: dict, vocab_size: int, seed: int = 0) -> dict:
+  """Keeps the first `vocab_size` rows (T5's 32,128 -> the project's vocabulary); new rows, if the
+  vocabulary grows, are drawn like the existing ones."""
+  rng = np.random.default_rng(seed)
+
+  def fit(x: np.ndarray, axis: int) -> np.ndarray:
+    n = x.shape[axis]
+    if vocab_size <= n:
+      return np.take(x, np.arange(vocab_size), axis=axis)
+    shape = list(x.shape)
+    shape[axis] = vocab_size - n
+    return np.concatenate([x, rng.normal(0, x.std(), shape).astype(x.dtype)], axis=axis)
+
+  out = _copy(params)
+  out["token_embedder"]["embedding"] = fit(params["token_embedder"]["embedding"], 0)
+  if "logits_dense" in params.get("decoder", {}):
+    out["decoder"]["logits_dense"]["kernel"] = fit(params["decoder"]["logits_dense"]["kernel"], 1)
+  return out
+
+
+def _copy(tree):
+  return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+# --------------------------------------------------------------------------------------------
+# T5X
+
+
+def load_t5x(path: str | Path) -> dict:
+  """Imports the `target` parameters of a T5X checkpoint directory (`checkpoint_<step>`).
+
+  Handles both layouts T5X writes: Orbax (`_METADATA` / `_CHECKPOINT_METADATA`), and the legacy
+  msgpack `checkpoint` file whose large arrays live in tensorstore (zarr) folders named by the
+  parameter path with dots (`target.encoder.layers_0.attention.query.kernel`). T5X's parameter
+  names are recalign's, so nothing is renamed.
+  """
+  path = Path(path)
+  if (path / "checkpoint").is_file():
+    return _load_t5x_msgpack(path)
+  import orbax.checkpoint as ocp
+  restored = ocp.PyTreeCheckpointer().restore(str(path.resolve()))
+  if "target" not in restored:
+    raise KeyError(f"{path}: no 'target' in the checkpoint (top-level keys: {sorted(restored)})")
+  return _to_numpy(restored["target"])
+
+
+def _to_numpy(tree):
+  return {k: _to_numpy(v) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree)
+
+
+def _load_t5x_msgpack(path: Path) -> dict:
+  from flax import serialization
+  import tensorstore as ts
+  state = serialization.msgpack_restore((path / "checkpoint").read_bytes())
+  if "target" not in state:
+    raise KeyError(f"{path / 'checkpoint'}: no 'target' entry")
+
+  def read(leaf, name: str):
+    if isinstance(leaf, dict) and "driver" in leaf:    # a tensorstore spec
+      spec = dict(leaf)
+      kv = dict(spec["kvstore"])
+      kv["path"] = str(path / kv["path"])
+      spec["kvstore"] = kv
+      return np.asarray(ts.open(spec).result().read().result())
+    if isinstance(leaf, dict):
+      return {k: read(v, f"{name}.{k}") for k, v in leaf.items()}
+    if isinstance(leaf, (str, bytes)):                 # a relative zarr folder
+      rel = leaf.decode() if isinstance(leaf, bytes) else leaf
+      spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path / rel)}}
+      return np.asarray(ts.open(spec).result().read().result())
+    return np.asarray(leaf)
+
+  return read(state["target"], "target")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}/{k}" if prefix else k
+    out.update(flatten(v, name) if isinstance(v, dict) else {name: v})
+  return out
+
+
+def check_compatible(params: dict, expected_shapes: dict, source: str) -> None:
+  """Raises with every missing / unexpected / mis-shaped parameter named."""
+  got = {k: tuple(v.shape) for k, v in flatten(params).items()}
+  want = {k: tuple(v.shape) for k, v in flatten(expected_shapes).items()}
+  problems = [f"missing {k} {s}" for k, s in want.items() if k not in got]
+  problems += [f"unexpected {k}" for k in got if k not in want]
+  problems += [f"{k}: shape {got[k]} != {s}" for k, s in want.items() if k in got and got[k] != s]
+  if problems:
+    raise ValueError(f"{source}: parameters do not match the model config:\n  " + "\n  ".join(problems[:20]))
+
+
+def load_any(path: str | Path, vocab_size: Optional[int] = None) -> tuple[Optional[T5Config], dict]:
+  """INITIAL_CHECKPOINT_PATH: a HF directory (config.json), or a T5X checkpoint (config unknown)."""
+  path = Path(path)
+  if (path / "config.json").exists():
+    return load_hf(path, vocab_size=vocab_size)
+  params = load_t5x(path)
+  return None, params if vocab_size is None else resize_vocab(params, vocab_size)
+
