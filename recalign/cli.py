@@ -79,6 +79,60 @@ def cmd_demo(args) -> int:
   return rc or main(["vocab", str(data_dir)])
 
 
+# ---------------------------------------------------------------------------------------------
+# gin, T5X style: --gin_file=F (repeatable), --gin.NAME=VALUE (repeatable), --gin_search_paths=a,b
+
+GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+
+
+def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str], list[str]]:
+  """Returns (gin files, bindings, search paths, remaining args)."""
+  files, bindings, paths, rest = [], [], [], []
+  it = iter(argv)
+  for a in it:
+    key, eq, val = a.partition("=")
+    if key in ("--gin_file", "--gin_search_paths") or key.startswith("--gin."):
+      if not eq:
+        val = next(it, None)
+        if val is None:
+          raise SystemExit(f"error: {key} needs a value")
+      if key == "--gin_file":
+        files.append(val)
+      elif key == "--gin_search_paths":
+        paths.extend(p for p in val.split(",") if p)
+      else:
+        bindings.append(f"{key.removeprefix('--gin.')} = {val}")
+    else:
+      rest.append(a)
+  return files, bindings, paths, rest
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str], paths: Sequence[str]) -> None:
+  import gin
+  # gin logs every miss while searching an include: the project's gin/ goes right after the user's
+  for p in [*paths, str(GIN_DIR), ".", *(str(Path(f).resolve().parent) for f in files)]:
+    gin.add_config_file_search_path(p)
+  gin.parse_config_files_and_bindings(list(files), list(bindings))
+
+
+def cmd_train(args, gin_args) -> int:
+  import gin
+  from recalign import train as train_lib
+  files, bindings, paths = gin_args
+  if not files:
+    print("error: give at least one --gin_file (e.g. gin/retrieval_aux.gin)", file=sys.stderr)
+    return 2
+  for module in args.module:
+    __import__(module)  # user modules that register their own seqio tasks / mixtures
+  parse_gin(files, bindings, paths)
+  model_dir = Path(gin.query_parameter("%MODEL_DIR"))
+  model_dir.mkdir(parents=True, exist_ok=True)
+  (model_dir / "config.gin").write_text(gin.config_str())
+  result = train_lib.train()
+  print(json.dumps({k: v for k, v in result.items() if k != "best"}, indent=2))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="recalign", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
@@ -107,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--spm", help="check this existing SentencePiece model instead of training one")
   s.set_defaults(fn=cmd_vocab)
 
+  s = sub.add_parser("train", help="train with gin: --gin_file=... --gin.MODEL_DIR=\"'/tmp/run'\" ...")
+  s.add_argument("--module", action="append", default=[],
+                 help="import this Python module first (it may register seqio tasks/mixtures)")
+  s.set_defaults(fn=cmd_train, gin=True)
+
   s = sub.add_parser("demo", help="end-to-end demo on the shared Amazon Beauty data")
   s.add_argument("--data", default=str(DEFAULT_SHARED / "amazon-beauty"))
   s.add_argument("--out", default="runs/demo")
@@ -115,7 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  files, bindings, paths, rest = split_gin_args(argv)
+  args = build_parser().parse_args(rest)
+  if getattr(args, "gin", False):
+    return args.fn(args, (files, bindings, paths))
+  if files or bindings:
+    print(f"error: {args.command} takes no --gin options", file=sys.stderr)
+    return 2
   return args.fn(args)
 
 

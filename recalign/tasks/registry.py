@@ -195,6 +195,16 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   return names
 
 
+def get_vocabulary(task_or_mixture):
+  """The targets vocabulary of a seqio task or mixture (all members must share it)."""
+  tasks = getattr(task_or_mixture, "tasks", None) or [task_or_mixture]
+  vocabs = {id(t.output_features["targets"].vocabulary): t.output_features["targets"].vocabulary for t in tasks}
+  sizes = {v.vocab_size for v in vocabs.values()}
+  if len(sizes) > 1:
+    raise ValueError(f"{task_or_mixture.name}: members use vocabularies of different sizes {sorted(sizes)}")
+  return next(iter(vocabs.values()))
+
+
 def get(name: str):
   """`seqio.get_mixture_or_task` with an error that says what is registered and why not."""
   try:

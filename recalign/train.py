@@ -1,0 +1,324 @@
+"""The training loop, T5X-shaped: read it top to bottom.
+
+    recalign train --gin_file=gin/retrieval_aux.gin --gin.MODEL_DIR="'/tmp/run'"
+
+1. tasks: register the prepared data sets (DATA_DIRS) and look up MIXTURE_OR_TASK_NAME;
+2. model: the network config from gin, vocabulary size from the task, optional initial checkpoint
+   (recalign / T5X / Hugging Face), resized to the project's vocabulary;
+3. partitioning: a ('data', 'model') mesh; parameters placed by logical axis rules, batches split
+   over 'data'; on several hosts every process reads its own seqio shard;
+4. state: parameters + optax state (Adafactor as T5X, or AdamW), restored from the last orbax
+   checkpoint in MODEL_DIR when there is one;
+5. input: seqio -> EncDecFeatureConverter (packing optional) -> batches; the stream is a pure
+   function of (seed, step), so a restart skips exactly the batches already trained on;
+6. loop: jitted step (gradient accumulation by scan), progress bar, TensorBoard summaries, per-task
+   probe losses, periodic validation with best-checkpoint selection, checkpoints every N steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from recalign.models import checkpoints as ck
+from recalign.models.model import EncoderDecoderModel
+from recalign.models.network import T5Config
+
+# T5X's standard logical-axis rules: model parallelism splits MLP, heads and the vocabulary.
+LOGICAL_AXIS_RULES = (("batch", "data"), ("vocab", "model"), ("embed", None), ("mlp", "model"),
+                      ("heads", "model"), ("kv", None), ("joined_kv", "model"), ("relpos_buckets", None))
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser
+
+
+@gin.configurable
+def learning_rate_schedule(base: float = 1e-3, warmup_steps: int = 1000, decay: str = "constant",
+                           total_steps: int = 0) -> optax.Schedule:
+  """Linear warm-up to `base`, then constant (the paper), linear decay to 0, or rsqrt decay."""
+  warm = optax.linear_schedule(0.0, base, max(warmup_steps, 1))
+  if decay == "constant":
+    after = optax.constant_schedule(base)
+  elif decay == "linear":
+    after = optax.linear_schedule(base, 0.0, max(total_steps - warmup_steps, 1))
+  elif decay == "rsqrt":
+    after = lambda s: base * jnp.sqrt(max(warmup_steps, 1) / (s + max(warmup_steps, 1)))  # noqa: E731
+  else:
+    raise ValueError(f"decay must be constant|linear|rsqrt, not {decay!r}")
+  return optax.join_schedules([warm, after], [warmup_steps])
+
+
+@gin.configurable
+def make_optimizer(schedule: optax.Schedule, name: str = "adafactor", weight_decay: float = 0.0,
+                   clip_norm: Optional[float] = None) -> optax.GradientTransformation:
+  if name == "adafactor":  # T5X's fine-tuning settings
+    tx = optax.adafactor(schedule, decay_rate=0.8, multiply_by_parameter_scale=True,
+                         clipping_threshold=1.0, weight_decay_rate=weight_decay or None)
+  elif name == "adamw":
+    tx = optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=weight_decay)
+  else:
+    raise ValueError(f"optimizer must be adafactor|adamw, not {name!r}")
+  return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
+
+
+# --------------------------------------------------------------------------------------------
+# Partitioning
+
+
+def make_mesh(model_parallel: int = 1, num_devices: Optional[int] = None) -> Mesh:
+  devices = np.array(jax.devices()[:num_devices])
+  if len(devices) % model_parallel:
+    raise ValueError(f"{len(devices)} devices cannot be split into model-parallel groups of {model_parallel}")
+  return Mesh(devices.reshape(-1, model_parallel), ("data", "model"))
+
+
+def maybe_initialize_distributed() -> None:
+  """Multi-host (TPU VM pod slice, multi-node GPU): one process per host, started identically.
+
+  On TPU VMs `jax.distributed.initialize()` needs no arguments; on GPU clusters set
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM).
+  """
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("RECALIGN_MULTIHOST"):
+    jax.distributed.initialize()
+
+
+# --------------------------------------------------------------------------------------------
+# Input
+
+
+def input_batches(task, lengths: Mapping[str, int], batch_size: int, *, seed: int, pack: bool,
+                  start_step: int = 0) -> Iterator[dict]:
+  """Global-batch-sized dicts of numpy arrays for this process (its 1/process_count share)."""
+  import seqio
+  import tensorflow as tf
+  n_proc, idx = jax.process_count(), jax.process_index()
+  if batch_size % n_proc:
+    raise ValueError(f"BATCH_SIZE={batch_size} must be divisible by the {n_proc} processes")
+  ds = task.get_dataset(dict(lengths), split="train", shuffle=True, seed=seed, num_epochs=None,
+                        shard_info=seqio.ShardInfo(idx, n_proc) if n_proc > 1 else None)
+  ds = seqio.EncDecFeatureConverter(pack=pack)(ds, dict(lengths))
+  ds = ds.batch(batch_size // n_proc, drop_remainder=True)
+  ds = ds.skip(start_step).prefetch(tf.data.AUTOTUNE)  # resume: the stream depends only on (seed, step)
+  return ds.as_numpy_iterator()
+
+
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_manager(model_dir: Path, every: int, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager((model_dir / "checkpoints").resolve(), options=ocp.CheckpointManagerOptions(
+      save_interval_steps=every, max_to_keep=keep, create=True))
+
+
+def load_initial(path: str | Path, vocab_size: int) -> dict:
+  """INITIAL_CHECKPOINT_PATH: a Hugging Face directory, a T5X checkpoint or a recalign checkpoint,
+  with the vocabulary rows cut (or grown) to the project's vocabulary."""
+  if (Path(path) / "config.json").exists():
+    params = ck.load_hf(path)[1]
+  else:
+    params = load_params(path)
+  if params["token_embedder"]["embedding"].shape[0] != vocab_size:
+    params = ck.resize_vocab(params, vocab_size)
+  return params
+
+
+def load_params(path: str | Path) -> dict:
+  """Parameters of a recalign checkpoint (MODEL_DIR/checkpoints/<step>, or MODEL_DIR/best)."""
+  path = Path(path)
+  if (path / "default").is_dir():
+    path = path / "default"
+  return ck.load_t5x(path)  # recalign stores parameters under 'target', as T5X
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@gin.configurable(denylist=["validate_fn"])
+def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED, network_config: T5Config = gin.REQUIRED,
+          data_dirs: Sequence[str] = (), initial_checkpoint_path: Optional[str] = None,
+          random_seed: int = 0, pack: bool = True, gradient_accumulation_steps: int = 1,
+          model_parallel: int = 1, num_devices: Optional[int] = None, z_loss: float = 1e-4, label_smoothing: float = 0.0,
+          loss_normalize="tokens", checkpoint_every: int = 1000, keep_checkpoints: int = 3,
+          log_every: int = 10, eval_every: int = 0,
+          validate_fn: Optional[Callable[[EncoderDecoderModel, dict], dict]] = None,
+          selection_metric: str = "ndcg@10", progress: bool = True) -> dict:
+  """Trains and returns the last step's metrics (plus the best validation metrics, if any)."""
+  import recalign.tasks as rt
+  from recalign.tasks.registry import get_vocabulary
+  maybe_initialize_distributed()
+  model_dir = Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+
+  # 1. tasks
+  for d in data_dirs:
+    rt.register_dataset(d)
+  task = rt.get(mixture_or_task_name)
+  vocab = get_vocabulary(task)
+  members = [t.name for t in getattr(task, "tasks", [task])]
+
+  # 2. model
+  padded_vocab = -(-vocab.vocab_size // 128) * 128   # T5 pads 32100 -> 32128: same here
+  config = network_config.replace(vocab_size=padded_vocab)
+  model = EncoderDecoderModel(config, z_loss=z_loss, label_smoothing=label_smoothing,
+                              loss_normalize=loss_normalize)
+
+  # 3. partitioning
+  mesh = make_mesh(model_parallel, num_devices)
+  rules = LOGICAL_AXIS_RULES
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(random_seed)))
+  param_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  # 4. state
+  schedule = learning_rate_schedule(total_steps=train_steps)
+  tx = make_optimizer(schedule)
+
+  with mesh:
+    params = jax.jit(lambda r: nn.unbox(model.init(r)), out_shardings=param_sharding)(
+        jax.random.PRNGKey(random_seed))
+  mngr = checkpoint_manager(model_dir, checkpoint_every, keep_checkpoints)
+  if mngr.latest_step() is None and initial_checkpoint_path:
+    loaded = load_initial(initial_checkpoint_path, padded_vocab)
+    ck.check_compatible(loaded, nn.unbox(boxed), initial_checkpoint_path)
+    params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, loaded), param_sharding)
+  with mesh:
+    state = {"step": jnp.array(0, jnp.int32), "target": params, "opt_state": jax.jit(tx.init)(params)}
+  if mngr.latest_step() is not None:  # resume: parameters, optimiser state and step
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
+    logging.info("resumed from %s at step %d", model_dir, int(state["step"]))
+  start = int(state["step"])
+
+  # 6. the step
+  accum = gradient_accumulation_steps
+  if batch_size % accum:
+    raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by gradient_accumulation_steps={accum}")
+  base_key = jax.random.PRNGKey(random_seed + 1)
+
+  def train_step(state, batch):
+    key = jax.random.fold_in(base_key, state["step"])   # dropout: a pure function of the step
+    grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+    if accum == 1:
+      (_, metrics), grads = grad_fn(state["target"], batch, key)
+    else:  # gradient accumulation: scan over micro-batches, sum gradients, average metrics
+      micro = jax.tree_util.tree_map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+
+      def body(acc, mb_and_i):
+        mb, i = mb_and_i
+        (_, m), g = grad_fn(state["target"], mb, jax.random.fold_in(key, i))
+        return jax.tree_util.tree_map(jnp.add, acc, g), m
+
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, state["target"])
+      grads, ms = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+      grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+      metrics = {k: (v.sum() if k == "target_tokens" else v.mean()) for k, v in ms.items()}
+    updates, opt_state = tx.update(grads, state["opt_state"], state["target"])
+    params = optax.apply_updates(state["target"], updates)
+    metrics["learning_rate"] = schedule(state["step"])
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return {"step": state["step"] + 1, "target": params, "opt_state": opt_state}, metrics
+
+  step_fn = jax.jit(train_step, donate_argnums=0)
+  eval_loss = jax.jit(lambda p, b: model.loss_fn(p, b)[1])
+
+  # 5. input (+ fixed probe batches, one per mixture member, for per-task losses)
+  lengths = dict(task_feature_lengths)
+  batches = input_batches(task, lengths, batch_size, seed=random_seed, pack=pack, start_step=start)
+  probes = {}
+  if len(members) > 1:
+    for name in members:
+      probes[name] = next(input_batches(rt.get(name), lengths, min(batch_size, 32) // jax.process_count()
+                                        * jax.process_count(), seed=random_seed + 7, pack=False))
+
+  writer = _summary_writer(model_dir / "train") if is_chief else None
+  log_path = model_dir / "train_log.jsonl"
+  best = _read_json(model_dir / "best.json")
+  bar = tqdm(total=train_steps, initial=start, desc="train", disable=not (progress and is_chief),
+             dynamic_ncols=True)
+  last = {}
+  t_last, tok_last = time.perf_counter(), 0.0
+  with mesh:
+    for step in range(start, train_steps):
+      raw = next(batches)
+      real_tokens = float((raw["encoder_input_tokens"] > 0).sum() + (raw["decoder_target_tokens"] > 0).sum())
+      state, metrics = step_fn(state, to_global(raw, batch_sharding))
+      tok_last += real_tokens * jax.process_count()
+      done = step + 1
+      if done % log_every == 0 or done == train_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        metrics["useful_tokens_per_s"] = tok_last / (now - t_last)
+        t_last, tok_last = now, 0.0
+        last = {"step": done, **metrics}
+        for name, probe in probes.items():  # every process takes part in the jitted call
+          last[f"task_loss/{name}"] = float(eval_loss(state["target"], to_global(probe, batch_sharding))["loss"])
+        if is_chief:
+          with open(log_path, "a") as f:
+            f.write(json.dumps(last) + "\n")
+          _write_summaries(writer, done, last)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['useful_tokens_per_s']:.0f}",
+                        lr=f"{metrics['learning_rate']:.2e}")
+      bar.update(1)
+      if eval_every and validate_fn is not None and (done % eval_every == 0 or done == train_steps):
+        val = validate_fn(model, state["target"])
+        _write_summaries(writer, done, {f"validation/{k}": v for k, v in val.items()})
+        logging.info("step %d validation %s", done, val)
+        if best is None or val[selection_metric] > best["metrics"][selection_metric]:
+          best = {"step": done, "metrics": val, "selection_metric": selection_metric}
+          _save_params(model_dir / "best", state["target"])
+          if is_chief:
+            (model_dir / "best.json").write_text(json.dumps(best, indent=2))
+      mngr.save(done, args=ocp.args.StandardSave(state), force=done == train_steps)
+  mngr.wait_until_finished()
+  bar.close()
+  if writer is not None:
+    writer.flush()
+  return {**last, "best": best}
+
+
+def _save_params(path: Path, params) -> None:
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path.resolve() / "default", {"target": params}, force=True)
+  ckptr.wait_until_finished()
+
+
+def _read_json(path: Path) -> Optional[dict]:
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _summary_writer(path: Path):
+  import tensorflow as tf
+  return tf.summary.create_file_writer(str(path))
+
+
+def _write_summaries(writer, step: int, values: Mapping[str, float]) -> None:
+  if writer is None:
+    return
+  import tensorflow as tf
+  with writer.as_default():
+    for k, v in values.items():
+      if k != "step" and isinstance(v, (int, float)):
+        tf.summary.scalar(k, v, step=step)

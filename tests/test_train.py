@@ -1,0 +1,136 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_tiny_tsv
+
+# A training run as a separate process (so it can be killed, or see 8 simulated devices).
+SCRIPT = r'''
+import json, sys
+import gin
+import recalign.tasks as rt
+from recalign import train as T
+from recalign.models.network import CONFIGS
+data, model_dir, steps, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+rt.register_dataset(data, config=rt.DatasetConfig(num_candidates=3))
+gin.bind_parameter("learning_rate_schedule.warmup_steps", 5)
+gin.bind_parameter("learning_rate_schedule.base", 1e-2)
+out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_reat",
+              task_feature_lengths={"inputs": 128, "targets": 48}, train_steps=steps, batch_size=8,
+              network_config=CONFIGS["tiny"].replace(dropout_rate=0.1), log_every=1, progress=False,
+              **extra)
+print(json.dumps({"loss": out["loss"]}))
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  from recalign.data import prepare, read_source
+  from recalign.data.vocab import train_vocabulary
+  root = tmp_path_factory.mktemp("train")
+  data = prepare(read_source(write_tiny_tsv(root / "src")), name="tiny", kcore=0)
+  data.save(root / "tiny")
+  train_vocabulary(data, root / "tiny" / "vocab", vocab_size=300)
+  (root / "run.py").write_text(SCRIPT)
+  return root
+
+
+def command(root: Path, model_dir: Path, steps: int, **extra):
+  return [sys.executable, str(root / "run.py"), str(root / "tiny"), str(model_dir), str(steps), json.dumps(extra)]
+
+
+def env(devices: int = 1):
+  e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
+  if devices > 1:
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return e
+
+
+def losses(model_dir: Path) -> dict[int, float]:
+  out = {}
+  for line in (model_dir / "train_log.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    out[row["step"]] = row["loss"]   # a re-run step overwrites the killed run's value
+  return out
+
+
+def test_loss_falls_and_resume_after_kill_reproduces_losses(tiny_dir):
+  ref_dir, killed_dir = tiny_dir / "ref", tiny_dir / "killed"
+  steps = 40
+  subprocess.run(command(tiny_dir, ref_dir, steps, checkpoint_every=4), env=env(), check=True,
+                 capture_output=True)
+  ref = losses(ref_dir)
+  assert sorted(ref) == list(range(1, steps + 1))
+  first, last = sum(ref[s] for s in range(1, 6)) / 5, sum(ref[s] for s in range(steps - 4, steps + 1)) / 5
+  assert last < 0.7 * first, (first, last)
+  assert (ref_dir / "train").is_dir() and (ref_dir / "checkpoints").is_dir()
+
+  proc = subprocess.Popen(command(tiny_dir, killed_dir, steps, checkpoint_every=4), env=env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  log = killed_dir / "train_log.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 11):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = len(log.read_text().splitlines())
+  assert killed_at < steps, "the run finished before it could be killed"
+  subprocess.run(command(tiny_dir, killed_dir, steps, checkpoint_every=4), env=env(), check=True,
+                 capture_output=True)
+  resumed = losses(killed_dir)
+  assert len(log.read_text().splitlines()) > steps   # some steps were run again after the resume...
+  assert resumed == ref                                # ...and every loss equals the uninterrupted run
+
+
+def test_data_and_model_parallel_on_8_devices_match_one_device(tiny_dir):
+  script = tiny_dir / "parallel.py"
+  script.write_text(r'''
+import json, subprocess, sys
+import jax
+assert jax.device_count() == 8, jax.device_count()
+''' + SCRIPT)
+  results = {}
+  for name, extra in {"one": {"num_devices": 1}, "data8": {}, "data4_model2": {"model_parallel": 2}}.items():
+    model_dir = tiny_dir / f"par_{name}"
+    subprocess.run([sys.executable, str(script), str(tiny_dir / "tiny"), str(model_dir), "6",
+                    json.dumps(extra)], env=env(8), check=True, capture_output=True)
+    results[name] = losses(model_dir)
+  for name in ("data8", "data4_model2"):
+    for step, loss in results["one"].items():
+      assert results[name][step] == pytest.approx(loss, rel=2e-4, abs=2e-4), (name, step)
+
+
+def test_gin_files_parse_and_bind():
+  import gin
+  from recalign import cli
+  for f in ["retrieval_aux", "ranking_aux", "rating_aux", "unified", "unified_aux"]:
+    gin.clear_config()
+    cli.parse_gin([str(REPO / "gin" / f"{f}.gin")], ["MODEL_DIR = '/tmp/x'", "BATCH_SIZE = 4"], [])
+    assert gin.query_parameter("%MODEL_DIR") == "/tmp/x" and gin.query_parameter("%BATCH_SIZE") == 4
+    assert gin.query_parameter("%MIXTURE_OR_TASK_NAME").endswith(
+        {"retrieval_aux": "_reat", "ranking_aux": "_raat", "rating_aux": "_rpat", "unified": "_ut",
+         "unified_aux": "_ut_at"}[f])
+    assert gin.query_parameter("%LEARNING_RATE") == 1e-3 and gin.query_parameter("%WARMUP_STEPS") == 1000
+  gin.clear_config()
+  with pytest.raises(ValueError, match="MODEL_DIR.*gin.REQUIRED"):
+    cli.parse_gin([str(REPO / "gin" / "retrieval_aux.gin")], [], [])
+  gin.clear_config()
+  with pytest.raises(ValueError, match="INITIAL_CHECKPOINT_PATH.*gin.REQUIRED"):
+    cli.parse_gin([str(REPO / "gin" / "retrieval_aux.gin"), str(REPO / "gin" / "runs" / "finetune.gin")],
+                  ["MODEL_DIR = '/tmp/x'"], [])
+  gin.clear_config()
+
+
+def test_cli_splits_t5x_style_gin_flags():
+  from recalign.cli import split_gin_args
+  files, bindings, paths, rest = split_gin_args(
+      ["train", "--gin_file=a.gin", "--gin_file", "b.gin", "--gin.MODEL_DIR='/tmp/r'",
+       "--gin.TRAIN_STEPS", "5", "--gin_search_paths=x,y", "--module", "m"])
+  assert files == ["a.gin", "b.gin"] and paths == ["x", "y"] and rest == ["train", "--module", "m"]
+  assert bindings == ["MODEL_DIR = '/tmp/r'", "TRAIN_STEPS = 5"]
