@@ -111,22 +111,23 @@ class EncoderDecoderModel:
   def encode(self, params: Params, encoder_tokens: jnp.ndarray) -> jnp.ndarray:
     return self.module.apply({"params": params}, encoder_tokens, method=Transformer.encode)
 
-  def init_cache(self, batch_size: int, max_decode_length: int, encoder_len: int) -> dict:
-    """An empty key/value cache for `max_decode_length` decoder positions (no parameters touched)."""
+  def init_cache(self, batch_size: int, max_decode_length: int, encoder_len: int, beams: int = 1) -> dict:
+    """An empty cache: per-beam self-attention keys/values for `max_decode_length` positions
+    ([batch*beams, ...]) and per-example cross-attention keys/values ([batch, encoder_len, ...])."""
     enc = jnp.ones((batch_size, encoder_len), jnp.int32)
-    dec = jnp.zeros((batch_size, max_decode_length), jnp.int32)
+    dec = jnp.zeros((batch_size * beams, max_decode_length), jnp.int32)
     shapes = jax.eval_shape(lambda: self.module.init(
         jax.random.PRNGKey(0), enc, dec, decode=True, max_decode_length=max_decode_length)["cache"])
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def decode_step(self, params: Params, cache: dict, encoded: jnp.ndarray, encoder_tokens: jnp.ndarray,
-                  token: jnp.ndarray, max_decode_length: int) -> tuple[jnp.ndarray, dict]:
-    """Logits [b, vocab] for one new token [b] at the cache's current position, and the new cache."""
+                  token: jnp.ndarray, max_decode_length: int, output_tokens: Optional[jnp.ndarray] = None,
+                  cross_from_cache: bool = False) -> tuple[jnp.ndarray, dict]:
+    """Logits [b*beams, vocab or len(output_tokens)] for one new token per row at the cache's
+    position, and the new cache. The first step computes (and caches) the cross-attention
+    keys/values; later steps pass `cross_from_cache=True` and skip that work."""
     logits, mutated = self.module.apply(
         {"params": params, "cache": cache}, encoded, encoder_tokens, token[:, None], decode=True,
-        max_decode_length=max_decode_length, method=Transformer.decode, mutable=["cache"])
+        max_decode_length=max_decode_length, output_tokens=output_tokens,
+        cross_from_cache=cross_from_cache, method=Transformer.decode, mutable=["cache"])
     return logits[:, 0], mutated["cache"]
-
-
-def unboxed_init(model: EncoderDecoderModel, rng: jax.Array) -> Params:
-  return nn.unbox(model.init(rng))

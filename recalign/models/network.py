@@ -88,9 +88,11 @@ class Dense(nn.Module):
   cfg: T5Config
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, columns: Optional[jnp.ndarray] = None):
     kernel = _param(self, "kernel", _init(self.stddev), (x.shape[-1], self.features), self.axes,
                     self.cfg.param_dtype)
+    if columns is not None:  # only these outputs (constrained decoding's sliced projection)
+      kernel = jnp.take(kernel, columns, axis=1)
     dt = jnp.dtype(self.cfg.dtype)
     return jnp.dot(x.astype(dt), kernel.astype(dt))
 
@@ -149,21 +151,34 @@ class Attention(nn.Module):
   decode_cache: bool = False   # self-attention of the decoder: keep a key/value cache
 
   @nn.compact
-  def __call__(self, x_q, x_kv, bias, deterministic: bool, decode: bool = False):
-    """bias: additive [b|1, heads, q, k] (position biases + masks); in decode mode computed here."""
+  def __call__(self, x_q, x_kv, bias, deterministic: bool, decode: bool = False,
+               cross_from_cache: bool = False):
+    """bias: additive [b|1, heads, q, k] (position biases + masks).
+
+    Decoding: self-attention appends one position per call to its key/value cache; cross-attention
+    stores the encoder's keys/values on the first call and, with `cross_from_cache`, reads them.
+    """
     c = self.cfg
     inner = c.num_heads * c.head_dim
     dense = functools.partial(Dense, cfg=c)
-    q = dense(inner, ("embed", "joined_kv"), (c.emb_dim * c.head_dim) ** -0.5, name="query")(x_q)
-    k = dense(inner, ("embed", "joined_kv"), c.emb_dim ** -0.5, name="key")(x_kv)
-    v = dense(inner, ("embed", "joined_kv"), c.emb_dim ** -0.5, name="value")(x_kv)
     split = lambda t: t.reshape(t.shape[:-1] + (c.num_heads, c.head_dim))  # noqa: E731
-    q, k, v = split(q), split(k), split(v)
+    q = split(dense(inner, ("embed", "joined_kv"), (c.emb_dim * c.head_dim) ** -0.5, name="query")(x_q))
+    kv_shape = x_kv.shape[:-1] + (c.num_heads, c.head_dim)
+    cross_cached = decode and not self.decode_cache
+    if cross_cached and cross_from_cache:
+      k = self.get_variable("cache", "cross_key")
+      v = self.get_variable("cache", "cross_value")
+    else:
+      k = split(dense(inner, ("embed", "joined_kv"), c.emb_dim ** -0.5, name="key")(x_kv))
+      v = split(dense(inner, ("embed", "joined_kv"), c.emb_dim ** -0.5, name="value")(x_kv))
+      if cross_cached:
+        self.put_variable("cache", "cross_key", k)
+        self.put_variable("cache", "cross_value", v)
 
     if decode and self.decode_cache:
       initialised = self.has_variable("cache", "cached_key")
-      ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-      cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+      ck = self.variable("cache", "cached_key", jnp.zeros, kv_shape, k.dtype)
+      cv = self.variable("cache", "cached_value", jnp.zeros, kv_shape, v.dtype)
       ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
       if initialised:  # one new position: write it into the cache and attend over the cache
         if q.shape[1] != 1:
@@ -214,13 +229,20 @@ class DecoderLayer(nn.Module):
   cfg: T5Config
 
   @nn.compact
-  def __call__(self, x, encoded, self_bias, cross_bias, deterministic: bool, decode: bool):
+  def __call__(self, x, encoded, self_bias, cross_bias, deterministic: bool, decode: bool,
+               cross_from_cache: bool = False):
     drop = lambda y: nn.Dropout(self.cfg.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
     h = RMSNorm(self.cfg, name="pre_self_attention_layer_norm")(x)
     x = x + drop(Attention(self.cfg, decode_cache=True, name="self_attention")(
         h, h, self_bias, deterministic, decode))
     h = RMSNorm(self.cfg, name="pre_cross_attention_layer_norm")(x)
-    x = x + drop(Attention(self.cfg, name="encoder_decoder_attention")(h, encoded, cross_bias, deterministic))
+    # Beams (rows b*W .. b*W+W-1 of x) share example b's encoder output: they become W groups of
+    # query positions of one row, so the encoder output and its keys/values are never tiled.
+    b, q, e = h.shape
+    h = h.reshape(encoded.shape[0], -1, e)
+    y = Attention(self.cfg, name="encoder_decoder_attention")(
+        h, encoded, cross_bias, deterministic, decode, cross_from_cache)
+    x = x + drop(y.reshape(b, q, e))
     h = RMSNorm(self.cfg, name="pre_mlp_layer_norm")(x)
     return x + drop(MLP(self.cfg, name="mlp")(h, deterministic))
 
@@ -247,9 +269,10 @@ class Embed(nn.Module):
   def __call__(self, tokens):
     return jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
 
-  def attend(self, x):
+  def attend(self, x, rows: Optional[jnp.ndarray] = None):
     dt = jnp.dtype(self.cfg.dtype)
-    return jnp.dot(x.astype(dt), self.embedding.astype(dt).T)
+    table = self.embedding if rows is None else jnp.take(self.embedding, rows, axis=0)
+    return jnp.dot(x.astype(dt), table.astype(dt).T)
 
 
 class Encoder(nn.Module):
@@ -276,7 +299,9 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded, encoder_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, deterministic: bool = True,
-               decode: bool = False, max_decode_length: Optional[int] = None):
+               decode: bool = False, max_decode_length: Optional[int] = None,
+               output_tokens: Optional[jnp.ndarray] = None, cross_from_cache: bool = False):
+    """Logits [b, len, vocab]; with `output_tokens` [k] only those columns (a sliced projection)."""
     c = self.cfg
     x = nn.Dropout(c.dropout_rate)(self.embed(decoder_input_tokens), deterministic=deterministic)
     b, L = decoder_input_tokens.shape
@@ -288,7 +313,7 @@ class Decoder(nn.Module):
       T = max_decode_length or L
       causal = np.tril(np.ones((T, T), bool))
       self_bias = relpos(T, T) + jnp.where(causal, 0.0, NEG_INF)[None, None]
-      cross_mask = jnp.broadcast_to((encoder_tokens > 0)[:, None, :], (b, 1, encoder_tokens.shape[1]))
+      cross_mask = (encoder_tokens > 0)[:, None, :]   # [b_enc, 1, k]: beams share their example's row
     else:
       target = decoder_input_tokens if decoder_target_tokens is None else decoder_target_tokens
       causal = np.tril(np.ones((L, L), bool))[None]
@@ -298,13 +323,15 @@ class Decoder(nn.Module):
       cross_mask = _padding_mask(valid, encoder_tokens, decoder_segment_ids, encoder_segment_ids)
     cross_bias = _mask_bias(cross_mask)
     for i in range(c.num_decoder_layers):
-      x = DecoderLayer(c, name=f"layers_{i}")(x, encoded, self_bias, cross_bias, deterministic, decode)
+      x = DecoderLayer(c, name=f"layers_{i}")(x, encoded, self_bias, cross_bias, deterministic, decode,
+                                             cross_from_cache)
     x = RMSNorm(c, name="decoder_norm")(x)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
     if c.logits_via_embedding:
-      logits = self.embed.attend(x * (c.emb_dim ** -0.5))
+      logits = self.embed.attend(x * (c.emb_dim ** -0.5), output_tokens)
     else:
-      logits = Dense(c.vocab_size, ("embed", "vocab"), c.emb_dim ** -0.5, c, name="logits_dense")(x)
+      logits = Dense(c.vocab_size, ("embed", "vocab"), c.emb_dim ** -0.5, c, name="logits_dense")(
+          x, output_tokens)
     return logits.astype(jnp.float32)
 
 
@@ -322,10 +349,12 @@ class Transformer(nn.Module):
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
              encoder_segment_ids=None, decoder_segment_ids=None, enable_dropout: bool = False,
-             decode: bool = False, max_decode_length: Optional[int] = None):
+             decode: bool = False, max_decode_length: Optional[int] = None,
+             output_tokens: Optional[jnp.ndarray] = None, cross_from_cache: bool = False):
     return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                         encoder_segment_ids, decoder_segment_ids, deterministic=not enable_dropout,
-                        decode=decode, max_decode_length=max_decode_length)
+                        decode=decode, max_decode_length=max_decode_length, output_tokens=output_tokens,
+                        cross_from_cache=cross_from_cache)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, enable_dropout: bool = False,

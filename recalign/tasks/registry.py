@@ -21,6 +21,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from recalign import metrics as M
 from recalign.data.prepare import PreparedData, item_id
 from recalign.data.vocab import load_vocabulary
 from recalign.tasks import preprocessors as pp
@@ -38,6 +39,7 @@ MIXTURES = {
 }
 
 _REGISTERED: dict[str, "DatasetConfig"] = {}
+_TASKS: dict[str, dict] = {}   # task name -> {"kind", "data_dir", "vocab"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +123,23 @@ def _output_features(vocab) -> dict[str, seqio.Feature]:
   return {"inputs": seqio.Feature(vocab, add_eos=True), "targets": seqio.Feature(vocab, add_eos=True)}
 
 
-def _register_task(name: str, source, preprocessors, vocab):
+def _register_task(name: str, source, preprocessors, vocab, metric_fns=()):
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
-                         output_features=_output_features(vocab), metric_fns=[])
+                         output_features=_output_features(vocab), metric_fns=list(metric_fns))
+
+
+# seqio metric functions (recalign's evaluator computes the same numbers with constrained decoding).
+_METRICS = {"retrieval": [M.seqio_retrieval_metrics], "ranking": [M.seqio_retrieval_metrics],
+            "rating": [M.seqio_rating_metrics]}
+
+
+def task_info(name: str) -> dict:
+  if name not in _TASKS:
+    get(name)  # raises the helpful error
+    raise ValueError(f"{name!r} is a mixture, not a task")
+  return _TASKS[name]
 
 
 def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=None,
@@ -171,13 +185,15 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                      mean_noise_span_length=config.mean_noise_span_length)
     pre = pp.make_preprocessor(kind, tables, templates, seed=config.seed, task_name=task, **options)
     _register_task(task, RecDataSource(splits, config.seed), [pre, seqio.preprocessors.append_eos_after_trim],
-                   vocab)
+                   vocab, _METRICS.get(kind, ()))
+    _TASKS[task] = {"kind": kind, "data_dir": str(Path(data_dir).resolve()), "vocab": vocab}
     names.append(task)
 
   qa = item_qa_pairs(data)
   if qa:
     _register_task(f"{name}_item_qa", ItemQASource(qa),
                    [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim], vocab)
+    _TASKS[f"{name}_item_qa"] = {"kind": "item_qa", "data_dir": str(Path(data_dir).resolve()), "vocab": vocab}
     names.append(f"{name}_item_qa")
 
   for mix, members in MIXTURES.items():

@@ -1,0 +1,233 @@
+"""Jitted beam search over the model's key/value cache, optionally constrained to valid item IDs.
+
+The constraint is a prefix trie over the tokenised item IDs (each followed by EOS) stored as dense
+arrays, so it runs inside the jitted loop:
+  * `next_node[node, k]`: the child reached by the k-th token of the trie's alphabet (-1: none);
+  * `item_path[item, d]`: the node reached after the item's d-th token (its leaf after EOS).
+Per example, a boolean mask over items (the catalogue without the user's history, or the 100
+ranking candidates) marks the nodes that still lead to an allowed item; beams never leave them.
+
+With the constraint on, the output projection is computed only for the trie's alphabet (the ID
+digits, "▁I" and EOS: 12 columns instead of 8,192) and the softmax is taken over that alphabet;
+`score_items` gives the same restricted log-likelihood by teacher forcing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recalign.models.model import EncoderDecoderModel
+
+EOS = 1
+NEG = -1e9
+
+
+@dataclasses.dataclass
+class ItemTrie:
+  alphabet: np.ndarray    # [K] vocabulary ids, EOS included
+  next_node: np.ndarray   # [nodes, K] int32
+  item_path: np.ndarray   # [items, depth] int32 node after each token (padded with the leaf)
+  leaf_item: np.ndarray   # [nodes] int32 item at a leaf, else -1
+  depth: int              # max tokens of an ID, EOS included
+
+  @classmethod
+  def build(cls, token_seqs: Sequence[Sequence[int]], eos: int = EOS) -> "ItemTrie":
+    seqs = [list(s) + [eos] for s in token_seqs]
+    alphabet = np.array(sorted({t for s in seqs for t in s}), np.int32)
+    col = {int(t): k for k, t in enumerate(alphabet)}
+    depth = max(len(s) for s in seqs)
+    children: list[dict[int, int]] = [{}]
+    paths = np.zeros((len(seqs), depth), np.int32)
+    leaf = {}
+    for i, s in enumerate(seqs):
+      node = 0
+      for d, t in enumerate(s):
+        nxt = children[node].get(col[t])
+        if nxt is None:
+          nxt = len(children)
+          children[node][col[t]] = nxt
+          children.append({})
+        node = nxt
+        paths[i, d] = node
+      if node in leaf:
+        raise ValueError(f"items {leaf[node]} and {i} have the same token sequence")
+      leaf[node] = i
+      paths[i, len(s):] = node
+    next_node = np.full((len(children), len(alphabet)), -1, np.int32)
+    for n, ch in enumerate(children):
+      for k, m in ch.items():
+        next_node[n, k] = m
+    leaf_item = np.full(len(children), -1, np.int32)
+    for n, i in leaf.items():
+      leaf_item[n] = i
+    return cls(alphabet, next_node, paths, leaf_item, depth)
+
+  @classmethod
+  def for_items(cls, vocab, item_ids: Sequence[str]) -> "ItemTrie":
+    return cls.build([vocab.encode(i) for i in item_ids])
+
+  @property
+  def num_items(self) -> int:
+    return len(self.item_path)
+
+
+def allowed_nodes(trie_paths: jnp.ndarray, num_nodes: int, allowed_items: jnp.ndarray) -> jnp.ndarray:
+  """[b, nodes] bool: nodes on the path of at least one allowed item (root always)."""
+  b, n_items = allowed_items.shape
+  ok = jnp.zeros((b, num_nodes), bool).at[:, trie_paths].max(
+      jnp.broadcast_to(allowed_items[:, :, None], (b, n_items, trie_paths.shape[1])))
+  return ok.at[:, 0].set(True)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "depth", "full_softmax"))
+def _constrained(model: EncoderDecoderModel, params, encoder_tokens, alphabet, next_node, item_path,
+                 leaf_item, allowed_items, *, beam_size: int, depth: int, full_softmax: bool):
+  B, W, K = encoder_tokens.shape[0], beam_size, alphabet.shape[0]
+  node_ok = allowed_nodes(item_path, next_node.shape[0], allowed_items)      # [B, nodes]
+  encoded = model.encode(params, encoder_tokens)
+  cache = model.init_cache(B, depth, encoder_tokens.shape[1], W)
+  eos_col = jnp.argmax(alphabet == EOS)
+
+  def step_logp(cache, token, first):
+    logits, cache = model.decode_step(params, cache, encoded, encoder_tokens, token, depth,
+                                      output_tokens=None if full_softmax else alphabet,
+                                      cross_from_cache=not first)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    if full_softmax:
+      logp = logp[:, alphabet]
+    return logp.reshape(B, W, K), cache
+
+  def expand(carry, logp):
+    node, score, done, tokens, t = carry
+    child = next_node[node]                                                    # [B, W, K]
+    valid = (child >= 0) & jnp.take_along_axis(node_ok, jnp.maximum(child, 0).reshape(B, -1), 1
+                                               ).reshape(B, W, K)
+    cand = jnp.where(valid, score[..., None] + logp, NEG)
+    # A finished beam continues only as itself (one candidate, score unchanged).
+    stay = jnp.where(jnp.arange(K) == 0, score[..., None], NEG)
+    cand = jnp.where(done[..., None], stay, cand).reshape(B, W * K)
+    top, idx = jax.lax.top_k(cand, W)
+    beam, col = idx // K, idx % K
+    g = lambda x: jnp.take_along_axis(x, beam, 1)  # noqa: E731
+    prev_node, prev_done = g(node), g(done)
+    alive = top > NEG / 2            # fewer valid continuations than beams: the rest are dead
+    new_node = jnp.where(prev_done, prev_node, jnp.take_along_axis(child.reshape(B, W * K), idx, 1))
+    new_node = jnp.where(alive, new_node, 0)
+    tok = jnp.where(prev_done | ~alive, 0, alphabet[col])
+    new_done = prev_done | (col == eos_col) | ~alive
+    tokens = jnp.take_along_axis(tokens, beam[..., None], 1).at[:, :, t].set(tok)
+    return (new_node, top, new_done, tokens, t + 1), beam
+
+  def reorder(cache, beam):
+    flat = (beam + jnp.arange(B)[:, None] * W).reshape(-1)
+    return jax.tree_util.tree_map(lambda x: x[flat] if x.ndim and x.shape[0] == B * W else x, cache)
+
+  # Only beam 0 is alive at the start, so the first expansion yields W distinct children.
+  score0 = jnp.where(jnp.arange(W) == 0, 0.0, NEG) * jnp.ones((B, 1))
+  carry = (jnp.zeros((B, W), jnp.int32), score0, jnp.zeros((B, W), bool),
+           jnp.zeros((B, W, depth), jnp.int32), 0)
+  logp, cache = step_logp(cache, jnp.zeros((B * W,), jnp.int32), True)
+  carry, beam = expand(carry, logp)
+  cache = reorder(cache, beam)
+
+  def body(i, state):
+    carry, cache = state
+    token = carry[3][:, :, i - 1].reshape(-1)
+    logp, cache = step_logp(cache, token, False)
+    carry, beam = expand(carry, logp)
+    return carry, reorder(cache, beam)
+
+  carry, _ = jax.lax.fori_loop(1, depth, body, (carry, cache))
+  node, score, done, tokens, _ = carry
+  ok = done & (score > NEG / 2)
+  return jnp.where(ok, leaf_item[node], -1), jnp.where(ok, score, NEG), tokens
+
+
+def beam_search_items(model: EncoderDecoderModel, params, encoder_tokens, trie: ItemTrie, *,
+                      beam_size: int = 20, allowed_items: Optional[np.ndarray] = None,
+                      full_softmax: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Top `beam_size` items per example, best first: (item indices [b, W] (-1: none), scores [b, W]).
+
+  `allowed_items` [b, items] bool restricts each example (default: the whole catalogue).
+  Scores are log-likelihoods under the softmax over the trie's alphabet (or the full vocabulary
+  with `full_softmax`).
+  """
+  b = encoder_tokens.shape[0]
+  if allowed_items is None:
+    allowed_items = np.ones((b, trie.num_items), bool)
+  items, scores, _ = _constrained(model, params, jnp.asarray(encoder_tokens), jnp.asarray(trie.alphabet),
+                                  jnp.asarray(trie.next_node), jnp.asarray(trie.item_path),
+                                  jnp.asarray(trie.leaf_item), jnp.asarray(allowed_items),
+                                  beam_size=beam_size, depth=trie.depth, full_softmax=full_softmax)
+  return np.asarray(items), np.asarray(scores)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_length"))
+def beam_search(model: EncoderDecoderModel, params, encoder_tokens, *, beam_size: int = 4,
+                max_length: int = 32):
+  """Unconstrained beam search over the full vocabulary: (tokens [b, W, max_length], scores [b, W]).
+
+  A beam ends at EOS (kept in `tokens`, followed by 0s)."""
+  V = model.config.vocab_size
+  B, W = encoder_tokens.shape[0], beam_size
+  encoded = model.encode(params, encoder_tokens)
+  cache = model.init_cache(B, max_length, encoder_tokens.shape[1], W)
+
+  def step(i, state):
+    score, done, tokens, cache = state
+    token = jnp.where(i == 0, 0, tokens[:, :, jnp.maximum(i - 1, 0)]).reshape(-1)
+    logits, cache = jax.lax.cond(
+        i == 0,
+        lambda c: model.decode_step(params, c, encoded, encoder_tokens, token, max_length),
+        lambda c: model.decode_step(params, c, encoded, encoder_tokens, token, max_length,
+                                    cross_from_cache=True), cache)
+    logp = jax.nn.log_softmax(logits, -1).reshape(B, W, V)
+    cand = jnp.where(done[..., None], jnp.where(jnp.arange(V) == 0, score[..., None], NEG),
+                     score[..., None] + logp).reshape(B, W * V)
+    top, idx = jax.lax.top_k(cand, W)
+    beam, tok = idx // V, idx % V
+    prev_done = jnp.take_along_axis(done, beam, 1)
+    tok = jnp.where(prev_done, 0, tok)
+    tokens = jnp.take_along_axis(tokens, beam[..., None], 1).at[:, :, i].set(tok)
+    flat = (beam + jnp.arange(B)[:, None] * W).reshape(-1)
+    cache = jax.tree_util.tree_map(lambda x: x[flat] if x.ndim and x.shape[0] == B * W else x, cache)
+    return top, prev_done | (tok == EOS), tokens, cache
+
+  score0 = jnp.where(jnp.arange(W) == 0, 0.0, NEG) * jnp.ones((B, 1))
+  state = (score0, jnp.zeros((B, W), bool), jnp.zeros((B, W, max_length), jnp.int32), cache)
+  score, done, tokens, _ = jax.lax.fori_loop(0, max_length, step, state)
+  return tokens, score
+
+
+@functools.partial(jax.jit, static_argnames=("model", "restrict"))
+def _score(model, params, encoder_tokens, target_tokens, alphabet, *, restrict: bool):
+  from recalign.models.model import shift_right
+  batch = {"encoder_input_tokens": encoder_tokens, "decoder_target_tokens": target_tokens,
+           "decoder_input_tokens": shift_right(target_tokens)}
+  if not restrict:
+    return model.score_batch(params, batch)
+  logits = model.logits(params, batch)
+  logp = jax.nn.log_softmax(logits[..., alphabet], -1)
+  col = jnp.argmax(target_tokens[..., None] == alphabet, -1)
+  tok = jnp.take_along_axis(logp, col[..., None], -1)[..., 0]
+  return jnp.sum(tok * (target_tokens > 0), -1)
+
+
+def score_items(model: EncoderDecoderModel, params, encoder_tokens: np.ndarray, items: np.ndarray,
+                trie: ItemTrie, vocab, item_ids: Sequence[str], *, restrict: bool = True) -> np.ndarray:
+  """Teacher-forced log-likelihood of each candidate item [b, c] for each example (same softmax as
+  `beam_search_items` when `restrict`)."""
+  b, c = items.shape
+  tgt = np.zeros((b * c, trie.depth), np.int32)
+  for r, i in enumerate(items.reshape(-1)):
+    toks = vocab.encode(item_ids[int(i)]) + [EOS]
+    tgt[r, :len(toks)] = toks
+  enc = np.repeat(np.asarray(encoder_tokens), c, axis=0)
+  out = _score(model, params, jnp.asarray(enc), jnp.asarray(tgt), jnp.asarray(trie.alphabet), restrict=restrict)
+  return np.asarray(out).reshape(b, c)

@@ -1,0 +1,173 @@
+"""Evaluation of a model on a task's validation / test split: retrieval (constrained beam search
+over the catalogue), ranking (beams over the 100 candidates, and teacher-forced scoring of every
+candidate), rating (AUC of P(yes)). Writes a metrics JSON and per-user predictions JSONL.
+
+    recalign eval --checkpoint RUN/best --task beauty_retrieval --split test
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from recalign import metrics as M
+from recalign.data.prepare import PreparedData, item_id
+from recalign.decoding import EOS, ItemTrie, beam_search_items, score_items
+from recalign.models.model import EncoderDecoderModel, shift_right
+
+
+@dataclasses.dataclass
+class EvalResult:
+  task: str
+  split: str
+  metrics: dict
+  predictions: list[dict]
+
+  def write(self, out_dir: Path | str) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mpath = out_dir / f"metrics_{self.task}_{self.split}.json"
+    ppath = out_dir / f"predictions_{self.task}_{self.split}.jsonl"
+    mpath.write_text(json.dumps({"task": self.task, "split": self.split, **self.metrics}, indent=2))
+    with open(ppath, "w") as f:
+      for p in self.predictions:
+        f.write(json.dumps(p) + "\n")
+    return mpath, ppath
+
+
+def task_examples(task_name: str, split: str, lengths: dict, max_examples: Optional[int] = None) -> list[dict]:
+  import recalign.tasks as rt
+  ds = rt.get(task_name).get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1)
+  if max_examples:
+    ds = ds.take(max_examples)
+  return list(ds.as_numpy_iterator())
+
+
+def pad_inputs(examples: list[dict], bucket: int = 64) -> np.ndarray:
+  """Right-padded inputs; the width rounds up to a multiple of `bucket` to bound recompilations."""
+  width = -(-max(len(e["inputs"]) for e in examples) // bucket) * bucket
+  out = np.zeros((len(examples), width), np.int32)
+  for i, e in enumerate(examples):
+    out[i, :len(e["inputs"])] = e["inputs"]
+  return out
+
+
+def _batches(examples: list[dict], batch_size: int, desc: str, progress: bool):
+  bar = tqdm(total=len(examples), desc=desc, disable=not progress, unit="user", dynamic_ncols=True)
+  for s in range(0, len(examples), batch_size):
+    chunk = examples[s:s + batch_size]
+    if len(chunk) < batch_size:  # keep one compiled shape: pad the last batch with copies
+      chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    yield s, chunk
+    bar.update(min(batch_size, len(examples) - s))
+  bar.close()
+
+
+class Evaluator:
+  """Evaluates any recalign task of a prepared data set with one model."""
+
+  def __init__(self, model: EncoderDecoderModel, data: PreparedData, vocab, *, beam_size: int = 20,
+               batch_size: int = 32, exclude_history: bool = True, progress: bool = True):
+    self.model, self.data, self.vocab = model, data, vocab
+    self.beam_size, self.batch_size, self.exclude_history = beam_size, batch_size, exclude_history
+    self.progress = progress
+    self.ids = [item_id(k) for k in range(data.num_items)]
+    self.trie = ItemTrie.for_items(vocab, self.ids)
+
+  def history_mask(self, users: np.ndarray, split: str) -> np.ndarray:
+    """[b, items] True where an item may be recommended (not already in the user's history)."""
+    allowed = np.ones((len(users), self.data.num_items), bool)
+    if self.exclude_history:
+      cut = 2 if split == "validation" else 1
+      for r, u in enumerate(users):
+        allowed[r, self.data.sequences[int(u)][:-cut]] = False
+    return allowed
+
+  def retrieval(self, params, examples: list[dict], split: str) -> tuple[dict, list[dict]]:
+    ranked, preds = [], []
+    for s, chunk in _batches(examples, self.batch_size, f"retrieval/{split}", self.progress):
+      users = np.array([e["user"] for e in chunk])
+      items, scores = beam_search_items(self.model, params, pad_inputs(chunk), self.trie,
+                                        beam_size=self.beam_size, allowed_items=self.history_mask(users, split))
+      n = min(self.batch_size, len(examples) - s)
+      ranked.append(items[:n])
+      for e, it, sc in zip(chunk[:n], items, scores):
+        preds.append({"user": self.data.users[int(e["user"])], "target": self.ids[int(e["target_item"])],
+                      "ranked": [self.ids[i] for i in it if i >= 0], "scores": [round(float(x), 4) for x in sc if x > -1e8]})
+    targets = np.array([e["target_item"] for e in examples])
+    return M.ranking_metrics(np.concatenate(ranked), targets, ks=(5, 10)), preds
+
+  def ranking(self, params, examples: list[dict], split: str) -> tuple[dict, list[dict]]:
+    beams, scored, preds = [], [], []
+    for s, chunk in _batches(examples, self.batch_size, f"ranking/{split}", self.progress):
+      cands = np.stack([e["candidates"] for e in chunk])
+      allowed = np.zeros((len(chunk), self.data.num_items), bool)
+      np.put_along_axis(allowed, cands, True, 1)
+      enc = pad_inputs(chunk)
+      items, _ = beam_search_items(self.model, params, enc, self.trie, beam_size=self.beam_size,
+                                   allowed_items=allowed)
+      sc = score_items(self.model, params, enc, cands, self.trie, self.vocab, self.ids)
+      order = M.rank_by_scores(sc, cands)
+      n = min(self.batch_size, len(examples) - s)
+      beams.append(items[:n])
+      scored.append(order[:n])
+      for e, it, o in zip(chunk[:n], items, order):
+        preds.append({"user": self.data.users[int(e["user"])], "target": self.ids[int(e["target_item"])],
+                      "beam": [self.ids[i] for i in it if i >= 0], "scored": [self.ids[i] for i in o[:20]]})
+    targets = np.array([e["target_item"] for e in examples])
+    out = {f"beam/{k}": v for k, v in M.ranking_metrics(np.concatenate(beams), targets, (1, 5, 10)).items()}
+    out.update({f"score/{k}": v for k, v in M.ranking_metrics(np.concatenate(scored), targets, (1, 5, 10)).items()})
+    return out, preds
+
+  def rating(self, params, examples: list[dict], split: str) -> tuple[dict, list[dict]]:
+    answers = {a: self.vocab.encode(a) + [EOS] for a in ("yes", "no")}
+    width = max(len(t) for t in answers.values())
+    logp = {a: [] for a in answers}
+    for s, chunk in _batches(examples, self.batch_size, f"rating/{split}", self.progress):
+      enc = jnp.asarray(pad_inputs(chunk))
+      for a, toks in answers.items():
+        tgt = np.zeros((len(chunk), width), np.int32)
+        tgt[:, :len(toks)] = toks
+        tgt = jnp.asarray(tgt)
+        score = self.model.score_batch(params, {"encoder_input_tokens": enc, "decoder_target_tokens": tgt,
+                                                "decoder_input_tokens": shift_right(tgt)})
+        logp[a].append(np.asarray(score)[:min(self.batch_size, len(examples) - s)])
+    p = M.p_yes(np.concatenate(logp["yes"]), np.concatenate(logp["no"]))
+    labels = np.array([e["label"] for e in examples])
+    preds = [{"user": self.data.users[int(e["user"])], "item": self.ids[int(e["target_item"])],
+              "label": int(e["label"]), "p_yes": round(float(q), 5)} for e, q in zip(examples, p)]
+    return {"auc": M.auc(p, labels)}, preds
+
+  def evaluate(self, params, task_name: str, split: str, lengths: dict,
+               max_examples: Optional[int] = None) -> EvalResult:
+    from recalign.tasks.registry import task_info
+    kind = task_info(task_name)["kind"]
+    fn = {"retrieval": self.retrieval, "ranking": self.ranking, "rating": self.rating}.get(kind)
+    if fn is None:
+      raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking or rating")
+    examples = task_examples(task_name, split, lengths, max_examples)
+    metrics, preds = fn(params, examples, split)
+    metrics["examples"] = len(examples)
+    return EvalResult(task_name, split, metrics, preds)
+
+
+def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[int] = None,
+                     beam_size: int = 20, batch_size: int = 32) -> Callable:
+  """For `train(validate_fn=...)`: validation-split metrics of `task_name` (retrieval: NDCG@10)."""
+  from recalign.tasks.registry import task_info
+  info = task_info(task_name)
+  data, vocab = PreparedData.load(info["data_dir"]), info["vocab"]
+  cache: dict = {}
+
+  def validate(model, params) -> dict:
+    if "ev" not in cache:
+      cache["ev"] = Evaluator(model, data, vocab, beam_size=beam_size, batch_size=batch_size, progress=False)
+    return cache["ev"].evaluate(params, task_name, "validation", lengths, max_examples).metrics
+
+  return validate

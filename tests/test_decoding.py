@@ -1,0 +1,145 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from conftest import write_tiny_tsv
+from recalign import metrics as M
+from recalign.data import prepare, read_source
+from recalign.data.vocab import load_vocabulary, train_vocabulary
+from recalign.decoding import ItemTrie, beam_search, beam_search_items, score_items
+from recalign.models.model import EncoderDecoderModel
+from recalign.models.network import CONFIGS
+
+IDS = [f"I{n}" for n in range(1, 31)] + ["I105", "I1050"]   # shared prefixes of different lengths
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("dec")
+  data = prepare(read_source(write_tiny_tsv(root / "src")), name="tiny", kcore=0)
+  vocab = load_vocabulary(train_vocabulary(data, root / "vocab", vocab_size=300))
+  model = EncoderDecoderModel(CONFIGS["tiny"].replace(vocab_size=512))
+  params = nn.unbox(model.init(jax.random.PRNGKey(7)))
+  # Sharpen the output layer so that item scores are well separated.
+  params["decoder"]["logits_dense"]["kernel"] = params["decoder"]["logits_dense"]["kernel"] * 8
+  enc = np.array(jax.random.randint(jax.random.PRNGKey(1), (3, 24), 3, 300))
+  enc[1, 17:] = 0
+  return vocab, model, params, enc, ItemTrie.for_items(vocab, IDS)
+
+
+def test_trie_arrays(setup):
+  vocab, *_, trie = setup
+  assert trie.num_items == len(IDS) and trie.depth == 1 + 4 + 1      # ▁I 1 0 5 0 EOS
+  assert set(trie.alphabet.tolist()) == set(vocab.encode("I1234567890")) | {1}
+  # Following each item's tokens through next_node ends at its leaf.
+  for i, iid in enumerate(IDS):
+    node = 0
+    for t in vocab.encode(iid) + [1]:
+      node = trie.next_node[node, list(trie.alphabet).index(t)]
+      assert node >= 0
+    assert trie.leaf_item[node] == i
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["sliced", "full_softmax"])
+def test_wide_beam_equals_scoring_every_item(setup, full):
+  vocab, model, params, enc, trie = setup
+  items, scores = beam_search_items(model, params, enc, trie, beam_size=len(IDS), full_softmax=full)
+  every = np.tile(np.arange(len(IDS)), (len(enc), 1))
+  forced = score_items(model, params, enc, every, trie, vocab, IDS, restrict=not full)
+  np.testing.assert_array_equal(items, M.rank_by_scores(forced, every))
+  np.testing.assert_allclose(scores, -np.sort(-forced, axis=1), atol=1e-4)
+
+
+def test_beams_are_valid_distinct_items_and_respect_allowed_sets(setup):
+  vocab, model, params, enc, trie = setup
+  items, scores = beam_search_items(model, params, enc, trie, beam_size=8)
+  for row in items:
+    assert len(set(row.tolist())) == 8 and all(0 <= i < len(IDS) for i in row)
+  assert np.all(np.diff(scores, axis=1) <= 1e-6)                  # best first
+  # Ranking: beams over 6 candidates cover them all and agree with scoring the candidates.
+  rng = np.random.default_rng(0)
+  cands = np.stack([rng.choice(len(IDS), 6, replace=False) for _ in enc])
+  allowed = np.zeros((len(enc), len(IDS)), bool)
+  np.put_along_axis(allowed, cands, True, 1)
+  items, _ = beam_search_items(model, params, enc, trie, beam_size=6, allowed_items=allowed)
+  forced = score_items(model, params, enc, cands, trie, vocab, IDS)
+  np.testing.assert_array_equal(items, M.rank_by_scores(forced, cands))
+  # More beams than allowed items: the extra beams are empty (-1), never an invalid item.
+  items, scores = beam_search_items(model, params, enc, trie, beam_size=10, allowed_items=allowed)
+  assert np.all(items[:, 6:] == -1) and np.all(np.isin(items[:, :6], cands))
+
+
+def test_unconstrained_beam_of_one_is_greedy(setup):
+  _, model, params, enc, _ = setup
+  tokens, _ = beam_search(model, params, jnp.asarray(enc), beam_size=1, max_length=6)
+  dec = np.zeros((len(enc), 6), np.int32)
+  for t in range(6):   # greedy by repeated full forward passes
+    logits = model.module.apply({"params": params}, enc, np.concatenate([np.zeros((len(enc), 1), np.int32),
+                                                                          dec[:, :-1]], 1))
+    dec[:, t] = np.asarray(logits[:, t].argmax(-1))
+  greedy = dec.copy()
+  for r in range(len(greedy)):  # after EOS the beam pads with 0
+    eos = np.where(greedy[r] == 1)[0]
+    if len(eos):
+      greedy[r, eos[0] + 1:] = 0
+  np.testing.assert_array_equal(np.asarray(tokens)[:, 0], greedy)
+  tokens4, scores4 = beam_search(model, params, jnp.asarray(enc), beam_size=4, max_length=6)
+  assert np.all(np.diff(np.asarray(scores4), axis=1) <= 1e-6)
+
+
+def test_ranking_metrics_on_hand_computed_cases():
+  ranked = np.array([[5, 3, 9, 1, 2, 7, 8, 4, 6, 0],
+                     [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+                     [4, 4, 4, 4, 4, 4, 4, 4, 4, 4]])
+  targets = np.array([3, 7, 0])          # ranks 2, 7, absent
+  m = M.ranking_metrics(ranked, targets, ks=(1, 5, 10))
+  assert m["hr@1"] == 0 and m["hr@5"] == pytest.approx(1 / 3) and m["hr@10"] == pytest.approx(2 / 3)
+  assert m["ndcg@5"] == pytest.approx((1 / np.log2(3)) / 3)
+  assert m["ndcg@10"] == pytest.approx((1 / np.log2(3) + 1 / np.log2(8)) / 3)
+  assert M.ranking_metrics(np.array([[7]]), np.array([7]), ks=(1,))["ndcg@1"] == 1.0
+
+
+def test_auc_equals_pairwise_definition():
+  rng = np.random.default_rng(0)
+  scores = np.round(rng.normal(size=200), 1)      # rounding creates ties
+  labels = rng.random(200) < 0.4
+  pos, neg = scores[labels], scores[~labels]
+  pairwise = np.mean([(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)])
+  assert M.auc(scores, labels) == pytest.approx(pairwise, abs=1e-12)
+  assert M.auc([0.1, 0.9, 0.4], [0, 1, 0]) == 1.0 and M.auc([0.9, 0.1], [0, 1]) == 0.0
+  np.testing.assert_allclose(M.p_yes(np.log(0.3), np.log(0.1)), 0.75)
+  with pytest.raises(ValueError, match="positive and one negative"):
+    M.auc([0.1, 0.2], [1, 1])
+
+
+def test_evaluator_end_to_end_on_tiny_tasks(tmp_path):
+  import recalign.tasks as rt
+  from recalign.evaluate import Evaluator
+  data = prepare(read_source(write_tiny_tsv(tmp_path / "src")), name="evtiny", kcore=0)
+  data.save(tmp_path / "evtiny")
+  train_vocabulary(data, tmp_path / "evtiny" / "vocab", vocab_size=300)
+  rt.register_dataset(tmp_path / "evtiny", config=rt.DatasetConfig(num_candidates=3))
+  vocab = load_vocabulary(tmp_path / "evtiny" / "vocab")
+  model = EncoderDecoderModel(CONFIGS["tiny"].replace(vocab_size=512))
+  params = nn.unbox(model.init(jax.random.PRNGKey(0)))
+  ev = Evaluator(model, data, vocab, beam_size=4, batch_size=4, progress=False)
+  lengths = {"inputs": 256, "targets": 16}
+  res = ev.evaluate(params, "evtiny_retrieval", "test", lengths)
+  assert res.metrics["examples"] == 6 and len(res.predictions) == 6
+  for p in res.predictions:   # history items are excluded from the beams
+    u = data.users.index(p["user"])
+    hist = {f"I{i + 1}" for i in data.sequences[u][:-1]}
+    assert p["ranked"] and not hist & set(p["ranked"])
+  ranking = ev.evaluate(params, "evtiny_ranking", "test", lengths)
+  assert 0 <= ranking.metrics["beam/hr@1"] <= ranking.metrics["beam/hr@5"] == 1.0  # 3 candidates
+  assert ranking.metrics["score/hr@5"] == 1.0
+  rating = ev.evaluate(params, "evtiny_rating", "test", lengths)
+  assert 0.0 <= rating.metrics["auc"] <= 1.0
+  mpath, ppath = rating.write(tmp_path / "out")
+  assert mpath.exists() and len(ppath.read_text().splitlines()) == 6
+  with pytest.raises(ValueError, match="auxiliary"):
+    ev.evaluate(params, "evtiny_mim", "validation", lengths)
