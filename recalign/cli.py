@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 DEFAULT_SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
@@ -72,11 +74,12 @@ def cmd_vocab(args) -> int:
 
 
 def cmd_demo(args) -> int:
-  """The README's main job: prepare the shared Beauty data, train its vocabulary, print statistics."""
-  out = Path(args.out)
-  data_dir = out / "data" / "beauty"
-  rc = main(["prepare", "--source", str(args.data), "--out", str(data_dir), "--name", "beauty"])
-  return rc or main(["vocab", str(data_dir)])
+  """The README's main job: data, vocabulary, a bounded CPU training run, evaluation, baselines."""
+  from recalign.demo import run_demo
+  ml = Path(args.ml100k) if args.ml100k else None
+  run_demo(Path(args.data), Path(args.out), minutes=args.minutes, ml100k=ml, size=args.size,
+           seed=args.seed, sasrec_epochs=args.sasrec_epochs, max_test=args.max_test_users)
+  return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +136,105 @@ def cmd_train(args, gin_args) -> int:
   return 0
 
 
+def _find_run(path: Path) -> Optional[Path]:
+  for p in [path, *path.parents]:
+    if (p / "run.json").exists():
+      return p / "run.json"
+  return None
+
+
+def _lengths(text: Optional[str], default: dict) -> dict:
+  if not text:
+    return dict(default)
+  return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
+
+def cmd_eval(args) -> int:
+  import jax.numpy as jnp
+  import recalign.tasks as rt
+  from recalign import train as train_lib
+  from recalign.baselines import format_table
+  from recalign.data import PreparedData
+  from recalign.evaluate import Evaluator
+  from recalign.models import checkpoints as ck
+  from recalign.models.model import EncoderDecoderModel
+  from recalign.models.network import T5Config
+  ckpt = Path(args.checkpoint)
+  run = _find_run(ckpt.resolve())
+  info = json.loads(run.read_text()) if run else {}
+  for d in (args.data or info.get("data_dirs", [])):
+    rt.register_dataset(d)
+  task = rt.get(args.task)
+  members = [t.name for t in getattr(task, "tasks", [task])]
+  members = [m for m in members if rt.registry.task_info(m)["kind"] in ("retrieval", "ranking", "rating")]
+  first = rt.registry.task_info(members[0])
+  vocab = first["vocab"]
+  padded = -(-vocab.vocab_size // 128) * 128
+  if (ckpt / "config.json").exists():           # a Hugging Face directory
+    config, params = ck.load_hf(ckpt, vocab_size=padded)
+  elif "network_config" in info:
+    nc = dict(info["network_config"])
+    nc["mlp_activations"] = tuple(nc["mlp_activations"])
+    config, params = T5Config(**nc), train_lib.load_params(ckpt)
+  else:
+    print(f"error: {ckpt}: no run.json above it and no config.json in it; cannot tell the model config",
+          file=sys.stderr)
+    return 2
+  params = jax_tree_asarray(params)
+  model = EncoderDecoderModel(config)
+  lengths = _lengths(args.lengths, info.get("task_feature_lengths", {"inputs": 1024, "targets": 64}))
+  rows = {}
+  out_dir = ckpt if ckpt.is_dir() else ckpt.parent
+  for name in members:
+    data = PreparedData.load(rt.registry.task_info(name)["data_dir"])
+    ev = Evaluator(model, data, rt.registry.task_info(name)["vocab"], beam_size=args.beam,
+                   batch_size=args.batch, exclude_history=not args.keep_history)
+    res = ev.evaluate(params, name, args.split, lengths, args.max_examples)
+    mpath, _ = res.write(out_dir)
+    rows[name] = res.metrics
+    print(f"wrote {mpath}")
+  print(format_table(rows))
+  return 0
+
+
+def jax_tree_asarray(tree):
+  import jax
+  import jax.numpy as jnp
+  return jax.tree_util.tree_map(jnp.asarray, tree)
+
+
+def cmd_baseline(args) -> int:
+  from recalign import baselines as B
+  from recalign.data import PreparedData
+  data = PreparedData.load(args.data)
+  rows = {}
+  candidates = None
+  if args.name != "history" and (Path(args.data) / "vocab").exists():
+    import recalign.tasks as rt
+    from recalign.evaluate import task_examples
+    rt.register_dataset(args.data)
+    exs = task_examples(f"{data.name}_ranking", args.split, {"inputs": 4096, "targets": 64})
+    candidates = np.stack([e["candidates"] for e in exs])
+  if args.name == "popularity":
+    rows["popularity/retrieval"] = B.popularity(data, args.split)
+    if candidates is not None:
+      rows["popularity/ranking"] = B.popularity(data, args.split, candidates)
+  elif args.name == "sasrec":
+    from recalign.baselines.sasrec import SASRecConfig, evaluate_sasrec, train_sasrec
+    model, params, losses = train_sasrec(data, SASRecConfig(epochs=args.epochs, seed=args.seed))
+    print(f"sasrec: {args.epochs} epochs, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    rows["sasrec/retrieval"] = evaluate_sasrec(model, params, data, args.split)
+    if candidates is not None:
+      rows["sasrec/ranking"] = evaluate_sasrec(model, params, data, args.split, candidates)
+  else:
+    rows["history/rating"] = B.history_rating(data, args.split)
+  print(f"{data.name}, {args.split} split")
+  print(B.format_table(rows))
+  if args.out:
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="recalign", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
@@ -166,9 +268,37 @@ def build_parser() -> argparse.ArgumentParser:
                  help="import this Python module first (it may register seqio tasks/mixtures)")
   s.set_defaults(fn=cmd_train, gin=True)
 
+  s = sub.add_parser("eval", help="evaluate a checkpoint on a task or mixture (metrics JSON + predictions)")
+  s.add_argument("--checkpoint", required=True,
+                 help="MODEL_DIR/checkpoints/<step>, MODEL_DIR/best, or a Hugging Face directory")
+  s.add_argument("--task", required=True, help="task or mixture, e.g. beauty_retrieval")
+  s.add_argument("--split", default="test", choices=["validation", "test"])
+  s.add_argument("--data", action="append", help="prepared data set(s) (default: from the run's run.json)")
+  s.add_argument("--beam", type=int, default=20)
+  s.add_argument("--batch", type=int, default=32)
+  s.add_argument("--max-examples", type=int)
+  s.add_argument("--lengths", help="e.g. inputs=1024,targets=64 (default: the run's)")
+  s.add_argument("--keep-history", action="store_true", help="do not exclude history items from retrieval")
+  s.set_defaults(fn=cmd_eval)
+
+  s = sub.add_parser("baseline", help="popularity / SASRec / history baselines with the same metrics")
+  s.add_argument("name", choices=["popularity", "sasrec", "history"])
+  s.add_argument("--data", required=True)
+  s.add_argument("--split", default="test", choices=["validation", "test"])
+  s.add_argument("--epochs", type=int, default=50)
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--out", help="write the metrics as JSON here")
+  s.set_defaults(fn=cmd_baseline)
+
   s = sub.add_parser("demo", help="end-to-end demo on the shared Amazon Beauty data")
   s.add_argument("--data", default=str(DEFAULT_SHARED / "amazon-beauty"))
+  s.add_argument("--ml100k", default=str(DEFAULT_SHARED / "ml-100k"), help="'' to skip the rating part")
   s.add_argument("--out", default="runs/demo")
+  s.add_argument("--minutes", type=float, default=20.0, help="training budget for Beauty (ml-100k: 1/4)")
+  s.add_argument("--size", default="mini", help="model size (gin/models/*.gin; mini trains on a CPU)")
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--sasrec-epochs", type=int, default=30)
+  s.add_argument("--max-test-users", type=int, help="evaluate test on the first N users only (default: all)")
   s.set_defaults(fn=cmd_demo)
   return p
 

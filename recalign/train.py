@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -161,10 +162,17 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           random_seed: int = 0, pack: bool = True, gradient_accumulation_steps: int = 1,
           model_parallel: int = 1, num_devices: Optional[int] = None, z_loss: float = 1e-4, label_smoothing: float = 0.0,
           loss_normalize="tokens", checkpoint_every: int = 1000, keep_checkpoints: int = 3,
-          log_every: int = 10, eval_every: int = 0,
+          log_every: int = 10, eval_every: int = 0, validation_task: Optional[str] = None,
+          validation_examples: Optional[int] = None, validation_lengths: Optional[Mapping[str, int]] = None,
           validate_fn: Optional[Callable[[EncoderDecoderModel, dict], dict]] = None,
-          selection_metric: str = "ndcg@10", progress: bool = True) -> dict:
-  """Trains and returns the last step's metrics (plus the best validation metrics, if any)."""
+          selection_metric: str = "ndcg@10", time_budget_s: Optional[float] = None,
+          progress: bool = True) -> dict:
+  """Trains and returns the last step's metrics (plus the best validation metrics, if any).
+
+  Validation: every `eval_every` steps, `validation_task` (e.g. 'beauty_retrieval') on its
+  validation users (`validation_examples` of them, default all 3,000); the best step by
+  `selection_metric` is kept in MODEL_DIR/best (+ best.json), as the paper selects unified models.
+  """
   import recalign.tasks as rt
   from recalign.tasks.registry import get_vocabulary
   maybe_initialize_distributed()
@@ -185,6 +193,16 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   model = EncoderDecoderModel(config, z_loss=z_loss, label_smoothing=label_smoothing,
                               loss_normalize=loss_normalize)
 
+  if is_chief:  # what `recalign eval` needs to rebuild the model next to its checkpoints
+    (model_dir / "run.json").write_text(json.dumps({
+        "network_config": dataclasses.asdict(config), "mixture_or_task_name": mixture_or_task_name,
+        "task_feature_lengths": dict(task_feature_lengths),
+        "data_dirs": [str(Path(d).resolve()) for d in data_dirs]}, indent=2))
+  if validate_fn is None and validation_task and eval_every:
+    from recalign.evaluate import make_validate_fn
+    validate_fn = make_validate_fn(validation_task, dict(validation_lengths or task_feature_lengths),
+                                   max_examples=validation_examples)
+
   # 3. partitioning
   mesh = make_mesh(model_parallel, num_devices)
   rules = LOGICAL_AXIS_RULES
@@ -193,6 +211,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   batch_sharding = NamedSharding(mesh, P("data"))
 
   # 4. state
+  t_start = time.perf_counter()
   schedule = learning_rate_schedule(total_steps=train_steps)
   tx = make_optimizer(schedule)
 
@@ -267,7 +286,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
       state, metrics = step_fn(state, to_global(raw, batch_sharding))
       tok_last += real_tokens * jax.process_count()
       done = step + 1
-      if done % log_every == 0 or done == train_steps:
+      out_of_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
+      if done % log_every == 0 or done == train_steps or out_of_time:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         metrics["useful_tokens_per_s"] = tok_last / (now - t_last)
@@ -282,16 +302,22 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['useful_tokens_per_s']:.0f}",
                         lr=f"{metrics['learning_rate']:.2e}")
       bar.update(1)
-      if eval_every and validate_fn is not None and (done % eval_every == 0 or done == train_steps):
+      if eval_every and validate_fn is not None and (done % eval_every == 0 or done == train_steps or out_of_time):
         val = validate_fn(model, state["target"])
         _write_summaries(writer, done, {f"validation/{k}": v for k, v in val.items()})
+        if is_chief:
+          with open(model_dir / "validation_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": done, **val}) + "\n")
         logging.info("step %d validation %s", done, val)
         if best is None or val[selection_metric] > best["metrics"][selection_metric]:
           best = {"step": done, "metrics": val, "selection_metric": selection_metric}
           _save_params(model_dir / "best", state["target"])
           if is_chief:
             (model_dir / "best.json").write_text(json.dumps(best, indent=2))
-      mngr.save(done, args=ocp.args.StandardSave(state), force=done == train_steps)
+      mngr.save(done, args=ocp.args.StandardSave(state), force=done == train_steps or out_of_time)
+      if out_of_time:
+        logging.info("time budget of %.0fs spent at step %d", time_budget_s, done)
+        break
   mngr.wait_until_finished()
   bar.close()
   if writer is not None:

@@ -200,7 +200,7 @@ def test_gin_model_files_bind_the_published_sizes():
   def holder(value=gin.REQUIRED):
     return value
 
-  for size in ("tiny", "small", "base", "large", "xl", "xxl"):
+  for size in ("tiny", "mini", "small", "base", "large", "xl", "xxl"):
     gin.clear_config()
     gin.parse_config_file(str(root / f"{size}.gin"))
     gin.parse_config("holder.value = %NETWORK_CONFIG")

@@ -1,1 +1,70 @@
-"""Conventional recommendation baselines evaluated with the same splits and metric code."""
+"""Conventional baselines on the same splits and the same metric code as the language models.
+
+  * popularity: the most popular (training split) items the user has not interacted with;
+  * SASRec (`sasrec.py`): self-attentive sequential recommendation, full-catalogue ranking;
+  * history (rating): the user's training like-rate as P(like).
+
+Retrieval excludes the user's history, as `recalign eval` does; ranking ranks the same 100
+candidates the ranking task draws for each user.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from recalign import metrics as M
+from recalign.data.prepare import PreparedData
+
+
+def eval_users(data: PreparedData, split: str) -> np.ndarray:
+  return data.validation_users if split == "validation" else np.arange(data.num_users)
+
+
+def targets_and_history(data: PreparedData, split: str, users: np.ndarray):
+  cut = 2 if split == "validation" else 1
+  targets = np.array([data.sequences[u][-cut] for u in users])
+  history = [data.sequences[u][:-cut] for u in users]
+  return targets, history
+
+
+def top_k_excluding(scores: np.ndarray, history: list[np.ndarray], k: int) -> np.ndarray:
+  """Top-k item indices per row of `scores` [n, items], history items excluded."""
+  scores = np.array(scores, np.float64, copy=True)
+  for r, h in enumerate(history):
+    scores[r, h] = -np.inf
+  k = min(k, scores.shape[1])  # (tiny catalogues)
+  top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+  order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
+  return np.take_along_axis(top, order, 1)
+
+
+def popularity(data: PreparedData, split: str = "test", candidates: Optional[np.ndarray] = None) -> dict:
+  users = eval_users(data, split)
+  targets, history = targets_and_history(data, split, users)
+  pop = data.train_popularity().astype(np.float64)
+  if candidates is not None:
+    return M.ranking_metrics(M.rank_by_scores(pop[candidates], candidates), targets, (1, 5, 10))
+  ranked = top_k_excluding(np.broadcast_to(pop, (len(users), data.num_items)), history, 10)
+  return M.ranking_metrics(ranked, targets, (5, 10))
+
+
+def history_rating(data: PreparedData, split: str = "test") -> dict:
+  """AUC of the user's training like-rate (rating > 3) for the held-out item's like/dislike."""
+  if data.ratings is None:
+    raise ValueError(f"{data.name} has no ratings")
+  users = eval_users(data, split)
+  cut = 2 if split == "validation" else 1
+  rate = np.array([np.mean(data.ratings[u][:-2] > 3) for u in users])
+  labels = np.array([data.ratings[u][-cut] > 3 for u in users])
+  return {"auc": M.auc(rate, labels)}
+
+
+def format_table(rows: dict[str, dict], keys: Optional[list[str]] = None) -> str:
+  keys = keys or sorted({k for r in rows.values() for k in r if k != "examples"})
+  width = max(len(n) for n in rows) + 2
+  lines = [" " * width + "".join(f"{k:>12}" for k in keys)]
+  for name, r in rows.items():
+    lines.append(f"{name:<{width}}" + "".join(f"{r[k]:>12.4f}" if k in r else f"{'-':>12}" for k in keys))
+  return "\n".join(lines)

@@ -54,6 +54,9 @@ class T5Config:
 CONFIGS = {
     "tiny": T5Config(vocab_size=512, emb_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
                      head_dim=8, mlp_dim=64, dropout_rate=0.0),
+    # ~4M parameters with the project vocabulary: trains on a laptop CPU in minutes (the demo).
+    "mini": T5Config(vocab_size=8192, emb_dim=128, num_heads=4, num_encoder_layers=3, num_decoder_layers=3,
+                     head_dim=32, mlp_dim=512, dropout_rate=0.1),
     "small": T5Config(emb_dim=512, num_heads=6, num_encoder_layers=8, num_decoder_layers=8, head_dim=64,
                       mlp_dim=1024),
     "base": T5Config(emb_dim=768, num_heads=12, num_encoder_layers=12, num_decoder_layers=12, head_dim=64,

@@ -162,10 +162,11 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   user_lengths = np.array([len(s) for s in data.sequences], np.int64)
   user_items = (np.concatenate(data.sequences).astype(np.int32), user_lengths)
   free = data.num_items - int(user_lengths.max())
-  if config.num_candidates - 1 > free:
-    raise ValueError(f"{name}: num_candidates={config.num_candidates} needs {config.num_candidates - 1} "
-                     f"items the user never interacted with, but only {free} exist for the heaviest "
-                     f"user; lower DatasetConfig.num_candidates")
+  num_candidates = config.num_candidates
+  if num_candidates - 1 > free:  # a small catalogue: as many negatives as every user can have
+    num_candidates = free + 1
+    logging.warning("%s: ranking uses %d candidates instead of %d: the heaviest user leaves only %d "
+                    "items to sample negatives from", name, num_candidates, config.num_candidates, free)
 
   kinds = ["retrieval", "ranking", "mim", "mlm", "bpr"] + (["rating"] if data.has_ratings else [])
   names = []
@@ -177,7 +178,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     if kind in ("ranking", "bpr"):
       options.update(log_popularity=log_pop, user_items=user_items)
     if kind == "ranking":
-      options["num_candidates"] = config.num_candidates
+      options["num_candidates"] = num_candidates
     if kind == "mim":
       options["mask_rate"] = config.mask_rate
     if kind == "mlm":

@@ -1,0 +1,94 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from conftest import shared, write_tiny_tsv
+from recalign import baselines as B
+from recalign import cli
+from recalign.baselines.sasrec import SASRecConfig, evaluate_sasrec, train_sasrec
+from recalign.data import AMAZON, prepare, read_source
+from recalign.data.ingest import Interaction, RawData
+from recalign.data.report import IngestReport
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  root = tmp_path_factory.mktemp("base")
+  return prepare(read_source(write_tiny_tsv(root / "src")), name="tiny", kcore=0), root
+
+
+def test_popularity_ranks_unseen_items_by_training_counts(tiny):
+  data, _ = tiny
+  pop = data.train_popularity()
+  targets, history = B.targets_and_history(data, "test", np.arange(data.num_users))
+  ranked = B.top_k_excluding(np.broadcast_to(pop.astype(float), (data.num_users, data.num_items)), history, 3)
+  for r in range(data.num_users):
+    unseen = [i for i in range(data.num_items) if i not in set(history[r].tolist())]
+    expected = sorted(unseen, key=lambda i: -pop[i])[:3]
+    assert sorted(pop[ranked[r]].tolist(), reverse=True) == pop[expected].tolist()
+    assert not set(ranked[r].tolist()) & set(history[r].tolist())
+  full = B.top_k_excluding(np.broadcast_to(pop.astype(float), (data.num_users, data.num_items)), history, 10 - 6)
+  assert full.shape == (6, 4)
+
+
+def test_history_rating_auc_matches_pairwise(tiny):
+  data, _ = tiny
+  rate = np.array([np.mean(data.ratings[u][:-2] > 3) for u in range(data.num_users)])
+  labels = np.array([data.ratings[u][-1] > 3 for u in range(data.num_users)])
+  pos, neg = rate[labels], rate[~labels]
+  pairwise = np.mean([(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)])
+  assert B.history_rating(data, "test")["auc"] == pytest.approx(pairwise)
+
+
+def test_sasrec_learns_a_deterministic_sequence_pattern():
+  # Every user walks the catalogue in steps of +1: the next item is fully predictable.
+  rng = np.random.default_rng(0)
+  seqs = {}
+  for u in range(300):
+    start = int(rng.integers(0, 40))
+    seqs[f"u{u}"] = [Interaction(f"i{(start + t) % 40:02d}", float(t), None) for t in range(9)]
+  data = prepare(RawData(seqs, {}, AMAZON, "synthetic", [], IngestReport()), name="walk", kcore=0)
+  model, params, losses = train_sasrec(data, SASRecConfig(epochs=25, dropout=0.1, batch_size=64), progress=False)
+  assert losses[-1] < 0.5 * losses[0]
+  m = evaluate_sasrec(model, params, data, "test")
+  assert m["hr@5"] > 0.9, m        # random guessing over 32 unseen items: 5/32
+  pop = B.popularity(data, "test")
+  assert pop["hr@5"] < 0.5
+
+
+def test_format_table():
+  t = B.format_table({"a": {"hr@5": 0.5, "ndcg@5": 0.25}, "bb": {"hr@5": 1.0}})
+  assert t.splitlines()[1].split() == ["a", "0.5000", "0.2500"]
+  assert t.splitlines()[2].split() == ["bb", "1.0000", "-"]
+
+
+def test_short_demo_end_to_end_on_tiny_data_then_cli_eval(tmp_path, capsys):
+  from recalign.demo import run_demo
+  src = write_tiny_tsv(tmp_path / "src")
+  out = tmp_path / "demo"
+  res = run_demo(src, out, minutes=0.1, ml100k=None, size="tiny", sasrec_epochs=2, kcore=0)
+  table = res["beauty_retrieval"]
+  assert set(table) == {f"{m} / {s}" for m in ("recalign tiny ReAT", "popularity", "SASRec")
+                        for s in ("validation", "test")}
+  assert all(0.0 <= v["ndcg@10"] <= v["hr@10"] <= 1.0 for v in table.values())
+  assert json.loads((out / "results.json").read_text())["size"] == "tiny"
+  assert (out / "beauty_reat.png").stat().st_size > 1000
+  assert (out / "beauty_reat" / "best.json").exists()
+  assert (out / "beauty_reat" / "predictions_beauty_retrieval_test.jsonl").exists()
+  # The same checkpoint through `recalign eval` (registers the data from run.json).
+  assert cli.main(["eval", "--checkpoint", str(out / "beauty_reat" / "best"), "--task", "beauty_ut",
+                   "--split", "test", "--beam", "4", "--batch", "4"]) == 0
+  printed = capsys.readouterr().out
+  assert "beauty_retrieval" in printed and "beauty_ranking" in printed and "score/hr@1" in printed
+  assert (out / "beauty_reat" / "best" / "metrics_beauty_ranking_test.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_on_shared_beauty_and_ml100k(tmp_path):
+  from recalign.demo import run_demo
+  res = run_demo(shared("amazon-beauty"), tmp_path / "demo", minutes=2, ml100k=shared("ml-100k"),
+                 sasrec_epochs=3, max_test=500)
+  assert res["beauty_retrieval"]["popularity / test"]["hr@10"] > 0.005
+  assert 0.0 < res["ml100k_rating"]["History / test"]["auc"] < 1.0
