@@ -38,7 +38,7 @@ MIXTURES = {
     "ut_at": ("retrieval", "ranking", "rating", "mim", "mlm"),
 }
 
-_REGISTERED: dict[str, "DatasetConfig"] = {}
+_REGISTERED: dict[str, list[str]] = {}  # data set name -> its registered tasks and mixtures
 _TASKS: dict[str, dict] = {}   # task name -> {"kind", "data_dir", "vocab"}
 
 
@@ -151,6 +151,11 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   """
   data = PreparedData.load(data_dir)
   name = name or data.name
+  for old in _REGISTERED.pop(name, []):  # re-registering replaces everything the name had
+    for registry in (seqio.MixtureRegistry, seqio.TaskRegistry):
+      if old in registry.names():
+        registry.remove(old)
+    _TASKS.pop(old, None)
   vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
   with_titles = data.has_titles if config.with_titles is None else config.with_titles
   tables = pp.ItemTables(data, vocab, with_titles=with_titles)
@@ -208,7 +213,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
       seqio.MixtureRegistry.remove(mname)
     seqio.MixtureRegistry.add(mname, present, default_rate=seqio.mixing_rate_num_examples)
     names.append(mname)
-  _REGISTERED[name] = config
+  _REGISTERED[name] = list(names)
   return names
 
 
