@@ -55,7 +55,8 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
 
 
 def evaluate_best(model_dir: Path, task: str, splits=("validation", "test"), max_test: Optional[int] = None,
-                  size: str = "mini", lengths: dict = DEMO_LENGTHS) -> dict:
+                  lengths: dict = DEMO_LENGTHS, max_validation: Optional[int] = None) -> dict:
+  """Evaluates MODEL_DIR/best (or the latest checkpoint) on `task`'s splits."""
   import jax
   import jax.numpy as jnp
   import recalign.tasks as rt
@@ -74,7 +75,7 @@ def evaluate_best(model_dir: Path, task: str, splits=("validation", "test"), max
   ev = Evaluator(model, PreparedData.load(info["data_dir"]), info["vocab"], beam_size=20, batch_size=64)
   out = {}
   for split in splits:
-    res = ev.evaluate(params, task, split, lengths, max_test if split == "test" else None)
+    res = ev.evaluate(params, task, split, lengths, max_test if split == "test" else max_validation)
     res.write(model_dir)
     out[split] = res.metrics
   return out
