@@ -110,8 +110,26 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
   return files, bindings, paths, rest
 
 
+def _guard_gin_package_reader() -> None:
+  """gin also looks includes up as files inside Python packages; a plain folder in the working
+  directory named like an include's folder (e.g. `runs/`, `models/`) is then taken for a namespace
+  package and crashes the lookup (TypeError on its missing __file__). Treat that as 'not found'."""
+  from gin import config as gin_config
+  from gin import resource_reader
+
+  def exists(path: str) -> bool:
+    try:
+      return resource_reader.system_path_file_exists(path)
+    except (TypeError, ValueError, ImportError):
+      return False
+
+  gin_config._FILE_READERS[:] = [(r, exists if e is resource_reader.system_path_file_exists else e)
+                                 for r, e in gin_config._FILE_READERS]
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str], paths: Sequence[str]) -> None:
   import gin
+  _guard_gin_package_reader()
   # gin logs every miss while searching an include: the project's gin/ goes right after the user's
   for p in [*paths, str(GIN_DIR), ".", *(str(Path(f).resolve().parent) for f in files)]:
     gin.add_config_file_search_path(p)

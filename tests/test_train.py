@@ -106,12 +106,17 @@ assert jax.device_count() == 8, jax.device_count()
       assert results[name][step] == pytest.approx(loss, rel=2e-4, abs=2e-4), (name, step)
 
 
-def test_gin_files_parse_and_bind():
+def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
   import gin
   from recalign import cli
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "runs").mkdir()       # a folder named like an include's folder must not confuse gin
+  (tmp_path / "models").mkdir()
   for f in ["retrieval_aux", "ranking_aux", "rating_aux", "unified", "unified_aux"]:
     gin.clear_config()
-    cli.parse_gin([str(REPO / "gin" / f"{f}.gin")], ["MODEL_DIR = '/tmp/x'", "BATCH_SIZE = 4"], [])
+    cli.parse_gin([str(REPO / "gin" / f"{f}.gin")], ["MODEL_DIR = '/tmp/x'", "BATCH_SIZE = 4",
+                                                     "train.eval_every = 7", "make_optimizer.name = 'adamw'"], [])
+    assert gin.query_parameter("train.eval_every") == 7 and gin.query_parameter("make_optimizer.name") == "adamw"
     assert gin.query_parameter("%MODEL_DIR") == "/tmp/x" and gin.query_parameter("%BATCH_SIZE") == 4
     assert gin.query_parameter("%MIXTURE_OR_TASK_NAME").endswith(
         {"retrieval_aux": "_reat", "ranking_aux": "_raat", "rating_aux": "_rpat", "unified": "_ut",
