@@ -24,7 +24,7 @@ import math
 import re
 import unicodedata
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from recalign.data.report import DataError, IngestReport
 
@@ -124,6 +124,45 @@ def _lines(path: Path, report: IngestReport) -> Iterator[tuple[int, str]]:
         yield i, line
 
 
+def _tsv_rows(path: Path, report: IngestReport, required: tuple[str, ...],
+              header_names: Callable[[list[str], Path], list[str]] = lambda cols, p: cols
+              ) -> Iterator[tuple[int, dict[str, str]]]:
+  """(line number, {column: value}) for each well-formed row of a tab-separated file with a header;
+  rows with the wrong number of fields are counted skips."""
+  header: list[str] = []
+  for n, line in _lines(path, report):
+    cols = line.split("\t")
+    if not header:
+      header = header_names(cols, path)
+      missing = [f for f in required if f not in header]
+      if missing:
+        raise DataError(str(path), n, ",".join(missing), "missing header column(s)")
+      continue
+    if len(cols) != len(header):
+      report.skip("malformed_line", str(path), n, None,
+                  f"expected {len(header)} tab-separated fields, got {len(cols)}")
+      continue
+    yield n, dict(zip(header, cols))
+
+
+def _interaction(row: dict, path: Path, n: int, report: IngestReport) -> Optional[tuple[str, Interaction]]:
+  """A (user, interaction) from a row with user_id, item_id[, timestamp][, rating]; None if skipped."""
+  user, item = row["user_id"].strip(), row["item_id"].strip()
+  if not user or not item:
+    report.skip("missing_field", str(path), n, "user_id" if not user else "item_id", "empty")
+    return None
+  ts = rating = None
+  if "timestamp" in row:
+    ts = _number(row["timestamp"], path, n, "timestamp", report, "bad_timestamp")
+    if ts is None:
+      return None
+  if "rating" in row:
+    rating = _number(row["rating"], path, n, "rating", report, "bad_rating")
+    if rating is None:
+      return None
+  return user, Interaction(item, ts, rating)
+
+
 def _number(value, path: Path, line: int, field: str, report: IngestReport,
             kind: str) -> Optional[float]:
   try:
@@ -160,50 +199,14 @@ def read_amazon_tsv(directory: Path | str, *, report: Optional[IngestReport] = N
 
   sequences: dict[str, list[Interaction]] = {}
   has_ratings = False
-  header: list[str] = []
-  for n, line in _lines(inter_path, report):
-    cols = line.split("\t")
-    if not header:
-      header = cols
-      missing = {"user_id", "item_id"} - set(header)
-      if missing:
-        raise DataError(str(inter_path), n, ",".join(sorted(missing)), "missing header column(s)")
-      has_ratings = "rating" in header
-      continue
-    if len(cols) != len(header):
-      report.skip("malformed_line", str(inter_path), n, None,
-                  f"expected {len(header)} tab-separated fields, got {len(cols)}")
-      continue
-    row = dict(zip(header, cols))
-    user, item = row["user_id"].strip(), row["item_id"].strip()
-    if not user or not item:
-      report.skip("missing_field", str(inter_path), n, "user_id" if not user else "item_id", "empty")
-      continue
-    ts = rating = None
-    if "timestamp" in row:
-      ts = _number(row["timestamp"], inter_path, n, "timestamp", report, "bad_timestamp")
-      if ts is None:
-        continue
-    if has_ratings:
-      rating = _number(row["rating"], inter_path, n, "rating", report, "bad_rating")
-      if rating is None:
-        continue
-    sequences.setdefault(user, []).append(Interaction(item, ts, rating))
+  for n, row in _tsv_rows(inter_path, report, ("user_id", "item_id")):
+    has_ratings = "rating" in row
+    got = _interaction(row, inter_path, n, report)
+    if got:
+      sequences.setdefault(got[0], []).append(got[1])
 
   items: dict[str, ItemMeta] = {}
-  header = []
-  for n, line in _lines(items_path, report):
-    cols = line.split("\t")
-    if not header:
-      header = cols
-      if "item_id" not in header:
-        raise DataError(str(items_path), n, "item_id", "missing header column")
-      continue
-    if len(cols) != len(header):
-      report.skip("malformed_line", str(items_path), n, None,
-                  f"expected {len(header)} tab-separated fields, got {len(cols)}")
-      continue
-    row = dict(zip(header, cols))
+  for n, row in _tsv_rows(items_path, report, ("item_id",)):
     item = row["item_id"].strip()
     if not item:
       report.skip("missing_field", str(items_path), n, "item_id", "empty")
@@ -316,58 +319,24 @@ def read_recbole(path: Path | str, *, report: Optional[IngestReport] = None,
   item_path = inter_path.with_suffix(".item")
 
   sequences: dict[str, list[Interaction]] = {}
-  header: list[str] = []
-  for n, line in _lines(inter_path, report):
-    cols = line.split("\t")
-    if not header:
-      header = _atomic_header(cols, inter_path)
-      for need in ("user_id", "item_id"):
-        if need not in header:
-          raise DataError(str(inter_path), n, need, "missing header column")
-      continue
-    if len(cols) != len(header):
-      report.skip("malformed_line", str(inter_path), n, None,
-                  f"expected {len(header)} tab-separated fields, got {len(cols)}")
-      continue
-    row = dict(zip(header, cols))
-    if not row["user_id"] or not row["item_id"]:
-      report.skip("missing_field", str(inter_path), n, "user_id" if not row["user_id"] else "item_id", "empty")
-      continue
-    ts = rating = None
-    if "timestamp" in row:
-      ts = _number(row["timestamp"], inter_path, n, "timestamp", report, "bad_timestamp")
-      if ts is None:
-        continue
-    if "rating" in row:
-      rating = _number(row["rating"], inter_path, n, "rating", report, "bad_rating")
-      if rating is None:
-        continue
-    sequences.setdefault(row["user_id"], []).append(Interaction(row["item_id"], ts, rating))
+  has_ratings = False
+  for n, row in _tsv_rows(inter_path, report, ("user_id", "item_id"), _atomic_header):
+    has_ratings = "rating" in row
+    got = _interaction(row, inter_path, n, report)
+    if got:
+      sequences.setdefault(got[0], []).append(got[1])
 
   items: dict[str, ItemMeta] = {}
   files = [inter_path]
   if item_path.exists():
     files.append(item_path)
-    header = []
-    for n, line in _lines(item_path, report):
-      cols = line.split("\t")
-      if not header:
-        header = _atomic_header(cols, item_path)
-        if "item_id" not in header:
-          raise DataError(str(item_path), n, "item_id", "missing header column")
-        continue
-      if len(cols) != len(header):
-        report.skip("malformed_line", str(item_path), n, None,
-                    f"expected {len(header)} tab-separated fields, got {len(cols)}")
-        continue
-      row = dict(zip(header, cols))
+    for n, row in _tsv_rows(item_path, report, ("item_id",), _atomic_header):
       title = row.get("movie_title", row.get("title", ""))
       cats = row.get("class", row.get("categories", ""))
       _add_meta(items, row["item_id"], ItemMeta(
           title=clean_text(title, report), brand=clean_text(row.get("brand", ""), report),
           price=clean_text(row.get("price", ""), report),
           categories=tuple(clean_text(c, report) for c in cats.split() if c)), item_path, n, report)
-  has_ratings = "rating" in header or any(x.rating is not None for s in sequences.values() for x in s)
   return RawData(sequences, items, domain, "recbole", files, report, has_ratings)
 
 

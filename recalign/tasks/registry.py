@@ -53,54 +53,55 @@ class DatasetConfig:
   seed: int = 0                         # all sampling (masks, negatives, spans, eval candidates)
 
 
-class RecDataSource(seqio.DataSource):
-  """seqio source over `sources.Examples`; train is an endless, epoch-tagged stream."""
+class _InMemorySource(seqio.DataSource):
+  """A seqio source over in-memory examples; any number of hosts can shard it."""
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return [split]
+
+  def _check_split(self, split: str):
+    if split not in self.splits:
+      raise ValueError(f"split {split!r} not available; this task has {sorted(self.splits)}")
+
+  @staticmethod
+  def _shard(ds: tf.data.Dataset, shard_info: Optional[seqio.ShardInfo]) -> tf.data.Dataset:
+    if shard_info and shard_info.num_shards > 1:  # multi-host: every process its own slice
+      ds = ds.shard(shard_info.num_shards, shard_info.index)
+    return ds
+
+
+class RecDataSource(_InMemorySource):
+  """`sources.Examples` per split; train is an endless, epoch-tagged stream."""
 
   def __init__(self, examples: Mapping[str, sources.Examples], seed: int):
     self._examples, self._seed = dict(examples), seed
     super().__init__(splits=list(examples),
                      num_input_examples={k: len(v) for k, v in examples.items()})
 
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    return [split]
-
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
                   shard_info: Optional[seqio.ShardInfo] = None, **_) -> tf.data.Dataset:
-    if split not in self._examples:
-      raise ValueError(f"split {split!r} not available; this task has {sorted(self._examples)}")
+    self._check_split(split)
     ds = sources.to_dataset(self._examples[split], split=split, shuffle=shuffle,
                             seed=self._seed if seed is None else seed)
-    if shard_info and shard_info.num_shards > 1:  # multi-host: every process its own slice
-      ds = ds.shard(shard_info.num_shards, shard_info.index)
-    return ds
+    return self._shard(ds, shard_info)
 
 
-class ItemQASource(seqio.DataSource):
-  """Static item QA pairs ("What's the title of I12?" -> title, title -> ID)."""
+class ItemQASource(_InMemorySource):
+  """Static item QA pairs ("What's the title of I12?" -> title, title -> ID); train only."""
 
   def __init__(self, pairs: list[tuple[str, str]]):
     self._pairs = pairs
     super().__init__(splits=["train"], num_input_examples={"train": len(pairs)})
 
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    return [split]
-
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
                   shard_info: Optional[seqio.ShardInfo] = None, **_) -> tf.data.Dataset:
-    if split != "train":
-      raise ValueError(f"item QA has only a train split, not {split!r}")
+    self._check_split(split)
     q, a = zip(*self._pairs)
-    ds = tf.data.Dataset.from_tensor_slices({"inputs": list(q), "targets": list(a)})
-    if shard_info and shard_info.num_shards > 1:
-      ds = ds.shard(shard_info.num_shards, shard_info.index)
+    ds = self._shard(tf.data.Dataset.from_tensor_slices({"inputs": list(q), "targets": list(a)}), shard_info)
     if shuffle:
       ds = ds.shuffle(len(self._pairs), seed=seed)
     return ds.map(lambda x: {**x, "inputs_pretokenized": x["inputs"], "targets_pretokenized": x["targets"]})
