@@ -3,9 +3,11 @@
 The constraint is a prefix trie over the tokenised item IDs (each followed by EOS) stored as dense
 arrays, so it runs inside the jitted loop:
   * `next_node[node, k]`: the child reached by the k-th token of the trie's alphabet (-1: none);
-  * `item_path[item, d]`: the node reached after the item's d-th token (its leaf after EOS).
-Per example, a boolean mask over items (the catalogue without the user's history, or the 100
-ranking candidates) marks the nodes that still lead to an allowed item; beams never leave them.
+  * `item_path[item, d]`: the node reached after the item's d-th token (padding: a dummy node);
+  * `leaves_under[node]`: how many items lie below a node.
+Per example, either a list of candidates (ranking: count the candidates below each node) or a list
+of excluded items (retrieval: the user's history; subtract them from `leaves_under`) marks the
+nodes that still lead to an allowed item; beams never leave them. Both cost O(list × depth).
 
 With the constraint on, the output projection is computed only for the trie's alphabet (the ID
 digits, "▁I" and EOS: 12 columns instead of 8,192) and the softmax is taken over that alphabet;
@@ -32,8 +34,9 @@ NEG = -1e9
 class ItemTrie:
   alphabet: np.ndarray    # [K] vocabulary ids, EOS included
   next_node: np.ndarray   # [nodes, K] int32
-  item_path: np.ndarray   # [items, depth] int32 node after each token (padded with the leaf)
+  item_path: np.ndarray   # [items, depth] int32 node after each token (padded with `nodes`)
   leaf_item: np.ndarray   # [nodes] int32 item at a leaf, else -1
+  leaves_under: np.ndarray  # [nodes] int32 number of items below each node
   depth: int              # max tokens of an ID, EOS included
 
   @classmethod
@@ -43,7 +46,7 @@ class ItemTrie:
     col = {int(t): k for k, t in enumerate(alphabet)}
     depth = max(len(s) for s in seqs)
     children: list[dict[int, int]] = [{}]
-    paths = np.zeros((len(seqs), depth), np.int32)
+    paths = np.full((len(seqs), depth), -1, np.int32)
     leaf = {}
     for i, s in enumerate(seqs):
       node = 0
@@ -58,7 +61,7 @@ class ItemTrie:
       if node in leaf:
         raise ValueError(f"items {leaf[node]} and {i} have the same token sequence")
       leaf[node] = i
-      paths[i, len(s):] = node
+    paths[paths < 0] = len(children)  # the dummy node: absorbs padding in scatter-adds
     next_node = np.full((len(children), len(alphabet)), -1, np.int32)
     for n, ch in enumerate(children):
       for k, m in ch.items():
@@ -66,7 +69,9 @@ class ItemTrie:
     leaf_item = np.full(len(children), -1, np.int32)
     for n, i in leaf.items():
       leaf_item[n] = i
-    return cls(alphabet, next_node, paths, leaf_item, depth)
+    leaves_under = np.bincount(paths.reshape(-1), minlength=len(children) + 1)[:-1].astype(np.int32)
+    leaves_under[0] = len(seqs)
+    return cls(alphabet, next_node, paths, leaf_item, leaves_under, depth)
 
   @classmethod
   def for_items(cls, vocab, item_ids: Sequence[str]) -> "ItemTrie":
@@ -77,19 +82,30 @@ class ItemTrie:
     return len(self.item_path)
 
 
-def allowed_nodes(trie_paths: jnp.ndarray, num_nodes: int, allowed_items: jnp.ndarray) -> jnp.ndarray:
-  """[b, nodes] bool: nodes on the path of at least one allowed item (root always)."""
-  b, n_items = allowed_items.shape
-  ok = jnp.zeros((b, num_nodes), bool).at[:, trie_paths].max(
-      jnp.broadcast_to(allowed_items[:, :, None], (b, n_items, trie_paths.shape[1])))
+def _count_below(item_path: jnp.ndarray, num_nodes: int, items: jnp.ndarray) -> jnp.ndarray:
+  """[b, nodes]: how many of each row's items (-1 = padding) lie below each node."""
+  b = items.shape[0]
+  paths = jnp.where(items[..., None] >= 0, item_path[jnp.maximum(items, 0)], num_nodes)   # [b, n, depth]
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], paths.shape)
+  return jnp.zeros((b, num_nodes + 1), jnp.int32).at[rows, paths].add(1)[:, :num_nodes]
+
+
+def allowed_nodes(item_path, leaves_under, candidates=None, excluded=None) -> jnp.ndarray:
+  """[b, nodes] bool: nodes below which at least one allowed item remains (the root always)."""
+  n = leaves_under.shape[0]
+  if candidates is not None:
+    ok = _count_below(item_path, n, candidates) > 0
+  else:
+    ok = (leaves_under[None] - _count_below(item_path, n, excluded)) > 0
   return ok.at[:, 0].set(True)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "depth", "full_softmax"))
 def _constrained(model: EncoderDecoderModel, params, encoder_tokens, alphabet, next_node, item_path,
-                 leaf_item, allowed_items, *, beam_size: int, depth: int, full_softmax: bool):
+                 leaf_item, leaves_under, candidates, excluded, *, beam_size: int, depth: int,
+                 full_softmax: bool):
   B, W, K = encoder_tokens.shape[0], beam_size, alphabet.shape[0]
-  node_ok = allowed_nodes(item_path, next_node.shape[0], allowed_items)      # [B, nodes]
+  node_ok = allowed_nodes(item_path, leaves_under, candidates, excluded)     # [B, nodes]
   encoded = model.encode(params, encoder_tokens)
   cache = model.init_cache(B, depth, encoder_tokens.shape[1], W)
   eos_col = jnp.argmax(alphabet == EOS)
@@ -149,21 +165,35 @@ def _constrained(model: EncoderDecoderModel, params, encoder_tokens, alphabet, n
   return jnp.where(ok, leaf_item[node], -1), jnp.where(ok, score, NEG), tokens
 
 
+def _pad_lists(lists, width_multiple: int = 32) -> np.ndarray:
+  width = max(1, max((len(x) for x in lists), default=1))
+  width = -(-width // width_multiple) * width_multiple   # few distinct shapes: few compilations
+  out = np.full((len(lists), width), -1, np.int32)
+  for r, x in enumerate(lists):
+    out[r, :len(x)] = x
+  return out
+
+
 def beam_search_items(model: EncoderDecoderModel, params, encoder_tokens, trie: ItemTrie, *,
-                      beam_size: int = 20, allowed_items: Optional[np.ndarray] = None,
+                      beam_size: int = 20, candidates=None, exclude=None,
                       full_softmax: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Top `beam_size` items per example, best first: (item indices [b, W] (-1: none), scores [b, W]).
 
-  `allowed_items` [b, items] bool restricts each example (default: the whole catalogue).
-  Scores are log-likelihoods under the softmax over the trie's alphabet (or the full vocabulary
-  with `full_softmax`).
+  Each example may be restricted to `candidates` (a list of item indices per example, e.g. the 100
+  ranking candidates) or to the catalogue minus `exclude` (e.g. the user's history); default: the
+  whole catalogue. Scores are log-likelihoods under the softmax over the trie's alphabet (or the
+  full vocabulary with `full_softmax`).
   """
   b = encoder_tokens.shape[0]
-  if allowed_items is None:
-    allowed_items = np.ones((b, trie.num_items), bool)
+  if candidates is not None and exclude is not None:
+    raise ValueError("give candidates or exclude, not both")
+  cand = None if candidates is None else jnp.asarray(_pad_lists(candidates))
+  if exclude is not None:  # an item excluded twice must be subtracted once
+    exclude = [np.unique(np.asarray(x, np.int64)) for x in exclude]
+  excl = jnp.asarray(_pad_lists(exclude if exclude is not None else [[]] * b)) if candidates is None else None
   items, scores, _ = _constrained(model, params, jnp.asarray(encoder_tokens), jnp.asarray(trie.alphabet),
                                   jnp.asarray(trie.next_node), jnp.asarray(trie.item_path),
-                                  jnp.asarray(trie.leaf_item), jnp.asarray(allowed_items),
+                                  jnp.asarray(trie.leaf_item), jnp.asarray(trie.leaves_under), cand, excl,
                                   beam_size=beam_size, depth=trie.depth, full_softmax=full_softmax)
   return np.asarray(items), np.asarray(scores)
 

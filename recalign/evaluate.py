@@ -80,21 +80,17 @@ class Evaluator:
     self.ids = [item_id(k) for k in range(data.num_items)]
     self.trie = ItemTrie.for_items(vocab, self.ids)
 
-  def history_mask(self, users: np.ndarray, split: str) -> np.ndarray:
-    """[b, items] True where an item may be recommended (not already in the user's history)."""
-    allowed = np.ones((len(users), self.data.num_items), bool)
-    if self.exclude_history:
-      cut = 2 if split == "validation" else 1
-      for r, u in enumerate(users):
-        allowed[r, self.data.sequences[int(u)][:-cut]] = False
-    return allowed
+  def history(self, users: np.ndarray, split: str) -> list[np.ndarray]:
+    """Items not to recommend: the user's history before the held-out item (if excluded)."""
+    cut = 2 if split == "validation" else 1
+    return [self.data.sequences[int(u)][:-cut] if self.exclude_history else [] for u in users]
 
   def retrieval(self, params, examples: list[dict], split: str) -> tuple[dict, list[dict]]:
     ranked, preds = [], []
     for s, chunk in _batches(examples, self.batch_size, f"retrieval/{split}", self.progress):
       users = np.array([e["user"] for e in chunk])
       items, scores = beam_search_items(self.model, params, pad_inputs(chunk), self.trie,
-                                        beam_size=self.beam_size, allowed_items=self.history_mask(users, split))
+                                        beam_size=self.beam_size, exclude=self.history(users, split))
       n = min(self.batch_size, len(examples) - s)
       ranked.append(items[:n])
       for e, it, sc in zip(chunk[:n], items, scores):
@@ -107,11 +103,9 @@ class Evaluator:
     beams, scored, preds = [], [], []
     for s, chunk in _batches(examples, self.batch_size, f"ranking/{split}", self.progress):
       cands = np.stack([e["candidates"] for e in chunk])
-      allowed = np.zeros((len(chunk), self.data.num_items), bool)
-      np.put_along_axis(allowed, cands, True, 1)
       enc = pad_inputs(chunk)
       items, _ = beam_search_items(self.model, params, enc, self.trie, beam_size=self.beam_size,
-                                   allowed_items=allowed)
+                                   candidates=cands)
       sc = score_items(self.model, params, enc, cands, self.trie, self.vocab, self.ids)
       order = M.rank_by_scores(sc, cands)
       n = min(self.batch_size, len(examples) - s)

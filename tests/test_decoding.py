@@ -36,6 +36,7 @@ def test_trie_arrays(setup):
   assert trie.num_items == len(IDS) and trie.depth == 1 + 4 + 1      # ▁I 1 0 5 0 EOS
   assert set(trie.alphabet.tolist()) == set(vocab.encode("I1234567890")) | {1}
   # Following each item's tokens through next_node ends at its leaf.
+  assert trie.leaves_under[0] == len(IDS)
   for i, iid in enumerate(IDS):
     node = 0
     for t in vocab.encode(iid) + [1]:
@@ -63,14 +64,19 @@ def test_beams_are_valid_distinct_items_and_respect_allowed_sets(setup):
   # Ranking: beams over 6 candidates cover them all and agree with scoring the candidates.
   rng = np.random.default_rng(0)
   cands = np.stack([rng.choice(len(IDS), 6, replace=False) for _ in enc])
-  allowed = np.zeros((len(enc), len(IDS)), bool)
-  np.put_along_axis(allowed, cands, True, 1)
-  items, _ = beam_search_items(model, params, enc, trie, beam_size=6, allowed_items=allowed)
+  items, _ = beam_search_items(model, params, enc, trie, beam_size=6, candidates=cands)
   forced = score_items(model, params, enc, cands, trie, vocab, IDS)
   np.testing.assert_array_equal(items, M.rank_by_scores(forced, cands))
   # More beams than allowed items: the extra beams are empty (-1), never an invalid item.
-  items, scores = beam_search_items(model, params, enc, trie, beam_size=10, allowed_items=allowed)
+  items, scores = beam_search_items(model, params, enc, trie, beam_size=10, candidates=cands)
   assert np.all(items[:, 6:] == -1) and np.all(np.isin(items[:, :6], cands))
+  # Exclusion: the best items of the unrestricted search are gone, the rest keeps its order.
+  full, _ = beam_search_items(model, params, enc, trie, beam_size=len(IDS))
+  banned = [row[:3].tolist() + [30, 30] for row in full]   # item 30 = "I105": a prefix of "I1050"
+  items, _ = beam_search_items(model, params, enc, trie, beam_size=len(IDS), exclude=banned)
+  for row, f, b in zip(items, full, banned):
+    kept = [i for i in f.tolist() if i not in b]
+    assert row.tolist()[:len(kept)] == kept and set(row.tolist()[len(kept):]) == {-1}
 
 
 def test_unconstrained_beam_of_one_is_greedy(setup):

@@ -62,7 +62,7 @@ def losses(model_dir: Path) -> dict[int, float]:
 
 def test_loss_falls_and_resume_after_kill_reproduces_losses(tiny_dir):
   ref_dir, killed_dir = tiny_dir / "ref", tiny_dir / "killed"
-  steps = 40
+  steps = 60
   subprocess.run(command(tiny_dir, ref_dir, steps, checkpoint_every=4), env=env(), check=True,
                  capture_output=True)
   ref = losses(ref_dir)
@@ -76,7 +76,7 @@ def test_loss_falls_and_resume_after_kill_reproduces_losses(tiny_dir):
   log = killed_dir / "train_log.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 11):
-    time.sleep(0.05)
+    time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = len(log.read_text().splitlines())
