@@ -111,15 +111,39 @@ def main():
                     in set(ids) else -1 for r in row])
     return np.array(out), len(exs) / (time.perf_counter() - t0)
 
+  def encoder_seconds_per_user_recalign(exs):
+    enc_fn = jax.jit(model.encode)
+    batches = [pad_inputs(exs[s:s + args.batch]) for s in range(0, len(exs) - args.batch + 1, args.batch)]
+    for b in batches:  # compile every shape first
+      enc_fn(params, b).block_until_ready()
+    t0 = time.perf_counter()
+    for b in batches:
+      enc_fn(params, b).block_until_ready()
+    return (time.perf_counter() - t0) / (len(batches) * args.batch)
+
+  def encoder_seconds_per_user_hf(exs):
+    t0 = time.perf_counter()
+    for s in range(0, len(exs), args.hf_batch):
+      enc = torch.tensor(pad_inputs(exs[s:s + args.hf_batch], bucket=1).astype(np.int64))
+      with torch.no_grad():
+        hf.encoder(input_ids=enc, attention_mask=enc > 0)
+    return (time.perf_counter() - t0) / len(exs)
+
   ours, ups = run_recalign(examples[:args.users + args.batch], full=False)
   full, ups_full = run_recalign(examples[:args.users + args.batch], full=True)
   ref, ups_hf = run_hf(examples[:args.hf_users])
+  enc_ours = encoder_seconds_per_user_recalign(examples[args.batch:args.users + args.batch])
+  enc_hf = encoder_seconds_per_user_hf(examples[:args.hf_users])
+  dec_ours, dec_hf = 1 / ups - enc_ours, 1 / ups_hf - enc_hf
   top1 = np.mean(full[:len(ref), 0] == ref[:, 0])
   overlap = np.mean([len(set(a) & set(b)) / args.beam for a, b in zip(full[:len(ref)], ref)])
   print(f"{'':<34}{'users/s':>10}{'vs generate':>13}{'full test pass':>16}")
   for name, u in (("recalign (sliced projection)", ups), ("recalign (full softmax)", ups_full),
                   ("transformers generate", ups_hf)):
     print(f"{name:<34}{u:>10.2f}{u / ups_hf:>12.1f}x{data.num_users / u / 60:>13.1f} min")
+  print(f"encoder share of the time: recalign {enc_ours * ups:.0%}, generate {enc_hf * ups_hf:.0%}; "
+        f"decoding alone: recalign {1 / dec_ours:.1f} users/s vs generate {1 / dec_hf:.1f} users/s "
+        f"= {dec_hf / dec_ours:.1f}x")
   print(f"full-softmax recalign vs generate on {len(ref)} users: top-1 agreement {top1:.2f}, "
         f"top-{args.beam} overlap {overlap:.2f}")
 
