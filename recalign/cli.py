@@ -168,7 +168,6 @@ def _lengths(text: Optional[str], default: dict) -> dict:
 
 
 def cmd_eval(args) -> int:
-  import jax.numpy as jnp
   import recalign.tasks as rt
   from recalign import train as train_lib
   from recalign.baselines import format_table

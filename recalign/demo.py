@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 DEMO_LENGTHS = {"inputs": 320, "targets": 64}
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 
 import recalign.tasks as rt  # noqa: E402
 from recalign.data import prepare, read_source  # noqa: E402

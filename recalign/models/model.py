@@ -12,7 +12,6 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from recalign.models.network import T5Config, Transformer
 

@@ -8,5 +8,7 @@ import os
 
 from recalign.tasks.registry import MIXTURES, DatasetConfig, get, register_dataset
 
+__all__ = ["MIXTURES", "DatasetConfig", "get", "register_dataset"]
+
 for _dir in filter(None, os.environ.get("RECALIGN_DATA", "").split(os.pathsep)):
   register_dataset(_dir)
