@@ -139,3 +139,35 @@ def test_cli_splits_t5x_style_gin_flags():
        "--gin.TRAIN_STEPS", "5", "--gin_search_paths=x,y", "--module", "m"])
   assert files == ["a.gin", "b.gin"] and paths == ["x", "y"] and rest == ["train", "--module", "m"]
   assert bindings == ["MODEL_DIR = '/tmp/r'", "TRAIN_STEPS = 5"]
+
+
+def test_initial_checkpoint_from_hugging_face_and_from_a_recalign_run(tiny_dir, tmp_path):
+  """Step 0 of the warm-up has learning rate 0, so one step keeps the imported parameters exactly."""
+  import jax
+  import numpy as np
+  from flax import linen as nn
+  import recalign.tasks as rt
+  from recalign import train as T
+  from recalign.models import checkpoints as ck
+  from recalign.models.model import EncoderDecoderModel
+  from recalign.models.network import CONFIGS
+  rt.register_dataset(tiny_dir / "tiny", config=rt.DatasetConfig(num_candidates=3))
+  cfg = CONFIGS["tiny"].replace(vocab_size=640)          # a larger vocabulary: rows are cut to 512
+  params = jax.tree_util.tree_map(np.asarray, nn.unbox(EncoderDecoderModel(cfg).init(jax.random.PRNGKey(9))))
+  ck.save_hf(cfg, params, tmp_path / "hf")
+  common = dict(mixture_or_task_name="tiny_reat", task_feature_lengths={"inputs": 128, "targets": 48},
+                train_steps=1, batch_size=8, network_config=CONFIGS["tiny"], progress=False)
+  T.train(model_dir=str(tmp_path / "a"), initial_checkpoint_path=str(tmp_path / "hf"), **common)
+  got = ck.flatten(T.load_params(tmp_path / "a" / "checkpoints" / "1"))
+  want = ck.flatten(ck.resize_vocab(params, 512))
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
+  # A recalign checkpoint as INITIAL_CHECKPOINT_PATH, and a mismatching config named clearly.
+  T.train(model_dir=str(tmp_path / "b"), initial_checkpoint_path=str(tmp_path / "a" / "checkpoints" / "1"),
+          **common)
+  again = ck.flatten(T.load_params(tmp_path / "b" / "checkpoints" / "1"))
+  np.testing.assert_allclose(again["token_embedder/embedding"], want["token_embedder/embedding"], atol=1e-6)
+  with pytest.raises(ValueError, match="do not match the model config"):
+    T.train(model_dir=str(tmp_path / "c"), initial_checkpoint_path=str(tmp_path / "hf"),
+            **{**common, "network_config": CONFIGS["tiny"].replace(mlp_dim=32)})
