@@ -275,8 +275,9 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   writer = _summary_writer(model_dir / "train") if is_chief else None
   log_path = model_dir / "train_log.jsonl"
   best = _read_json(model_dir / "best.json")
-  bar = tqdm(total=train_steps, initial=start, desc="train", disable=not (progress and is_chief),
-             dynamic_ncols=True)
+  bar = tqdm(total=None if time_budget_s else train_steps, initial=start,  # a time budget: no step total
+             desc="train" if not time_budget_s else f"train ({time_budget_s / 60:.0f} min budget)",
+             disable=not (progress and is_chief), dynamic_ncols=True)
   last = {}
   t_last, tok_last = time.perf_counter(), 0.0
   with mesh:
