@@ -146,9 +146,14 @@ class Evaluator:
     if fn is None:
       raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking or rating")
     examples = task_examples(task_name, split, lengths, max_examples)
-    metrics, preds = fn(params, examples, split)
+    # Longest prompts first: batches of similar lengths waste little encoder work on padding.
+    order = np.argsort([-len(e["inputs"]) for e in examples], kind="stable")
+    metrics, preds = fn(params, [examples[i] for i in order], split)
+    restored = [None] * len(preds)
+    for j, i in enumerate(order):
+      restored[i] = preds[j]
     metrics["examples"] = len(examples)
-    return EvalResult(task_name, split, metrics, preds)
+    return EvalResult(task_name, split, metrics, restored)
 
 
 def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[int] = None,

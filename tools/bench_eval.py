@@ -50,6 +50,7 @@ def main():
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--hf-batch", type=int, default=8)
   p.add_argument("--beam", type=int, default=20)
+  p.add_argument("--no-sort", action="store_true", help="keep the users' order (random prompt lengths)")
   args = p.parse_args()
   lengths = {"inputs": 512, "targets": 16}
   with tempfile.TemporaryDirectory() as tmp:
@@ -58,7 +59,9 @@ def main():
     train_vocabulary(data, Path(tmp) / "bench" / "vocab")
     vocab = load_vocabulary(Path(tmp) / "bench" / "vocab")
     rt.register_dataset(Path(tmp) / "bench")
-    examples = task_examples("bench_retrieval", "test", lengths, max(args.users, args.hf_users))
+    examples = task_examples("bench_retrieval", "test", lengths, args.users)
+    if not args.no_sort:  # as `recalign eval` does, for both sides: similar lengths in a batch
+      examples.sort(key=lambda e: -len(e["inputs"]))
     cfg = CONFIGS[args.size].replace(vocab_size=-(-vocab.vocab_size // 128) * 128, dropout_rate=0.0)
     model = EncoderDecoderModel(cfg)
     params = jax.tree_util.tree_map(np.asarray, nn.unbox(model.init(jax.random.PRNGKey(0))))
@@ -72,17 +75,17 @@ def main():
         f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
   def run_recalign(exs, full):
-    out, t0 = [], None
+    batches = []
     for s in range(0, len(exs), args.batch):
       chunk = exs[s:s + args.batch]
-      chunk = chunk + [chunk[-1]] * (args.batch - len(chunk))
-      items, _ = beam_search_items(model, params, pad_inputs(chunk), trie, beam_size=args.beam,
-                                   full_softmax=full)
-      if t0 is None:   # the first batch includes compilation: time the rest
-        t0, first = time.perf_counter(), len(exs[s:s + args.batch])
-      out.append(items[:len(exs[s:s + args.batch])])
-    n = len(exs) - first
-    return np.concatenate(out), n / (time.perf_counter() - t0)
+      batches.append((pad_inputs(chunk + [chunk[-1]] * (args.batch - len(chunk))), len(chunk)))
+    for enc, _ in batches:   # compile every padded width first (as a long evaluation amortises it)
+      beam_search_items(model, params, enc, trie, beam_size=args.beam, full_softmax=full)
+    t0, out = time.perf_counter(), []
+    for enc, n in batches:
+      items, _ = beam_search_items(model, params, enc, trie, beam_size=args.beam, full_softmax=full)
+      out.append(items[:n])
+    return np.concatenate(out), len(exs) / (time.perf_counter() - t0)
 
   # transformers: a dict trie for prefix_allowed_tokens_fn
   children: dict[tuple, list[int]] = {}
@@ -129,14 +132,17 @@ def main():
         hf.encoder(input_ids=enc, attention_mask=enc > 0)
     return (time.perf_counter() - t0) / len(exs)
 
-  ours, ups = run_recalign(examples[:args.users + args.batch], full=False)
-  full, ups_full = run_recalign(examples[:args.users + args.batch], full=True)
-  ref, ups_hf = run_hf(examples[:args.hf_users])
-  enc_ours = encoder_seconds_per_user_recalign(examples[args.batch:args.users + args.batch])
-  enc_hf = encoder_seconds_per_user_hf(examples[:args.hf_users])
+  examples = examples[:args.users]
+  ours, ups = run_recalign(examples, full=False)
+  full, ups_full = run_recalign(examples, full=True)
+  # generate gets an evenly spaced sample of the same users (its speed depends on lengths too)
+  hf_idx = np.linspace(0, args.users - 1, args.hf_users).astype(int)
+  ref, ups_hf = run_hf([examples[i] for i in hf_idx])
+  enc_ours = encoder_seconds_per_user_recalign(examples)
+  enc_hf = encoder_seconds_per_user_hf([examples[i] for i in hf_idx])
   dec_ours, dec_hf = 1 / ups - enc_ours, 1 / ups_hf - enc_hf
-  top1 = np.mean(full[:len(ref), 0] == ref[:, 0])
-  overlap = np.mean([len(set(a) & set(b)) / args.beam for a, b in zip(full[:len(ref)], ref)])
+  top1 = np.mean(full[hf_idx, 0] == ref[:, 0])
+  overlap = np.mean([len(set(a) & set(b)) / args.beam for a, b in zip(full[hf_idx], ref)])
   print(f"{'':<34}{'users/s':>10}{'vs generate':>13}{'full test pass':>16}")
   for name, u in (("recalign (sliced projection)", ups), ("recalign (full softmax)", ups_full),
                   ("transformers generate", ups_hf)):
