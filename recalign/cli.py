@@ -175,7 +175,7 @@ def cmd_eval(args) -> int:
   from recalign.evaluate import Evaluator
   from recalign.models import checkpoints as ck
   from recalign.models.model import EncoderDecoderModel
-  from recalign.models.network import T5Config
+  from recalign.models.network import T5Config, padded_vocab_size
   ckpt = Path(args.checkpoint)
   run = _find_run(ckpt.resolve())
   info = json.loads(run.read_text()) if run else {}
@@ -184,15 +184,11 @@ def cmd_eval(args) -> int:
   task = rt.get(args.task)
   members = [t.name for t in getattr(task, "tasks", [task])]
   members = [m for m in members if rt.registry.task_info(m)["kind"] in ("retrieval", "ranking", "rating")]
-  first = rt.registry.task_info(members[0])
-  vocab = first["vocab"]
-  padded = -(-vocab.vocab_size // 128) * 128
+  vocab = rt.registry.task_info(members[0])["vocab"]
   if (ckpt / "config.json").exists():           # a Hugging Face directory
-    config, params = ck.load_hf(ckpt, vocab_size=padded)
+    config, params = ck.load_hf(ckpt, vocab_size=padded_vocab_size(vocab.vocab_size))
   elif "network_config" in info:
-    nc = dict(info["network_config"])
-    nc["mlp_activations"] = tuple(nc["mlp_activations"])
-    config, params = T5Config(**nc), train_lib.load_params(ckpt)
+    config, params = T5Config.from_dict(info["network_config"]), train_lib.load_params(ckpt)
   else:
     print(f"error: {ckpt}: no run.json above it and no config.json in it; cannot tell the model config",
           file=sys.stderr)

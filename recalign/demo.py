@@ -65,8 +65,7 @@ def evaluate_best(model_dir: Path, task: str, splits=("validation", "test"), max
   from recalign.models.model import EncoderDecoderModel
   from recalign.models.network import T5Config
   run = json.loads((model_dir / "run.json").read_text())
-  nc = dict(run["network_config"], mlp_activations=tuple(run["network_config"]["mlp_activations"]))
-  model = EncoderDecoderModel(T5Config(**nc))
+  model = EncoderDecoderModel(T5Config.from_dict(run["network_config"]))
   path = model_dir / "best" if (model_dir / "best").exists() else model_dir / "checkpoints" / str(
       max(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()))
   params = jax.tree_util.tree_map(jnp.asarray, T.load_params(path))

@@ -82,8 +82,7 @@ class Evaluator:
 
   def history(self, users: np.ndarray, split: str) -> list[np.ndarray]:
     """Items not to recommend: the user's history before the held-out item (if excluded)."""
-    cut = 2 if split == "validation" else 1
-    return [self.data.sequences[int(u)][:-cut] if self.exclude_history else [] for u in users]
+    return [self.data.held_out(int(u), split)[0] if self.exclude_history else [] for u in users]
 
   def retrieval(self, params, examples: list[dict], split: str) -> tuple[dict, list[dict]]:
     ranked, preds = [], []

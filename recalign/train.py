@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from recalign.models import checkpoints as ck
 from recalign.models.model import EncoderDecoderModel
-from recalign.models.network import T5Config
+from recalign.models.network import T5Config, padded_vocab_size
 
 # T5X's standard logical-axis rules: model parallelism splits MLP, heads and the vocabulary.
 LOGICAL_AXIS_RULES = (("batch", "data"), ("vocab", "model"), ("embed", None), ("mlp", "model"),
@@ -188,7 +188,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   members = [t.name for t in getattr(task, "tasks", [task])]
 
   # 2. model
-  padded_vocab = -(-vocab.vocab_size // 128) * 128   # T5 pads 32100 -> 32128: same here
+  padded_vocab = padded_vocab_size(vocab.vocab_size)
   config = network_config.replace(vocab_size=padded_vocab)
   model = EncoderDecoderModel(config, z_loss=z_loss, label_smoothing=label_smoothing,
                               loss_normalize=loss_normalize)

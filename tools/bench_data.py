@@ -18,8 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 import recalign.tasks as rt  # noqa: E402
-from recalign.data import prepare, read_source  # noqa: E402
-from recalign.data.vocab import train_vocabulary  # noqa: E402
+from recalign.data import PreparedData  # noqa: E402
+from recalign.demo import ensure_prepared  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,9 +45,7 @@ def main():
   args = p.parse_args()
   lengths = {"inputs": args.inputs, "targets": args.targets}
   with tempfile.TemporaryDirectory() as tmp:
-    data = prepare(read_source(args.data), name="bench")
-    data.save(Path(tmp) / "bench")
-    train_vocabulary(data, Path(tmp) / "bench" / "vocab")
+    data = PreparedData.load(ensure_prepared(Path(args.data), Path(tmp) / "bench", "bench"))
     t0 = time.perf_counter()
     names = rt.register_dataset(Path(tmp) / "bench")
     print(f"registered {len(names)} tasks/mixtures in {time.perf_counter() - t0:.1f}s "

@@ -30,13 +30,14 @@ import transformers  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 import recalign.tasks as rt  # noqa: E402
-from recalign.data import item_id, prepare, read_source  # noqa: E402
-from recalign.data.vocab import load_vocabulary, train_vocabulary  # noqa: E402
+from recalign.data import PreparedData, item_id  # noqa: E402
+from recalign.data.vocab import load_vocabulary  # noqa: E402
+from recalign.demo import ensure_prepared  # noqa: E402
 from recalign.decoding import ItemTrie, beam_search_items  # noqa: E402
 from recalign.evaluate import pad_inputs, task_examples  # noqa: E402
 from recalign.models import checkpoints as ck  # noqa: E402
 from recalign.models.model import EncoderDecoderModel  # noqa: E402
-from recalign.models.network import CONFIGS  # noqa: E402
+from recalign.models.network import CONFIGS, padded_vocab_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,15 +55,13 @@ def main():
   args = p.parse_args()
   lengths = {"inputs": 512, "targets": 16}
   with tempfile.TemporaryDirectory() as tmp:
-    data = prepare(read_source(args.data), name="bench")
-    data.save(Path(tmp) / "bench")
-    train_vocabulary(data, Path(tmp) / "bench" / "vocab")
+    data = PreparedData.load(ensure_prepared(Path(args.data), Path(tmp) / "bench", "bench"))
     vocab = load_vocabulary(Path(tmp) / "bench" / "vocab")
     rt.register_dataset(Path(tmp) / "bench")
     examples = task_examples("bench_retrieval", "test", lengths, args.users)
     if not args.no_sort:  # as `recalign eval` does, for both sides: similar lengths in a batch
       examples.sort(key=lambda e: -len(e["inputs"]))
-    cfg = CONFIGS[args.size].replace(vocab_size=-(-vocab.vocab_size // 128) * 128, dropout_rate=0.0)
+    cfg = CONFIGS[args.size].replace(vocab_size=padded_vocab_size(vocab.vocab_size), dropout_rate=0.0)
     model = EncoderDecoderModel(cfg)
     params = jax.tree_util.tree_map(np.asarray, nn.unbox(model.init(jax.random.PRNGKey(0))))
     ck.save_hf(cfg, params, Path(tmp) / "hf")

@@ -29,8 +29,7 @@ import transformers  # noqa: E402
 
 import recalign.tasks as rt  # noqa: E402
 from recalign import train as T  # noqa: E402
-from recalign.data import prepare, read_source  # noqa: E402
-from recalign.data.vocab import train_vocabulary  # noqa: E402
+from recalign.demo import ensure_prepared  # noqa: E402
 from recalign.models import checkpoints as ck  # noqa: E402
 from recalign.models import network as nw  # noqa: E402
 from recalign.models.model import EncoderDecoderModel  # noqa: E402
@@ -114,13 +113,11 @@ def main():
   args = p.parse_args()
   lengths = {"inputs": 512, "targets": 128}
   with tempfile.TemporaryDirectory() as tmp:
-    data = prepare(read_source(args.data), name="bench")
-    data.save(Path(tmp) / "bench")
-    train_vocabulary(data, Path(tmp) / "bench" / "vocab")
+    ensure_prepared(Path(args.data), Path(tmp) / "bench", "bench")
     rt.register_dataset(Path(tmp) / "bench")
     task = rt.get("bench_reat")
     vocab = rt.registry.get_vocabulary(task)
-    cfg = nw.CONFIGS[args.size].replace(vocab_size=-(-vocab.vocab_size // 128) * 128, dropout_rate=0.0)
+    cfg = nw.CONFIGS[args.size].replace(vocab_size=nw.padded_vocab_size(vocab.vocab_size), dropout_rate=0.0)
     print(f"T5 {args.size}, ReAT on Beauty, batch {args.batch}, lengths {lengths}, {os.cpu_count()} CPUs, "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")

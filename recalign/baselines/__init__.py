@@ -23,10 +23,8 @@ def eval_users(data: PreparedData, split: str) -> np.ndarray:
 
 
 def targets_and_history(data: PreparedData, split: str, users: np.ndarray):
-  cut = 2 if split == "validation" else 1
-  targets = np.array([data.sequences[u][-cut] for u in users])
-  history = [data.sequences[u][:-cut] for u in users]
-  return targets, history
+  pairs = [data.held_out(int(u), split) for u in users]
+  return np.array([t for _, t in pairs]), [h for h, _ in pairs]
 
 
 def top_k_excluding(scores: np.ndarray, history: list[np.ndarray], k: int) -> np.ndarray:
@@ -55,7 +53,7 @@ def history_rating(data: PreparedData, split: str = "test") -> dict:
   if data.ratings is None:
     raise ValueError(f"{data.name} has no ratings")
   users = eval_users(data, split)
-  cut = 2 if split == "validation" else 1
+  cut = {"validation": 2, "test": 1}[split]   # position of the held-out item, as PreparedData.held_out
   rate = np.array([np.mean(data.ratings[u][:-2] > 3) for u in users])
   labels = np.array([data.ratings[u][-cut] > 3 for u in users])
   return {"auc": M.auc(rate, labels)}

@@ -133,8 +133,7 @@ def train_sasrec(data: PreparedData, cfg: SASRecConfig = SASRecConfig(), progres
 def sasrec_scores(model: SASRec, params, data: PreparedData, split: str, users: np.ndarray,
                   batch_size: int = 1024) -> np.ndarray:
   """[users, items] scores from the last position of the sequence before the held-out item."""
-  cut = 2 if split == "validation" else 1
-  seqs = _left_pad([data.sequences[u][:-cut] + 1 for u in users], model.cfg.max_len)
+  seqs = _left_pad([data.held_out(int(u), split)[0] + 1 for u in users], model.cfg.max_len)
   emb = params["item_emb"]["embedding"][1:]
   fn = jax.jit(lambda s: model.apply({"params": params}, s, train=False)[:, -1] @ emb.T)
   return np.concatenate([np.asarray(fn(seqs[i:i + batch_size])) for i in range(0, len(seqs), batch_size)])

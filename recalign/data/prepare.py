@@ -75,6 +75,12 @@ class PreparedData:
   def test_target(self, user: int) -> int:
     return int(self.sequences[user][-1])
 
+  def held_out(self, user: int, split: str) -> tuple[np.ndarray, int]:
+    """(everything before the held-out item, the held-out item) for 'validation' or 'test'."""
+    cut = {"validation": 2, "test": 1}[split]
+    seq = self.sequences[user]
+    return seq[:-cut], int(seq[-cut])
+
   def train_popularity(self) -> np.ndarray:
     """Interaction counts per item in the training split only (no validation/test leakage)."""
     return np.bincount(np.concatenate([self.train_sequence(u) for u in range(self.num_users)]),

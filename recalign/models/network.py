@@ -49,6 +49,16 @@ class T5Config:
   def replace(self, **kw) -> "T5Config":
     return dataclasses.replace(self, **kw)
 
+  @classmethod
+  def from_dict(cls, d: dict) -> "T5Config":
+    """Inverse of `dataclasses.asdict` after a JSON round trip (lists back to tuples)."""
+    return cls(**{**d, "mlp_activations": tuple(d["mlp_activations"])})
+
+
+def padded_vocab_size(size: int, multiple: int = 128) -> int:
+  """Embedding rows for a vocabulary, rounded up as T5 does (32,100 -> 32,128)."""
+  return -(-size // multiple) * multiple
+
 
 # Published FLAN-T5 (T5.1.1 LM-adapted) sizes; `tiny` is for tests.
 CONFIGS = {
