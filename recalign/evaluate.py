@@ -94,7 +94,8 @@ class Evaluator:
       ranked.append(items[:n])
       for e, it, sc in zip(chunk[:n], items, scores):
         preds.append({"user": self.data.users[int(e["user"])], "target": self.ids[int(e["target_item"])],
-                      "ranked": [self.ids[i] for i in it if i >= 0], "scores": [round(float(x), 4) for x in sc if x > -1e8]})
+                      "ranked": [self.ids[i] for i in it if i >= 0],
+                      "scores": [round(float(x), 4) for x in sc if x > -1e8]})
     targets = np.array([e["target_item"] for e in examples])
     return M.ranking_metrics(np.concatenate(ranked), targets, ks=(5, 10)), preds
 

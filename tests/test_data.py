@@ -88,7 +88,7 @@ def test_chronological_sort_is_stable_and_duplicates_keep_earliest(tmp_path):
 
 
 def test_kcore_is_iterative():
-  I = lambda *items: [Interaction(i, None, None) for i in items]  # noqa: E731
+  I = lambda *items: [Interaction(i, None, None) for i in items]  # noqa: E731, E741
   seqs = {"u1": I("a", "b"), "u2": I("a", "b"), "u3": I("a", "c")}
   # k=2: item c (1 user) goes, then u3 has 1 item and goes, then a and b still have 2 users.
   assert {u: [x.item for x in s] for u, s in kcore_filter(seqs, 2).items()} == {

@@ -80,7 +80,7 @@ def main():
 
 
 def table(results: dict, args) -> str:
-  lines = [f"| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | " +
+  lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | " +
            " | ".join(f"val {k}" for k in KEYS[2:]) + " |",
            "|---|---|" + "---|" * (len(KEYS) + 2)]
   for row, (mixture, desc, _) in ROWS.items():

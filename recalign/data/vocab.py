@@ -3,8 +3,9 @@
 Layout as T5's: pad=0, eos=1, unk=2, no BOS, NFKC normalisation; `seqio` adds the
 100 sentinels `<extra_id_0..99>` at the top of the id range (`load_vocabulary`). Digits are split
 into single pieces, so an item ID such as `I4821` always tokenises to `▁I 4 8 2 1` -- short,
-unambiguous and independent of its neighbours, which constrained decoding relies on. We train a BPE model: sentencepiece 0.2's unigram trainer
-split the template words on this corpus ("▁f ollow ing"), costing ~50% more tokens per prompt.
+unambiguous and independent of its neighbours, which constrained decoding relies on. We train a BPE
+model: sentencepiece 0.2's unigram trainer split the template words on this corpus
+("▁f ollow ing"), costing ~50% more tokens per prompt.
 """
 
 from __future__ import annotations
