@@ -92,11 +92,20 @@ def make_mesh(model_parallel: int = 1, num_devices: Optional[int] = None) -> Mes
 def maybe_initialize_distributed() -> None:
   """Multi-host (TPU VM pod slice, multi-node GPU): one process per host, started identically.
 
-  On TPU VMs `jax.distributed.initialize()` needs no arguments; on GPU clusters set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM).
+  On TPU VMs, SLURM and Open MPI `jax.distributed.initialize()` finds everything itself
+  (RECALIGN_MULTIHOST=1 asks for it). Elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process
+  0), JAX_NUM_PROCESSES and JAX_PROCESS_ID; jax reads only the first, so the other two are passed here.
   """
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("RECALIGN_MULTIHOST"):
-    jax.distributed.initialize()
+  if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("RECALIGN_MULTIHOST")):
+    return
+  kwargs = {}
+  for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(var):
+      try:
+        kwargs[arg] = int(os.environ[var])
+      except ValueError:
+        raise ValueError(f"{var}={os.environ[var]!r} is not an integer") from None
+  jax.distributed.initialize(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------
