@@ -34,12 +34,9 @@ from recalign.demo import ensure_prepared  # noqa: E402
 from recalign.models import checkpoints as ck  # noqa: E402
 from recalign.models import network as nw  # noqa: E402
 from recalign.models.model import EncoderDecoderModel  # noqa: E402
+from recalign.tasks import packing  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def useful(batch) -> int:
-  return int((batch["encoder_input_tokens"] > 0).sum() + (batch["decoder_target_tokens"] > 0).sum())
 
 
 def next_fit_batches(task, lengths, batch_size):
@@ -70,7 +67,7 @@ def run_recalign(task, cfg, lengths, batch_size, steps, pack):
   t0, toks, examples = time.perf_counter(), 0, 0
   for b in batches[1:]:
     params, opt, loss = step(params, opt, b)
-    toks += useful(b)
+    toks += packing.real_tokens(b)
     examples += int(b["decoder_segment_ids"].max(1).sum()) if pack != "none" else len(b["encoder_input_tokens"])
   jax.block_until_ready(loss)
   dt = time.perf_counter() - t0
@@ -133,8 +130,7 @@ def main():
           f"({torch.get_num_threads()} threads)")
     rows = {f"recalign ({pack})": run_recalign(task, cfg, lengths, args.batch, args.steps, pack)
             for pack in ("none", "next-fit", "first-fit")}
-    rows.update({
-        "transformers": run_torch(task, cfg, lengths, args.batch, args.steps)})
+    rows["transformers"] = run_torch(task, cfg, lengths, args.batch, args.steps)
   ref = rows["transformers"][0]
   print(f"{'':<24}{'useful tok/s':>14}{'examples/s':>12}{'s/step':>9}{'vs torch':>10}")
   for name, (tps, eps, sps) in rows.items():

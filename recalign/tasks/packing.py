@@ -95,7 +95,11 @@ def pack_batches(examples: Iterable[Mapping[str, np.ndarray]], lengths: Mapping[
       yield batch.arrays((li, lt))
 
 
+def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
+  """Non-padding tokens of a batch, inputs + targets (the "useful tokens" of throughput numbers)."""
+  return int((batch["encoder_input_tokens"] > 0).sum() + (batch["decoder_target_tokens"] > 0).sum())
+
+
 def density(batch: Mapping[str, np.ndarray]) -> float:
   """Share of token slots (inputs + targets) holding real tokens."""
-  enc, dec = batch["encoder_input_tokens"], batch["decoder_target_tokens"]
-  return float(((enc > 0).sum() + (dec > 0).sum()) / (enc.size + dec.size))
+  return real_tokens(batch) / (batch["encoder_input_tokens"].size + batch["decoder_target_tokens"].size)
