@@ -42,3 +42,21 @@ def write_tiny_tsv(root: Path, *, ratings: bool = True) -> Path:
     rows.append(f"{k}\t{title}\tBrand{k.upper()}\t{ord(k) - 90}.99\tBeauty > {title.split()[-1]}")
   (root / "items.tsv").write_text("\n".join(rows) + "\n")
   return root
+
+
+def train_t5_like_vocab(data, path: Path, vocab_size: int = 400) -> Path:
+  """A SentencePiece model shaped like T5's: unigram, digits not split (and allowed to merge with
+  the characters around them), pad 0 / eos 1 / unk 2, no BOS; seqio adds the 100 extra ids."""
+  import io
+  import sentencepiece as spm
+  from recalign.data.vocab import training_text
+  # Many "x7," in the text: pieces that swallow the comma after a digit, as "7," in "I7, I2".
+  text = list(training_text(data)) + [" ".join(f"{c}{d}," for c in "abxyz") for d in range(10)] * 100
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(text), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, split_digits=False, split_by_number=False,
+      character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(model.getvalue())
+  return path

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import shared, write_tiny_tsv
+from conftest import shared, train_t5_like_vocab, write_tiny_tsv
 import recalign.tasks as rt
 from recalign.data import PreparedData, item_id, prepare, read_source
 from recalign.data.vocab import load_vocabulary, train_vocabulary
@@ -208,11 +208,18 @@ def test_mixtures_and_helpful_errors(tiny):
     rt.get("tiny_nope")
 
 
-def test_beauty_has_no_rating_task_and_renders_real_titles(tmp_path):
+@pytest.fixture(scope="module")
+def beauty(tmp_path_factory):
+  root = tmp_path_factory.mktemp("beauty")
   data = prepare(read_source(shared("amazon-beauty")), name="beauty")
-  data.save(tmp_path / "beauty")
-  train_vocabulary(data, tmp_path / "beauty" / "vocab")
-  names = rt.register_dataset(tmp_path / "beauty")
+  data.save(root / "beauty")
+  train_vocabulary(data, root / "beauty" / "vocab")
+  names = rt.register_dataset(root / "beauty")
+  return data, load_vocabulary(root / "beauty" / "vocab"), names
+
+
+def test_beauty_has_no_rating_task_and_renders_real_titles(beauty):
+  _, _, names = beauty
   assert "beauty_rating" not in names and "beauty_rpat" not in names and "beauty_ut_at" in names
   with pytest.raises(ValueError, match="has no ratings"):
     rt.get("beauty_rating")
@@ -222,3 +229,109 @@ def test_beauty_has_no_rating_task_and_renders_real_titles(tmp_path):
   assert text.endswith(item_id(int(ex["candidates"][-1])))
   with pytest.raises(tf.errors.InvalidArgumentError, match="raise it"):
     first("beauty_ranking", "test", {"inputs": 256, "targets": 16})
+
+
+@pytest.mark.parametrize("lengths", [(320, 64), (1024, 64), (512, 128)])
+def test_targets_are_never_cut_on_the_beauty_training_stream(beauty, lengths):
+  """MIM, BPR and item QA budget inputs and targets together: over the first 2,000 training examples
+  every target decodes to its rendered text in full (seqio's trim would cut it otherwise)."""
+  _, vocab, _ = beauty
+  lengths = {"inputs": lengths[0], "targets": lengths[1]}
+  for task in ("beauty_mim", "beauty_bpr", "beauty_mlm", "beauty_item_qa"):
+    masked = 0
+    for ex in rt.get(task).get_dataset(lengths, split="train", shuffle=False).take(2000).as_numpy_iterator():
+      tgt, inp = ex["targets"].tolist(), ex["inputs"].tolist()
+      assert len(tgt) <= lengths["targets"] and len(inp) <= lengths["inputs"]
+      assert tgt[-1] == 1 and inp[-1] == 1, task
+      if task == "beauty_mlm":
+        continue   # span corruption: the *_pretokenized fields hold the uncorrupted source
+      assert vocab.decode(tgt[:-1]) == ex["targets_pretokenized"].decode(), task
+      assert vocab.decode(inp[:-1]) == ex["inputs_pretokenized"].decode(), task
+      if task == "beauty_mim":
+        text = ex["inputs_pretokenized"].decode()
+        n_masks = text.count("[masked item];")
+        assert n_masks >= 1 and ex["targets_pretokenized"].decode().count("Item ID:") == n_masks
+        masked += n_masks
+    if task == "beauty_mim":
+      assert masked > 2000   # masks were not simply dropped
+
+
+def _synthetic(tmp_path, users=60, items=200, length=8):
+  """Every user has one training window, so example i is user i in every split."""
+  from recalign.data.ingest import Interaction, RawData
+  from recalign.data.report import IngestReport
+  from recalign.data import AMAZON
+  rng = np.random.default_rng(0)
+  seqs = {f"u{u:03d}": [Interaction(f"i{int(x):03d}", float(t), None)
+                        for t, x in enumerate(rng.choice(items, length, replace=False))] for u in range(users)}
+  data = prepare(RawData(seqs, {}, AMAZON, "synthetic", [], IngestReport()), name="syn", kcore=0)
+  data.save(tmp_path / "syn")
+  train_vocabulary(data, tmp_path / "syn" / "vocab", vocab_size=200)
+  rt.register_dataset(tmp_path / "syn", config=rt.DatasetConfig(num_candidates=20))
+  return data
+
+
+def test_evaluation_draws_are_independent_of_training_and_seeds_change_the_data(tmp_path):
+  _synthetic(tmp_path)
+  lengths = {"inputs": 512, "targets": 64}
+
+  def by_id(task, split, seed=None, n=60):   # {(example id, epoch): example}
+    ds = rt.get(task).get_dataset(lengths, split=split, shuffle=seed is not None, seed=seed)
+    return {(int(x["example_id"]), int(x["epoch"])): x for x in ds.take(n).as_numpy_iterator()}
+
+  # Test example i and training example i (epoch 0) are the same user, but not the same negatives.
+  test, train = by_id("syn_ranking", "test"), by_id("syn_ranking", "train")
+  assert all(test[i]["user"] == train[i]["user"] for i in test) and len(test) == 60
+  same = sum(set(test[i]["candidates"]) - {test[i]["target_item"]}
+             == set(train[i]["candidates"]) - {train[i]["target_item"]} for i in test)
+  assert same == 0, same
+  # RANDOM_SEED reaches the draws: other masks and negatives for the same training examples...
+  for task in ("syn_mim", "syn_bpr", "syn_ranking"):
+    a, b = by_id(task, "train", seed=0, n=300), by_id(task, "train", seed=1, n=300)
+    common = a.keys() & b.keys()
+    changed = sum(a[i]["inputs"].tolist() != b[i]["inputs"].tolist() for i in common)
+    assert len(common) > 20 and changed > 0.6 * len(common), (task, changed, len(common))
+    again = by_id(task, "train", seed=0, n=300)
+    assert again.keys() == a.keys() and all(again[i]["inputs"].tolist() == a[i]["inputs"].tolist() for i in a)
+  # ...while evaluation candidates are the same for every run seed.
+  v0, v1 = by_id("syn_ranking", "validation", seed=0), by_id("syn_ranking", "validation", seed=1)
+  assert all(v0[i]["candidates"].tolist() == v1[i]["candidates"].tolist() for i in v0)
+  # The tasks of a mixture shuffle independently.
+  order = {t: [int(x["example_id"]) for x in rt.get(t).get_dataset(lengths, split="train", shuffle=True, seed=3)
+                                                    .take(60).as_numpy_iterator()]
+           for t in ("syn_retrieval", "syn_mim", "syn_bpr")}
+  assert order["syn_retrieval"] != order["syn_mim"] != order["syn_bpr"] != order["syn_retrieval"]
+
+
+def _count(seq, sub):
+  n = len(sub)
+  return sum(seq[i:i + n] == sub for i in range(len(seq) - n + 1))
+
+
+def test_one_tokenisation_per_id_under_a_t5_like_vocabulary(tmp_path):
+  """Prompts, targets and the decoding trie use each ID's own tokens even where tokenising the
+  prompt text as a whole would merge the ID with the comma after it."""
+  from recalign.decoding import EOS, ItemTrie
+  data = prepare(read_source(write_tiny_tsv(tmp_path / "src")), name="t5tiny", kcore=0, seed=0)
+  data.save(tmp_path / "t5tiny")
+  vocab = load_vocabulary(train_t5_like_vocab(data, tmp_path / "t5.model"))
+  rt.register_dataset(tmp_path / "t5tiny", vocab=vocab, config=rt.DatasetConfig(num_candidates=3))
+  canon = {item_id(k): vocab.encode(item_id(k)) for k in range(data.num_items)}
+  merged = 0
+  for task, split in [("retrieval", "test"), ("ranking", "validation"), ("mim", "train"), ("bpr", "train"),
+                      ("rating", "test"), ("item_qa", "train")]:
+    for ex in first(f"t5tiny_{task}", split, n=12):
+      for field in ("inputs", "targets"):
+        toks, text = ex[field].tolist(), ex[f"{field}_pretokenized"].decode()
+        assert toks[-1] == EOS and vocab.decode(toks[:-1]) == text, (task, field, text)
+        for iid in set(re.findall(r"I\d+", text)):
+          assert _count(toks, canon[iid]) == len(re.findall(rf"\b{iid}\b", text)), (task, iid, text)
+        merged += toks[:-1] != vocab.encode(text)
+      if task in ("retrieval", "ranking"):
+        assert ex["targets"].tolist() == canon[item_id(int(ex["target_item"]))] + [EOS]
+  assert merged > 0          # the whole-text tokenisation really differs: the test can fail
+  trie = ItemTrie.for_items(vocab, list(canon))
+  for k, iid in enumerate(canon):
+    path = [int(trie.alphabet[np.flatnonzero(trie.next_node[n] == m)[0]])
+            for n, m in zip([0, *trie.item_path[k][:-1]], trie.item_path[k]) if m < len(trie.next_node)]
+    assert path == canon[iid] + [EOS]

@@ -1,11 +1,9 @@
-import io
-
 import pytest
 import sentencepiece as spm
 
-from conftest import write_tiny_tsv
+from conftest import train_t5_like_vocab, write_tiny_tsv
 from recalign.data import item_id, prepare, read_source
-from recalign.data.vocab import check_item_ids, load_vocabulary, train_vocabulary
+from recalign.data.vocab import check_item_ids, continuation_encoder, load_vocabulary, train_vocabulary
 from recalign.tasks.templates import MASK, Templates, entry, item_list
 
 
@@ -45,14 +43,20 @@ def test_item_ids_tokenise_consistently_in_context(tiny):
   assert len(check.token_ids) == 11  # "▁I" + ten digits
 
 
-def test_check_flags_a_vocabulary_that_merges_ids_with_neighbours(tmp_path):
-  """A user-supplied model (like T5's) can merge an ID's digits with the following comma."""
-  text = ["Candidate items are: I12, I12, I12, I7"] * 200 + ["I12 I7 Title: x ? What's the of"] * 5
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=40,
-                                 model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                 hard_vocab_limit=False, minloglevel=2)
-  (tmp_path / "spm.model").write_bytes(model.getvalue())
-  vocab = load_vocabulary(tmp_path)
-  check = check_item_ids(vocab, ["I12", "I7"])
-  assert any("I12" in f and "Candidate" in f for f in check.failures), check.failures
+def test_t5_like_vocabulary_merges_ids_in_context_and_the_check_reports_it(tiny, tmp_path):
+  """T5's SentencePiece model does not split digits: "I7," can become "▁I 7," inside a prompt while
+  "I7" alone is "▁I 7". recalign splices each ID's own tokens, so the check reports the merges
+  (informational) and finds no failure; an ID that cannot round-trip is a failure."""
+  data, _, _ = tiny
+  vocab = load_vocabulary(train_t5_like_vocab(data, tmp_path / "t5.model"))
+  assert vocab.extra_ids == 100 and vocab.decode([vocab.vocab_size - 1]) == "<extra_id_0>"
+  ids = [item_id(k) for k in range(data.num_items)]
+  check = check_item_ids(vocab, ids)
+  assert check.failures == []
+  assert len(check.merged_in_context) >= len(ids) - 2, check.merged_in_context
+  assert vocab.encode("Item ID: I7, Title: x;") != (vocab.encode("Item ID:") + vocab.encode("I7")
+                                                     + continuation_encoder(vocab)(", Title: x;"))
+  assert vocab.decode(vocab.encode("Item ID:") + vocab.encode("I7") + continuation_encoder(vocab)(", Title: x;")) \
+      == "Item ID: I7, Title: x;"
+  bad = check_item_ids(vocab, ["I7", "I\u2603"])            # a character the model does not know
+  assert [f.split(":")[0] for f in bad.failures] == ["I\u2603"]

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import io
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from recalign.data.prepare import PreparedData, item_id
@@ -69,25 +70,53 @@ def load_vocabulary(path: Path | str, extra_ids: int = NUM_EXTRA_IDS):
   return seqio.SentencePieceVocabulary(str(path), extra_ids=extra_ids)
 
 
+def continuation_encoder(vocab) -> Callable[[str], list[int]]:
+  """Encodes text that continues the previous token with no space before it (", Title: x;", "?").
+
+  SentencePiece prefixes every encoded string with a word boundary ("▁"); this encoder is the same
+  model without that prefix, so `encode("Item ID:") + encode(id) + continuation(", Title: x;")`
+  decodes to exactly "Item ID: <id>, Title: x;" while the ID keeps the tokens it has alone.
+  """
+  from sentencepiece import sentencepiece_model_pb2
+  proto = getattr(vocab, "sp_model", None)
+  if proto is None:
+    raise TypeError(f"{type(vocab).__name__}: recalign's prompts need a SentencePiece vocabulary")
+  model = sentencepiece_model_pb2.ModelProto.FromString(proto)
+  model.normalizer_spec.add_dummy_prefix = False
+  sp = spm.SentencePieceProcessor(model_proto=model.SerializeToString())
+  return lambda text: list(sp.encode(text)) if text else []
+
+
+# (text before the ID, text right after it) in every context the templates put an ID in.
+ID_CONTEXTS = (("Item ID:", ", Title: x;"), ("Item ID:", ";"), ("Candidate items are: I1,", ", I2"),
+               ("Candidate items are:", ""), ("What's the title of", "?"), ("", ""))
+
+
 @dataclasses.dataclass
 class IdTokenization:
   max_tokens: int
   token_ids: set[int]               # every token that occurs in some item ID
-  failures: list[str]               # human-readable descriptions of inconsistent IDs
+  failures: list[str]               # IDs that cannot be used: not round-tripping, not unique
+  merged_in_context: list[str]      # IDs whose tokens change when the whole prompt text is tokenised
+  mean_tokens: float = 0.0
 
 
 def check_item_ids(vocab, ids: Sequence[str], *, limit: Optional[int] = None) -> IdTokenization:
-  """Checks that each ID tokenises the same alone and in every context the templates put it in.
+  """How item IDs tokenise under `vocab`, and whether recalign can use them.
 
-  Works with any seqio vocabulary, including the standard T5 / FLAN-T5 SentencePiece model.
+  recalign gives every ID one tokenisation -- its tokens alone -- and splices it into prompts,
+  targets and the decoding trie. A failure is an ID that does not decode back to itself, shares its
+  tokens with another ID, or whose spliced prompt does not decode to the prompt's text.
+  `merged_in_context` lists IDs that a vocabulary which does not split digits (T5's) would tokenise
+  differently inside a prompt if the prompt were tokenised as one string: informational, since
+  recalign splices. Works with any SentencePiece vocabulary, the standard T5 / FLAN-T5 one included.
   """
-  contexts = ["Item ID: {}, Title: x;", "Candidate items are: I1, {}, I2", "Candidate items are: {}",
-              "What's the title of {}?", "{}"]
-  failures, tokens, longest = [], set(), 0
+  cont = continuation_encoder(vocab)
+  failures, merged, tokens, lengths = [], [], set(), []
   seen: dict[tuple, str] = {}
   for iid in ids[:limit] if limit else ids:
     alone = tuple(vocab.encode(iid))
-    longest = max(longest, len(alone))
+    lengths.append(len(alone))
     tokens.update(alone)
     if vocab.decode(list(alone)) != iid:
       failures.append(f"{iid}: decodes to {vocab.decode(list(alone))!r}")
@@ -95,11 +124,19 @@ def check_item_ids(vocab, ids: Sequence[str], *, limit: Optional[int] = None) ->
     if alone in seen:
       failures.append(f"{iid}: same tokens as {seen[alone]}")
     seen[alone] = iid
-    for ctx in contexts:
-      toks = vocab.encode(ctx.format(iid))
-      if not _contains(toks, alone):
-        failures.append(f"{iid}: tokens {list(alone)} not found in context {ctx.format(iid)!r}")
-  return IdTokenization(longest, tokens, failures)
+    changed = []
+    for before, after in ID_CONTEXTS:
+      text = f"{before} {iid}{after}".strip()
+      spliced = (vocab.encode(before) if before else []) + list(alone) + cont(after)
+      if vocab.decode(spliced) != text:
+        failures.append(f"{iid}: spliced tokens decode to {vocab.decode(spliced)!r}, not {text!r}")
+      elif not _contains(vocab.encode(text), alone):
+        changed.append(text)
+    if changed:
+      merged.append(f"{iid}: tokens {list(alone)} change inside {changed[0]!r}"
+                    + (f" (and {len(changed) - 1} more contexts)" if len(changed) > 1 else ""))
+  return IdTokenization(max(lengths, default=0), tokens, failures, merged,
+                        float(np.mean(lengths)) if lengths else 0.0)
 
 
 def _contains(seq: Sequence[int], sub: Sequence[int]) -> bool:

@@ -5,12 +5,13 @@ is built) -- equal to tokenising the rendered text because all joins are at whit
 `templates`) -- so the oldest history items can be dropped exactly to fit TASK_FEATURE_LENGTHS and
 the target is never cut. Each example also carries its text (`inputs_pretokenized`, ...).
 
-All randomness is stateless: `example_key` folds the task's seed, the example's id and the epoch
-into a `tf.random.stateless_*` key.
+All randomness is stateless: `example_key` folds the example's sample seed (split and run seed, or
+the evaluation seed), the task, the example's id and the epoch into a `tf.random.stateless_*` key.
 """
 
 from __future__ import annotations
 
+import logging
 import zlib
 from typing import Callable, Optional
 
@@ -18,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from recalign.data.prepare import PreparedData, item_id
+from recalign.data.vocab import continuation_encoder
 from recalign.tasks import templates as tpl
 
 RNG = tf.Tensor  # shape [2] int64 stateless key
@@ -30,29 +32,41 @@ RNG = tf.Tensor  # shape [2] int64 stateless key
 class TokenTable:
   """Texts and their token ids; `tf()` gives (RaggedTensor [n, None] int32, string Tensor [n])."""
 
-  def __init__(self, texts: list[str], vocab):
+  def __init__(self, texts: list[str], tokens: list[list[int]]):
     self.texts = list(texts)
-    toks = [vocab.encode(t) for t in self.texts]
-    self.lengths = np.array([len(t) for t in toks], np.int64)
-    self.values = np.array([i for t in toks for i in t], np.int32)
+    self.lengths = np.array([len(t) for t in tokens], np.int64)
+    self.values = np.array([i for t in tokens for i in t], np.int32)
 
   def tf(self) -> tuple[tf.RaggedTensor, tf.Tensor]:
     return (tf.RaggedTensor.from_row_lengths(self.values, self.lengths), tf.constant(self.texts))
 
 
 class ItemTables:
-  """Every rendering of every item, tokenised once. Entry rows N and N+1 are the mask and `None;`."""
+  """Every rendering of every item, tokenised once. Entry rows N and N+1 are the mask and `None;`.
 
-  def __init__(self, data: PreparedData, vocab, *, with_titles: bool = True):
-    ids = [item_id(k) for k in range(data.num_items)]
+  Each ID has one tokenisation -- its tokens alone -- spliced between the tokens of the text around
+  it (`Item ID:` before, `, Title: ...;` after, encoded as a continuation), so prompts, targets and
+  the decoding trie agree even under a vocabulary that does not split digits (T5's).
+  """
+
+  def __init__(self, data: PreparedData, vocab, *, with_titles: bool = True,
+               ids: Optional[list[str]] = None):
+    ids = list(ids) if ids is not None else [item_id(k) for k in range(data.num_items)]
+    enc, cont = vocab.encode, continuation_encoder(vocab)
+    id_tok = [list(enc(i)) for i in ids]
+    prefix = list(enc(tpl.ENTRY_PREFIX))
+    suffixes = [tpl.entry_suffix(m.title, with_titles) for m in data.items]
     bare = [tpl.entry(i, m.title, with_titles) for i, m in zip(ids, data.items)]
     self.num_items = data.num_items
     self.mask_row, self.none_row = data.num_items, data.num_items + 1
-    self.entry = TokenTable([b + ";" for b in bare] + [tpl.MASK + ";", "None;"], vocab)
-    self.bare = TokenTable(bare, vocab)
-    self.id = TokenTable(ids, vocab)
-    self.id_comma = TokenTable([i + "," for i in ids], vocab)
-    self.vocab = vocab
+    self.entry = TokenTable([b + ";" for b in bare] + [tpl.MASK + ";", "None;"],
+                            [prefix + t + cont(x + ";") for t, x in zip(id_tok, suffixes)]
+                            + [enc(tpl.MASK + ";"), enc("None;")])
+    self.bare = TokenTable(bare, [prefix + t + cont(x) for t, x in zip(id_tok, suffixes)])
+    self.id = TokenTable(ids, id_tok)
+    self.id_comma = TokenTable([i + "," for i in ids], [t + cont(",") for t in id_tok])
+    self.ids, self.id_tokens = ids, id_tok
+    self.vocab, self.continuation = vocab, cont
 
   def fixed(self, text: str) -> "Fixed":
     return Fixed(text, self.vocab.encode(text))
@@ -74,10 +88,15 @@ def salt(name: str) -> int:
   return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
-def example_key(seed: int, task_salt: int, example_id: tf.Tensor, epoch: tf.Tensor) -> RNG:
-  key = tf.constant([seed, task_salt], tf.int64)
-  key = tf.random.experimental.stateless_fold_in(key, tf.cast(example_id, tf.int64))
-  return tf.random.experimental.stateless_fold_in(key, tf.cast(epoch, tf.int64))
+def example_key(task_salt: int, ex: dict) -> RNG:
+  """The stateless key of one example: (sample seed, task, example id, epoch).
+
+  The sample seed (set by the source) folds in the split and the run's seed for training or the
+  fixed evaluation seed otherwise, so no evaluation draw repeats a training draw.
+  """
+  key = tf.stack([tf.cast(ex["sample_seed"], tf.int64), tf.constant(task_salt, tf.int64)])
+  key = tf.random.experimental.stateless_fold_in(key, tf.cast(ex["example_id"], tf.int64))
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(ex["epoch"], tf.int64))
 
 
 def split_key(key: RNG, n: int) -> list[RNG]:
@@ -145,6 +164,12 @@ class Renderer:
 def keep_recent(lengths: tf.Tensor, budget: tf.Tensor) -> tf.Tensor:
   """How many of the most recent items fit in `budget` tokens."""
   cum = tf.cumsum(tf.cast(lengths, tf.int64), reverse=True)
+  return tf.reduce_sum(tf.cast(cum <= tf.cast(budget, tf.int64), tf.int32))
+
+
+def keep_first(lengths: tf.Tensor, budget) -> tf.Tensor:
+  """How many of the first items fit in `budget` tokens."""
+  cum = tf.cumsum(tf.cast(lengths, tf.int64))
   return tf.reduce_sum(tf.cast(cum <= tf.cast(budget, tf.int64), tf.int32))
 
 
@@ -274,16 +299,32 @@ def rating(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, **_) -> dict:
   return out
 
 
-def mim(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, mask_rate: float, **_) -> dict:
+def mim(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, mask_rate: float, **_) -> dict:
+  """Masks ~`mask_rate` of the window's items; the targets are the masked items in order.
+
+  Inputs and targets are budgeted together: the window keeps its newest items that fit the inputs
+  (counted unmasked), items whose entry alone exceeds the targets are never masked, and masks that
+  would overflow the targets stay visible -- a target is never cut. A window with nothing maskable
+  yields no example (`_ok`).
+  """
   window = tf.concat([ex["history"], [ex["target"]]], 0)
-  window = truncate_oldest(window, r.entry_lengths(window), budget - fixed_len(fx["history"], fx["mim"]))
+  cost = r.entry_lengths(window)           # tokens an item adds to the targets when masked
+  shown = tf.maximum(cost, r.entry_lengths([r.t.mask_row])[0])   # ...and at most to the inputs
+  window = truncate_oldest(window, shown, budget - fixed_len(fx["history"], fx["mim"]))
+  cost = cost[tf.size(cost) - tf.size(window):]
   n = tf.size(window)
   num_mask = tf.maximum(1, tf.cast(tf.round(tf.cast(n, tf.float32) * mask_rate), tf.int32))
-  masked_pos = tf.sort(random_order(key, n)[:num_mask])
+  order = random_order(key, n)
+  fits = tf.gather(cost, order) <= tf.cast(targets_budget, cost.dtype)
+  order = tf.concat([tf.boolean_mask(order, fits), tf.boolean_mask(order, ~fits)], 0)[:num_mask]
+  order = order[:keep_first(tf.gather(cost, order), targets_budget)]
+  masked_pos = tf.sort(order)
   is_masked = tf.scatter_nd(masked_pos[:, None], tf.ones_like(masked_pos, tf.bool), [n])
   rows = tf.where(is_masked, r.t.mask_row, window)
-  return output(r.join(fx["history"].tf(), r.items(rows), fx["mim"].tf()),
-                r.items(tf.gather(window, masked_pos)))
+  out = output(r.join(fx["history"].tf(), r.items(rows), fx["mim"].tf()),
+               r.items(tf.gather(window, masked_pos)))
+  out["_ok"] = tf.size(masked_pos) > 0
+  return out
 
 
 def mlm(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget: tf.Tensor,
@@ -304,21 +345,33 @@ def mlm(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget: tf
   return {"inputs": inputs, "targets": targets, "inputs_pretokenized": text, "targets_pretokenized": text}
 
 
-def bpr(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, log_popularity, user_items, **_) -> dict:
+def bpr(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, log_popularity, user_items,
+        **_) -> dict:
+  """History + two candidates (the true next item, one popularity-sampled negative, random order)
+  -> the true next item's entry. An answer longer than the targets is skipped (`_ok`), never cut."""
   k_neg, k_pos = split_key(key, 2)
   negative = sample_negatives(k_neg, log_popularity, user_items[ex["user"]], 1)
   pair = tf.gather(tf.concat([[ex["target"]], negative], 0), random_order(k_pos, 2))
   pair_tok, pair_txt = r.items(pair)
   need = fixed_len(fx["history"], fx["bpr"]) + tf.size(pair_tok)
   hist = truncate_oldest(ex["history"], r.entry_lengths(ex["history"]), tf.cast(budget, tf.int32) - need)
-  out = output(r.join(fx["history"].tf(), r.items(hist), fx["bpr"].tf(), (pair_tok, pair_txt)),
-               r.item(ex["target"], "bare"))
+  answer = r.item(ex["target"], "bare")
+  out = output(r.join(fx["history"].tf(), r.items(hist), fx["bpr"].tf(), (pair_tok, pair_txt)), answer)
   out["candidates"] = pair
+  out["_ok"] = (tf.size(answer[0]) <= tf.cast(targets_budget, tf.int32)) & (need <= tf.cast(budget, tf.int32))
+  return out
+
+
+def item_qa(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, **_) -> dict:
+  """Static question/answer pairs (already tokenised); pairs that do not fit are skipped, never cut."""
+  out = {k: ex[k] for k in ("inputs", "targets", "inputs_pretokenized", "targets_pretokenized")}
+  out["_ok"] = ((tf.size(ex["inputs"]) <= tf.cast(budget, tf.int32))
+                & (tf.size(ex["targets"]) <= tf.cast(targets_budget, tf.int32)))
   return out
 
 
 TASK_FNS: dict[str, TaskFn] = {"retrieval": retrieval, "ranking": ranking, "rating": rating,
-                               "mim": mim, "mlm": mlm, "bpr": bpr}
+                               "mim": mim, "mlm": mlm, "bpr": bpr, "item_qa": item_qa}
 
 
 def fixed_texts(tables: ItemTables, templates: tpl.Templates) -> dict[str, Fixed]:
@@ -329,10 +382,38 @@ def fixed_texts(tables: ItemTables, templates: tpl.Templates) -> dict[str, Fixed
       "yes": "yes", "no": "no"}.items()}
 
 
-def make_preprocessor(kind: str, tables: ItemTables, templates: tpl.Templates, *, seed: int,
-                      task_name: str, log_popularity: Optional[np.ndarray] = None,
-                      user_items=None, **options):
-  """A seqio preprocessor (ds, sequence_length) -> ds producing token `inputs` / `targets`."""
+_REPORTED: set = set()
+
+
+def report_skips(kind: str, task_name: str, tables: ItemTables, lengths: dict, qa_lengths=None) -> None:
+  """Logs, once per task and lengths, what the length limits make a task skip (never cut)."""
+  targets_budget = lengths.get("targets", 1 << 20) - 1
+  inputs_budget = lengths.get("inputs", 1 << 20) - 1
+  if kind == "mim":
+    n = int((tables.entry.lengths[:tables.num_items] > targets_budget).sum())
+    what = f"{n} of {tables.num_items} items have an entry longer than the targets and are never masked"
+  elif kind == "bpr":
+    n = int((tables.bare.lengths > targets_budget).sum())
+    what = f"{n} of {tables.num_items} items have an entry longer than the targets: examples answering them are skipped"
+  elif kind == "item_qa" and qa_lengths is not None:
+    n = int(((qa_lengths[0] > inputs_budget) | (qa_lengths[1] > targets_budget)).sum())
+    what = f"{n} of {len(qa_lengths[0])} question/answer pairs do not fit and are skipped"
+  else:
+    return
+  key = (task_name, inputs_budget, targets_budget)
+  if n and key not in _REPORTED:
+    _REPORTED.add(key)
+    logging.warning("%s at lengths %s: %s", task_name, dict(lengths), what)
+
+
+def make_preprocessor(kind: str, tables: ItemTables, templates: tpl.Templates, *, task_name: str,
+                      log_popularity: Optional[np.ndarray] = None, user_items=None, qa_lengths=None,
+                      **options):
+  """A seqio preprocessor (ds, sequence_length) -> ds producing token `inputs` / `targets`.
+
+  Inputs and targets always fit `sequence_length` whole: prompts drop their oldest history items,
+  and an example whose target cannot fit is skipped (counted in the log), never cut.
+  """
   fn = TASK_FNS[kind]
   fx = fixed_texts(tables, templates)
   task_salt = salt(task_name)
@@ -343,6 +424,7 @@ def make_preprocessor(kind: str, tables: ItemTables, templates: tpl.Templates, *
     targets_budget = lengths.get("targets", 1 << 20) - 1
     max_source = max_source_tokens(min(targets_budget, 4096), options.get("noise_density", 0.2),
                                    options.get("mean_noise_span_length", 3.0))
+    report_skips(kind, task_name, tables, lengths, qa_lengths)
 
     def map_fn(ex):
       r = Renderer(tables)
@@ -350,14 +432,20 @@ def make_preprocessor(kind: str, tables: ItemTables, templates: tpl.Templates, *
       if log_popularity is not None:
         extra["log_popularity"] = tf.constant(log_popularity, tf.float32)
         extra["user_items"] = tf.RaggedTensor.from_row_lengths(*user_items)
-      key = example_key(seed, task_salt, ex["example_id"], ex["epoch"])
+      key = example_key(task_salt, ex) if "sample_seed" in ex else None
       out = fn(ex, key, r, fx, tf.constant(budget), targets_budget=targets_budget,
                max_source=max_source, vocab_size=tables.vocab.vocab_size, **extra, **options)
-      out.update(user=ex["user"], example_id=ex["example_id"], epoch=ex["epoch"],
-                 target_item=ex["target"])
+      out.setdefault("_ok", tf.constant(True))
+      for k in ("user", "example_id", "epoch"):
+        if k in ex:
+          out[k] = ex[k]
+      if "target" in ex:
+        out["target_item"] = ex["target"]
       return out
 
-    return ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.filter(lambda x: x["_ok"])
+    return ds.map(lambda x: {k: v for k, v in x.items() if k != "_ok"}, num_parallel_calls=tf.data.AUTOTUNE)
 
   preprocess.__name__ = f"recalign_{kind}"
   return preprocess

@@ -22,7 +22,7 @@ import seqio
 import tensorflow as tf
 
 from recalign import metrics as M
-from recalign.data.prepare import PreparedData, item_id
+from recalign.data.prepare import PreparedData
 from recalign.data.vocab import load_vocabulary
 from recalign.tasks import preprocessors as pp
 from recalign.tasks import sources
@@ -50,7 +50,10 @@ class DatasetConfig:
   noise_density: float = 0.2            # MLM span corruption
   mean_noise_span_length: float = 3.0
   with_titles: Optional[bool] = None    # None: titles when the data set has them
-  seed: int = 0                         # all sampling (masks, negatives, spans, eval candidates)
+  seed: int = 0                         # training draws when get_dataset is given no seed (the
+                                        # trainer passes RANDOM_SEED): masks, negatives, spans, order
+  eval_seed: int = 0                    # validation/test draws (ranking candidates): fixed, so that
+                                        # every run is evaluated on the same candidates
 
 
 class _InMemorySource(seqio.DataSource):
@@ -75,48 +78,71 @@ class _InMemorySource(seqio.DataSource):
 
 
 class RecDataSource(_InMemorySource):
-  """`sources.Examples` per split; train is an endless, epoch-tagged stream."""
+  """`sources.Examples` per split; train is an endless, epoch-tagged stream.
 
-  def __init__(self, examples: Mapping[str, sources.Examples], seed: int):
-    self._examples, self._seed = dict(examples), seed
+  Every element carries a `sample_seed` for the preprocessors' stateless draws: for `train` the
+  seed `get_dataset` is given (the run's RANDOM_SEED; `seed` if none), for validation and test the
+  fixed `eval_seed`; the split is folded in, so no evaluation draw repeats a training draw. `salt`
+  (the task's) makes the tasks of a mixture shuffle independently.
+  """
+
+  def __init__(self, examples: Mapping[str, sources.Examples], *, seed: int, eval_seed: int, salt: int):
+    self._examples, self._seed, self._eval_seed, self._salt = dict(examples), seed, eval_seed, salt
     super().__init__(splits=list(examples),
                      num_input_examples={k: len(v) for k, v in examples.items()})
 
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
                   shard_info: Optional[seqio.ShardInfo] = None, **_) -> tf.data.Dataset:
     self._check_split(split)
+    run_seed = self._seed if seed is None else seed
+    draw_seed = run_seed if split == "train" else self._eval_seed
     ds = sources.to_dataset(self._examples[split], split=split, shuffle=shuffle,
-                            seed=self._seed if seed is None else seed)
+                            seed=sources.mix_seed(draw_seed, pp.salt(split)), salt=self._salt)
     return self._shard(ds, shard_info)
 
 
 class ItemQASource(_InMemorySource):
-  """Static item QA pairs ("What's the title of I12?" -> title, title -> ID); train only."""
+  """Static item QA pairs ("What's the title of I12?" -> title, title -> ID), tokenised with the
+  IDs' own tokens; train only."""
 
-  def __init__(self, pairs: list[tuple[str, str]]):
-    self._pairs = pairs
+  def __init__(self, pairs: list[tuple[list[int], str, list[int], str]], salt: int):
+    self._pairs, self._salt = pairs, salt
     super().__init__(splits=["train"], num_input_examples={"train": len(pairs)})
+
+  def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([len(p[0]) for p in self._pairs]), np.array([len(p[2]) for p in self._pairs])
 
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
                   shard_info: Optional[seqio.ShardInfo] = None, **_) -> tf.data.Dataset:
     self._check_split(split)
-    q, a = zip(*self._pairs)
-    ds = self._shard(tf.data.Dataset.from_tensor_slices({"inputs": list(q), "targets": list(a)}), shard_info)
+    def ragged(rows):  # (tf.ragged.constant is slow for tens of thousands of rows)
+      return tf.RaggedTensor.from_row_lengths(np.array([t for r in rows for t in r], np.int32),
+                                              np.array([len(r) for r in rows], np.int64))
+
+    ds = tf.data.Dataset.from_tensor_slices({
+        "inputs": ragged([p[0] for p in self._pairs]), "inputs_pretokenized": [p[1] for p in self._pairs],
+        "targets": ragged([p[2] for p in self._pairs]), "targets_pretokenized": [p[3] for p in self._pairs]})
+    ds = self._shard(ds, shard_info)
     if shuffle:
-      ds = ds.shuffle(len(self._pairs), seed=seed)
-    return ds.map(lambda x: {**x, "inputs_pretokenized": x["inputs"], "targets_pretokenized": x["targets"]})
+      ds = ds.shuffle(len(self._pairs), seed=sources.mix_seed(seed or 0, self._salt) % (1 << 40))
+    return ds
 
 
-def item_qa_pairs(data: PreparedData) -> list[tuple[str, str]]:
+def item_qa_pairs(data: PreparedData, tables: pp.ItemTables) -> list[tuple[list[int], str, list[int], str]]:
+  """(input tokens, input text, target tokens, target text) per question; IDs keep their own tokens."""
+  enc, cont = tables.vocab.encode, tables.continuation
   pairs = []
   for k, m in enumerate(data.items):
-    iid = item_id(k)
+    iid, id_tok = tables.ids[k], tables.id_tokens[k]
     values = {"title": m.title, "brand": m.brand, "price": m.price, "categories": " | ".join(m.categories)}
     for attr, question in tpl.Templates.QA.items():
       if values[attr]:
-        pairs.append((question.format(id=iid), values[attr]))
+        before, after = question.split("{id}")
+        pairs.append((enc(before.rstrip()) + id_tok + cont(after), question.format(id=iid),
+                      enc(values[attr]), values[attr]))
     if m.title:
-      pairs.append((tpl.Templates.QA_ID.format(title=m.title), iid))
+      q = tpl.Templates.QA_ID.format(title=m.title)
+      pairs.append((enc(q), q, list(id_tok), iid))
   return pairs
 
 
@@ -190,18 +216,20 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     if kind == "mlm":
       options.update(window_size=config.window, noise_density=config.noise_density,
                      mean_noise_span_length=config.mean_noise_span_length)
-    pre = pp.make_preprocessor(kind, tables, templates, seed=config.seed, task_name=task, **options)
-    _register_task(task, RecDataSource(splits, config.seed), [pre, seqio.preprocessors.append_eos_after_trim],
-                   vocab, _METRICS.get(kind, ()))
+    pre = pp.make_preprocessor(kind, tables, templates, task_name=task, **options)
+    source = RecDataSource(splits, seed=config.seed, eval_seed=config.eval_seed, salt=pp.salt(task))
+    _register_task(task, source, [pre, seqio.preprocessors.append_eos_after_trim], vocab, _METRICS.get(kind, ()))
     _TASKS[task] = {"kind": kind, "data_dir": str(Path(data_dir).resolve()), "vocab": vocab}
     names.append(task)
 
-  qa = item_qa_pairs(data)
+  qa = item_qa_pairs(data, tables)
   if qa:
-    _register_task(f"{name}_item_qa", ItemQASource(qa),
-                   [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim], vocab)
-    _TASKS[f"{name}_item_qa"] = {"kind": "item_qa", "data_dir": str(Path(data_dir).resolve()), "vocab": vocab}
-    names.append(f"{name}_item_qa")
+    task = f"{name}_item_qa"
+    source = ItemQASource(qa, pp.salt(task))
+    pre = pp.make_preprocessor("item_qa", tables, templates, task_name=task, qa_lengths=source.lengths())
+    _register_task(task, source, [pre, seqio.preprocessors.append_eos_after_trim], vocab)
+    _TASKS[task] = {"kind": "item_qa", "data_dir": str(Path(data_dir).resolve()), "vocab": vocab}
+    names.append(task)
 
   for mix, members in MIXTURES.items():
     present = [f"{name}_{m}" for m in members if f"{name}_{m}" in names]

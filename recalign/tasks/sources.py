@@ -1,9 +1,12 @@
 """Examples before rendering: sliding windows over the leave-one-out splits, as tf.data sources.
 
 Every example is a user's history (item indices, chronological) and a target item. The `train`
-split is an endless stream of epochs: each element carries its `epoch`, and the preprocessors fold
-(`example_id`, `epoch`) into their stateless seeds, so masks and negatives are re-drawn every epoch
-and reproduced exactly for a seed, independent of shuffling, parallelism or host sharding.
+split is an endless stream of epochs: each element carries its `epoch` and a `sample_seed`, and the
+preprocessors fold (`sample_seed`, split, task, `example_id`, `epoch`) into their stateless keys, so
+masks and negatives are re-drawn every epoch and reproduced exactly for a seed, independent of
+shuffling, parallelism or host sharding. The training `sample_seed` is the run's seed (RANDOM_SEED);
+validation and test use a fixed evaluation seed, the same for every run, so that runs stay comparable
+and evaluation draws never repeat a training draw.
 """
 
 from __future__ import annotations
@@ -81,11 +84,24 @@ def build_examples(data: PreparedData, split: str, window: int = 20) -> Examples
   return _pack(rows)
 
 
-def to_dataset(ex: Examples, *, split: str, shuffle: bool, seed: int) -> tf.data.Dataset:
-  """A tf.data stream of dicts; `train` repeats forever with a fresh shuffle and `epoch` per pass."""
+def mix_seed(*parts: int) -> int:
+  """A non-negative int64 from several integers (shuffle seeds, sample seeds)."""
+  h = 0
+  for p in parts:
+    h = (h * 1_000_003 + int(p)) % (1 << 62)
+  return h
+
+
+def to_dataset(ex: Examples, *, split: str, shuffle: bool, seed: int, salt: int = 0) -> tf.data.Dataset:
+  """A tf.data stream of dicts; `train` repeats forever with a fresh shuffle and `epoch` per pass.
+
+  `seed` is the sample seed every element carries (the run's seed for train, the evaluation seed
+  otherwise); `salt` (the task's) makes the tasks of a mixture shuffle independently.
+  """
   n = len(ex)
   features = {
       "example_id": np.arange(n, dtype=np.int64),
+      "sample_seed": np.full(n, seed, np.int64),
       "user": ex.user, "target": ex.target,
       "history": tf.RaggedTensor.from_row_splits(ex.history, ex.history_splits),
   }
@@ -97,7 +113,8 @@ def to_dataset(ex: Examples, *, split: str, shuffle: bool, seed: int) -> tf.data
   def epoch_ds(epoch):
     ds = base
     if shuffle:
-      ds = ds.shuffle(n, seed=tf.cast(seed * 1_000_003 + epoch, tf.int64), reshuffle_each_iteration=False)
+      ds = ds.shuffle(n, seed=tf.constant(mix_seed(seed, salt) % (1 << 40), tf.int64) * 1_000_003 + epoch,
+                      reshuffle_each_iteration=False)
     return ds.map(lambda x: {**x, "epoch": epoch})
 
   if split == "train":

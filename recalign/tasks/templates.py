@@ -65,9 +65,21 @@ class Templates:
             self.mim, self.bpr, MASK + ";", "yes", "no", "None;", *self.QA.values(), self.QA_ID]
 
 
+ENTRY_PREFIX = "Item ID:"
+
+
+def entry_suffix(title: str = "", with_title: bool = True) -> str:
+  """What follows the ID in an entry, with no space before it: `, Title: <title>` or nothing."""
+  return f", Title: {title}" if (with_title and title) else ""
+
+
 def entry(iid: str, title: str = "", with_title: bool = True) -> str:
-  """One item as the paper writes it: `Item ID: I123, Title: <title>` (ID only without a title)."""
-  return f"Item ID: {iid}, Title: {title}" if (with_title and title) else f"Item ID: {iid}"
+  """One item as the paper writes it: `Item ID: I123, Title: <title>` (ID only without a title).
+
+  Prompts are assembled from the tokens of ENTRY_PREFIX, of the ID alone and of the suffix, so an
+  ID has one tokenisation everywhere (prompts, targets, the decoding trie) whatever the vocabulary.
+  """
+  return f"{ENTRY_PREFIX} {iid}{entry_suffix(title, with_title)}"
 
 
 def item_list(entries: list[str]) -> str:
