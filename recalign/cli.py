@@ -21,12 +21,13 @@ def _name_from(path: Path) -> str:
 
 
 def cmd_prepare(args) -> int:
-  from recalign.data import IngestReport, prepare, read_source
+  from recalign.data import AMAZON, MOVIES, IngestReport, prepare, read_source
   from recalign.data.prepare import format_stats
   source = Path(args.source)
   t0 = time.time()
   print(f"reading {source} ...", flush=True)
-  raw = read_source(source, args.format, meta=args.meta, report=IngestReport(strict=args.strict))
+  domain = {"amazon": AMAZON, "movies": MOVIES}[args.domain] if args.domain else None
+  raw = read_source(source, args.format, meta=args.meta, report=IngestReport(strict=args.strict), domain=domain)
   name = args.name or _name_from(Path(args.out))
   data = prepare(raw, name=name, kcore=args.kcore, seed=args.seed,
                  num_validation_users=args.validation_users)
@@ -78,7 +79,8 @@ def cmd_demo(args) -> int:
   from recalign.demo import run_demo
   ml = Path(args.ml100k) if args.ml100k else None
   run_demo(Path(args.data), Path(args.out), minutes=args.minutes, ml100k=ml, size=args.size,
-           seed=args.seed, sasrec_epochs=args.sasrec_epochs, max_test=args.max_test_users)
+           seed=args.seed, sasrec_epochs=args.sasrec_epochs, max_test=args.max_test_users,
+           exclude_history=args.exclude_history)
   return 0
 
 
@@ -136,6 +138,9 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], paths: Sequence[str
   gin.parse_config_files_and_bindings(list(files), list(bindings))
 
 
+DEFAULT_RUN = ["models/small.gin", "runs/from_scratch.gin"]
+
+
 def cmd_train(args, gin_args) -> int:
   import gin
   from recalign import train as train_lib
@@ -146,19 +151,19 @@ def cmd_train(args, gin_args) -> int:
   for module in args.module:
     __import__(module)  # user modules that register their own seqio tasks / mixtures
   parse_gin(files, bindings, paths)
+  try:
+    gin.query_parameter("train.model_dir")
+  except ValueError:  # a mixture file alone: train from scratch, as T5X's example files do
+    print(f"recalign train: no run file given; adding {' and '.join('gin/' + f for f in DEFAULT_RUN)} "
+          "(give gin/runs/finetune.gin to fine-tune)", file=sys.stderr)
+    gin.clear_config()
+    parse_gin([str(GIN_DIR / f) for f in DEFAULT_RUN] + list(files), bindings, paths)
   model_dir = Path(gin.query_parameter("%MODEL_DIR"))
   model_dir.mkdir(parents=True, exist_ok=True)
   (model_dir / "config.gin").write_text(gin.config_str())
   result = train_lib.train()
   print(json.dumps({k: v for k, v in result.items() if k != "best"}, indent=2))
   return 0
-
-
-def _find_run(path: Path) -> Optional[Path]:
-  for p in [path, *path.parents]:
-    if (p / "run.json").exists():
-      return p / "run.json"
-  return None
 
 
 def _lengths(text: Optional[str], default: dict) -> dict:
@@ -169,43 +174,49 @@ def _lengths(text: Optional[str], default: dict) -> dict:
 
 def cmd_eval(args) -> int:
   import recalign.tasks as rt
-  from recalign import train as train_lib
   from recalign.baselines import format_table
   from recalign.data import PreparedData
+  from recalign.data.vocab import load_vocabulary
   from recalign.evaluate import Evaluator
+  from recalign.metrics import protocol_name
   from recalign.models import checkpoints as ck
   from recalign.models.model import EncoderDecoderModel
   from recalign.models.network import T5Config, padded_vocab_size
   ckpt = Path(args.checkpoint)
-  run = _find_run(ckpt.resolve())
+  run = ck.find_run_json(ckpt)
   info = json.loads(run.read_text()) if run else {}
+  # The run's vocabulary (or the checkpoint's own, e.g. a Hugging Face directory's spiece.model).
+  vocab_path = args.vocabulary or (info.get("vocabulary") or {}).get("path") or ck.checkpoint_vocabulary(ckpt)
+  vocab = load_vocabulary(vocab_path) if vocab_path else None
   for d in (args.data or info.get("data_dirs", [])):
-    rt.register_dataset(d)
+    rt.register_dataset(d, vocab=vocab)
   task = rt.get(args.task)
   members = [t.name for t in getattr(task, "tasks", [task])]
   members = [m for m in members if rt.registry.task_info(m)["kind"] in ("retrieval", "ranking", "rating")]
   vocab = rt.registry.task_info(members[0])["vocab"]
   if (ckpt / "config.json").exists():           # a Hugging Face directory
-    config, params = ck.load_hf(ckpt, vocab_size=padded_vocab_size(vocab.vocab_size))
+    config, params = ck.load_hf(ckpt)
   elif "network_config" in info:
-    config, params = T5Config.from_dict(info["network_config"]), train_lib.load_params(ckpt)
+    config, params = T5Config.from_dict(info["network_config"]), ck.load_params(ckpt)
   else:
     print(f"error: {ckpt}: no run.json above it and no config.json in it; cannot tell the model config",
           file=sys.stderr)
     return 2
+  params = ck.fit_vocabulary(params, ckpt, vocab, padded_vocab_size(vocab.vocab_size))
   params = jax_tree_asarray(params)
-  model = EncoderDecoderModel(config)
+  model = EncoderDecoderModel(config.replace(vocab_size=padded_vocab_size(vocab.vocab_size)))
   lengths = _lengths(args.lengths, info.get("task_feature_lengths", {"inputs": 1024, "targets": 64}))
   rows = {}
   out_dir = ckpt if ckpt.is_dir() else ckpt.parent
   for name in members:
     data = PreparedData.load(rt.registry.task_info(name)["data_dir"])
     ev = Evaluator(model, data, rt.registry.task_info(name)["vocab"], beam_size=args.beam,
-                   batch_size=args.batch, exclude_history=not args.keep_history)
+                   batch_size=args.batch, exclude_history=args.exclude_history)
     res = ev.evaluate(params, name, args.split, lengths, args.max_examples)
     mpath, _ = res.write(out_dir)
     rows[name] = res.metrics
     print(f"wrote {mpath}")
+  print(f"protocol: {protocol_name(args.exclude_history)}")
   print(format_table(rows))
   return 0
 
@@ -219,6 +230,7 @@ def jax_tree_asarray(tree):
 def cmd_baseline(args) -> int:
   from recalign import baselines as B
   from recalign.data import PreparedData
+  from recalign.metrics import protocol_name
   data = PreparedData.load(args.data)
   rows = {}
   candidates = None
@@ -229,22 +241,24 @@ def cmd_baseline(args) -> int:
     exs = task_examples(f"{data.name}_ranking", args.split, {"inputs": 4096, "targets": 64})
     candidates = np.stack([e["candidates"] for e in exs])
   if args.name == "popularity":
-    rows["popularity/retrieval"] = B.popularity(data, args.split)
+    rows["popularity/retrieval"] = B.popularity(data, args.split, exclude_history=args.exclude_history)
     if candidates is not None:
       rows["popularity/ranking"] = B.popularity(data, args.split, candidates)
   elif args.name == "sasrec":
     from recalign.baselines.sasrec import SASRecConfig, evaluate_sasrec, train_sasrec
     model, params, losses = train_sasrec(data, SASRecConfig(epochs=args.epochs, seed=args.seed))
     print(f"sasrec: {args.epochs} epochs, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    rows["sasrec/retrieval"] = evaluate_sasrec(model, params, data, args.split)
+    rows["sasrec/retrieval"] = evaluate_sasrec(model, params, data, args.split,
+                                               exclude_history=args.exclude_history)
     if candidates is not None:
       rows["sasrec/ranking"] = evaluate_sasrec(model, params, data, args.split, candidates)
   else:
     rows["history/rating"] = B.history_rating(data, args.split)
-  print(f"{data.name}, {args.split} split")
+  protocol = protocol_name(args.exclude_history)
+  print(f"{data.name}, {args.split} split; retrieval protocol: {protocol}")
   print(B.format_table(rows))
   if args.out:
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+    Path(args.out).write_text(json.dumps({"protocol": protocol, **rows}, indent=2))
   return 0
 
 
@@ -254,9 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
 
   s = sub.add_parser("prepare", help="ingest a raw data set, k-core, leave-one-out split, random IDs")
   s.add_argument("--source", required=True, help="amazon-tsv folder, reviews_*.json[.gz] (or its folder), "
-                 "or a RecBole folder with *.inter / *.item")
-  s.add_argument("--format", choices=["amazon-tsv", "amazon-raw", "recbole"], help="default: detected")
-  s.add_argument("--meta", help="amazon-raw: meta_<Category>.json[.gz] (default: found beside the reviews)")
+                 "a RecBole folder with *.inter / *.item, or a one-line-per-user sequence file (user item item ...)")
+  s.add_argument("--format", choices=["amazon-tsv", "amazon-raw", "recbole", "sequences"], help="default: detected")
+  s.add_argument("--meta", help="item metadata: amazon-raw meta_<Category>.json[.gz] (default: found beside the "
+                 "reviews); sequences: an items.tsv or a meta_*.json[.gz]")
+  s.add_argument("--domain", choices=["amazon", "movies"],
+                 help="template words (default: amazon 'products ... buy'; movies for RecBole)")
   s.add_argument("--out", required=True, help="output folder")
   s.add_argument("--name", help="data set name used in task names (default: from --out)")
   s.add_argument("--kcore", type=int, default=5)
@@ -289,9 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--data", action="append", help="prepared data set(s) (default: from the run's run.json)")
   s.add_argument("--beam", type=int, default=20)
   s.add_argument("--batch", type=int, default=32)
-  s.add_argument("--max-examples", type=int)
+  s.add_argument("--max-examples", type=int, help="evaluate a seeded random sample of N users")
   s.add_argument("--lengths", help="e.g. inputs=1024,targets=64 (default: the run's)")
-  s.add_argument("--keep-history", action="store_true", help="do not exclude history items from retrieval")
+  s.add_argument("--exclude-history", action="store_true",
+                 help="retrieval ranks the catalogue minus the user's history (default: the paper's full catalogue)")
+  s.add_argument("--vocabulary", help="SentencePiece model (default: the run's, from run.json, or the "
+                 "checkpoint's own spiece.model)")
   s.set_defaults(fn=cmd_eval)
 
   s = sub.add_parser("baseline", help="popularity / SASRec / history baselines with the same metrics")
@@ -301,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--epochs", type=int, default=50)
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--out", help="write the metrics as JSON here")
+  s.add_argument("--exclude-history", action="store_true",
+                 help="retrieval ranks the catalogue minus the user's history (default: the paper's full catalogue)")
   s.set_defaults(fn=cmd_baseline)
 
   s = sub.add_parser("demo", help="end-to-end demo on the shared Amazon Beauty data")
@@ -311,21 +333,31 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--size", default="mini", help="model size (gin/models/*.gin; mini trains on a CPU)")
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--sasrec-epochs", type=int, default=30)
-  s.add_argument("--max-test-users", type=int, help="evaluate test on the first N users only (default: all)")
+  s.add_argument("--max-test-users", type=int, help="evaluate test on a seeded sample of N users (default: all)")
+  s.add_argument("--exclude-history", action="store_true",
+                 help="retrieval ranks the catalogue minus the user's history (default: the paper's full catalogue)")
   s.set_defaults(fn=cmd_demo)
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  import os
+  from recalign.data.report import DataError
   argv = list(sys.argv[1:] if argv is None else argv)
   files, bindings, paths, rest = split_gin_args(argv)
   args = build_parser().parse_args(rest)
-  if getattr(args, "gin", False):
-    return args.fn(args, (files, bindings, paths))
-  if files or bindings:
+  if not getattr(args, "gin", False) and (files or bindings):
     print(f"error: {args.command} takes no --gin options", file=sys.stderr)
     return 2
-  return args.fn(args)
+  try:
+    return args.fn(args, (files, bindings, paths)) if getattr(args, "gin", False) else args.fn(args)
+  except (DataError, FileNotFoundError, ValueError) as e:
+    if os.environ.get("RECALIGN_DEBUG"):
+      raise
+    # Bad input or configuration: one line that names the file/field or the setting.
+    print(f"error: {e}", file=sys.stderr)
+    print("(set RECALIGN_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

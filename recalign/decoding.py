@@ -237,27 +237,26 @@ def beam_search(model: EncoderDecoderModel, params, encoder_tokens, *, beam_size
 
 @functools.partial(jax.jit, static_argnames=("model", "restrict"))
 def _score(model, params, encoder_tokens, target_tokens, alphabet, *, restrict: bool):
-  from recalign.models.model import shift_right
-  batch = {"encoder_input_tokens": encoder_tokens, "decoder_target_tokens": target_tokens,
-           "decoder_input_tokens": shift_right(target_tokens)}
-  if not restrict:
-    return model.score_batch(params, batch)
-  logits = model.logits(params, batch)
-  logp = jax.nn.log_softmax(logits[..., alphabet], -1)
-  col = jnp.argmax(target_tokens[..., None] == alphabet, -1)
+  """Log-likelihood [b, c] of c target rows per example, each prompt encoded once."""
+  b, c, depth = target_tokens.shape
+  flat = target_tokens.reshape(b * c, depth)
+  encoded = model.encode(params, encoder_tokens)
+  logits = model.decode_logits(params, encoded, encoder_tokens, flat, output_tokens=alphabet if restrict else None)
+  logp = jax.nn.log_softmax(logits, -1)
+  col = jnp.argmax(flat[..., None] == alphabet, -1) if restrict else flat
   tok = jnp.take_along_axis(logp, col[..., None], -1)[..., 0]
-  return jnp.sum(tok * (target_tokens > 0), -1)
+  return jnp.sum(tok * (flat > 0), -1).reshape(b, c)
 
 
 def score_items(model: EncoderDecoderModel, params, encoder_tokens: np.ndarray, items: np.ndarray,
                 trie: ItemTrie, vocab, item_ids: Sequence[str], *, restrict: bool = True) -> np.ndarray:
   """Teacher-forced log-likelihood of each candidate item [b, c] for each example (same softmax as
-  `beam_search_items` when `restrict`)."""
+  `beam_search_items` when `restrict`). Each prompt is encoded once for all its candidates."""
   b, c = items.shape
-  tgt = np.zeros((b * c, trie.depth), np.int32)
+  tgt = np.zeros((b, c, trie.depth), np.int32)
   for r, i in enumerate(items.reshape(-1)):
     toks = vocab.encode(item_ids[int(i)]) + [EOS]
-    tgt[r, :len(toks)] = toks
-  enc = np.repeat(np.asarray(encoder_tokens), c, axis=0)
-  out = _score(model, params, jnp.asarray(enc), jnp.asarray(tgt), jnp.asarray(trie.alphabet), restrict=restrict)
-  return np.asarray(out).reshape(b, c)
+    tgt[r // c, r % c, :len(toks)] = toks
+  out = _score(model, params, jnp.asarray(encoder_tokens), jnp.asarray(tgt), jnp.asarray(trie.alphabet),
+               restrict=restrict)
+  return np.asarray(out)

@@ -28,24 +28,43 @@ class EvalResult:
   split: str
   metrics: dict
   predictions: list[dict]
+  protocol: str = ""          # retrieval: "full catalogue" (the paper's) or "history excluded"
 
   def write(self, out_dir: Path | str) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mpath = out_dir / f"metrics_{self.task}_{self.split}.json"
     ppath = out_dir / f"predictions_{self.task}_{self.split}.jsonl"
-    mpath.write_text(json.dumps({"task": self.task, "split": self.split, **self.metrics}, indent=2))
+    mpath.write_text(json.dumps({"task": self.task, "split": self.split, "protocol": self.protocol,
+                                 **self.metrics}, indent=2))
     with open(ppath, "w") as f:
       for p in self.predictions:
         f.write(json.dumps(p) + "\n")
     return mpath, ppath
 
 
-def task_examples(task_name: str, split: str, lengths: dict, max_examples: Optional[int] = None) -> list[dict]:
+def sample_example_ids(num_examples: int, max_examples: Optional[int], seed: int = 0) -> Optional[np.ndarray]:
+  """A seeded random sample of `max_examples` example ids (users, for evaluation), sorted; None for all.
+  A sample, not the first N: users are in file order, which is rarely random."""
+  if not max_examples or max_examples >= num_examples:
+    return None
+  return np.sort(np.random.default_rng(seed).choice(num_examples, max_examples, replace=False))
+
+
+def task_examples(task_name: str, split: str, lengths: dict, max_examples: Optional[int] = None, *,
+                  example_ids: Optional[np.ndarray] = None, seed: int = 0) -> list[dict]:
+  """A task's rendered examples of a split: all, `example_ids`, or a seeded sample of `max_examples`."""
+  import tensorflow as tf
   import recalign.tasks as rt
-  ds = rt.get(task_name).get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1)
-  if max_examples:
-    ds = ds.take(max_examples)
+  task = rt.get(task_name)
+  ds = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1)
+  if example_ids is None:
+    example_ids = sample_example_ids(task.num_input_examples(split), max_examples, seed)
+  if example_ids is not None:
+    keep = np.zeros(task.num_input_examples(split), bool)
+    keep[np.asarray(example_ids, np.int64)] = True
+    keep = tf.constant(keep)
+    ds = ds.filter(lambda x: tf.gather(keep, x["example_id"]))
   return list(ds.as_numpy_iterator())
 
 
@@ -73,7 +92,9 @@ class Evaluator:
   """Evaluates any recalign task of a prepared data set with one model."""
 
   def __init__(self, model: EncoderDecoderModel, data: PreparedData, vocab, *, beam_size: int = 20,
-               batch_size: int = 32, exclude_history: bool = True, progress: bool = True):
+               batch_size: int = 32, exclude_history: bool = False, progress: bool = True):
+    """`exclude_history`: retrieval ranks the catalogue minus the user's history; by default the
+    entire catalogue, as the paper does."""
     self.model, self.data, self.vocab = model, data, vocab
     self.beam_size, self.batch_size, self.exclude_history = beam_size, batch_size, exclude_history
     self.progress = progress
@@ -139,13 +160,15 @@ class Evaluator:
     return {"auc": M.auc(p, labels)}, preds
 
   def evaluate(self, params, task_name: str, split: str, lengths: dict,
-               max_examples: Optional[int] = None) -> EvalResult:
+               max_examples: Optional[int] = None, example_ids: Optional[np.ndarray] = None) -> EvalResult:
+    """Metrics and per-user predictions on a split: all users, `example_ids`, or a seeded sample
+    of `max_examples` users."""
     from recalign.tasks.registry import task_info
     kind = task_info(task_name)["kind"]
     fn = {"retrieval": self.retrieval, "ranking": self.ranking, "rating": self.rating}.get(kind)
     if fn is None:
       raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking or rating")
-    examples = task_examples(task_name, split, lengths, max_examples)
+    examples = task_examples(task_name, split, lengths, max_examples, example_ids=example_ids)
     # Longest prompts first: batches of similar lengths waste little encoder work on padding.
     order = np.argsort([-len(e["inputs"]) for e in examples], kind="stable")
     metrics, preds = fn(params, [examples[i] for i in order], split)
@@ -153,11 +176,13 @@ class Evaluator:
     for j, i in enumerate(order):
       restored[i] = preds[j]
     metrics["examples"] = len(examples)
-    return EvalResult(task_name, split, metrics, restored)
+    protocol = {"retrieval": M.protocol_name(self.exclude_history), "ranking": "the task's candidates",
+                "rating": "P(yes) AUC"}[kind]
+    return EvalResult(task_name, split, metrics, restored, protocol)
 
 
 def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[int] = None,
-                     beam_size: int = 20, batch_size: int = 32) -> Callable:
+                     beam_size: int = 20, batch_size: int = 32, exclude_history: bool = False) -> Callable:
   """For `train(validate_fn=...)`: validation-split metrics of `task_name` (retrieval: NDCG@10)."""
   from recalign.tasks.registry import task_info
   info = task_info(task_name)
@@ -166,7 +191,8 @@ def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[in
 
   def validate(model, params) -> dict:
     if "ev" not in cache:
-      cache["ev"] = Evaluator(model, data, vocab, beam_size=beam_size, batch_size=batch_size, progress=False)
+      cache["ev"] = Evaluator(model, data, vocab, beam_size=beam_size, batch_size=batch_size, progress=False,
+                              exclude_history=exclude_history)
     return cache["ev"].evaluate(params, task_name, "validation", lengths, max_examples).metrics
 
   return validate

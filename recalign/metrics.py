@@ -10,6 +10,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+# Retrieval protocols. The paper ranks the entire catalogue (items the user already has included);
+# many sequential-recommendation papers exclude the user's history. Every metrics file says which.
+FULL_CATALOGUE = "full catalogue"
+HISTORY_EXCLUDED = "history excluded"
+
+
+def protocol_name(exclude_history: bool) -> str:
+  return HISTORY_EXCLUDED if exclude_history else FULL_CATALOGUE
+
 
 def target_ranks(ranked: np.ndarray, targets: np.ndarray) -> np.ndarray:
   """1-based rank of each target in its row of `ranked` [n, k] (0 when absent)."""

@@ -151,24 +151,28 @@ def checkpoint_manager(model_dir: Path, every: int, keep: int) -> ocp.Checkpoint
       save_interval_steps=every, max_to_keep=keep, create=True))
 
 
-def load_initial(path: str | Path, vocab_size: int) -> dict:
-  """INITIAL_CHECKPOINT_PATH: a Hugging Face directory, a T5X checkpoint or a recalign checkpoint,
-  with the vocabulary rows cut (or grown) to the project's vocabulary."""
-  if (Path(path) / "config.json").exists():
-    params = ck.load_hf(path)[1]
-  else:
-    params = load_params(path)
-  if params["token_embedder"]["embedding"].shape[0] != vocab_size:
-    params = ck.resize_vocab(params, vocab_size)
-  return params
+def resolve_vocabulary(vocabulary: Optional[str], initial_checkpoint_path: Optional[str]):
+  """VOCABULARY: None (each data set's own vocab/spm.model), 'checkpoint' (the SentencePiece model of
+  INITIAL_CHECKPOINT_PATH: a Hugging Face directory's spiece.model, a recalign run's), or a path."""
+  from recalign.data.vocab import CHECKPOINT, load_vocabulary
+  if vocabulary is None:
+    return None
+  if vocabulary == CHECKPOINT:
+    if not initial_checkpoint_path:
+      raise ValueError("VOCABULARY = 'checkpoint' needs INITIAL_CHECKPOINT_PATH")
+    path = ck.checkpoint_vocabulary(initial_checkpoint_path)
+    if path is None:
+      raise ValueError(f"{initial_checkpoint_path} has no SentencePiece model beside it (spiece.model): set "
+                       "VOCABULARY to its path (T5 / FLAN-T5 from T5X: cc_all.32000.100extra/sentencepiece.model)")
+    return load_vocabulary(path)
+  return load_vocabulary(vocabulary)
 
 
-def load_params(path: str | Path) -> dict:
-  """Parameters of a recalign checkpoint (MODEL_DIR/checkpoints/<step>, or MODEL_DIR/best)."""
-  path = Path(path)
-  if (path / "default").is_dir():
-    path = path / "default"
-  return ck.load_t5x(path)  # recalign stores parameters under 'target', as T5X
+def vocabulary_record(vocab) -> dict:
+  """How run.json records the vocabulary, so `recalign eval` and resumed runs use the same one."""
+  from recalign.data.ingest import sha256_file
+  path = Path(vocab.sentencepiece_model_file).resolve()
+  return {"path": str(path), "extra_ids": vocab.extra_ids, "sha256": sha256_file(path)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,10 +183,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           batch_size: int = gin.REQUIRED, network_config: T5Config = gin.REQUIRED,
           data_dirs: Sequence[str] = (), initial_checkpoint_path: Optional[str] = None,
-          random_seed: int = 0, pack: bool = True, gradient_accumulation_steps: int = 1,
-          model_parallel: int = 1, num_devices: Optional[int] = None, z_loss: float = 1e-4,
-          label_smoothing: float = 0.0, loss_normalize="tokens", checkpoint_every: int = 1000,
-          keep_checkpoints: int = 3,
+          vocabulary: Optional[str] = None, vocabulary_mismatch: str = "error", random_seed: int = 0,
+          pack: bool = True, gradient_accumulation_steps: int = 1, model_parallel: int = 1,
+          num_devices: Optional[int] = None, z_loss: float = 1e-4, label_smoothing: float = 0.0,
+          loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", checkpoint_every: int = 1000, keep_checkpoints: int = 3,
           log_every: int = 10, eval_every: int = 0, validation_task: Optional[str] = None,
           validation_examples: Optional[int] = None, validation_lengths: Optional[Mapping[str, int]] = None,
           validate_fn: Optional[Callable[[EncoderDecoderModel, dict], dict]] = None,
@@ -190,34 +194,51 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           progress: bool = True) -> dict:
   """Trains and returns the last step's metrics (plus the best validation metrics, if any).
 
+  `loss_normalizing_factor` (as T5X): "NUM_REAL_TARGET_TOKENS" (mean over target tokens, so tasks with
+  long targets such as MIM dominate a mixture's loss), "AVERAGE_PER_SEQUENCE" (every example weighs
+  the same), a constant, or None.
+  `vocabulary` (VOCABULARY): the tasks' vocabulary -- None for each data set's own, 'checkpoint' for
+  the initial checkpoint's own SentencePiece model (fine-tuning T5 / FLAN-T5), or a path. It is
+  recorded in run.json; an initial checkpoint trained with another vocabulary is an error unless
+  `vocabulary_mismatch='resize'`.
+
   Validation: every `eval_every` steps, `validation_task` (e.g. 'beauty_retrieval') on its
   validation users (`validation_examples` of them, default all 3,000); the best step by
   `selection_metric` is kept in MODEL_DIR/best (+ best.json), as the paper selects unified models.
   """
   import recalign.tasks as rt
+  from recalign.data.vocab import describe, same_vocabulary
   from recalign.tasks.registry import get_vocabulary
   maybe_initialize_distributed()
   model_dir = Path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
 
-  # 1. tasks
+  # 1. vocabulary and tasks
+  run_vocab = resolve_vocabulary(vocabulary, initial_checkpoint_path)
   for d in data_dirs:
-    rt.register_dataset(d)
+    rt.register_dataset(d, vocab=run_vocab)
   task = rt.get(mixture_or_task_name)
   vocab = get_vocabulary(task)
+  if run_vocab is not None and not same_vocabulary(vocab, run_vocab):
+    raise ValueError(f"{mixture_or_task_name} is registered with {describe(vocab)}, but VOCABULARY is "
+                     f"{describe(run_vocab)}: register it with that vocabulary (or list its data in DATA_DIRS)")
   members = [t.name for t in getattr(task, "tasks", [task])]
 
   # 2. model
   padded_vocab = padded_vocab_size(vocab.vocab_size)
   config = network_config.replace(vocab_size=padded_vocab)
   model = EncoderDecoderModel(config, z_loss=z_loss, label_smoothing=label_smoothing,
-                              loss_normalize=loss_normalize)
+                              loss_normalize=loss_normalizing_factor)
 
-  if is_chief:  # what `recalign eval` needs to rebuild the model next to its checkpoints
+  previous = _read_json(model_dir / "run.json")
+  if previous and previous.get("vocabulary") and previous["vocabulary"]["sha256"] != vocabulary_record(vocab)["sha256"]:
+    raise ValueError(f"{model_dir} was trained with {previous['vocabulary']['path']}, not "
+                     f"{describe(vocab)}: use another MODEL_DIR")
+  if is_chief:  # what `recalign eval` needs to rebuild the model and its tasks next to its checkpoints
     (model_dir / "run.json").write_text(json.dumps({
         "network_config": dataclasses.asdict(config), "mixture_or_task_name": mixture_or_task_name,
-        "task_feature_lengths": dict(task_feature_lengths),
+        "task_feature_lengths": dict(task_feature_lengths), "vocabulary": vocabulary_record(vocab),
         "data_dirs": [str(Path(d).resolve()) for d in data_dirs]}, indent=2))
   if validate_fn is None and validation_task and eval_every:
     from recalign.evaluate import make_validate_fn
@@ -241,7 +262,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         jax.random.PRNGKey(random_seed))
   mngr = checkpoint_manager(model_dir, checkpoint_every, keep_checkpoints)
   if mngr.latest_step() is None and initial_checkpoint_path:
-    loaded = load_initial(initial_checkpoint_path, padded_vocab)
+    loaded = ck.fit_vocabulary(ck.load_params(initial_checkpoint_path), initial_checkpoint_path, vocab,
+                               padded_vocab, vocabulary_mismatch)
     ck.check_compatible(loaded, nn.unbox(boxed), initial_checkpoint_path)
     params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, loaded), param_sharding)
   with mesh:
@@ -301,12 +323,17 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
              disable=not (progress and is_chief), dynamic_ncols=True)
   last = {}
   t_last, tok_last = time.perf_counter(), 0.0
+  in_flight = None   # the previous step's loss: the bar advances when a step completes, not when queued
   with mesh:
     for step in range(start, train_steps):
       raw = next(batches)
       state, metrics = step_fn(state, to_global(raw, batch_sharding))
       tok_last += packing.real_tokens(raw) * jax.process_count()
       done = step + 1
+      if in_flight is not None:  # one step stays queued behind this wait, so the device never idles
+        jax.block_until_ready(in_flight)
+        bar.update(done - 1 - bar.n)
+      in_flight = metrics["loss"]
       out_of_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
       if done % log_every == 0 or done == train_steps or out_of_time:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -322,7 +349,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           _write_summaries(writer, done, last)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['useful_tokens_per_s']:.0f}",
                         lr=f"{metrics['learning_rate']:.2e}")
-      bar.update(1)
+        bar.update(done - bar.n)
       if eval_every and validate_fn is not None and (done % eval_every == 0 or done == train_steps or out_of_time):
         val = validate_fn(model, state["target"])
         _write_summaries(writer, done, {f"validation/{k}": v for k, v in val.items()})
@@ -340,6 +367,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         logging.info("time budget of %.0fs spent at step %d", time_budget_s, done)
         break
   mngr.wait_until_finished()
+  bar.update(int(state["step"]) - bar.n)
   bar.close()
   if writer is not None:
     writer.flush()

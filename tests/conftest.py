@@ -60,3 +60,23 @@ def train_t5_like_vocab(data, path: Path, vocab_size: int = 400) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(model.getvalue())
   return path
+
+
+def synthetic_dataset(root: Path, name: str, *, users: int = 60, items: int = 200, length: int = 8,
+                      num_candidates: int = 20):
+  """A registered data set of random sequences (no titles), one training window per user, so that
+  example i is user i in every split."""
+  import numpy as np
+  import recalign.tasks as rt
+  from recalign.data import AMAZON, prepare
+  from recalign.data.ingest import Interaction, RawData
+  from recalign.data.report import IngestReport
+  from recalign.data.vocab import train_vocabulary
+  rng = np.random.default_rng(0)
+  seqs = {f"u{u:04d}": [Interaction(f"i{int(x):04d}", float(t), None)
+                        for t, x in enumerate(rng.choice(items, length, replace=False))] for u in range(users)}
+  data = prepare(RawData(seqs, {}, AMAZON, "synthetic", [], IngestReport()), name=name, kcore=0)
+  data.save(root / name)
+  train_vocabulary(data, root / name / "vocab", vocab_size=200)
+  rt.register_dataset(root / name, config=rt.DatasetConfig(num_candidates=num_candidates))
+  return data

@@ -170,3 +170,74 @@ def test_cli_prepare_and_stats(tmp_path, capsys):
   assert manifest["source"]["files"][str(tmp_path / "src" / "items.tsv")] is not None
   rows = (tmp_path / "tiny" / "items.jsonl").read_text().splitlines()
   assert [json.loads(r)["id"] for r in rows] == [item_id(k) for k in range(8)]
+
+
+def _tsv_without_timestamps(root, *, partial=False):
+  """The shared Beauty rows of the first 300 users, timestamp column empty (rows stay chronological)."""
+  lines = (shared("amazon-beauty") / "interactions.tsv").read_text().splitlines()
+  users, out = [], [lines[0]]
+  for line in lines[1:]:
+    u, i, t = line.split("\t")
+    if u not in users:
+      if len(users) == 300:
+        break
+      users.append(u)
+    out.append(f"{u}\t{i}\t{t if partial and len(out) % 3 else ''}")
+  root.mkdir()
+  (root / "interactions.tsv").write_text("\n".join(out) + "\n")
+  (root / "items.tsv").write_text((shared("amazon-beauty") / "items.tsv").read_text())
+  return root, len(out) - 1
+
+
+def test_empty_timestamp_column_means_file_order(tmp_path, capsys):
+  src, rows = _tsv_without_timestamps(tmp_path / "src")
+  with_ts = prepare(read_source(shared("amazon-beauty")), name="b", kcore=0)
+  data = prepare(read_source(src), name="b", kcore=0)
+  assert data.manifest["counts"]["interactions"] == rows and not data.manifest["has_timestamps"]
+  skipped = data.manifest["report"]["skipped"]
+  assert data.manifest["order"].startswith("file order") and "bad_timestamp" not in skipped
+  assert sum(v for k, v in skipped.items() if k != "metadata_items_not_in_interactions") == 0
+  # Same sequences as the timestamped file for these users (its rows are chronological).
+  by_user = {u: [with_ts.source_item_ids[i] for i in s] for u, s in zip(with_ts.users, with_ts.sequences)}
+  assert all([data.source_item_ids[i] for i in s] == by_user[u] for u, s in zip(data.users, data.sequences))
+  assert cli.main(["prepare", "--source", str(src), "--out", str(tmp_path / "p"), "--kcore", "0"]) == 0
+  assert "order         file order (the source has no timestamps)" in capsys.readouterr().out
+
+
+def test_timestamps_missing_in_some_rows_are_counted_and_a_mostly_skipped_file_says_why(tmp_path, capsys):
+  src, rows = _tsv_without_timestamps(tmp_path / "src", partial=True)
+  data = prepare(read_source(src), name="b", kcore=0)
+  skipped = data.manifest["report"]["skipped"]["missing_timestamp"]
+  assert 0.3 * rows < skipped < 0.4 * rows      # one row in three had no timestamp
+  assert data.manifest["report"]["examples"]["missing_timestamp"][0].startswith(str(src / "interactions.tsv") + ":")
+  # Every timestamp unreadable: one clear line naming the dominant reason, not a traceback.
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / "interactions.tsv").write_text("user_id\titem_id\ttimestamp\n" + "".join(
+      f"u{k % 5}\ti{k}\t2014-07-{k % 28 + 1:02d}\n" for k in range(50)))
+  (bad / "items.tsv").write_text("item_id\ttitle\n")
+  assert cli.main(["prepare", "--source", str(bad), "--out", str(tmp_path / "p")]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert err[0].startswith("error: ") and "no users left" in err[0] and "50 of 50 rows" in err[0]
+  assert "bad_timestamp" in err[0] and "interactions.tsv:2 [timestamp]" in err[0]
+  assert not any("Traceback" in line for line in err)
+
+
+def test_one_line_per_user_sequence_files(tmp_path):
+  """`user item item ...` (sequential_data.txt / user_sequence.txt), with optional item metadata."""
+  src = tmp_path / "seq"
+  src.mkdir()
+  lines = [f"u{u} " + " ".join(f"i{(u + t) % 12}" for t in range(6)) for u in range(30)]
+  (src / "sequential_data.txt").write_text("\n".join(lines + ["u99", "u3 i1 i2 i3"]) + "\n")
+  (src / "items.tsv").write_text("item_id\ttitle\tbrand\tprice\tcategories\n" + "".join(
+      f"i{k}\tThing {k}\t\t\tBeauty > Things\n" for k in range(12)))
+  raw = read_source(src)
+  assert raw.source_format == "sequences" and len(raw.sequences) == 30
+  assert raw.report.skipped == {"empty_sequence": 1, "duplicate_user": 1}
+  data = prepare(raw, name="seq", kcore=0)
+  u0 = data.users.index("u0")
+  assert [data.source_item_ids[i] for i in data.sequences[u0]] == [f"i{t}" for t in range(6)]   # file order
+  assert data.items[data.source_item_ids.index("i3")].title == "Thing 3"
+  assert data.manifest["order"].startswith("file order") and data.manifest["fields"]["title"] == 12
+  bare = read_source(src / "sequential_data.txt", "sequences")        # the file alone, no metadata
+  assert not bare.items and len(bare.sequences) == 30

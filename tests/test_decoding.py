@@ -1,4 +1,5 @@
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import write_tiny_tsv
+from conftest import synthetic_dataset, write_tiny_tsv
 from recalign import metrics as M
 from recalign.data import prepare, read_source
 from recalign.data.vocab import load_vocabulary, train_vocabulary
@@ -53,6 +54,43 @@ def test_wide_beam_equals_scoring_every_item(setup, full):
   forced = score_items(model, params, enc, every, trie, vocab, IDS, restrict=not full)
   np.testing.assert_array_equal(items, M.rank_by_scores(forced, every))
   np.testing.assert_allclose(scores, -np.sort(-forced, axis=1), atol=1e-4)
+
+
+def test_scoring_encodes_each_prompt_once_and_equals_per_candidate_teacher_forcing(setup, monkeypatch):
+  from recalign.models import network
+  from recalign.models.model import shift_right
+  vocab, model, params, enc, trie = setup
+  cands = np.array([[0, 5, 31], [2, 2, 30], [7, 1, 0]])
+  seen = []
+  original = network.Transformer.encode
+  monkeypatch.setattr(network.Transformer, "encode", lambda self, tokens, *a, **k: (
+      seen.append(tokens.shape), original(self, tokens, *a, **k))[1])
+  got = score_items(model, params, enc, cands, trie, vocab, IDS, restrict=False)
+  assert seen and all(shape[0] == len(enc) for shape in seen)     # never the [b * candidates] repeat
+  for r in range(len(enc)):
+    for c, i in enumerate(cands[r]):
+      tgt = np.array([vocab.encode(IDS[i]) + [1]])
+      want = model.score_batch(params, {"encoder_input_tokens": enc[r:r + 1], "decoder_target_tokens": tgt,
+                                        "decoder_input_tokens": shift_right(jnp.asarray(tgt))})
+      np.testing.assert_allclose(got[r, c], want[0], atol=1e-4)
+
+
+def test_evaluation_samples_users_at_random_and_the_demo_reports_users_it_did_not_select_on(tmp_path):
+  import recalign.tasks as rt
+  from recalign.demo import report_ids, selection_size
+  from recalign.evaluate import sample_example_ids, task_examples
+  synthetic_dataset(tmp_path, "samp", users=400)
+  lengths = {"inputs": 128, "targets": 16}
+  first = task_examples("samp_retrieval", "test", lengths, 50)
+  users = [int(e["user"]) for e in first]
+  assert len(users) == 50 and users != list(range(50)) and max(users) > 300      # not the first 50
+  assert users == [int(e["user"]) for e in task_examples("samp_retrieval", "test", lengths, 50)]
+  assert users != [int(e["user"]) for e in task_examples("samp_retrieval", "test", lengths, 50, seed=1)]
+  n = rt.get("samp_retrieval").num_input_examples("validation")
+  selected = sample_example_ids(n, selection_size("samp_retrieval"))
+  reported = report_ids("samp_retrieval", "validation")
+  assert len(selected) == min(500, n // 2) and not set(selected) & set(reported)
+  assert sorted(set(selected) | set(reported)) == list(range(n))
 
 
 def test_beams_are_valid_distinct_items_and_respect_allowed_sets(setup):
@@ -132,11 +170,17 @@ def test_evaluator_end_to_end_on_tiny_tasks(tmp_path):
   vocab = load_vocabulary(tmp_path / "evtiny" / "vocab")
   model = EncoderDecoderModel(CONFIGS["tiny"].replace(vocab_size=512))
   params = nn.unbox(model.init(jax.random.PRNGKey(0)))
-  ev = Evaluator(model, data, vocab, beam_size=4, batch_size=4, progress=False)
   lengths = {"inputs": 256, "targets": 16}
+  # The paper's protocol by default: the whole catalogue (8 beams = every item, history included)...
+  full = Evaluator(model, data, vocab, beam_size=8, batch_size=4, progress=False)
+  res = full.evaluate(params, "evtiny_retrieval", "test", lengths)
+  assert res.protocol == "full catalogue" and all(len(p["ranked"]) == 8 for p in res.predictions)
+  assert json.loads(res.write(tmp_path / "full")[0].read_text())["protocol"] == "full catalogue"
+  # ...and with exclude_history the user's earlier items never appear.
+  ev = Evaluator(model, data, vocab, beam_size=4, batch_size=4, progress=False, exclude_history=True)
   res = ev.evaluate(params, "evtiny_retrieval", "test", lengths)
-  assert res.metrics["examples"] == 6 and len(res.predictions) == 6
-  for p in res.predictions:   # history items are excluded from the beams
+  assert res.metrics["examples"] == 6 and len(res.predictions) == 6 and res.protocol == "history excluded"
+  for p in res.predictions:
     u = data.users.index(p["user"])
     hist = {f"I{i + 1}" for i in data.sequences[u][:-1]}
     assert p["ranked"] and not hist & set(p["ranked"])

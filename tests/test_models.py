@@ -181,6 +181,23 @@ def test_loss_on_hand_computed_case():
   np.testing.assert_allclose(loss, 0.0, atol=1e-5)
 
 
+def test_per_sequence_normalisation_splits_packed_rows_by_segment():
+  """AVERAGE_PER_SEQUENCE on a packed row equals the mean over its sequences of their mean token loss
+  (the value of the same sequences unpacked); per token, a long target weighs more."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 6, 5)), jnp.float32)
+  targets = jnp.array([[3, 4, 1, 2, 1, 0], [4, 4, 4, 2, 1, 0]])
+  segments = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 0]])   # row 0 packs two sequences
+  tok = -jax.nn.log_softmax(logits)[np.arange(2)[:, None], np.arange(6)[None], targets]
+  seqs = [tok[0, :3], tok[0, 3:5], tok[1, :5]]
+  loss, _ = compute_loss(logits, targets, z_loss=0.0, normalize="AVERAGE_PER_SEQUENCE", segment_ids=segments)
+  np.testing.assert_allclose(loss, np.mean([np.mean(x) for x in seqs]), rtol=1e-5)
+  per_token, _ = compute_loss(logits, targets, z_loss=0.0, normalize="NUM_REAL_TARGET_TOKENS", segment_ids=segments)
+  np.testing.assert_allclose(per_token, np.mean(np.concatenate(seqs)), rtol=1e-5)
+  with pytest.raises(ValueError, match="loss normalisation"):
+    compute_loss(logits, targets, normalize="PER_TASK")
+
+
 def test_bfloat16_compute_is_close_to_float32():
   cfg = nw.CONFIGS["tiny"]
   params = nn.unbox(EncoderDecoderModel(cfg).init(jax.random.PRNGKey(1)))
@@ -202,7 +219,7 @@ def test_gin_model_files_bind_the_published_sizes():
 
   for size in ("tiny", "mini", "small", "base", "large", "xl", "xxl"):
     gin.clear_config()
-    gin.parse_config_file(str(root / f"{size}.gin"))
-    gin.parse_config("holder.value = %NETWORK_CONFIG")
+    gin.parse_config_file(str(root / f"{size}.gin"))   # dropout comes from the run file
+    gin.parse_config([f"DROPOUT_RATE = {nw.CONFIGS[size].dropout_rate}", "holder.value = %NETWORK_CONFIG"])
     assert holder() == nw.CONFIGS[size], size
   gin.clear_config()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import shared, train_t5_like_vocab, write_tiny_tsv
+from conftest import shared, synthetic_dataset, train_t5_like_vocab, write_tiny_tsv
 import recalign.tasks as rt
 from recalign.data import PreparedData, item_id, prepare, read_source
 from recalign.data.vocab import load_vocabulary, train_vocabulary
@@ -256,23 +256,8 @@ def test_targets_are_never_cut_on_the_beauty_training_stream(beauty, lengths):
       assert masked > 2000   # masks were not simply dropped
 
 
-def _synthetic(tmp_path, users=60, items=200, length=8):
-  """Every user has one training window, so example i is user i in every split."""
-  from recalign.data.ingest import Interaction, RawData
-  from recalign.data.report import IngestReport
-  from recalign.data import AMAZON
-  rng = np.random.default_rng(0)
-  seqs = {f"u{u:03d}": [Interaction(f"i{int(x):03d}", float(t), None)
-                        for t, x in enumerate(rng.choice(items, length, replace=False))] for u in range(users)}
-  data = prepare(RawData(seqs, {}, AMAZON, "synthetic", [], IngestReport()), name="syn", kcore=0)
-  data.save(tmp_path / "syn")
-  train_vocabulary(data, tmp_path / "syn" / "vocab", vocab_size=200)
-  rt.register_dataset(tmp_path / "syn", config=rt.DatasetConfig(num_candidates=20))
-  return data
-
-
 def test_evaluation_draws_are_independent_of_training_and_seeds_change_the_data(tmp_path):
-  _synthetic(tmp_path)
+  synthetic_dataset(tmp_path, "syn")
   lengths = {"inputs": 512, "targets": 64}
 
   def by_id(task, split, seed=None, n=60):   # {(example id, epoch): example}

@@ -107,28 +107,41 @@ assert jax.device_count() == 8, jax.device_count()
 
 
 def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
+  """A run is a model file + a run file + a mixture file (mixture files include no run file)."""
   import gin
   from recalign import cli
   monkeypatch.chdir(tmp_path)
   (tmp_path / "runs").mkdir()       # a folder named like an include's folder must not confuse gin
   (tmp_path / "models").mkdir()
+  gin_dir = REPO / "gin"
+  scratch = [str(gin_dir / "models" / "mini.gin"), str(gin_dir / "runs" / "from_scratch.gin")]
   for f in ["retrieval_aux", "ranking_aux", "rating_aux", "unified", "unified_aux"]:
+    assert "include" not in (gin_dir / f"{f}.gin").read_text()
     gin.clear_config()
-    cli.parse_gin([str(REPO / "gin" / f"{f}.gin")], ["MODEL_DIR = '/tmp/x'", "BATCH_SIZE = 4",
-                                                     "train.eval_every = 7", "make_optimizer.name = 'adamw'"], [])
+    cli.parse_gin(scratch + [str(gin_dir / f"{f}.gin")], ["MODEL_DIR = '/tmp/x'", "BATCH_SIZE = 4",
+                                                           "train.eval_every = 7", "make_optimizer.name = 'adamw'"], [])
     assert gin.query_parameter("train.eval_every") == 7 and gin.query_parameter("make_optimizer.name") == "adamw"
     assert gin.query_parameter("%MODEL_DIR") == "/tmp/x" and gin.query_parameter("%BATCH_SIZE") == 4
     assert gin.query_parameter("%MIXTURE_OR_TASK_NAME").endswith(
         {"retrieval_aux": "_reat", "ranking_aux": "_raat", "rating_aux": "_rpat", "unified": "_ut",
          "unified_aux": "_ut_at"}[f])
     assert gin.query_parameter("%LEARNING_RATE") == 1e-3 and gin.query_parameter("%WARMUP_STEPS") == 1000
+    assert gin.query_parameter("%VOCABULARY") is None and gin.query_parameter("%DROPOUT_RATE") == 0.1
   gin.clear_config()
   with pytest.raises(ValueError, match="MODEL_DIR.*gin.REQUIRED"):
-    cli.parse_gin([str(REPO / "gin" / "retrieval_aux.gin")], [], [])
+    cli.parse_gin(scratch + [str(gin_dir / "retrieval_aux.gin")], [], [])
   gin.clear_config()
   with pytest.raises(ValueError, match="INITIAL_CHECKPOINT_PATH.*gin.REQUIRED"):
-    cli.parse_gin([str(REPO / "gin" / "retrieval_aux.gin"), str(REPO / "gin" / "runs" / "finetune.gin")],
-                  ["MODEL_DIR = '/tmp/x'"], [])
+    cli.parse_gin([str(gin_dir / "models" / "base.gin"), str(gin_dir / "runs" / "finetune.gin"),
+                   str(gin_dir / "retrieval_aux.gin")], ["MODEL_DIR = '/tmp/x'"], [])
+  # Fine-tuning keeps the checkpoint's vocabulary; the paper's settings.
+  for run, steps, batch in (("paper_base", 10000, 64), ("paper_xl", 70000, 16)):
+    gin.clear_config()
+    cli.parse_gin([str(gin_dir / "runs" / f"{run}.gin"), str(gin_dir / "retrieval_aux.gin")],
+                  ["MODEL_DIR = '/tmp/x'", "INITIAL_CHECKPOINT_PATH = '/ckpt'"], [])
+    assert gin.query_parameter("%VOCABULARY") == "checkpoint"
+    assert (gin.query_parameter("%TRAIN_STEPS"), gin.query_parameter("%BATCH_SIZE")) == (steps, batch)
+    assert gin.query_parameter("%LEARNING_RATE") == 1e-3 and gin.query_parameter("%WARMUP_STEPS") == 1000
   gin.clear_config()
 
 
@@ -141,7 +154,7 @@ def test_cli_splits_t5x_style_gin_flags():
   assert bindings == ["MODEL_DIR = '/tmp/r'", "TRAIN_STEPS = 5"]
 
 
-def test_initial_checkpoint_from_hugging_face_and_from_a_recalign_run(tiny_dir, tmp_path):
+def test_initial_checkpoint_vocabulary_is_checked_and_resized_only_when_asked(tiny_dir, tmp_path):
   """Step 0 of the warm-up has learning rate 0, so one step keeps the imported parameters exactly."""
   import jax
   import numpy as np
@@ -152,25 +165,73 @@ def test_initial_checkpoint_from_hugging_face_and_from_a_recalign_run(tiny_dir, 
   from recalign.models.model import EncoderDecoderModel
   from recalign.models.network import CONFIGS
   rt.register_dataset(tiny_dir / "tiny", config=rt.DatasetConfig(num_candidates=3))
-  cfg = CONFIGS["tiny"].replace(vocab_size=640)          # a larger vocabulary: rows are cut to 512
+  cfg = CONFIGS["tiny"].replace(vocab_size=640)          # another vocabulary than the tasks' 512 rows
   params = jax.tree_util.tree_map(np.asarray, nn.unbox(EncoderDecoderModel(cfg).init(jax.random.PRNGKey(9))))
   ck.save_hf(cfg, params, tmp_path / "hf")
   common = dict(mixture_or_task_name="tiny_reat", task_feature_lengths={"inputs": 128, "targets": 48},
                 train_steps=1, batch_size=8, network_config=CONFIGS["tiny"], progress=False)
-  T.train(model_dir=str(tmp_path / "a"), initial_checkpoint_path=str(tmp_path / "hf"), **common)
-  got = ck.flatten(T.load_params(tmp_path / "a" / "checkpoints" / "1"))
+  with pytest.raises(ck.VocabularyMismatch, match=r"hf was trained with .*640 .*tiny/vocab/spm.model \(400 ids\)"):
+    T.train(model_dir=str(tmp_path / "x"), initial_checkpoint_path=str(tmp_path / "hf"), **common)
+  T.train(model_dir=str(tmp_path / "a"), initial_checkpoint_path=str(tmp_path / "hf"),
+          vocabulary_mismatch="resize", **common)
+  got = ck.flatten(ck.load_params(tmp_path / "a" / "checkpoints" / "1"))
   want = ck.flatten(ck.resize_vocab(params, 512))
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
-  # A recalign checkpoint as INITIAL_CHECKPOINT_PATH, and a mismatching config named clearly.
+  run = json.loads((tmp_path / "a" / "run.json").read_text())
+  assert run["vocabulary"]["path"] == str((tiny_dir / "tiny" / "vocab" / "spm.model").resolve())
+  # A recalign checkpoint as INITIAL_CHECKPOINT_PATH: its run.json names the same vocabulary, no resize.
   T.train(model_dir=str(tmp_path / "b"), initial_checkpoint_path=str(tmp_path / "a" / "checkpoints" / "1"),
           **common)
-  again = ck.flatten(T.load_params(tmp_path / "b" / "checkpoints" / "1"))
+  again = ck.flatten(ck.load_params(tmp_path / "b" / "checkpoints" / "1"))
   np.testing.assert_allclose(again["token_embedder/embedding"], want["token_embedder/embedding"], atol=1e-6)
   with pytest.raises(ValueError, match="do not match the model config"):
-    T.train(model_dir=str(tmp_path / "c"), initial_checkpoint_path=str(tmp_path / "hf"),
+    T.train(model_dir=str(tmp_path / "c"), initial_checkpoint_path=str(tmp_path / "a" / "checkpoints" / "1"),
             **{**common, "network_config": CONFIGS["tiny"].replace(mlp_dim=32)})
+
+
+def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss(tiny_dir, tmp_path):
+  """A tiny Hugging Face T5 saved with its own (T5-like) SentencePiece model: VOCABULARY='checkpoint'
+  registers the tasks on that vocabulary, the embeddings are used as they are, and the loss of the
+  first batch equals the loss transformers computes for the same token ids."""
+  import numpy as np
+  import torch
+  import transformers
+  import recalign.tasks as rt
+  from conftest import train_t5_like_vocab
+  from recalign import train as T
+  from recalign.data import PreparedData
+  from recalign.data.vocab import load_vocabulary
+  from recalign.models import checkpoints as ck
+  from recalign.models.network import padded_vocab_size
+  hf_dir = tmp_path / "hf"
+  train_t5_like_vocab(PreparedData.load(tiny_dir / "tiny"), hf_dir / "spiece.model")
+  t5_vocab = load_vocabulary(hf_dir)
+  rows = padded_vocab_size(t5_vocab.vocab_size)
+  torch.manual_seed(0)
+  hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+      vocab_size=rows, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+      tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+  hf.save_pretrained(hf_dir)
+  lengths = {"inputs": 128, "targets": 48}
+  out = T.train(model_dir=str(tmp_path / "ft"), mixture_or_task_name="tiny_reat", task_feature_lengths=lengths,
+                train_steps=1, batch_size=8, network_config=ck.config_from_hf(json.loads((hf_dir / "config.json")
+                                                                                         .read_text())),
+                data_dirs=[str(tiny_dir / "tiny")], initial_checkpoint_path=str(hf_dir), vocabulary="checkpoint",
+                pack=False, z_loss=0.0, progress=False)
+  run = json.loads((tmp_path / "ft" / "run.json").read_text())
+  assert run["vocabulary"]["path"] == str((hf_dir / "spiece.model").resolve())
+  task_vocab = rt.registry.get_vocabulary(rt.get("tiny_reat"))
+  assert task_vocab.sp_model == t5_vocab.sp_model and task_vocab.vocab_size == t5_vocab.vocab_size
+  batch = next(T.input_batches(rt.get("tiny_reat"), lengths, 8, seed=0, pack=False))
+  assert batch["encoder_input_tokens"].max() >= 100          # ids from the T5-like model, not cut
+  with torch.no_grad():
+    enc = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
+    tgt = torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)
+    loss = hf(input_ids=enc, attention_mask=enc > 0, labels=torch.where(tgt > 0, tgt, -100)).loss.item()
+  assert out["loss"] == pytest.approx(loss, rel=1e-4)
+  assert np.isfinite(loss)
 
 
 MULTI = r'''

@@ -70,8 +70,9 @@ def main():
               random_seed=seed, checkpoint_every=args.steps, log_every=25, progress=False)
       train_min = (time.time() - t0) / 60
       # Evaluate the last checkpoint (no validation-based selection: every row gets the same steps).
-      m = evaluate_best(model_dir, "beauty_retrieval", max_test=args.test_users, lengths=lengths,
-                        max_validation=args.val_users)
+      m = {split: evaluate_best(model_dir, "beauty_retrieval", split, lengths=lengths,
+                                max_examples=args.test_users if split == "test" else args.val_users).metrics
+           for split in ("validation", "test")}
       results[key] = {"row": row, "seed": seed, "mixture": mixture, "train_minutes": round(train_min, 1),
                       **{f"{s}/{k}": m[s][k] for s in m for k in KEYS}}
       results_path.write_text(json.dumps(results, indent=2))

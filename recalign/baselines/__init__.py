@@ -4,8 +4,9 @@
   * SASRec (`sasrec.py`): self-attentive sequential recommendation, full-catalogue ranking;
   * history (rating): the user's training like-rate as P(like).
 
-Retrieval excludes the user's history, as `recalign eval` does; ranking ranks the same 100
-candidates the ranking task draws for each user.
+Retrieval ranks the whole catalogue (the paper's protocol) or, with `exclude_history`, the catalogue
+minus the user's history, as `recalign eval` does; ranking ranks the same 100 candidates the ranking
+task draws for each user.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from recalign import metrics as M
 from recalign.data.prepare import PreparedData
 
 
-def eval_users(data: PreparedData, split: str) -> np.ndarray:
-  return data.validation_users if split == "validation" else np.arange(data.num_users)
+def eval_users(data: PreparedData, split: str, example_ids: Optional[np.ndarray] = None) -> np.ndarray:
+  """The users of a split's evaluation examples (all, or those of `example_ids`, the tasks' ids)."""
+  users = data.validation_users if split == "validation" else np.arange(data.num_users)
+  return users if example_ids is None else users[np.asarray(example_ids)]
 
 
 def targets_and_history(data: PreparedData, split: str, users: np.ndarray):
@@ -38,13 +41,16 @@ def top_k_excluding(scores: np.ndarray, history: list[np.ndarray], k: int) -> np
   return np.take_along_axis(top, order, 1)
 
 
-def popularity(data: PreparedData, split: str = "test", candidates: Optional[np.ndarray] = None) -> dict:
-  users = eval_users(data, split)
+def popularity(data: PreparedData, split: str = "test", candidates: Optional[np.ndarray] = None, *,
+               exclude_history: bool = False, example_ids: Optional[np.ndarray] = None) -> dict:
+  """The most popular training items (minus the user's history with `exclude_history`)."""
+  users = eval_users(data, split, example_ids)
   targets, history = targets_and_history(data, split, users)
   pop = data.train_popularity().astype(np.float64)
   if candidates is not None:
     return M.ranking_metrics(M.rank_by_scores(pop[candidates], candidates), targets, (1, 5, 10))
-  ranked = top_k_excluding(np.broadcast_to(pop, (len(users), data.num_items)), history, 10)
+  ranked = top_k_excluding(np.broadcast_to(pop, (len(users), data.num_items)),
+                           history if exclude_history else [[]] * len(users), 10)
   return M.ranking_metrics(ranked, targets, (5, 10))
 
 

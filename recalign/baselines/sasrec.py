@@ -140,11 +140,13 @@ def sasrec_scores(model: SASRec, params, data: PreparedData, split: str, users: 
 
 
 def evaluate_sasrec(model: SASRec, params, data: PreparedData, split: str = "test",
-                    candidates: Optional[np.ndarray] = None) -> dict:
-  users = eval_users(data, split)
+                    candidates: Optional[np.ndarray] = None, *, exclude_history: bool = False,
+                    example_ids: Optional[np.ndarray] = None) -> dict:
+  users = eval_users(data, split, example_ids)
   targets, history = targets_and_history(data, split, users)
   scores = sasrec_scores(model, params, data, split, users)
   if candidates is not None:
     return M.ranking_metrics(M.rank_by_scores(np.take_along_axis(scores, candidates, 1), candidates),
                              targets, (1, 5, 10))
-  return M.ranking_metrics(top_k_excluding(scores, history, 10), targets, (5, 10))
+  return M.ranking_metrics(top_k_excluding(scores, history if exclude_history else [[]] * len(users), 10),
+                           targets, (5, 10))

@@ -7,8 +7,14 @@ Supported sources:
     object per line) and `meta_<Category>.json[.gz]` (one Python-literal dict per line, parsed
     with `ast.literal_eval`, never `eval`).
   * `recbole`: RecBole atomic files `<name>.inter` / `<name>.item` (e.g. `shared/data/ml-100k/`).
+  * `sequences`: one line per user, `user item item item ...` in chronological order, as P5 / S3-Rec
+    style releases ship (`sequential_data.txt`, `user_sequence.txt`), with optional item metadata
+    (an `items.tsv` as amazon-tsv's, or an Amazon `meta_*.json[.gz]`).
 
-Bad records are skipped and counted in an `IngestReport` (or raise `DataError` with `strict`).
+Timestamps: an empty or absent timestamp column means the file lists each user's interactions in
+chronological order (the manifest and `recalign stats` say so); a timestamp missing from some rows
+only is a counted skip. Bad records are skipped and counted in an `IngestReport` (or raise
+`DataError` with `strict`).
 """
 
 from __future__ import annotations
@@ -146,13 +152,15 @@ def _tsv_rows(path: Path, report: IngestReport, required: tuple[str, ...],
 
 
 def _interaction(row: dict, path: Path, n: int, report: IngestReport) -> Optional[tuple[str, Interaction]]:
-  """A (user, interaction) from a row with user_id, item_id[, timestamp][, rating]; None if skipped."""
+  """A (user, interaction) from a row with user_id, item_id[, timestamp][, rating]; None if skipped.
+  An empty timestamp is None here (`_by_user` decides whether the file has timestamps at all)."""
+  report.rows += 1
   user, item = row["user_id"].strip(), row["item_id"].strip()
   if not user or not item:
     report.skip("missing_field", str(path), n, "user_id" if not user else "item_id", "empty")
     return None
   ts = rating = None
-  if "timestamp" in row:
+  if row.get("timestamp", "").strip():
     ts = _number(row["timestamp"], path, n, "timestamp", report, "bad_timestamp")
     if ts is None:
       return None
@@ -161,6 +169,20 @@ def _interaction(row: dict, path: Path, n: int, report: IngestReport) -> Optiona
     if rating is None:
       return None
   return user, Interaction(item, ts, rating)
+
+
+def _by_user(rows: list[tuple[int, str, Interaction]], path: Path, report: IngestReport
+             ) -> dict[str, list[Interaction]]:
+  """Per-user interactions in file order. A file without any timestamp is in chronological order
+  (file order is kept); a row without a timestamp in a file that has them is a counted skip."""
+  timed = any(x.timestamp is not None for _, _, x in rows)
+  sequences: dict[str, list[Interaction]] = {}
+  for n, user, x in rows:
+    if timed and x.timestamp is None:
+      report.skip("missing_timestamp", str(path), n, "timestamp", "empty while other rows have one")
+      continue
+    sequences.setdefault(user, []).append(x)
+  return sequences
 
 
 def _number(value, path: Path, line: int, field: str, report: IngestReport,
@@ -196,15 +218,19 @@ def read_amazon_tsv(directory: Path | str, *, report: Optional[IngestReport] = N
   for p in (inter_path, items_path):
     if not p.exists():
       raise DataError(str(p), None, None, "file not found (amazon-tsv needs interactions.tsv and items.tsv)")
-
-  sequences: dict[str, list[Interaction]] = {}
-  has_ratings = False
+  rows, has_ratings = [], False
   for n, row in _tsv_rows(inter_path, report, ("user_id", "item_id")):
     has_ratings = "rating" in row
     got = _interaction(row, inter_path, n, report)
     if got:
-      sequences.setdefault(got[0], []).append(got[1])
+      rows.append((n, *got))
+  sequences = _by_user(rows, inter_path, report)
+  items = read_items_tsv(items_path, report)
+  return RawData(sequences, items, domain, "amazon-tsv", [inter_path, items_path], report, has_ratings)
 
+
+def read_items_tsv(items_path: Path, report: IngestReport) -> dict[str, ItemMeta]:
+  """items.tsv: item_id, title, brand, price, categories (`A > B | C`); all but item_id optional."""
   items: dict[str, ItemMeta] = {}
   for n, row in _tsv_rows(items_path, report, ("item_id",)):
     item = row["item_id"].strip()
@@ -215,7 +241,7 @@ def read_amazon_tsv(directory: Path | str, *, report: Optional[IngestReport] = N
     _add_meta(items, item, ItemMeta(
         title=clean_text(row.get("title", ""), report), brand=clean_text(row.get("brand", ""), report),
         price=clean_text(row.get("price", ""), report), categories=cats), items_path, n, report)
-  return RawData(sequences, items, domain, "amazon-tsv", [inter_path, items_path], report, has_ratings)
+  return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +267,7 @@ def read_amazon_raw(reviews: Path | str, meta: Optional[Path | str] = None, *,
   report = report or IngestReport()
   sequences: dict[str, list[Interaction]] = {}
   for n, line in _lines(reviews, report):
+    report.rows += 1
     try:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -266,31 +293,37 @@ def read_amazon_raw(reviews: Path | str, meta: Optional[Path | str] = None, *,
   if has_ratings and any(x.rating is None for seq in sequences.values() for x in seq):
     raise DataError(str(reviews), None, "overall", "some reviews have a rating and others not")
 
-  items: dict[str, ItemMeta] = {}
   files = [reviews]
+  items: dict[str, ItemMeta] = {}
   if meta is not None:
-    meta = Path(meta)
-    files.append(meta)
-    for n, line in _lines(meta, report):
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError:
-        try:  # the 2014 dumps are Python literals (single quotes); literal_eval is safe, eval is not
-          obj = ast.literal_eval(line)
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-          report.skip("malformed_line", str(meta), n, None, f"not a JSON/Python literal ({type(e).__name__})")
-          continue
-      if not isinstance(obj, dict) or not obj.get("asin"):
-        report.skip("missing_field", str(meta), n, "asin", "missing or not a dict")
-        continue
-      price = obj.get("price", "")
-      _add_meta(items, str(obj["asin"]), ItemMeta(
-          title=clean_text(str(obj.get("title", "") or ""), report),
-          brand=clean_text(str(obj.get("brand", "") or ""), report),
-          price="" if price in ("", None) else clean_text(str(price), report),
-          categories=tuple(clean_text(c, report) for c in _format_categories(obj.get("categories")))),
-          meta, n, report)
+    files.append(Path(meta))
+    items = read_amazon_meta(Path(meta), report)
   return RawData(sequences, items, domain, "amazon-raw", files, report, has_ratings)
+
+
+def read_amazon_meta(meta: Path, report: IngestReport) -> dict[str, ItemMeta]:
+  """meta_<Category>.json[.gz]: one JSON object or Python-literal dict per line."""
+  items: dict[str, ItemMeta] = {}
+  for n, line in _lines(meta, report):
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError:
+      try:  # the 2014 dumps are Python literals (single quotes); literal_eval is safe, eval is not
+        obj = ast.literal_eval(line)
+      except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+        report.skip("malformed_line", str(meta), n, None, f"not a JSON/Python literal ({type(e).__name__})")
+        continue
+    if not isinstance(obj, dict) or not obj.get("asin"):
+      report.skip("missing_field", str(meta), n, "asin", "missing or not a dict")
+      continue
+    price = obj.get("price", "")
+    _add_meta(items, str(obj["asin"]), ItemMeta(
+        title=clean_text(str(obj.get("title", "") or ""), report),
+        brand=clean_text(str(obj.get("brand", "") or ""), report),
+        price="" if price in ("", None) else clean_text(str(price), report),
+        categories=tuple(clean_text(c, report) for c in _format_categories(obj.get("categories")))),
+        meta, n, report)
+  return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,13 +351,13 @@ def read_recbole(path: Path | str, *, report: Optional[IngestReport] = None,
   inter_path = inters[0]
   item_path = inter_path.with_suffix(".item")
 
-  sequences: dict[str, list[Interaction]] = {}
-  has_ratings = False
+  rows, has_ratings = [], False
   for n, row in _tsv_rows(inter_path, report, ("user_id", "item_id"), _atomic_header):
     has_ratings = "rating" in row
     got = _interaction(row, inter_path, n, report)
     if got:
-      sequences.setdefault(got[0], []).append(got[1])
+      rows.append((n, *got))
+  sequences = _by_user(rows, inter_path, report)
 
   items: dict[str, ItemMeta] = {}
   files = [inter_path]
@@ -340,7 +373,45 @@ def read_recbole(path: Path | str, *, report: Optional[IngestReport] = None,
   return RawData(sequences, items, domain, "recbole", files, report, has_ratings)
 
 
-SOURCES = {"amazon-tsv": read_amazon_tsv, "amazon-raw": read_amazon_raw, "recbole": read_recbole}
+# ---------------------------------------------------------------------------------------------
+# One line per user: `user item item ...` (P5 / S3-Rec style sequential_data.txt, user_sequence.txt)
+
+SEQUENCE_FILES = ("sequential_data.txt", "user_sequence.txt")
+
+
+def read_sequences(path: Path | str, meta: Optional[Path | str] = None, *,
+                   report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
+  """`path`: the sequence file (or a folder holding one of SEQUENCE_FILES). Each line is a user ID
+  then that user's items, separated by white space, oldest first (there are no timestamps: the
+  order is the file's). `meta`: optional item metadata, an items.tsv or an Amazon meta_*.json[.gz]."""
+  path = Path(path)
+  report = report or IngestReport()
+  if path.is_dir():
+    found = [path / n for n in SEQUENCE_FILES if (path / n).exists()]
+    if not found:
+      raise DataError(str(path), None, None, f"no sequence file ({' or '.join(SEQUENCE_FILES)})")
+    path = found[0]
+  sequences: dict[str, list[Interaction]] = {}
+  for n, line in _lines(path, report):
+    report.rows += 1
+    user, *items = line.split()
+    if not items:
+      report.skip("empty_sequence", str(path), n, None, f"user {user!r} has no items")
+      continue
+    if user in sequences:
+      report.skip("duplicate_user", str(path), n, None, f"user {user!r} listed again")
+      continue
+    sequences[user] = [Interaction(item, None, None) for item in items]
+  files, items_meta = [path], {}
+  if meta is not None:
+    meta = Path(meta)
+    files.append(meta)
+    items_meta = read_items_tsv(meta, report) if meta.suffix == ".tsv" else read_amazon_meta(meta, report)
+  return RawData(sequences, items_meta, domain, "sequences", files, report, False)
+
+
+SOURCES = {"amazon-tsv": read_amazon_tsv, "amazon-raw": read_amazon_raw, "recbole": read_recbole,
+           "sequences": read_sequences}
 
 
 def detect_format(path: Path) -> str:
@@ -351,19 +422,27 @@ def detect_format(path: Path) -> str:
       return "recbole"
     if list(path.glob("reviews_*.json*")):
       return "amazon-raw"
+    if any((path / n).exists() for n in SEQUENCE_FILES):
+      return "sequences"
   elif path.name.startswith("reviews_"):
     return "amazon-raw"
+  elif path.suffix == ".txt":
+    return "sequences"
   raise DataError(str(path), None, None,
-                  "cannot tell the format; pass --format amazon-tsv|amazon-raw|recbole")
+                  "cannot tell the format; pass --format amazon-tsv|amazon-raw|recbole|sequences")
 
 
 def read_source(path: Path | str, fmt: Optional[str] = None, *, meta: Optional[Path | str] = None,
-                report: Optional[IngestReport] = None) -> RawData:
-  """Reads any supported source; `fmt=None` detects it from the path."""
+                report: Optional[IngestReport] = None, domain: Optional[Domain] = None) -> RawData:
+  """Reads any supported source; `fmt=None` detects it from the path. `domain`: the template words
+  (default: Amazon products; movies for RecBole)."""
   path = Path(path)
+  if not path.exists():
+    raise DataError(str(path), None, None, "no such file or folder")
   fmt = fmt or detect_format(path)
   if fmt not in SOURCES:
     raise ValueError(f"unknown source format {fmt!r}; known: {sorted(SOURCES)}")
+  kw = {"report": report} | ({"domain": domain} if domain else {})
   if fmt == "amazon-raw":
     if path.is_dir():
       reviews = sorted(path.glob("reviews_*.json*"))
@@ -373,5 +452,9 @@ def read_source(path: Path | str, fmt: Optional[str] = None, *, meta: Optional[P
       if meta is None:
         cands = sorted(path.parent.glob("meta_*.json*"))
         meta = cands[0] if cands else None
-    return read_amazon_raw(path, meta, report=report)
-  return SOURCES[fmt](path, report=report)
+    return read_amazon_raw(path, meta, **kw)
+  if fmt == "sequences":
+    if meta is None and path.is_dir() and (path / "items.tsv").exists():
+      meta = path / "items.tsv"
+    return read_sequences(path, meta, **kw)
+  return SOURCES[fmt](path, **kw)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -172,6 +173,11 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
   report = raw.report
   if min_interactions < MIN_INTERACTIONS:
     raise ValueError(f"min_interactions must be >= {MIN_INTERACTIONS} for leave-one-out")
+  warnings = []
+  row_skips = sum(report.skipped.values())   # (before the filtering counts below are added)
+  if report.rows and row_skips > report.rows / 2:
+    warnings.append(f"most rows were skipped: {row_skips} of {report.rows}; {report.dominant_skip()}")
+    logging.warning("%s: %s", raw.source_files[0] if raw.source_files else name, warnings[-1])
   seqs: dict[str, list] = {}
   for user, inter in raw.sequences.items():
     seen, kept = set(), []
@@ -193,7 +199,10 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
     del seqs[u]
   report.skipped[f"users_with_fewer_than_{min_interactions}_interactions"] += len(short)
   if not seqs:
-    raise DataError(str(raw.source_files[0]), None, None, "no users left after filtering")
+    why = (f"{row_skips} of {report.rows} rows were skipped ({report.dominant_skip()})" if row_skips else
+           f"k-core {kcore} and at least {min_interactions} interactions per user removed everyone")
+    raise DataError(str(raw.source_files[0]) if raw.source_files else name, None, None,
+                    f"no users left after filtering: {why}")
 
   # Random IDs: sort the source IDs (so the input's row order does not matter), then permute.
   # Numbering by first appearance would leak sequence information into the IDs (as P5's did).
@@ -234,6 +243,8 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
       "seed": seed, "kcore": kcore, "min_interactions": min_interactions,
       "domain": dataclasses.asdict(raw.domain),
       "has_ratings": ratings is not None, "has_timestamps": timestamps is not None,
+      "order": "timestamps" if timestamps is not None else "file order (the source has no timestamps)",
+      "warnings": warnings,
       "counts": {
           "users": len(users), "items": len(items), "interactions": int(lengths.sum()),
           "train_interactions": int((lengths - 2).sum()),
@@ -261,6 +272,7 @@ def format_stats(manifest: dict) -> str:
            f"max {c['sequence_length']['max']}",
            f"eval users    validation {c['validation_users']} (seeded subset), test {c['test_users']}",
            f"ratings       {'yes' if manifest['has_ratings'] else 'no'}",
+           f"order         {manifest.get('order', 'timestamps')}",
            "fields        " + ", ".join(f"{k} {v}" for k, v in manifest["fields"].items())]
   rep = manifest["report"]
   for k, v in rep["skipped"].items():
@@ -269,5 +281,7 @@ def format_stats(manifest: dict) -> str:
     lines.append(f"repaired      {v:>7d}  {k}")
   for path, digest in manifest["source"]["files"].items():
     lines.append(f"source        {path}  sha256 {digest[:16]}…")
+  for w in manifest.get("warnings", []):
+    lines.append(f"warning       {w}")
   return "\n".join(lines)
 

@@ -25,6 +25,7 @@ class IngestReport:
   """
   strict: bool = False
   max_examples: int = 5
+  rows: int = 0             # interaction records read (lines of the interaction file)
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   repaired: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict = dataclasses.field(default_factory=dict)
@@ -41,8 +42,16 @@ class IngestReport:
   def repair(self, kind: str, n: int = 1):
     self.repaired[kind] += n
 
+  def dominant_skip(self) -> str:
+    """The most frequent skip reason with its count and first example, for error messages."""
+    if not self.skipped:
+      return "nothing was skipped"
+    kind, n = self.skipped.most_common(1)[0]
+    ex = self.examples.get(kind, [""])[0]
+    return f"{n} skipped as {kind}" + (f", e.g. {ex}" if ex else "")
+
   def to_json(self) -> dict:
-    return {"skipped": dict(sorted(self.skipped.items())),
+    return {"rows": self.rows, "skipped": dict(sorted(self.skipped.items())),
             "repaired": dict(sorted(self.repaired.items())),
             "examples": self.examples}
 

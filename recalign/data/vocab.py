@@ -60,14 +60,13 @@ def train_vocabulary(data: PreparedData, out_dir: Path | str, *, vocab_size: int
 
 
 def load_vocabulary(path: Path | str, extra_ids: int = NUM_EXTRA_IDS):
-  """A `seqio.SentencePieceVocabulary` with T5's 100 sentinel ids."""
+  """A `seqio.SentencePieceVocabulary` with T5's 100 sentinel ids, from a model file or a folder
+  holding one (a data set's vocab/, a Hugging Face T5 directory's spiece.model)."""
   import seqio  # heavy import (TensorFlow): only where needed
   path = Path(path)
-  if path.is_dir():
-    path = path / VOCAB_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no vocabulary (run `recalign vocab DATA_DIR` first)")
-  return seqio.SentencePieceVocabulary(str(path), extra_ids=extra_ids)
+  if path.is_dir() and not any((path / n).exists() for n in (VOCAB_FILE, *CHECKPOINT_VOCAB_FILES)):
+    raise FileNotFoundError(f"{path / VOCAB_FILE}: no vocabulary (run `recalign vocab DATA_DIR` first)")
+  return seqio.SentencePieceVocabulary(str(sentencepiece_path(path).resolve()), extra_ids=extra_ids)
 
 
 def continuation_encoder(vocab) -> Callable[[str], list[int]]:
@@ -90,6 +89,39 @@ def continuation_encoder(vocab) -> Callable[[str], list[int]]:
 # (text before the ID, text right after it) in every context the templates put an ID in.
 ID_CONTEXTS = (("Item ID:", ", Title: x;"), ("Item ID:", ";"), ("Candidate items are: I1,", ", I2"),
                ("Candidate items are:", ""), ("What's the title of", "?"), ("", ""))
+
+
+CHECKPOINT = "checkpoint"   # VOCABULARY = 'checkpoint': the initial checkpoint's own SentencePiece model
+# Where checkpoints keep their SentencePiece model: Hugging Face T5 directories, T5X-style folders.
+CHECKPOINT_VOCAB_FILES = ("spiece.model", "sentencepiece.model", "tokenizer.model")
+
+
+def sentencepiece_path(path: Path | str) -> Path:
+  """A SentencePiece model file, or the one inside a folder (recalign's vocab/ or a checkpoint's)."""
+  path = Path(path)
+  if path.is_dir():
+    for name in (VOCAB_FILE, *CHECKPOINT_VOCAB_FILES):
+      if (path / name).exists():
+        return path / name
+    raise FileNotFoundError(f"{path}: no SentencePiece model ({', '.join((VOCAB_FILE, *CHECKPOINT_VOCAB_FILES))})")
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such SentencePiece model")
+  return path
+
+
+def same_vocabulary(a, b) -> bool:
+  """Two seqio vocabularies give every token the same id (same SentencePiece model, same extra ids)."""
+  if a is b:
+    return True
+  pa, pb = getattr(a, "sp_model", None), getattr(b, "sp_model", None)
+  if pa is None or pb is None:
+    return a == b
+  return pa == pb and a.extra_ids == b.extra_ids and a.vocab_size == b.vocab_size
+
+
+def describe(vocab) -> str:
+  path = getattr(vocab, "sentencepiece_model_file", None)
+  return f"{path or type(vocab).__name__} ({vocab.vocab_size} ids)"
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ Parameters are nested dicts of numpy arrays in recalign's (= T5X's) naming; see 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -261,11 +262,77 @@ def check_compatible(params: dict, expected_shapes: dict, source: str) -> None:
     raise ValueError(f"{source}: parameters do not match the model config:\n  " + "\n  ".join(problems[:20]))
 
 
-def load_any(path: str | Path, vocab_size: Optional[int] = None) -> tuple[Optional[T5Config], dict]:
-  """INITIAL_CHECKPOINT_PATH: a HF directory (config.json), or a T5X checkpoint (config unknown)."""
+# --------------------------------------------------------------------------------------------
+# One entry point for every checkpoint recalign reads, and the vocabulary that goes with it
+
+
+def find_run_json(path: str | Path) -> Optional[Path]:
+  """MODEL_DIR/run.json of a recalign checkpoint (MODEL_DIR/checkpoints/<step>, MODEL_DIR/best)."""
+  path = Path(path).resolve()
+  for p in [path, *path.parents]:
+    if (p / "run.json").exists():
+      return p / "run.json"
+  return None
+
+
+def load_params(path: str | Path) -> dict:
+  """Parameters (numpy, T5X names) of a Hugging Face T5 directory (config.json + safetensors), a
+  T5X `checkpoint_<step>` (Orbax or legacy msgpack) or a recalign checkpoint."""
   path = Path(path)
   if (path / "config.json").exists():
-    return load_hf(path, vocab_size=vocab_size)
-  params = load_t5x(path)
-  return None, params if vocab_size is None else resize_vocab(params, vocab_size)
+    return load_hf(path)[1]
+  if (path / "default").is_dir():   # recalign: orbax StandardCheckpointer item, parameters under 'target'
+    path = path / "default"
+  return load_t5x(path)
 
+
+def checkpoint_vocabulary(path: str | Path) -> Optional[Path]:
+  """The SentencePiece model a checkpoint was trained with, where it says: a Hugging Face directory's
+  spiece.model, or the vocabulary recorded in a recalign run's run.json. None for T5X checkpoints
+  (they do not record it: T5 / FLAN-T5 use cc_all.32000.100extra/sentencepiece.model)."""
+  from recalign.data.vocab import CHECKPOINT_VOCAB_FILES
+  path = Path(path)
+  for name in CHECKPOINT_VOCAB_FILES:
+    if (path / name).exists():
+      return path / name
+  run = find_run_json(path)
+  if run is not None:
+    recorded = json.loads(run.read_text()).get("vocabulary")
+    if recorded:
+      return Path(recorded["path"])
+  return None
+
+
+class VocabularyMismatch(ValueError):
+  """An initial checkpoint whose token ids mean something else than the tasks' vocabulary's."""
+
+
+def fit_vocabulary(params: dict, source: str | Path, task_vocab, rows: int, mismatch: str = "error") -> dict:
+  """Checks that a checkpoint's embedding rows belong to the tasks' vocabulary before training on them.
+
+  The vocabulary is part of a run: a pretrained T5's 32,128 rows are only meaningful with its own
+  SentencePiece model (gin/runs/finetune.gin: VOCABULARY = 'checkpoint'). `mismatch`:
+    "error"   a different vocabulary, or a different number of rows, is a `VocabularyMismatch`;
+    "resize"  keep the first rows and cut or grow the rest (explicit; only sensible between
+              recalign runs whose vocabularies share their first tokens).
+  """
+  from recalign.data.vocab import describe, load_vocabulary, same_vocabulary
+  if mismatch not in ("error", "resize"):
+    raise ValueError(f"vocabulary_mismatch must be 'error' or 'resize', not {mismatch!r}")
+  have = params["token_embedder"]["embedding"].shape[0]
+  vocab_path = checkpoint_vocabulary(source)
+  same = None if vocab_path is None else same_vocabulary(load_vocabulary(vocab_path), task_vocab)
+  if same is not False and have == rows:
+    if same is None:
+      logging.warning("%s records no vocabulary; its %d rows are used as the ids of %s: make sure VOCABULARY is "
+                      "its SentencePiece model", source, have, describe(task_vocab))
+    return params
+  if mismatch == "resize":
+    logging.warning("%s: vocabulary resized from %d to %d rows (first rows kept)", source, have, rows)
+    return resize_vocab(params, rows)
+  theirs = f"{vocab_path}" if vocab_path else "an unrecorded vocabulary"
+  raise VocabularyMismatch(
+      f"{source} was trained with {theirs} ({have} embedding rows), but the tasks use {describe(task_vocab)} "
+      f"({rows} rows): its embeddings would be used for unrelated tokens. Set VOCABULARY to the "
+      "checkpoint's SentencePiece model (gin/runs/finetune.gin uses VOCABULARY = 'checkpoint'), or ask for "
+      "--gin.train.vocabulary_mismatch=\"'resize'\" to cut/grow the rows (only between recalign runs).")

@@ -27,13 +27,25 @@ def cross_entropy_with_logits(logits: jnp.ndarray, targets: jnp.ndarray, z_loss:
   return loss + z, z
 
 
+# T5X's names for the loss normalisation (`loss_normalizing_factor`) and recalign's short ones.
+NORMALIZATION = {"NUM_REAL_TARGET_TOKENS": "tokens", "AVERAGE_PER_SEQUENCE": "sequence",
+                 "tokens": "tokens", "sequence": "sequence"}
+
+
 def compute_loss(logits, target_tokens, weights=None, *, z_loss: float = 1e-4, label_smoothing: float = 0.0,
-                 normalize: Union[str, float, None] = "tokens") -> tuple[jnp.ndarray, dict]:
+                 normalize: Union[str, float, None] = "tokens", segment_ids=None) -> tuple[jnp.ndarray, dict]:
   """Token losses, weighted and normalised.
 
-  normalize: "tokens" (mean over real target tokens), "sequence" (mean over sequences of each
-  sequence's mean), a float (T5X's constant loss_normalizing_factor), or None (sum).
+  normalize (T5X's `loss_normalizing_factor`): "tokens" / "NUM_REAL_TARGET_TOKENS" (mean over real
+  target tokens: long targets weigh more -- MIM's ~70 tokens against retrieval's ~6), "sequence" /
+  "AVERAGE_PER_SEQUENCE" (mean over sequences of each sequence's mean token loss: every example
+  weighs the same; packed rows are split by `segment_ids`), a float (a constant), or None (sum).
   """
+  if isinstance(normalize, str):
+    if normalize not in NORMALIZATION:
+      raise ValueError(f"loss normalisation must be one of {sorted(NORMALIZATION)}, a number or None, "
+                       f"not {normalize!r}")
+    normalize = NORMALIZATION[normalize]
   vocab = logits.shape[-1]
   weights = (target_tokens > 0).astype(jnp.float32) if weights is None else weights.astype(jnp.float32)
   confidence = 1.0 - label_smoothing
@@ -47,8 +59,12 @@ def compute_loss(logits, target_tokens, weights=None, *, z_loss: float = 1e-4, l
     denom = jnp.maximum(weights.sum(), 1.0)
     loss = tok_loss.sum() / denom
   elif normalize == "sequence":
-    per_seq = tok_loss.sum(-1) / jnp.maximum(weights.sum(-1), 1.0)
-    loss = per_seq.mean()
+    seg = jnp.ones_like(target_tokens) if segment_ids is None else segment_ids
+    same = seg[:, :, None] == seg[:, None, :]                                    # [b, len, len]
+    length = jnp.einsum("bij,bj->bi", same.astype(jnp.float32), weights)          # tokens of my sequence
+    starts = (seg != jnp.pad(seg, ((0, 0), (1, 0)))[:, :-1]) | (jnp.arange(seg.shape[1]) == 0)
+    num_sequences = jnp.sum(starts & (weights > 0) & (seg > 0))
+    loss = jnp.sum(tok_loss / jnp.maximum(length, 1.0)) / jnp.maximum(num_sequences, 1)
   elif normalize is None:
     loss = tok_loss.sum()
   else:
@@ -96,7 +112,7 @@ class EncoderDecoderModel:
     logits = self.logits(params, batch, dropout_rng=dropout_rng)
     return compute_loss(logits, batch["decoder_target_tokens"], batch.get("decoder_loss_weights"),
                         z_loss=self.z_loss, label_smoothing=self.label_smoothing,
-                        normalize=self.loss_normalize)
+                        normalize=self.loss_normalize, segment_ids=batch.get("decoder_segment_ids"))
 
   def score_batch(self, params: Params, batch: dict) -> jnp.ndarray:
     """Log-likelihood of each sequence's targets under teacher forcing: [batch] (ranking, rating)."""
@@ -105,6 +121,14 @@ class EncoderDecoderModel:
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(tok * (targets > 0), axis=-1)
+
+  def decode_logits(self, params: Params, encoded: jnp.ndarray, encoder_tokens: jnp.ndarray,
+                    targets: jnp.ndarray, output_tokens: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """Teacher-forced logits [rows, len, vocab | len(output_tokens)] for target rows that share
+    their example's encoder output: rows k*c .. k*c+c-1 belong to example k (c = rows / examples),
+    so a prompt is encoded once however many candidates are scored against it."""
+    return self.module.apply({"params": params}, encoded, encoder_tokens, shift_right(targets), targets,
+                             output_tokens=output_tokens, method=Transformer.decode)
 
   # -- incremental decoding hooks ------------------------------------------------------------
   def encode(self, params: Params, encoder_tokens: jnp.ndarray) -> jnp.ndarray:

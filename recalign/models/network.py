@@ -338,7 +338,10 @@ class Decoder(nn.Module):
       valid = jnp.ones_like(decoder_input_tokens) if decoder_target_tokens is None else target
       self_mask = causal & _padding_mask(valid, valid, decoder_segment_ids, decoder_segment_ids)
       self_bias = relpos(L, L) + _mask_bias(self_mask)
-      cross_mask = _padding_mask(valid, encoder_tokens, decoder_segment_ids, encoder_segment_ids)
+      if b != encoded.shape[0]:  # several target rows per example share its encoder row (scoring)
+        cross_mask = (encoder_tokens > 0)[:, None, :]
+      else:
+        cross_mask = _padding_mask(valid, encoder_tokens, decoder_segment_ids, encoder_segment_ids)
     cross_bias = _mask_bias(cross_mask)
     for i in range(c.num_decoder_layers):
       x = DecoderLayer(c, name=f"layers_{i}")(x, encoded, self_bias, cross_bias, deterministic, decode,
