@@ -65,12 +65,20 @@ def cmd_vocab(args) -> int:
   ids = [item_id(k) for k in range(data.num_items)]
   check = check_item_ids(vocab, ids)
   print(f"vocabulary size {vocab.vocab_size} (incl. {vocab.extra_ids} sentinels); item IDs: "
-        f"{len(ids)} checked, at most {check.max_tokens} tokens, {len(check.token_ids)} distinct tokens")
+        f"{len(ids)} checked, {check.mean_tokens:.2f} tokens on average, at most {check.max_tokens}, "
+        f"{len(check.token_ids)} distinct tokens")
+  if check.merged_in_context:
+    print(f"{len(check.merged_in_context)} IDs would tokenise differently inside a prompt tokenised as one "
+          "string (the vocabulary does not split digits); recalign gives each ID its own tokens everywhere "
+          "(prompts, targets, the decoding trie), so this is consistent. e.g.")
+    for m in check.merged_in_context[:3]:
+      print("  ", m)
   for f in check.failures[:10]:
-    print("  inconsistent:", f)
+    print("  unusable:", f)
   if check.failures:
-    print(f"error: {len(check.failures)} item IDs tokenise inconsistently", file=sys.stderr)
+    print(f"error: {len(check.failures)} item IDs cannot be tokenised consistently", file=sys.stderr)
     return 1
+  print("consistent: every ID has one tokenisation in prompts, targets and the decoding trie")
   return 0
 
 
