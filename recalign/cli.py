@@ -41,30 +41,61 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_stats(args) -> int:
+  from recalign.data.ids import format_id_stats
   from recalign.data.prepare import format_stats
   path = Path(args.data) / "manifest.json"
   if not path.exists():
     print(f"error: {path} not found (run `recalign prepare` first)", file=sys.stderr)
     return 2
   manifest = json.loads(path.read_text())
-  print(json.dumps(manifest, indent=2) if args.json else format_stats(manifest))
+  print(json.dumps(manifest, indent=2) if args.json else "\n".join([format_stats(manifest),
+                                                                     *format_id_stats(manifest)]))
+  return 0
+
+
+def cmd_ids(args) -> int:
+  import numpy as np
+  from recalign.data import PreparedData
+  from recalign.data.ids import build_ids, format_id_stats
+  data = PreparedData.load(args.data)
+  features = np.load(args.features) if args.features else None
+  t0 = time.time()
+  ids = build_ids(data, args.scheme, seed=args.seed, levels=args.levels, codebook=args.codebook, features=features)
+  path = ids.save(args.data)
+  print(f"wrote {path} in {time.time() - t0:.1f}s; e.g. {ids.ids[0]}, {ids.ids[1]}")
+  print("\n".join(format_id_stats(json.loads((Path(args.data) / "manifest.json").read_text()))))
+  if ids.pieces():
+    print(f"now `recalign vocab {args.data}` adds their {len(ids.pieces())} pieces to the project vocabulary "
+          "(a pretrained vocabulary gets them appended as new ids)")
   return 0
 
 
 def cmd_vocab(args) -> int:
-  from recalign.data import PreparedData, item_id
-  from recalign.data.vocab import check_item_ids, load_vocabulary, train_vocabulary
+  from recalign.data import PreparedData
+  from recalign.data.ids import SCHEMES, load_ids, scheme_pieces
+  from recalign.data.vocab import check_item_ids, extend, load_vocabulary, train_vocabulary
   data = PreparedData.load(args.data)
+  pieces = scheme_pieces(args.data)
   if args.spm:  # a user-supplied model (e.g. the standard T5 / FLAN-T5 one): only check it
     path = Path(args.spm)
   else:
     t0 = time.time()
-    path = train_vocabulary(data, Path(args.data) / "vocab", vocab_size=args.size)
-    print(f"trained {path} in {time.time() - t0:.1f}s")
+    path = train_vocabulary(data, Path(args.data) / "vocab", vocab_size=args.size, pieces=pieces)
+    print(f"trained {path} in {time.time() - t0:.1f}s" + (f" with {len(pieces)} item ID pieces" if pieces else ""))
   vocab = load_vocabulary(path)
-  ids = [item_id(k) for k in range(data.num_items)]
+  status = 0
+  schemes = [s for s in SCHEMES if s == "random" or (Path(args.data) / "ids" / f"{s}.json").exists()]
+  for scheme in schemes:
+    ids = load_ids(args.data, scheme, data.num_items)
+    print(f"[{scheme} IDs]")
+    status = max(status, _report_ids(extend(vocab, pieces if scheme != "random" else []), ids))
+  return status
+
+
+def _report_ids(vocab, ids) -> int:
+  from recalign.data.vocab import check_item_ids
   check = check_item_ids(vocab, ids)
-  print(f"vocabulary size {vocab.vocab_size} (incl. {vocab.extra_ids} sentinels); item IDs: "
+  print(f"vocabulary size {vocab.vocab_size} (incl. {getattr(vocab, 'base', vocab).extra_ids} sentinels); item IDs: "
         f"{len(ids)} checked, {check.mean_tokens:.2f} tokens on average, at most {check.max_tokens}, "
         f"{len(check.token_ids)} distinct tokens")
   if check.merged_in_context:
@@ -196,12 +227,13 @@ def cmd_eval(args) -> int:
   # The run's vocabulary (or the checkpoint's own, e.g. a Hugging Face directory's spiece.model).
   vocab_path = args.vocabulary or (info.get("vocabulary") or {}).get("path") or ck.checkpoint_vocabulary(ckpt)
   vocab = load_vocabulary(vocab_path) if vocab_path else None
+  config = rt.DatasetConfig(**info["dataset_config"]) if "dataset_config" in info else rt.DatasetConfig()
   for d in (args.data or info.get("data_dirs", [])):
-    rt.register_dataset(d, vocab=vocab)
+    rt.register_dataset(d, vocab=vocab, config=config)
   task = rt.get(args.task)
   members = [t.name for t in getattr(task, "tasks", [task])]
-  members = [m for m in members if rt.registry.task_info(m)["kind"] in ("retrieval", "ranking", "rating")]
-  vocab = rt.registry.task_info(members[0])["vocab"]
+  members = [m for m in members if rt.registry.task_info(m).kind in ("retrieval", "ranking", "rating")]
+  vocab = rt.registry.task_info(members[0]).vocab
   if (ckpt / "config.json").exists():           # a Hugging Face directory
     config, params = ck.load_hf(ckpt)
   elif "network_config" in info:
@@ -217,8 +249,9 @@ def cmd_eval(args) -> int:
   rows = {}
   out_dir = ckpt if ckpt.is_dir() else ckpt.parent
   for name in members:
-    data = PreparedData.load(rt.registry.task_info(name)["data_dir"])
-    ev = Evaluator(model, data, rt.registry.task_info(name)["vocab"], beam_size=args.beam,
+    data = PreparedData.load(rt.registry.task_info(name).data_dir)
+    info = rt.registry.task_info(name)
+    ev = Evaluator(model, data, info.vocab, ids=info.ids, beam_size=args.beam,
                    batch_size=args.batch, exclude_history=args.exclude_history)
     res = ev.evaluate(params, name, args.split, lengths, args.max_examples)
     mpath, _ = res.write(out_dir)
@@ -294,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("data")
   s.add_argument("--json", action="store_true")
   s.set_defaults(fn=cmd_stats)
+
+  s = sub.add_parser("ids", help="build item IDs under a scheme (random, collaborative, semantic)")
+  s.add_argument("data")
+  s.add_argument("--scheme", required=True, choices=["random", "collaborative", "semantic"])
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--levels", type=int, default=3, help="semantic: residual k-means levels (+1 de-duplication code)")
+  s.add_argument("--codebook", type=int, help="codes per level (default: semantic 256, collaborative 32)")
+  s.add_argument("--features", help="semantic: a .npy of item vectors, row k = item k of items.jsonl "
+                 "(default: TF-IDF of title + categories reduced by SVD)")
+  s.set_defaults(fn=cmd_ids)
 
   s = sub.add_parser("vocab", help="train (or check) the SentencePiece vocabulary of a prepared data set")
   s.add_argument("data")

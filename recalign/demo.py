@@ -83,7 +83,7 @@ def evaluate_best(model_dir: Path, task: str, split: str, *, example_ids=None, m
       max(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()))
   params = jax.tree_util.tree_map(jnp.asarray, ck.load_params(path))
   info = rt.registry.task_info(task)
-  ev = Evaluator(model, PreparedData.load(info["data_dir"]), info["vocab"], beam_size=20, batch_size=64,
+  ev = Evaluator(model, PreparedData.load(info.data_dir), info.vocab, ids=info.ids, beam_size=20, batch_size=64,
                  exclude_history=exclude_history)
   res = ev.evaluate(params, task, split, lengths, max_examples, example_ids=example_ids)
   res.write(model_dir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -92,14 +92,17 @@ class Evaluator:
   """Evaluates any recalign task of a prepared data set with one model."""
 
   def __init__(self, model: EncoderDecoderModel, data: PreparedData, vocab, *, beam_size: int = 20,
-               batch_size: int = 32, exclude_history: bool = False, progress: bool = True):
+               batch_size: int = 32, exclude_history: bool = False, progress: bool = True,
+               ids: Optional[Sequence[str]] = None):
     """`exclude_history`: retrieval ranks the catalogue minus the user's history; by default the
-    entire catalogue, as the paper does."""
+    entire catalogue, as the paper does. `ids`: the items' IDs as the tasks write them (a task's
+    `TaskInfo.ids`; default the data set's random IDs). Predictions name items by their data set ID."""
     self.model, self.data, self.vocab = model, data, vocab
     self.beam_size, self.batch_size, self.exclude_history = beam_size, batch_size, exclude_history
     self.progress = progress
-    self.ids = [item_id(k) for k in range(data.num_items)]
-    self.trie = ItemTrie.for_items(vocab, self.ids)
+    self.names = [item_id(k) for k in range(data.num_items)]
+    self.rendered = list(ids) if ids is not None else self.names
+    self.trie = ItemTrie.for_items(vocab, self.rendered)
 
   def history(self, users: np.ndarray, split: str) -> list[np.ndarray]:
     """Items not to recommend: the user's history before the held-out item (if excluded)."""
@@ -114,8 +117,8 @@ class Evaluator:
       n = min(self.batch_size, len(examples) - s)
       ranked.append(items[:n])
       for e, it, sc in zip(chunk[:n], items, scores):
-        preds.append({"user": self.data.users[int(e["user"])], "target": self.ids[int(e["target_item"])],
-                      "ranked": [self.ids[i] for i in it if i >= 0],
+        preds.append({"user": self.data.users[int(e["user"])], "target": self.names[int(e["target_item"])],
+                      "ranked": [self.names[i] for i in it if i >= 0],
                       "scores": [round(float(x), 4) for x in sc if x > -1e8]})
     targets = np.array([e["target_item"] for e in examples])
     return M.ranking_metrics(np.concatenate(ranked), targets, ks=(5, 10)), preds
@@ -127,14 +130,14 @@ class Evaluator:
       enc = pad_inputs(chunk)
       items, _ = beam_search_items(self.model, params, enc, self.trie, beam_size=self.beam_size,
                                    candidates=cands)
-      sc = score_items(self.model, params, enc, cands, self.trie, self.vocab, self.ids)
+      sc = score_items(self.model, params, enc, cands, self.trie, self.vocab, self.rendered)
       order = M.rank_by_scores(sc, cands)
       n = min(self.batch_size, len(examples) - s)
       beams.append(items[:n])
       scored.append(order[:n])
       for e, it, o in zip(chunk[:n], items, order):
-        preds.append({"user": self.data.users[int(e["user"])], "target": self.ids[int(e["target_item"])],
-                      "beam": [self.ids[i] for i in it if i >= 0], "scored": [self.ids[i] for i in o[:20]]})
+        preds.append({"user": self.data.users[int(e["user"])], "target": self.names[int(e["target_item"])],
+                      "beam": [self.names[i] for i in it if i >= 0], "scored": [self.names[i] for i in o[:20]]})
     targets = np.array([e["target_item"] for e in examples])
     out = {f"beam/{k}": v for k, v in M.ranking_metrics(np.concatenate(beams), targets, (1, 5, 10)).items()}
     out.update({f"score/{k}": v for k, v in M.ranking_metrics(np.concatenate(scored), targets, (1, 5, 10)).items()})
@@ -155,7 +158,7 @@ class Evaluator:
         logp[a].append(np.asarray(score)[:min(self.batch_size, len(examples) - s)])
     p = M.p_yes(np.concatenate(logp["yes"]), np.concatenate(logp["no"]))
     labels = np.array([e["label"] for e in examples])
-    preds = [{"user": self.data.users[int(e["user"])], "item": self.ids[int(e["target_item"])],
+    preds = [{"user": self.data.users[int(e["user"])], "item": self.names[int(e["target_item"])],
               "label": int(e["label"]), "p_yes": round(float(q), 5)} for e, q in zip(examples, p)]
     return {"auc": M.auc(p, labels)}, preds
 
@@ -164,7 +167,7 @@ class Evaluator:
     """Metrics and per-user predictions on a split: all users, `example_ids`, or a seeded sample
     of `max_examples` users."""
     from recalign.tasks.registry import task_info
-    kind = task_info(task_name)["kind"]
+    kind = task_info(task_name).kind
     fn = {"retrieval": self.retrieval, "ranking": self.ranking, "rating": self.rating}.get(kind)
     if fn is None:
       raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking or rating")
@@ -186,13 +189,13 @@ def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[in
   """For `train(validate_fn=...)`: validation-split metrics of `task_name` (retrieval: NDCG@10)."""
   from recalign.tasks.registry import task_info
   info = task_info(task_name)
-  data, vocab = PreparedData.load(info["data_dir"]), info["vocab"]
+  data, vocab = PreparedData.load(info.data_dir), info.vocab
   cache: dict = {}
 
   def validate(model, params) -> dict:
     if "ev" not in cache:
       cache["ev"] = Evaluator(model, data, vocab, beam_size=beam_size, batch_size=batch_size, progress=False,
-                              exclude_history=exclude_history)
+                              ids=info.ids, exclude_history=exclude_history)
     return cache["ev"].evaluate(params, task_name, "validation", lengths, max_examples).metrics
 
   return validate

@@ -169,10 +169,12 @@ def resolve_vocabulary(vocabulary: Optional[str], initial_checkpoint_path: Optio
 
 
 def vocabulary_record(vocab) -> dict:
-  """How run.json records the vocabulary, so `recalign eval` and resumed runs use the same one."""
+  """How run.json records the vocabulary, so `recalign eval` and resumed runs use the same one (item ID
+  pieces appended to a pretrained vocabulary are rebuilt from the data set's ID scheme)."""
   from recalign.data.ingest import sha256_file
   path = Path(vocab.sentencepiece_model_file).resolve()
-  return {"path": str(path), "extra_ids": vocab.extra_ids, "sha256": sha256_file(path)}
+  return {"path": str(path), "extra_ids": getattr(vocab, "base", vocab).extra_ids, "sha256": sha256_file(path),
+          "ids": vocab.vocab_size, "appended_pieces": len(getattr(vocab, "pieces", ()))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +185,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           batch_size: int = gin.REQUIRED, network_config: T5Config = gin.REQUIRED,
           data_dirs: Sequence[str] = (), initial_checkpoint_path: Optional[str] = None,
-          vocabulary: Optional[str] = None, vocabulary_mismatch: str = "error", random_seed: int = 0,
+          vocabulary: Optional[str] = None, vocabulary_mismatch: str = "error", dataset_config=None,
+          random_seed: int = 0,
           pack: bool = True, gradient_accumulation_steps: int = 1, model_parallel: int = 1,
           num_devices: Optional[int] = None, z_loss: float = 1e-4, label_smoothing: float = 0.0,
           loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", checkpoint_every: int = 1000, keep_checkpoints: int = 3,
@@ -197,6 +200,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   `loss_normalizing_factor` (as T5X): "NUM_REAL_TARGET_TOKENS" (mean over target tokens, so tasks with
   long targets such as MIM dominate a mixture's loss), "AVERAGE_PER_SEQUENCE" (every example weighs
   the same), a constant, or None.
+  `dataset_config`: how DATA_DIRS are registered (`recalign.tasks.DatasetConfig`: window, ID scheme,
+  titles, ...), recorded in run.json for `recalign eval`.
   `vocabulary` (VOCABULARY): the tasks' vocabulary -- None for each data set's own, 'checkpoint' for
   the initial checkpoint's own SentencePiece model (fine-tuning T5 / FLAN-T5), or a path. It is
   recorded in run.json; an initial checkpoint trained with another vocabulary is an error unless
@@ -217,10 +222,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   # 1. vocabulary and tasks
   run_vocab = resolve_vocabulary(vocabulary, initial_checkpoint_path)
   for d in data_dirs:
-    rt.register_dataset(d, vocab=run_vocab)
+    rt.register_dataset(d, vocab=run_vocab, config=dataset_config or rt.DatasetConfig())
   task = rt.get(mixture_or_task_name)
   vocab = get_vocabulary(task)
-  if run_vocab is not None and not same_vocabulary(vocab, run_vocab):
+  if run_vocab is not None and not same_vocabulary(getattr(vocab, "base", vocab), run_vocab):
     raise ValueError(f"{mixture_or_task_name} is registered with {describe(vocab)}, but VOCABULARY is "
                      f"{describe(run_vocab)}: register it with that vocabulary (or list its data in DATA_DIRS)")
   members = [t.name for t in getattr(task, "tasks", [task])]
@@ -239,7 +244,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     (model_dir / "run.json").write_text(json.dumps({
         "network_config": dataclasses.asdict(config), "mixture_or_task_name": mixture_or_task_name,
         "task_feature_lengths": dict(task_feature_lengths), "vocabulary": vocabulary_record(vocab),
-        "data_dirs": [str(Path(d).resolve()) for d in data_dirs]}, indent=2))
+        "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
+        "dataset_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
   if validate_fn is None and validation_task and eval_every:
     from recalign.evaluate import make_validate_fn
     validate_fn = make_validate_fn(validation_task, dict(validation_lengths or task_feature_lengths),

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import sentencepiece as spm
+import seqio
 
 from recalign.data.prepare import PreparedData, item_id
 
@@ -41,18 +43,19 @@ def training_text(data: PreparedData) -> Iterator[str]:
 
 
 def train_vocabulary(data: PreparedData, out_dir: Path | str, *, vocab_size: int = 8000,
-                     extra_text: Iterable[str] = ()) -> Path:
-  """Trains `<out_dir>/spm.model`; returns its path. `vocab_size` excludes the 100 sentinels."""
+                     extra_text: Iterable[str] = (), pieces: Sequence[str] = ()) -> Path:
+  """Trains `<out_dir>/spm.model`; returns its path. `vocab_size` excludes the 100 sentinels and
+  `pieces`, whole tokens to add (item ID codes such as `▁<a_12>`, `<b_7>`)."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   model = io.BytesIO()
   sentences = [s for s in (*training_text(data), *extra_text) if s]
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+      sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size + len(pieces),
       model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
       pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
       split_digits=True, character_coverage=1.0, hard_vocab_limit=False,
-      normalization_rule_name="nmt_nfkc", num_threads=2,
+      normalization_rule_name="nmt_nfkc", num_threads=2, user_defined_symbols=list(pieces),
       input_sentence_size=2_000_000, shuffle_input_sentence=False, minloglevel=2)
   path = out_dir / VOCAB_FILE
   path.write_bytes(model.getvalue())
@@ -62,7 +65,6 @@ def train_vocabulary(data: PreparedData, out_dir: Path | str, *, vocab_size: int
 def load_vocabulary(path: Path | str, extra_ids: int = NUM_EXTRA_IDS):
   """A `seqio.SentencePieceVocabulary` with T5's 100 sentinel ids, from a model file or a folder
   holding one (a data set's vocab/, a Hugging Face T5 directory's spiece.model)."""
-  import seqio  # heavy import (TensorFlow): only where needed
   path = Path(path)
   if path.is_dir() and not any((path / n).exists() for n in (VOCAB_FILE, *CHECKPOINT_VOCAB_FILES)):
     raise FileNotFoundError(f"{path / VOCAB_FILE}: no vocabulary (run `recalign vocab DATA_DIR` first)")
@@ -77,6 +79,8 @@ def continuation_encoder(vocab) -> Callable[[str], list[int]]:
   decodes to exactly "Item ID: <id>, Title: x;" while the ID keeps the tokens it has alone.
   """
   from sentencepiece import sentencepiece_model_pb2
+  if hasattr(vocab, "continuation"):      # an ExtendedVocabulary knows its own pieces
+    return vocab.continuation
   proto = getattr(vocab, "sp_model", None)
   if proto is None:
     raise TypeError(f"{type(vocab).__name__}: recalign's prompts need a SentencePiece vocabulary")
@@ -113,6 +117,8 @@ def same_vocabulary(a, b) -> bool:
   """Two seqio vocabularies give every token the same id (same SentencePiece model, same extra ids)."""
   if a is b:
     return True
+  if hasattr(a, "base") or hasattr(b, "base"):
+    return a == b
   pa, pb = getattr(a, "sp_model", None), getattr(b, "sp_model", None)
   if pa is None or pb is None:
     return a == b
@@ -174,3 +180,107 @@ def check_item_ids(vocab, ids: Sequence[str], *, limit: Optional[int] = None) ->
 def _contains(seq: Sequence[int], sub: Sequence[int]) -> bool:
   n = len(sub)
   return any(tuple(seq[i:i + n]) == tuple(sub) for i in range(len(seq) - n + 1))
+
+
+class ExtendedVocabulary(seqio.Vocabulary):
+  """A SentencePiece vocabulary with whole-token pieces appended after all of its ids (its 100
+  sentinels included): every existing id keeps its meaning -- and a pretrained checkpoint its
+  embedding rows -- while the new pieces (item ID codes) get new rows. A piece written with a
+  leading '▁' takes the space before it, as SentencePiece's own pieces do."""
+
+  def __init__(self, base, pieces: Sequence[str]):
+    super().__init__(extra_ids=0)
+    self.base, self.pieces = base, list(pieces)
+    self._ids = {p: base.vocab_size + k for k, p in enumerate(self.pieces)}
+    bare = sorted({p.lstrip("▁") for p in self.pieces}, key=len, reverse=True)
+    self._pattern = re.compile(" ?(" + "|".join(map(re.escape, bare)) + ")")
+    self._continuation = continuation_encoder(base)
+
+  @property
+  def sentinel_top(self) -> int:
+    """Span corruption's sentinels stay the base's: <extra_id_0> is id sentinel_top - 1."""
+    return self.base.vocab_size
+
+  @property
+  def eos_id(self):
+    return self.base.eos_id
+
+  @property
+  def unk_id(self):
+    return self.base.unk_id
+
+  @property
+  def sentencepiece_model_file(self) -> str:
+    return self.base.sentencepiece_model_file
+
+  @property
+  def _base_vocab_size(self):
+    return self.base.vocab_size + len(self.pieces)
+
+  def continuation(self, text: str) -> list[int]:
+    return self._encode(text, continuation=True)
+
+  def _text(self, text: str, continuation: bool) -> list[int]:
+    if not text:
+      return []
+    return self._continuation(text) if continuation and not text.startswith(" ") else list(self.base.encode(text))
+
+  def _encode(self, s: str, continuation: bool = False) -> list[int]:
+    out, pos = [], 0
+    for m in self._pattern.finditer(s):
+      tok = m.group(1)
+      spaced = m.group(0).startswith(" ") or m.start() == 0
+      if spaced and "▁" + tok in self._ids:
+        piece, start = "▁" + tok, m.start()
+      elif tok in self._ids:
+        piece, start = tok, m.start(1)
+      else:
+        continue
+      out += self._text(s[pos:start], continuation or pos > 0)
+      out.append(self._ids[piece])
+      pos = m.end()
+    return out + self._text(s[pos:], continuation or pos > 0)
+
+  def _decode(self, ids) -> str:
+    sp, n = self.base.tokenizer, self.base.tokenizer.get_piece_size()
+    pieces = []
+    for i in map(int, ids):
+      if i >= self.base.vocab_size:
+        pieces.append(self.pieces[i - self.base.vocab_size])
+      elif i >= n:
+        pieces.append(f"▁<extra_id_{self.base.vocab_size - 1 - i}>")
+      elif i > 2:   # (seqio's decode already stops at EOS and drops padding)
+        pieces.append(sp.id_to_piece(i))
+      elif i == 2:
+        pieces.append(" ⁇ ")
+    text = "".join(pieces).replace("▁", " ")
+    return text[1:] if text.startswith(" ") else text
+
+  def _encode_tf(self, s):
+    import tensorflow as tf
+    return tf.py_function(lambda x: tf.constant(self._encode(x.numpy().decode()), tf.int32), [s], tf.int32)
+
+  def _decode_tf(self, ids):
+    import tensorflow as tf
+    return tf.py_function(lambda x: tf.constant(self._decode(x.numpy().tolist())), [ids], tf.string)
+
+  def __eq__(self, other):
+    return (isinstance(other, ExtendedVocabulary) and same_vocabulary(self.base, other.base)
+            and self.pieces == other.pieces)
+
+  def __hash__(self):
+    return hash(tuple(self.pieces))
+
+
+def extend(vocab, pieces: Sequence[str]):
+  """`vocab` itself when it has every piece already (the project's, trained with them), else an
+  `ExtendedVocabulary` that appends the missing ones."""
+  if not pieces:
+    return vocab
+  sp = getattr(vocab, "tokenizer", None)
+  missing = [p for p in pieces if sp is None or sp.piece_to_id(p) == sp.unk_id()]
+  if not missing:
+    return vocab
+  if len(missing) < len(pieces):
+    raise ValueError(f"{describe(vocab)} has some ID pieces but not {missing[:3]}: re-run `recalign vocab`")
+  return ExtendedVocabulary(vocab, pieces)

@@ -311,7 +311,8 @@ def fit_vocabulary(params: dict, source: str | Path, task_vocab, rows: int, mism
   """Checks that a checkpoint's embedding rows belong to the tasks' vocabulary before training on them.
 
   The vocabulary is part of a run: a pretrained T5's 32,128 rows are only meaningful with its own
-  SentencePiece model (gin/runs/finetune.gin: VOCABULARY = 'checkpoint'). `mismatch`:
+  SentencePiece model (gin/runs/finetune.gin: VOCABULARY = 'checkpoint'). Item ID pieces appended to
+  that model (`ExtendedVocabulary`) grow the rows: existing ones keep their ids. `mismatch`:
     "error"   a different vocabulary, or a different number of rows, is a `VocabularyMismatch`;
     "resize"  keep the first rows and cut or grow the rest (explicit; only sensible between
               recalign runs whose vocabularies share their first tokens).
@@ -321,7 +322,14 @@ def fit_vocabulary(params: dict, source: str | Path, task_vocab, rows: int, mism
     raise ValueError(f"vocabulary_mismatch must be 'error' or 'resize', not {mismatch!r}")
   have = params["token_embedder"]["embedding"].shape[0]
   vocab_path = checkpoint_vocabulary(source)
-  same = None if vocab_path is None else same_vocabulary(load_vocabulary(vocab_path), task_vocab)
+  theirs = None if vocab_path is None else load_vocabulary(vocab_path)
+  base = getattr(task_vocab, "base", None)
+  if theirs is not None and base is not None and same_vocabulary(theirs, base) and have <= rows:
+    # Item ID pieces appended to the checkpoint's own vocabulary: its rows keep their ids, new rows follow.
+    if have < rows:
+      logging.info("%s: %d embedding rows grown to %d for %d new pieces", source, have, rows, len(task_vocab.pieces))
+    return resize_vocab(params, rows)
+  same = None if theirs is None else same_vocabulary(theirs, task_vocab)
   if same is not False and have == rows:
     if same is None:
       logging.warning("%s records no vocabulary; its %d rows are used as the ids of %s: make sure VOCABULARY is "

@@ -434,7 +434,8 @@ def make_preprocessor(kind: str, tables: ItemTables, templates: tpl.Templates, *
         extra["user_items"] = tf.RaggedTensor.from_row_lengths(*user_items)
       key = example_key(task_salt, ex) if "sample_seed" in ex else None
       out = fn(ex, key, r, fx, tf.constant(budget), targets_budget=targets_budget,
-               max_source=max_source, vocab_size=tables.vocab.vocab_size, **extra, **options)
+               max_source=max_source, vocab_size=getattr(tables.vocab, "sentinel_top", tables.vocab.vocab_size),
+               **extra, **options)
       out.setdefault("_ok", tf.constant(True))
       for k in ("user", "example_id", "epoch"):
         if k in ex:

@@ -13,17 +13,20 @@ the number of examples per task (seqio.mixing_rate_num_examples).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from recalign import metrics as M
 from recalign.data.prepare import PreparedData
-from recalign.data.vocab import load_vocabulary
+from recalign.data.ids import id_pieces, load_ids
+from recalign.data.vocab import extend, load_vocabulary
 from recalign.tasks import preprocessors as pp
 from recalign.tasks import sources
 from recalign.tasks import templates as tpl
@@ -39,9 +42,9 @@ MIXTURES = {
 }
 
 _REGISTERED: dict[str, list[str]] = {}  # data set name -> its registered tasks and mixtures
-_TASKS: dict[str, dict] = {}   # task name -> {"kind", "data_dir", "vocab"}
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
   window: int = 20                      # w: items per window (history w-1 + target)
@@ -54,6 +57,21 @@ class DatasetConfig:
                                         # trainer passes RANDOM_SEED): masks, negatives, spans, order
   eval_seed: int = 0                    # validation/test draws (ranking candidates): fixed, so that
                                         # every run is evaluated on the same candidates
+  id_scheme: str = "random"             # item IDs: random (the paper's), collaborative, semantic
+                                        # (`recalign ids DATA --scheme ...` builds them)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+  """What recalign keeps about a task it registered (evaluation rebuilds prompts and tries from it)."""
+  kind: str                 # retrieval, ranking, rating, mim, mlm, bpr, item_qa
+  data_dir: str
+  vocab: object             # the seqio vocabulary of inputs and targets
+  ids: tuple[str, ...]      # item k's ID as written in prompts and targets
+  config: DatasetConfig
+
+
+_TASKS: dict[str, TaskInfo] = {}
 
 
 class _InMemorySource(seqio.DataSource):
@@ -162,7 +180,7 @@ _METRICS = {"retrieval": [M.seqio_retrieval_metrics], "ranking": [M.seqio_retrie
             "rating": [M.seqio_rating_metrics]}
 
 
-def task_info(name: str) -> dict:
+def task_info(name: str) -> TaskInfo:
   if name not in _TASKS:
     get(name)  # raises the helpful error
     raise ValueError(f"{name!r} is a mixture, not a task")
@@ -183,9 +201,14 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
       if old in registry.names():
         registry.remove(old)
     _TASKS.pop(old, None)
-  vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
+  ids = load_ids(data_dir, config.id_scheme, data.num_items)
+  # Code IDs need their pieces: the project's vocabulary has them (`recalign vocab`), another one
+  # (a pretrained T5's) gets them appended as new ids after its own.
+  vocab = extend(vocab or load_vocabulary(Path(data_dir) / "vocab"), id_pieces(ids))
   with_titles = data.has_titles if config.with_titles is None else config.with_titles
-  tables = pp.ItemTables(data, vocab, with_titles=with_titles)
+  tables = pp.ItemTables(data, vocab, with_titles=with_titles, ids=ids)
+  info = functools.partial(TaskInfo, data_dir=str(Path(data_dir).resolve()), vocab=vocab, ids=tuple(ids),
+                           config=config)
   templates = tpl.Templates(data.domain)
 
   examples = {s: sources.build_examples(data, s, config.window) for s in sources.SPLITS}
@@ -219,7 +242,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     pre = pp.make_preprocessor(kind, tables, templates, task_name=task, **options)
     source = RecDataSource(splits, seed=config.seed, eval_seed=config.eval_seed, salt=pp.salt(task))
     _register_task(task, source, [pre, seqio.preprocessors.append_eos_after_trim], vocab, _METRICS.get(kind, ()))
-    _TASKS[task] = {"kind": kind, "data_dir": str(Path(data_dir).resolve()), "vocab": vocab}
+    _TASKS[task] = info(kind)
     names.append(task)
 
   qa = item_qa_pairs(data, tables)
@@ -228,7 +251,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     source = ItemQASource(qa, pp.salt(task))
     pre = pp.make_preprocessor("item_qa", tables, templates, task_name=task, qa_lengths=source.lengths())
     _register_task(task, source, [pre, seqio.preprocessors.append_eos_after_trim], vocab)
-    _TASKS[task] = {"kind": "item_qa", "data_dir": str(Path(data_dir).resolve()), "vocab": vocab}
+    _TASKS[task] = info("item_qa")
     names.append(task)
 
   for mix, members in MIXTURES.items():

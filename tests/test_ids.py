@@ -1,0 +1,159 @@
+"""Item ID schemes: unique, deterministic for a seed, built from training data only, one piece per
+code in every template context, and constrained decoding that returns only valid items."""
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from conftest import train_t5_like_vocab
+import recalign.tasks as rt
+from recalign import cli
+from recalign.data import AMAZON, prepare
+from recalign.data.ids import build_ids, cooccurrence, id_pieces, load_ids, scheme_pieces
+from recalign.data.ingest import Interaction, ItemMeta, RawData
+from recalign.data.report import IngestReport
+from recalign.data.vocab import check_item_ids, extend, load_vocabulary, train_vocabulary
+from recalign.decoding import ItemTrie, beam_search_items
+from recalign.models.model import EncoderDecoderModel
+from recalign.models.network import CONFIGS, padded_vocab_size
+
+WORDS = ["rose", "oil", "lip", "balm", "nail", "polish", "hair", "gel", "face", "cream", "soap", "bar"]
+
+
+def _raw(users=150, items=120, seed=0, held_out_shift=0):
+  """Users walk a few item communities; every item has a title (some without, to test the fallback).
+  `held_out_shift` changes only each user's last two items (validation / test)."""
+  rng = np.random.default_rng(seed)
+  seqs = {}
+  for u in range(users):
+    start = int(rng.integers(0, items))
+    seq = [(start + 3 * t + int(rng.integers(0, 2))) % items for t in range(8)]
+    seq = list(dict.fromkeys(seq))
+    while len(seq) < 6:
+      seq.append(int(rng.integers(0, items)))
+      seq = list(dict.fromkeys(seq))
+    seq[-2:] = [(x + held_out_shift) % items for x in seq[-2:]]
+    seq = list(dict.fromkeys(seq))
+    seqs[f"u{u:03d}"] = [Interaction(f"i{x:03d}", float(t), None) for t, x in enumerate(seq)]
+  meta = {f"i{k:03d}": ItemMeta(title="" if k % 17 == 0 else f"{WORDS[k % 12]} {WORDS[(k // 12) % 12]} {k % 5}",
+                                 categories=() if k % 17 == 0 else (f"Beauty > {WORDS[k % 6]}",))
+          for k in range(items)}
+  return RawData(seqs, meta, AMAZON, "synthetic", [], IngestReport())
+
+
+@pytest.fixture(scope="module")
+def data():
+  return prepare(_raw(), name="idt", kcore=0)
+
+
+SMALL = {"collaborative": dict(codebook=6), "semantic": dict(levels=2, codebook=8)}
+
+
+@pytest.mark.parametrize("scheme", ["collaborative", "semantic"])
+def test_ids_are_unique_deterministic_and_seeded(data, scheme):
+  a = build_ids(data, scheme, seed=0, **SMALL[scheme])
+  assert len(set(a.ids)) == data.num_items and all(re.fullmatch(r"(<[a-z]_\d+>)+", i) for i in a.ids)
+  assert build_ids(data, scheme, seed=0, **SMALL[scheme]).ids == a.ids
+  assert build_ids(data, scheme, seed=1, **SMALL[scheme]).ids != a.ids
+  s = a.stats
+  assert s["unique"] and s["items"] == data.num_items and s["mean_codes"] >= 2
+  if scheme == "semantic":
+    assert s["max_codes"] == 3 and s["collisions_before_dedup"] > 0        # 2 levels of 8 codes: 64 < 120
+    assert a.params["items_without_text"] == sum(1 for m in data.items if not m.title and not m.categories) > 0
+  else:
+    assert all(len(re.findall("<", i)) <= 6 for i in a.ids)
+
+
+@pytest.mark.parametrize("scheme", ["collaborative", "semantic"])
+def test_ids_use_training_interactions_only(data, scheme):
+  """Changing every user's validation and test items changes nothing: only training sequences count."""
+  other = prepare(_raw(held_out_shift=7), name="idt", kcore=0)
+  assert [s[:-2].tolist() for s in other.sequences] == [s[:-2].tolist() for s in data.sequences]
+  assert [s[-2:].tolist() for s in other.sequences] != [s[-2:].tolist() for s in data.sequences]
+  assert other.source_item_ids == data.source_item_ids
+  assert (cooccurrence(other) != cooccurrence(data)).nnz == 0
+  assert build_ids(other, scheme, **SMALL[scheme]).ids == build_ids(data, scheme, **SMALL[scheme]).ids
+
+
+def test_ids_cli_vocabulary_pieces_and_tokenisation_in_every_context(data, tmp_path, capsys):
+  data.save(tmp_path / "idt")
+  for scheme in ("collaborative", "semantic"):
+    assert cli.main(["ids", str(tmp_path / "idt"), "--scheme", scheme, "--codebook", "6", "--levels", "2"]) == 0
+  assert cli.main(["vocab", str(tmp_path / "idt"), "--size", "300"]) == 0
+  out = capsys.readouterr().out
+  assert "ids semantic" in out and "consistent" in out
+  manifest = json.loads((tmp_path / "idt" / "manifest.json").read_text())
+  assert set(manifest["id_schemes"]) == {"collaborative", "semantic"}
+  project = load_vocabulary(tmp_path / "idt" / "vocab")
+  t5_like = load_vocabulary(train_t5_like_vocab(data, tmp_path / "t5.model"))
+  for scheme in ("collaborative", "semantic"):
+    ids = load_ids(tmp_path / "idt", scheme, data.num_items)
+    for base in (project, t5_like):      # pieces of the project vocabulary / appended to a pretrained one
+      vocab = extend(base, id_pieces(ids))
+      assert (vocab is base) == (base is project)
+      check = check_item_ids(vocab, ids)
+      assert check.failures == [] and check.merged_in_context == []
+      for i in ids:
+        assert len(vocab.encode(i)) == i.count("<")              # exactly one token per code
+        assert vocab.decode(vocab.encode(i)) == i
+
+
+@pytest.mark.parametrize("scheme", ["random", "collaborative", "semantic"])
+def test_tasks_and_constrained_decoding_under_each_scheme(data, tmp_path, scheme):
+  root = tmp_path / scheme
+  data.save(root)
+  if scheme != "random":
+    build_ids(data, scheme, **SMALL[scheme]).save(root)
+  train_vocabulary(data, root / "vocab", vocab_size=300, pieces=scheme_pieces(root))
+  rt.register_dataset(root, name=f"ids_{scheme}", config=rt.DatasetConfig(num_candidates=10, id_scheme=scheme))
+  info = rt.registry.task_info(f"ids_{scheme}_retrieval")
+  ids = list(info.ids)
+  ex = next(rt.get(f"ids_{scheme}_retrieval").get_dataset({"inputs": 256, "targets": 16}, split="test",
+                                                          shuffle=False).as_numpy_iterator())
+  assert ex["targets_pretokenized"].decode() == ids[int(ex["target_item"])]
+  assert ex["targets"].tolist() == info.vocab.encode(ids[int(ex["target_item"])]) + [1]
+  last = ids[int(data.sequences[int(ex["user"])][-2])]       # the newest history item (the validation one)
+  assert re.search(re.escape(f"Item ID: {last}") + "[,;]", ex["inputs_pretokenized"].decode())
+  model = EncoderDecoderModel(CONFIGS["tiny"].replace(vocab_size=padded_vocab_size(info.vocab.vocab_size)))
+  params = nn.unbox(model.init(jax.random.PRNGKey(0)))
+  trie = ItemTrie.for_items(info.vocab, ids)
+  enc = np.array([ex["inputs"]])
+  items, _ = beam_search_items(model, params, enc, trie, beam_size=30)
+  assert (items >= 0).all() and len(set(items[0].tolist())) == 30 and items.max() < data.num_items
+
+
+def test_finetuning_a_pretrained_vocabulary_appends_id_pieces_as_new_rows(data, tmp_path):
+  """Semantic IDs on a checkpoint's own vocabulary: the pieces become new ids after the checkpoint's
+  (sentinels included), its embedding rows are kept at their ids and new rows are appended."""
+  import torch
+  import transformers
+  from recalign import train as T
+  from recalign.models import checkpoints as ck
+  data.save(tmp_path / "d")
+  build_ids(data, "semantic", levels=2, codebook=64).save(tmp_path / "d")     # ~130 pieces: rows must grow
+  hf_dir = tmp_path / "hf"
+  t5 = load_vocabulary(train_t5_like_vocab(data, hf_dir / "spiece.model"))
+  rows = padded_vocab_size(t5.vocab_size)
+  torch.manual_seed(0)
+  transformers.T5ForConditionalGeneration(transformers.T5Config(
+      vocab_size=rows, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+      tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0)).save_pretrained(hf_dir)
+  before = ck.load_params(hf_dir)
+  T.train(model_dir=str(tmp_path / "ft"), mixture_or_task_name="idt_reat",
+          task_feature_lengths={"inputs": 256, "targets": 64}, train_steps=1, batch_size=4,
+          network_config=ck.config_from_hf(json.loads((hf_dir / "config.json").read_text())),
+          data_dirs=[str(tmp_path / "d")], initial_checkpoint_path=str(hf_dir), vocabulary="checkpoint",
+          dataset_config=rt.DatasetConfig(num_candidates=10, id_scheme="semantic"), progress=False)
+  vocab = rt.registry.task_info("idt_retrieval").vocab
+  assert vocab.base.sp_model == t5.sp_model and vocab.vocab_size == t5.vocab_size + len(vocab.pieces)
+  assert vocab.encode("<extra_id_0>") == t5.encode("<extra_id_0>")           # sentinels unchanged
+  after = ck.load_params(tmp_path / "ft" / "checkpoints" / "1")       # warm-up step 0: lr 0, nothing moved
+  emb = after["token_embedder"]["embedding"]
+  assert emb.shape[0] == padded_vocab_size(vocab.vocab_size) > rows
+  np.testing.assert_allclose(emb[:rows], before["token_embedder"]["embedding"], atol=1e-6)
+  run = json.loads((tmp_path / "ft" / "run.json").read_text())
+  assert run["dataset_config"]["id_scheme"] == "semantic" and run["vocabulary"]["appended_pieces"] == len(vocab.pieces)
