@@ -73,7 +73,7 @@ def cmd_ids(args) -> int:
 def cmd_vocab(args) -> int:
   from recalign.data import PreparedData
   from recalign.data.ids import SCHEMES, load_ids, scheme_pieces
-  from recalign.data.vocab import check_item_ids, extend, load_vocabulary, train_vocabulary
+  from recalign.data.vocab import extend, load_vocabulary, train_vocabulary
   data = PreparedData.load(args.data)
   pieces = scheme_pieces(args.data)
   if args.spm:  # a user-supplied model (e.g. the standard T5 / FLAN-T5 one): only check it
