@@ -287,12 +287,21 @@ def cmd_baseline(args) -> int:
       rows["popularity/ranking"] = B.popularity(data, args.split, candidates)
   elif args.name == "sasrec":
     from recalign.baselines.sasrec import SASRecConfig, evaluate_sasrec, train_sasrec
-    model, params, losses = train_sasrec(data, SASRecConfig(epochs=args.epochs, seed=args.seed))
-    print(f"sasrec: {args.epochs} epochs, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    rows["sasrec/retrieval"] = evaluate_sasrec(model, params, data, args.split,
-                                               exclude_history=args.exclude_history)
-    if candidates is not None:
-      rows["sasrec/ranking"] = evaluate_sasrec(model, params, data, args.split, candidates)
+    runs = []
+    for seed in args.seeds:
+      cfg = SASRecConfig(epochs=args.epochs, seed=seed, loss=args.loss, exclude_history=args.exclude_history,
+                         **({"dropout": args.dropout} if args.dropout is not None else {}))
+      model, params, log = train_sasrec(data, cfg)
+      best = max((e for e in log if "validation_ndcg@10" in e), key=lambda e: e["validation_ndcg@10"],
+                 default=log[-1])
+      print(f"sasrec ({args.loss}, seed {seed}): {len(log)} epochs, loss {log[0]['loss']:.4f} -> "
+            f"{log[-1]['loss']:.4f}, best epoch {best['epoch']}")
+      run = {"retrieval": evaluate_sasrec(model, params, data, args.split, exclude_history=args.exclude_history)}
+      if candidates is not None:
+        run["ranking"] = evaluate_sasrec(model, params, data, args.split, candidates)
+      runs.append(run)
+    for kind in runs[0]:
+      rows[f"sasrec-{args.loss}/{kind}"] = B.mean_std([r[kind] for r in runs])
   else:
     rows["history/rating"] = B.history_rating(data, args.split)
   protocol = protocol_name(args.exclude_history)
@@ -369,8 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("name", choices=["popularity", "sasrec", "history"])
   s.add_argument("--data", required=True)
   s.add_argument("--split", default="test", choices=["validation", "test"])
-  s.add_argument("--epochs", type=int, default=50)
-  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--epochs", type=int, default=200, help="SASRec: at most (early stopping on validation NDCG@10)")
+  s.add_argument("--loss", default="ce", choices=["bce", "ce", "sampled_ce"],
+                 help="SASRec: binary cross-entropy with one negative (the original) or cross-entropy over the "
+                      "catalogue (full or sampled softmax)")
+  s.add_argument("--dropout", type=float, help="SASRec dropout (default 0.5)")
+  s.add_argument("--seeds", type=int, nargs="+", default=[0], help="SASRec: one run per seed; mean and spread")
   s.add_argument("--out", help="write the metrics as JSON here")
   s.add_argument("--exclude-history", action="store_true",
                  help="retrieval ranks the catalogue minus the user's history (default: the paper's full catalogue)")

@@ -194,7 +194,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           validation_examples: Optional[int] = None, validation_lengths: Optional[Mapping[str, int]] = None,
           validate_fn: Optional[Callable[[EncoderDecoderModel, dict], dict]] = None,
           selection_metric: str = "ndcg@10", time_budget_s: Optional[float] = None,
-          progress: bool = True) -> dict:
+          eval_every_minutes: Optional[float] = None, progress: bool = True) -> dict:
   """Trains and returns the last step's metrics (plus the best validation metrics, if any).
 
   `loss_normalizing_factor` (as T5X): "NUM_REAL_TARGET_TOKENS" (mean over target tokens, so tasks with
@@ -207,9 +207,11 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   recorded in run.json; an initial checkpoint trained with another vocabulary is an error unless
   `vocabulary_mismatch='resize'`.
 
-  Validation: every `eval_every` steps, `validation_task` (e.g. 'beauty_retrieval') on its
-  validation users (`validation_examples` of them, default all 3,000); the best step by
-  `selection_metric` is kept in MODEL_DIR/best (+ best.json), as the paper selects unified models.
+  Validation: every `eval_every` steps (or `eval_every_minutes` of training), `validation_task` (e.g.
+  'beauty_retrieval') on its validation users (a seeded sample of `validation_examples`, default all
+  3,000); the best step by `selection_metric` is kept in MODEL_DIR/best (+ best.json), as the paper
+  selects unified models. train_log.jsonl and validation_log.jsonl record examples seen and minutes
+  of training (validation excluded) for learning curves.
   """
   import recalign.tasks as rt
   from recalign.data.vocab import describe, same_vocabulary
@@ -246,7 +248,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         "task_feature_lengths": dict(task_feature_lengths), "vocabulary": vocabulary_record(vocab),
         "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
         "dataset_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
-  if validate_fn is None and validation_task and eval_every:
+  if validate_fn is None and validation_task and (eval_every or eval_every_minutes):
     from recalign.evaluate import make_validate_fn
     validate_fn = make_validate_fn(validation_task, dict(validation_lengths or task_feature_lengths),
                                    max_examples=validation_examples)
@@ -322,19 +324,30 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                                         * jax.process_count(), seed=random_seed + 7, pack=False))
 
   writer = _summary_writer(model_dir / "train") if is_chief else None
-  log_path = model_dir / "train_log.jsonl"
+  log_path, val_path = model_dir / "train_log.jsonl", model_dir / "validation_log.jsonl"
   best = _read_json(model_dir / "best.json")
   bar = tqdm(total=None if time_budget_s else train_steps, initial=start,  # a time budget: no step total
              desc="train" if not time_budget_s else f"train ({time_budget_s / 60:.0f} min budget)",
              disable=not (progress and is_chief), dynamic_ncols=True)
   last = {}
   t_last, tok_last = time.perf_counter(), 0.0
+  logged = (_read_json_lines(log_path) or [{}])[-1] if start else {}
+  examples_seen = logged.get("examples", 0)    # (carried over a resume, as the training minutes)
+  t_train = time.perf_counter() - 60 * logged.get("minutes", 0.0)
+
+  def train_minutes() -> float:  # wall clock of training, validation excluded
+    return (time.perf_counter() - t_train) / 60
+
+  if eval_every_minutes and jax.process_count() > 1:
+    raise ValueError("eval_every_minutes needs one process (hosts' clocks would disagree); use eval_every steps")
+  next_eval = (int(train_minutes() / eval_every_minutes) + 1) * eval_every_minutes if eval_every_minutes else 0
   in_flight = None   # the previous step's loss: the bar advances when a step completes, not when queued
   with mesh:
     for step in range(start, train_steps):
       raw = next(batches)
       state, metrics = step_fn(state, to_global(raw, batch_sharding))
       tok_last += packing.real_tokens(raw) * jax.process_count()
+      examples_seen += packing.num_examples(raw) * jax.process_count()
       done = step + 1
       if in_flight is not None:  # one step stays queued behind this wait, so the device never idles
         jax.block_until_ready(in_flight)
@@ -346,7 +359,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         now = time.perf_counter()
         metrics["useful_tokens_per_s"] = tok_last / (now - t_last)
         t_last, tok_last = now, 0.0
-        last = {"step": done, **metrics}
+        last = {"step": done, "examples": examples_seen, "minutes": train_minutes(), **metrics}
         for name, probe in probes.items():  # every process takes part in the jitted call
           last[f"task_loss/{name}"] = float(eval_loss(state["target"], to_global(probe, batch_sharding))["loss"])
         if is_chief:
@@ -356,18 +369,22 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['useful_tokens_per_s']:.0f}",
                         lr=f"{metrics['learning_rate']:.2e}")
         bar.update(done - bar.n)
-      if eval_every and validate_fn is not None and (done % eval_every == 0 or done == train_steps or out_of_time):
+      due = (eval_every and done % eval_every == 0) or (eval_every_minutes and train_minutes() >= next_eval)
+      if validate_fn is not None and (eval_every or eval_every_minutes) and (due or done == train_steps or out_of_time):
+        t_val, minutes = time.perf_counter(), train_minutes()
         val = validate_fn(model, state["target"])
         _write_summaries(writer, done, {f"validation/{k}": v for k, v in val.items()})
         if is_chief:
-          with open(model_dir / "validation_log.jsonl", "a") as f:
-            f.write(json.dumps({"step": done, **val}) + "\n")
+          with open(val_path, "a") as f:
+            f.write(json.dumps({"step": done, "examples": examples_seen, "minutes": minutes, **val}) + "\n")
         logging.info("step %d validation %s", done, val)
         if best is None or val[selection_metric] > best["metrics"][selection_metric]:
           best = {"step": done, "metrics": val, "selection_metric": selection_metric}
           _save_params(model_dir / "best", state["target"])
           if is_chief:
             (model_dir / "best.json").write_text(json.dumps(best, indent=2))
+        t_train += time.perf_counter() - t_val   # validation is not training time
+        next_eval = (int(train_minutes() / eval_every_minutes) + 1) * eval_every_minutes if eval_every_minutes else 0
       mngr.save(done, args=ocp.args.StandardSave(state), force=done == train_steps or out_of_time)
       if out_of_time:
         logging.info("time budget of %.0fs spent at step %d", time_budget_s, done)
@@ -388,6 +405,10 @@ def _save_params(path: Path, params) -> None:
 
 def _read_json(path: Path) -> Optional[dict]:
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def _read_json_lines(path: Path) -> list[dict]:
+  return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def _summary_writer(path: Path):

@@ -50,12 +50,37 @@ def test_sasrec_learns_a_deterministic_sequence_pattern():
     start = int(rng.integers(0, 40))
     seqs[f"u{u}"] = [Interaction(f"i{(start + t) % 40:02d}", float(t), None) for t in range(9)]
   data = prepare(RawData(seqs, {}, AMAZON, "synthetic", [], IngestReport()), name="walk", kcore=0)
-  model, params, losses = train_sasrec(data, SASRecConfig(epochs=25, dropout=0.1, batch_size=64), progress=False)
-  assert losses[-1] < 0.5 * losses[0]
+  model, params, log = train_sasrec(data, SASRecConfig(epochs=25, dropout=0.1, batch_size=64, eval_every=0),
+                                    progress=False)
+  assert log[-1]["loss"] < 0.5 * log[0]["loss"]
   m = evaluate_sasrec(model, params, data, "test")
   assert m["hr@5"] > 0.9, m        # random guessing over 32 unseen items: 5/32
   pop = B.popularity(data, "test")
   assert pop["hr@5"] < 0.5
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled_ce"])
+def test_sasrec_with_cross_entropy_learns_and_keeps_the_best_validation_epoch(loss):
+  rng = np.random.default_rng(1)
+  seqs = {}
+  for u in range(300):
+    start = int(rng.integers(0, 40))
+    seqs[f"u{u}"] = [Interaction(f"i{(start + t) % 40:02d}", float(t), None) for t in range(9)]
+  data = prepare(RawData(seqs, {}, AMAZON, "synthetic", [], IngestReport()), name="walk", kcore=0)
+  cfg = SASRecConfig(epochs=12, dropout=0.1, batch_size=64, loss=loss, num_negatives=16, eval_every=2, patience=10)
+  model, params, log = train_sasrec(data, cfg, progress=False)
+  assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+  validated = [e["validation_ndcg@10"] for e in log if "validation_ndcg@10" in e]
+  assert len(validated) == 6
+  # The returned parameters are the best validation epoch's, not the last one's.
+  assert evaluate_sasrec(model, params, data, "validation")["ndcg@10"] == pytest.approx(max(validated))
+  assert evaluate_sasrec(model, params, data, "test")["hr@5"] > 0.9
+
+
+def test_mean_and_spread_over_seeds_in_tables():
+  rows = {"m": B.mean_std([{"hr@5": 0.5, "examples": 3}, {"hr@5": 0.7, "examples": 3}])}
+  assert rows["m"]["hr@5"] == pytest.approx(0.6) and rows["m"]["hr@5_std"] == pytest.approx(0.1)
+  assert B.format_table(rows).splitlines()[1].split() == ["m", "0.6000±0.1000"]
 
 
 def test_format_table():

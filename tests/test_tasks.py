@@ -103,6 +103,14 @@ def test_sample_counts_per_split(tiny):
   ex = sources.build_examples(data, "train", window=2)
   assert all(len(h) == 1 for h in ex.histories())
   assert len(sources.build_examples(data, "validation")) == len(sources.build_examples(data, "test")) == 6
+  # Every training item after the first a target (TIGER / P5): L - 1 examples per user.
+  pre = sources.build_examples(data, "train", window=20, train_examples="prefixes")
+  assert len(pre) == 2 + 1 + 2 + 1 + 1 + 2
+  for u, h, t in zip(pre.user, pre.histories(), pre.target):
+    train = data.train_sequence(int(u)).tolist()
+    assert train[len(h)] == t and train[:len(h)] == h.tolist()     # history = the items before the target
+  w2 = sources.build_examples(data, "train", window=2, train_examples="prefixes")
+  assert len(w2) == len(pre) and all(len(h) == 1 for h in w2.histories())
   assert rt.get("tiny_retrieval").num_input_examples("train") == 6
 
 

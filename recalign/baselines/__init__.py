@@ -65,10 +65,29 @@ def history_rating(data: PreparedData, split: str = "test") -> dict:
   return {"auc": M.auc(rate, labels)}
 
 
+def mean_std(runs: list[dict]) -> dict:
+  """Metrics averaged over runs (seeds), with each metric's standard deviation as `<metric>_std`."""
+  keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float)) and k != "examples"]
+  out = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+  if len(runs) > 1:
+    out.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys})
+  out["runs"] = len(runs)
+  return out
+
+
 def format_table(rows: dict[str, dict], keys: Optional[list[str]] = None) -> str:
-  keys = keys or sorted({k for r in rows.values() for k in r if k != "examples"})
+  """A fixed-width table; a metric with `<metric>_std` (several seeds) prints as mean±std."""
+  keys = keys or sorted({k for r in rows.values() for k in r
+                         if k not in ("examples", "runs") and not k.endswith("_std")})
   width = max(len(n) for n in rows) + 2
-  lines = [" " * width + "".join(f"{k:>12}" for k in keys)]
+  cell = max(12, 16 if any(f"{k}_std" in r for r in rows.values() for k in keys) else 12)
+
+  def fmt(r, k):
+    if k not in r:
+      return f"{'-':>{cell}}"
+    return f"{r[k]:.4f}±{r[k + '_std']:.4f}".rjust(cell) if f"{k}_std" in r else f"{r[k]:>{cell}.4f}"
+
+  lines = [" " * width + "".join(f"{k:>{cell}}" for k in keys)]
   for name, r in rows.items():
-    lines.append(f"{name:<{width}}" + "".join(f"{r[k]:>12.4f}" if k in r else f"{'-':>12}" for k in keys))
+    lines.append(f"{name:<{width}}" + "".join(fmt(r, k) for k in keys))
   return "\n".join(lines)

@@ -1,11 +1,23 @@
-"""SASRec (Kang & McAuley, 2018) in flax, standard settings: 2 self-attention blocks, hidden size
-64, one head, maximum length 50, dropout 0.5 (sparse Amazon data), Adam 1e-3, binary cross-entropy
-with one uniformly sampled negative per position; evaluation ranks the full catalogue.
+"""SASRec (Kang & McAuley, 2018) in flax: 2 self-attention blocks, hidden size 64, one head, maximum
+length 50, Adam 1e-3, full-catalogue evaluation; two losses:
+
+  * "bce": the original binary cross-entropy with one uniformly sampled negative per position (not in
+    the user's training items);
+  * "ce": cross-entropy over the whole catalogue at every position (SASRec+ / "SASRec with CE",
+    Klenitskiy & Vasilev 2023, Petrov & Macdonald's gSASRec), much stronger on Amazon data;
+    "sampled_ce" approximates it with `num_negatives` uniform negatives shared by the batch, for
+    catalogues too large for a full softmax.
+
+Training stops early on validation NDCG@10 (`eval_every` epochs, `patience` evaluations without a
+gain; the best epoch's parameters are kept). Batches group users of similar length (left padding cut
+to the batch's longest sequence, positions counted from the end), so short Amazon histories cost
+little.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 import jax
@@ -19,6 +31,8 @@ from recalign import metrics as M
 from recalign.baselines import eval_users, targets_and_history, top_k_excluding
 from recalign.data.prepare import PreparedData
 
+LOSSES = ("bce", "ce", "sampled_ce")
+
 
 @dataclasses.dataclass(frozen=True)
 class SASRecConfig:
@@ -29,7 +43,13 @@ class SASRecConfig:
   dropout: float = 0.5
   learning_rate: float = 1e-3
   batch_size: int = 128
-  epochs: int = 50
+  epochs: int = 200               # at most; early stopping usually ends sooner
+  loss: str = "bce"               # bce | ce | sampled_ce
+  num_negatives: int = 1024       # sampled_ce
+  eval_every: int = 5             # epochs between validation evaluations (0: never, keep the last epoch)
+  patience: int = 4               # evaluations without a better validation NDCG@10 before stopping
+  validation_users: Optional[int] = None   # validate on a seeded sample (default: all validation users)
+  exclude_history: bool = False   # the protocol of the validation metric
   seed: int = 0
 
 
@@ -49,9 +69,12 @@ class SASRec(nn.Module):
     self.drop = nn.Dropout(c.dropout)
 
   def __call__(self, seq, train: bool):
-    """seq [b, L] (left-padded with 0) -> hidden states [b, L, d]."""
+    """seq [b, L] (left-padded with 0, L <= max_len) -> hidden states [b, L, d]. Positions count back
+    from the newest item, which is always at position max_len - 1, whatever L."""
     det = not train
-    x = self.item_emb(seq) * (self.cfg.hidden ** 0.5) + self.pos_emb(jnp.arange(seq.shape[1]))[None]
+    L = seq.shape[1]
+    positions = jnp.arange(self.cfg.max_len - L, self.cfg.max_len)
+    x = self.item_emb(seq) * (self.cfg.hidden ** 0.5) + self.pos_emb(positions)[None]
     keep = (seq > 0)[..., None]
     x = self.drop(x, deterministic=det) * keep
     mask = nn.combine_masks(nn.make_causal_mask(seq), nn.make_attention_mask(seq > 0, seq > 0))
@@ -89,48 +112,101 @@ def _negatives(rng, shape, num_items: int, seen: list[np.ndarray]) -> np.ndarray
   return neg.astype(np.int32)
 
 
+def _batches(lengths: np.ndarray, batch_size: int, max_len: int, rng) -> list[tuple[np.ndarray, int]]:
+  """Shuffled batches of users of similar length: (row indices, padded length)."""
+  bucket = np.minimum(-(-np.minimum(lengths, max_len) // 10) * 10, max_len)
+  out = []
+  for b in np.unique(bucket):
+    rows = rng.permutation(np.flatnonzero(bucket == b))
+    out += [(rows[i:i + batch_size], int(b)) for i in range(0, len(rows), batch_size)]
+  return [out[i] for i in rng.permutation(len(out))]
+
+
+def _loss_fn(model: "SASRec", cfg: SASRecConfig):
+  def loss_fn(p, inp, pos, neg, key):
+    h = model.apply({"params": p}, inp, train=True, rngs={"dropout": key})
+    emb = p["item_emb"]["embedding"]
+    w = (pos > 0).astype(jnp.float32)
+    if cfg.loss == "bce":
+      lp, ln = (h * emb[pos]).sum(-1), (h * emb[neg]).sum(-1)
+      loss = -(jax.nn.log_sigmoid(lp) + jax.nn.log_sigmoid(-ln))
+    elif cfg.loss == "ce":        # softmax over every item (row 0 is padding)
+      logits = (h @ emb[1:].T).astype(jnp.float32)
+      loss = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.maximum(pos - 1, 0)[..., None], -1)[..., 0]
+    else:                         # sampled softmax: the positive against negatives shared by the batch
+      lp = (h * emb[pos]).sum(-1, keepdims=True)
+      ln = h @ emb[neg].T
+      ln = jnp.where(neg[None, None] == pos[..., None], -1e9, ln)     # a sampled positive is no negative
+      loss = jax.nn.logsumexp(jnp.concatenate([lp, ln], -1), -1) - lp[..., 0]
+    return (loss * w).sum() / jnp.maximum(w.sum(), 1.0)
+  return loss_fn
+
+
 def train_sasrec(data: PreparedData, cfg: SASRecConfig = SASRecConfig(), progress: bool = True):
-  """Trains on the training split (items shifted by +1: 0 pads). Returns (model, params, losses)."""
+  """Trains on the training split (items shifted by +1: 0 pads) with early stopping on validation
+  NDCG@10. Returns (model, best params, log: a list of {"epoch", "loss"[, "validation"]})."""
+  if cfg.loss not in LOSSES:
+    raise ValueError(f"SASRec loss must be one of {LOSSES}, not {cfg.loss!r}")
   model = SASRec(data.num_items, cfg)
   rng = np.random.default_rng(cfg.seed)
   train = [data.train_sequence(u) + 1 for u in range(data.num_users)]
   users = np.array([u for u, s in enumerate(train) if len(s) >= 2])
   inputs = _left_pad([train[u][:-1] for u in users], cfg.max_len)
   positives = _left_pad([train[u][1:] for u in users], cfg.max_len)
-  seen = [data.sequences[u] + 1 for u in users]
+  lengths = np.array([len(train[u]) - 1 for u in users])
+  seen = [train[u] for u in users]      # BCE negatives: items not in the user's training sequence
   params = model.init(jax.random.PRNGKey(cfg.seed), inputs[:2], train=False)["params"]
   tx = optax.adam(cfg.learning_rate, b1=0.9, b2=0.98)
   opt = tx.init(params)
+  grad_fn = jax.value_and_grad(_loss_fn(model, cfg))
 
   @jax.jit
   def step(params, opt, inp, pos, neg, key):
-    def loss_fn(p):
-      h = model.apply({"params": p}, inp, train=True, rngs={"dropout": key})
-      emb = p["item_emb"]["embedding"]
-      lp, ln = (h * emb[pos]).sum(-1), (h * emb[neg]).sum(-1)
-      w = (pos > 0).astype(jnp.float32)
-      loss = -(jax.nn.log_sigmoid(lp) + jax.nn.log_sigmoid(-ln)) * w
-      return loss.sum() / w.sum()
-    loss, g = jax.value_and_grad(loss_fn)(params)
+    loss, g = grad_fn(params, inp, pos, neg, key)
     upd, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, upd), opt, loss
 
-  losses = []
+  val_ids = None
+  if cfg.validation_users:
+    from recalign.evaluate import sample_example_ids
+    val_ids = sample_example_ids(len(data.validation_users), cfg.validation_users, seed=cfg.seed)
+  log, best, best_params, stale = [], -1.0, params, 0
   key = jax.random.PRNGKey(cfg.seed + 1)
-  for epoch in tqdm(range(cfg.epochs), desc="sasrec", disable=not progress, dynamic_ncols=True):
-    order = rng.permutation(len(users))
-    total = 0.0
-    for s in range(0, len(order), cfg.batch_size):
-      b = order[s:s + cfg.batch_size]
-      neg = _negatives(rng, positives[b].shape, data.num_items, [seen[r] for r in b])
+  bar = tqdm(range(cfg.epochs), desc=f"sasrec ({cfg.loss})", disable=not progress, dynamic_ncols=True)
+  for epoch in bar:
+    total, count = 0.0, 0
+    for rows, L in _batches(lengths, cfg.batch_size, cfg.max_len, rng):
+      inp, pos = inputs[rows, -L:], positives[rows, -L:]
+      if cfg.loss == "bce":
+        neg = _negatives(rng, pos.shape, data.num_items, [seen[r] for r in rows])
+      elif cfg.loss == "sampled_ce":
+        neg = rng.integers(1, data.num_items + 1, cfg.num_negatives).astype(np.int32)
+      else:
+        neg = np.zeros(1, np.int32)
       key, sub = jax.random.split(key)
-      params, opt, loss = step(params, opt, inputs[b], positives[b], neg, sub)
-      total += float(loss) * len(b)
-    losses.append(total / len(order))
-  return model, params, losses
+      params, opt, loss = step(params, opt, inp, pos, neg, sub)
+      total += float(loss) * len(rows)
+      count += len(rows)
+    entry = {"epoch": epoch + 1, "loss": total / count}
+    last = epoch + 1 == cfg.epochs
+    if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
+      ndcg = evaluate_sasrec(model, params, data, "validation", exclude_history=cfg.exclude_history,
+                             example_ids=val_ids)["ndcg@10"]
+      entry["validation_ndcg@10"] = ndcg
+      if ndcg > best:
+        best, best_params, stale = ndcg, params, 0
+      else:
+        stale += 1
+      bar.set_postfix(loss=f"{entry['loss']:.4f}", val_ndcg10=f"{ndcg:.4f}", best=f"{best:.4f}")
+    log.append(entry)
+    if cfg.eval_every and stale >= cfg.patience:
+      logging.info("sasrec: stopped at epoch %d (best validation NDCG@10 %.4f)", epoch + 1, best)
+      break
+  bar.close()
+  return model, (best_params if cfg.eval_every else params), log
 
 
-def sasrec_scores(model: SASRec, params, data: PreparedData, split: str, users: np.ndarray,
+def sasrec_scores(model: "SASRec", params, data: PreparedData, split: str, users: np.ndarray,
                   batch_size: int = 1024) -> np.ndarray:
   """[users, items] scores from the last position of the sequence before the held-out item."""
   seqs = _left_pad([data.held_out(int(u), split)[0] + 1 for u in users], model.cfg.max_len)

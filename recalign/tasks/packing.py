@@ -100,6 +100,15 @@ def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
   return int((batch["encoder_input_tokens"] > 0).sum() + (batch["decoder_target_tokens"] > 0).sum())
 
 
+def num_examples(batch: Mapping[str, np.ndarray]) -> int:
+  """Examples in a batch: packed segments, or rows with a target when padded."""
+  if "decoder_segment_ids" in batch:
+    seg = batch["decoder_segment_ids"]
+    starts = (seg > 0) & (seg != np.pad(seg, ((0, 0), (1, 0)))[:, :-1])
+    return int(starts.sum())
+  return int((batch["decoder_target_tokens"] > 0).any(axis=1).sum())
+
+
 def density(batch: Mapping[str, np.ndarray]) -> float:
   """Share of token slots (inputs + targets) holding real tokens."""
   return real_tokens(batch) / (batch["encoder_input_tokens"].size + batch["decoder_target_tokens"].size)

@@ -48,6 +48,8 @@ _REGISTERED: dict[str, list[str]] = {}  # data set name -> its registered tasks 
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
   window: int = 20                      # w: items per window (history w-1 + target)
+  train_examples: str = "windows"       # windows (the paper's sliding windows) or prefixes (every
+                                        # training item a target, as TIGER / P5)
   num_candidates: int = 100             # ranking: target + 99 popularity-sampled negatives
   mask_rate: float = 0.2                # MIM
   noise_density: float = 0.2            # MLM span corruption
@@ -211,7 +213,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                            config=config)
   templates = tpl.Templates(data.domain)
 
-  examples = {s: sources.build_examples(data, s, config.window) for s in sources.SPLITS}
+  examples = {s: sources.build_examples(data, s, config.window, config.train_examples) for s in sources.SPLITS}
   pop = data.train_popularity()
   log_pop = np.where(pop > 0, np.log(np.maximum(pop, 1)), -1e9).astype(np.float32)
   user_lengths = np.array([len(s) for s in data.sequences], np.int64)

@@ -52,16 +52,23 @@ def _pack(rows: list[tuple[int, np.ndarray, int, Optional[np.ndarray], Optional[
       target_rating=np.array([r[4] for r in rows], np.float32) if with_r else None)
 
 
-def build_examples(data: PreparedData, split: str, window: int = 20) -> Examples:
+TRAIN_EXAMPLES = ("windows", "prefixes")
+
+
+def build_examples(data: PreparedData, split: str, window: int = 20, train_examples: str = "windows") -> Examples:
   """Windows of `window` items; the last item of a window is the target, the rest its history.
 
-  train: windows [i_k .. i_{k+w-1}] over the training split, 1 <= k <= max(1, L-w+1); windows
-    without any history (L = 1) are not examples. validation: the last w-1 training items ->
-    validation item (seeded user subset). test: the last w-1 items up to and including the
-    validation item -> test item (all users).
+  train, "windows" (the paper's): windows [i_k .. i_{k+w-1}] over the training split,
+    1 <= k <= max(1, L-w+1); windows without any history (L = 1) are not examples.
+  train, "prefixes": every training item after the first is a target, with the w-1 items before it
+    as history (as TIGER / P5 train) -- L-1 examples per user instead of max(1, L-w+1).
+  validation: the last w-1 training items -> validation item (seeded user subset). test: the last
+    w-1 items up to and including the validation item -> test item (all users).
   """
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  if train_examples not in TRAIN_EXAMPLES:
+    raise ValueError(f"train_examples must be one of {TRAIN_EXAMPLES}, not {train_examples!r}")
   rows = []
   ratings = data.ratings
   users = data.validation_users if split == "validation" else range(data.num_users)
@@ -70,8 +77,10 @@ def build_examples(data: PreparedData, split: str, window: int = 20) -> Examples
     r = ratings[u] if ratings is not None else None
     if split == "train":
       n = len(seq) - 2
-      for k in range(max(1, n - window + 1)):
-        end = min(k + window, n)
+      ends = (range(2, n + 1) if train_examples == "prefixes" else
+              [min(k + window, n) for k in range(max(1, n - window + 1))])
+      for end in ends:
+        k = max(0, end - window)
         if end - k < 2:
           continue
         rows.append((u, seq[k:end - 1], int(seq[end - 1]),
