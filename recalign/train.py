@@ -194,7 +194,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           validation_examples: Optional[int] = None, validation_lengths: Optional[Mapping[str, int]] = None,
           validate_fn: Optional[Callable[[EncoderDecoderModel, dict], dict]] = None,
           selection_metric: str = "ndcg@10", time_budget_s: Optional[float] = None,
-          eval_every_minutes: Optional[float] = None, progress: bool = True) -> dict:
+          eval_every_minutes: Optional[float] = None, train_minutes_budget: Optional[float] = None,
+          progress: bool = True) -> dict:
   """Trains and returns the last step's metrics (plus the best validation metrics, if any).
 
   `loss_normalizing_factor` (as T5X): "NUM_REAL_TARGET_TOKENS" (mean over target tokens, so tasks with
@@ -211,7 +212,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   'beauty_retrieval') on its validation users (a seeded sample of `validation_examples`, default all
   3,000); the best step by `selection_metric` is kept in MODEL_DIR/best (+ best.json), as the paper
   selects unified models. train_log.jsonl and validation_log.jsonl record examples seen and minutes
-  of training (validation excluded) for learning curves.
+  of training (validation excluded) for learning curves. `time_budget_s` stops after that much wall
+  clock in all, `train_minutes_budget` after that many minutes of training (validation excluded).
   """
   import recalign.tasks as rt
   from recalign.data.vocab import describe, same_vocabulary
@@ -326,13 +328,14 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   writer = _summary_writer(model_dir / "train") if is_chief else None
   log_path, val_path = model_dir / "train_log.jsonl", model_dir / "validation_log.jsonl"
   best = _read_json(model_dir / "best.json")
-  bar = tqdm(total=None if time_budget_s else train_steps, initial=start,  # a time budget: no step total
-             desc="train" if not time_budget_s else f"train ({time_budget_s / 60:.0f} min budget)",
+  budget_min = time_budget_s / 60 if time_budget_s else train_minutes_budget
+  bar = tqdm(total=None if budget_min else train_steps, initial=start,  # a time budget: no step total
+             desc="train" if not budget_min else f"train ({budget_min:.0f} min budget)",
              disable=not (progress and is_chief), dynamic_ncols=True)
   last = {}
   t_last, tok_last = time.perf_counter(), 0.0
   logged = (_read_json_lines(log_path) or [{}])[-1] if start else {}
-  examples_seen = logged.get("examples", 0)    # (carried over a resume, as the training minutes)
+  examples_seen = logged.get("examples_seen", 0)    # (carried over a resume, as the training minutes)
   t_train = time.perf_counter() - 60 * logged.get("minutes", 0.0)
 
   def train_minutes() -> float:  # wall clock of training, validation excluded
@@ -353,13 +356,14 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         jax.block_until_ready(in_flight)
         bar.update(done - 1 - bar.n)
       in_flight = metrics["loss"]
-      out_of_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
+      out_of_time = ((time_budget_s is not None and time.perf_counter() - t_start > time_budget_s)
+                     or (train_minutes_budget is not None and train_minutes() > train_minutes_budget))
       if done % log_every == 0 or done == train_steps or out_of_time:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         metrics["useful_tokens_per_s"] = tok_last / (now - t_last)
         t_last, tok_last = now, 0.0
-        last = {"step": done, "examples": examples_seen, "minutes": train_minutes(), **metrics}
+        last = {"step": done, "examples_seen": examples_seen, "minutes": train_minutes(), **metrics}
         for name, probe in probes.items():  # every process takes part in the jitted call
           last[f"task_loss/{name}"] = float(eval_loss(state["target"], to_global(probe, batch_sharding))["loss"])
         if is_chief:
@@ -376,7 +380,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         _write_summaries(writer, done, {f"validation/{k}": v for k, v in val.items()})
         if is_chief:
           with open(val_path, "a") as f:
-            f.write(json.dumps({"step": done, "examples": examples_seen, "minutes": minutes, **val}) + "\n")
+            f.write(json.dumps({"step": done, "examples_seen": examples_seen, "minutes": minutes, **val}) + "\n")
         logging.info("step %d validation %s", done, val)
         if best is None or val[selection_metric] > best["metrics"][selection_metric]:
           best = {"step": done, "metrics": val, "selection_metric": selection_metric}
@@ -387,7 +391,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         next_eval = (int(train_minutes() / eval_every_minutes) + 1) * eval_every_minutes if eval_every_minutes else 0
       mngr.save(done, args=ocp.args.StandardSave(state), force=done == train_steps or out_of_time)
       if out_of_time:
-        logging.info("time budget of %.0fs spent at step %d", time_budget_s, done)
+        logging.info("time budget spent at step %d", done)
         break
   mngr.wait_until_finished()
   bar.update(int(state["step"]) - bar.n)

@@ -1,0 +1,201 @@
+"""Learning curves on the shared Beauty data: validation NDCG@10 / HR@10 against minutes of training
+and against examples seen, for named recipes, each on the same budget.
+
+    python tools/curves.py --recipes paper_random semantic_ids ... --minutes 20 --seeds 0 [--out docs/curves]
+    python tools/curves.py --plot docs/curves/runs/*.json --png docs/curves/ids.png --title "item IDs"
+
+A recipe fixes the data (item ID scheme, titles or not, the paper's windows or every prefix), the
+mixture, the model size, lengths, batch, learning rate and loss normalisation. Every run trains from
+scratch for `--minutes` (validation excluded), validates every `--eval-every` minutes on a seeded
+sample of `--val-users` validation users (constrained beam search, width 20, full catalogue: the
+paper's protocol) and writes <out>/runs/<recipe>_seed<k>.json: the recipe, the command, the machine,
+the validation curve and the training log (loss, examples, useful tokens/s). The same validation users
+are scored by popularity, for the line every curve has to beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# name -> recipe. data: DatasetConfig fields; size: a network.CONFIGS name or a dict of T5Config fields.
+BASE = {"mixture": "retrieval", "data": {}, "size": "mini", "lengths": {"inputs": 320, "targets": 64},
+        "batch": 64, "lr": 3e-3, "warmup": 50, "decay": "constant", "loss": "NUM_REAL_TARGET_TOKENS",
+        "dropout": 0.1, "dtype": "bfloat16"}
+RECIPES = {
+    # the paper's prompts and IDs (titles in the history, random IDs, sliding windows)
+    "paper_random": {},
+    "paper_semantic": {"data": {"id_scheme": "semantic"}},
+    "paper_collaborative": {"data": {"id_scheme": "collaborative"}},
+    # ID-only history: several times more examples per second
+    "ids_random": {"data": {"with_titles": False}, "lengths": {"inputs": 192, "targets": 16}},
+    "ids_semantic": {"data": {"with_titles": False, "id_scheme": "semantic"},
+                     "lengths": {"inputs": 192, "targets": 16}},
+    "ids_collaborative": {"data": {"with_titles": False, "id_scheme": "collaborative"},
+                          "lengths": {"inputs": 192, "targets": 16}},
+    # every training item a target (TIGER / P5) instead of the paper's windows
+    "prefixes_semantic": {"data": {"with_titles": False, "id_scheme": "semantic", "train_examples": "prefixes"},
+                          "lengths": {"inputs": 192, "targets": 16}},
+    "prefixes_collaborative": {"data": {"with_titles": False, "id_scheme": "collaborative",
+                                        "train_examples": "prefixes"}, "lengths": {"inputs": 192, "targets": 16}},
+    "prefixes_random": {"data": {"with_titles": False, "train_examples": "prefixes"},
+                        "lengths": {"inputs": 192, "targets": 16}},
+}
+
+
+def recipe(name: str) -> dict:
+  base, _, variant = name.partition("@")     # e.g. prefixes_semantic@lr=1e-3,batch=128,size=tiger
+  r = json.loads(json.dumps({**BASE, **RECIPES[base]}))
+  for kv in filter(None, variant.split(",")):
+    k, v = kv.split("=")
+    r[k] = json.loads(v) if v[:1] in "0123456789[{-" else v
+  return r
+
+
+def network_config(size):
+  from recalign.models.network import CONFIGS, T5Config
+  if isinstance(size, dict):
+    return T5Config.from_dict({**__import__("dataclasses").asdict(CONFIGS["mini"]), **size})
+  return CONFIGS[size]
+
+
+def cpu_model() -> str:
+  for line in Path("/proc/cpuinfo").read_text().splitlines():
+    if line.startswith("model name"):
+      return line.split(":", 1)[1].strip()
+  return platform.processor() or "unknown CPU"
+
+
+def prepare_beauty(source: Path, out: Path) -> Path:
+  """The shared Beauty data with random, collaborative and semantic IDs and one vocabulary for all."""
+  from recalign.data import PreparedData
+  from recalign.data.ids import build_ids, scheme_pieces
+  from recalign.data.vocab import train_vocabulary
+  from recalign.demo import ensure_prepared
+  data_dir = ensure_prepared(source, out, "beauty")
+  data = PreparedData.load(data_dir)
+  fresh = False
+  for scheme in ("collaborative", "semantic"):
+    if not (data_dir / "ids" / f"{scheme}.json").exists():
+      build_ids(data, scheme).save(data_dir)
+      fresh = True
+  if fresh:
+    train_vocabulary(data, data_dir / "vocab", pieces=scheme_pieces(data_dir))
+  return data_dir
+
+
+def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int, data_dir: Path, out: Path) -> dict:
+  import gin
+  import recalign.tasks as rt
+  from recalign import baselines as B
+  from recalign import train as T
+  from recalign.evaluate import sample_example_ids
+  r = recipe(name)
+  model_dir = out / "models" / f"{name}_seed{seed}"
+  path = out / "runs" / f"{name}_seed{seed}.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  if model_dir.exists():
+    import shutil
+    shutil.rmtree(model_dir)
+  config = rt.DatasetConfig(**r["data"])
+  rt.register_dataset(data_dir, config=config)
+  mixture = {"retrieval": "beauty_retrieval"}.get(r["mixture"], f"beauty_{r['mixture']}")
+  gin.clear_config()
+  with gin.unlock_config():
+    gin.bind_parameter("learning_rate_schedule.warmup_steps", r["warmup"])
+    gin.bind_parameter("learning_rate_schedule.base", r["lr"])
+    gin.bind_parameter("learning_rate_schedule.decay", r["decay"])
+  t0 = time.time()
+  T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=r["lengths"],
+          train_steps=10 ** 7, batch_size=r["batch"], network_config=network_config(r["size"]).replace(
+              dropout_rate=r["dropout"], dtype=r["dtype"]), data_dirs=[str(data_dir)], dataset_config=config,
+          random_seed=seed,
+          loss_normalizing_factor=r["loss"], checkpoint_every=10 ** 6, log_every=25,
+          validation_task="beauty_retrieval", validation_examples=val_users, eval_every_minutes=eval_every,
+          time_budget_s=None, train_minutes_budget=minutes, progress=True)
+  wall = (time.time() - t0) / 60
+  read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
+  from recalign.data import PreparedData
+  data = PreparedData.load(data_dir)
+  ids = sample_example_ids(len(data.validation_users), val_users)
+  result = {"recipe": name, "config": r, "seed": seed, "minutes": minutes, "wall_minutes": round(wall, 2),
+            "command": "python tools/curves.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "machine": f"{os.cpu_count()} CPUs, {cpu_model()}", "protocol": "full catalogue",
+            "validation_users": val_users,
+            "popularity": B.popularity(data, "validation", example_ids=ids),
+            "validation": read(model_dir / "validation_log.jsonl"),
+            "train": read(model_dir / "train_log.jsonl")[::4]}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1))
+  return result
+
+
+def plot(paths: list[Path], png: Path, title: str, metric: str = "ndcg@10") -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  runs = [json.loads(p.read_text()) for p in paths]
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  colors = {}
+  for r in runs:
+    c = colors.setdefault(r["recipe"], f"C{len(colors)}")
+    xs_min = [v["minutes"] for v in r["validation"]]
+    xs_ex = [v["examples_seen"] / 1000 for v in r["validation"]]
+    ys = [v[metric] for v in r["validation"]]
+    label = r["recipe"] if sum(x["recipe"] == r["recipe"] for x in runs[:runs.index(r) + 1]) == 1 else None
+    axes[0].plot(xs_min, ys, "o-", color=c, label=label, alpha=0.8)
+    axes[1].plot(xs_ex, ys, "o-", color=c, alpha=0.8)
+  pop = runs[0]["popularity"][metric]
+  for ax, xl in zip(axes, ("minutes of training (validation excluded)", "training examples seen (thousands)")):
+    ax.axhline(pop, color="gray", ls="--", label="popularity" if ax is axes[0] else None)
+    ax.axhline(2 * pop, color="gray", ls=":", label="2 x popularity" if ax is axes[0] else None)
+    ax.set_xlabel(xl)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel(f"validation {metric} ({runs[0]['validation_users']} users, full catalogue)")
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"{title} -- {runs[0]['machine']}")
+  fig.tight_layout()
+  png.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(png, dpi=110)
+  plt.close(fig)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "amazon-beauty"))
+  p.add_argument("--out", default="docs/curves")
+  p.add_argument("--work", default="runs/curves", help="prepared data and model folders")
+  p.add_argument("--recipes", nargs="+", default=[])
+  p.add_argument("--seeds", nargs="+", type=int, default=[0])
+  p.add_argument("--minutes", type=float, default=20)
+  p.add_argument("--eval-every", type=float, default=2.5, help="minutes of training between validations")
+  p.add_argument("--val-users", type=int, default=500)
+  p.add_argument("--plot", nargs="+", type=Path, help="run JSON files to plot instead of training")
+  p.add_argument("--png", type=Path)
+  p.add_argument("--title", default="Beauty retrieval")
+  args = p.parse_args()
+  if args.plot:
+    plot(args.plot, args.png, args.title)
+    return
+  work = Path(args.work)
+  data_dir = prepare_beauty(Path(args.data), work / "data" / "beauty")
+  for name in args.recipes:
+    for seed in args.seeds:
+      res = run(name, seed, args.minutes, args.eval_every, args.val_users, data_dir, work)
+      best = max(res["validation"], key=lambda v: v["ndcg@10"])
+      print(f"{name} seed {seed}: best validation NDCG@10 {best['ndcg@10']:.4f} at {best['minutes']:.1f} min "
+            f"({best['examples_seen']} examples); popularity {res['popularity']['ndcg@10']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
