@@ -50,11 +50,13 @@ def test_sasrec_learns_a_deterministic_sequence_pattern():
     start = int(rng.integers(0, 40))
     seqs[f"u{u}"] = [Interaction(f"i{(start + t) % 40:02d}", float(t), None) for t in range(9)]
   data = prepare(RawData(seqs, {}, AMAZON, "synthetic", [], IngestReport()), name="walk", kcore=0)
-  model, params, log = train_sasrec(data, SASRecConfig(epochs=25, dropout=0.1, batch_size=64, eval_every=0),
+  model, params, log = train_sasrec(data, SASRecConfig(epochs=30, dropout=0.0, batch_size=64, eval_every=0),
                                     progress=False)
   assert log[-1]["loss"] < 0.5 * log[0]["loss"]
-  m = evaluate_sasrec(model, params, data, "test")
-  assert m["hr@5"] > 0.9, m        # random guessing over 32 unseen items: 5/32
+  m = evaluate_sasrec(model, params, data, "test", exclude_history=True)
+  assert m["hr@5"] > 0.9, m        # random guessing over the 32 items outside the history: 5/32
+  full = evaluate_sasrec(model, params, data, "test")   # the full catalogue protocol can only be harder
+  assert full["hr@10"] > 0.9 and full["ndcg@10"] <= m["ndcg@10"] + 1e-9, (full, m)
   pop = B.popularity(data, "test")
   assert pop["hr@5"] < 0.5
 

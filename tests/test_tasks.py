@@ -95,6 +95,21 @@ def test_exact_text_and_tokens_of_every_task(tiny):
   assert qa[0]["targets_pretokenized"].decode() == data.items[0].title
 
 
+def test_id_only_and_compact_histories(tiny, tmp_path):
+  """`with_titles=False` keeps the paper's `Item ID: ...;` entries without titles; `item_prefix=False`
+  writes the IDs alone. Tokens still equal the tokenised text."""
+  data, vocab = tiny
+  tiny_dir = rt.registry.task_info("tiny_retrieval").data_dir
+  u1 = data.users.index("u1")
+  b, c, a, d, ee = (item_id(int(x)) for x in data.sequences[u1])
+  for name, cfg, hist in [("tiny_ids", rt.DatasetConfig(with_titles=False), f"Item ID: {b}; Item ID: {c};"),
+                          ("tiny_compact", rt.DatasetConfig(with_titles=False, item_prefix=False), f"{b}; {c};")]:
+    rt.register_dataset(tiny_dir, name=name, config=cfg)
+    ex = {x["user"]: x for x in first(f"{name}_retrieval", n=6)}[u1]
+    assert ex["inputs_pretokenized"].decode() == f"{H} {hist} What would the user buy next?"
+    assert ex["inputs"].tolist() == vocab.encode(ex["inputs_pretokenized"].decode()) + [1]
+
+
 def test_sample_counts_per_split(tiny):
   data, _ = tiny
   # training lengths (items minus validation and test): u1 3, u2 2, u3 3, u4 2, u5 2, u6 3

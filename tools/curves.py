@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 # name -> recipe. data: DatasetConfig fields; size: a network.CONFIGS name or a dict of T5Config fields.
 BASE = {"mixture": "retrieval", "data": {}, "size": "mini", "lengths": {"inputs": 320, "targets": 64},
         "batch": 64, "lr": 3e-3, "warmup": 50, "decay": "constant", "loss": "NUM_REAL_TARGET_TOKENS",
-        "dropout": 0.1, "dtype": "bfloat16"}
+        "dropout": 0.1, "dtype": "bfloat16", "optimizer": "adafactor"}
 RECIPES = {
     # the paper's prompts and IDs (titles in the history, random IDs, sliding windows)
     "paper_random": {},
@@ -93,14 +93,15 @@ def prepare_beauty(source: Path, out: Path) -> Path:
   return data_dir
 
 
-def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int, data_dir: Path, out: Path) -> dict:
+def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int, data_dir: Path, work: Path,
+        out: Path) -> dict:
   import gin
   import recalign.tasks as rt
   from recalign import baselines as B
   from recalign import train as T
   from recalign.evaluate import sample_example_ids
   r = recipe(name)
-  model_dir = out / "models" / f"{name}_seed{seed}"
+  model_dir = work / "models" / f"{name}_seed{seed}"
   path = out / "runs" / f"{name}_seed{seed}.json"
   if path.exists():
     return json.loads(path.read_text())
@@ -115,6 +116,7 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
     gin.bind_parameter("learning_rate_schedule.warmup_steps", r["warmup"])
     gin.bind_parameter("learning_rate_schedule.base", r["lr"])
     gin.bind_parameter("learning_rate_schedule.decay", r["decay"])
+    gin.bind_parameter("make_optimizer.name", r["optimizer"])
   t0 = time.time()
   T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=r["lengths"],
           train_steps=10 ** 7, batch_size=r["batch"], network_config=network_config(r["size"]).replace(
@@ -191,7 +193,7 @@ def main():
   data_dir = prepare_beauty(Path(args.data), work / "data" / "beauty")
   for name in args.recipes:
     for seed in args.seeds:
-      res = run(name, seed, args.minutes, args.eval_every, args.val_users, data_dir, work)
+      res = run(name, seed, args.minutes, args.eval_every, args.val_users, data_dir, work, Path(args.out))
       best = max(res["validation"], key=lambda v: v["ndcg@10"])
       print(f"{name} seed {seed}: best validation NDCG@10 {best['ndcg@10']:.4f} at {best['minutes']:.1f} min "
             f"({best['examples_seen']} examples); popularity {res['popularity']['ndcg@10']:.4f}", flush=True)

@@ -67,6 +67,12 @@ CONFIGS = {
     # ~4M parameters with the project vocabulary: trains on a laptop CPU in minutes (the demo).
     "mini": T5Config(vocab_size=8192, emb_dim=128, num_heads=4, num_encoder_layers=3, num_decoder_layers=3,
                      head_dim=32, mlp_dim=512, dropout_rate=0.1),
+    # TIGER's generative retrieval model (Rajput et al. 2023): 4+4 layers, d_model 128, 6 heads of 64.
+    "tiger": T5Config(vocab_size=8192, emb_dim=128, num_heads=6, num_encoder_layers=4, num_decoder_layers=4,
+                      head_dim=64, mlp_dim=1024, dropout_rate=0.1),
+    # 2+2 layers of the mini's width: the fastest model that still learns item sequences on a CPU.
+    "micro": T5Config(vocab_size=8192, emb_dim=128, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
+                      head_dim=32, mlp_dim=512, dropout_rate=0.1),
     "small": T5Config(emb_dim=512, num_heads=6, num_encoder_layers=8, num_decoder_layers=8, head_dim=64,
                       mlp_dim=1024),
     "base": T5Config(emb_dim=768, num_heads=12, num_encoder_layers=12, num_decoder_layers=12, head_dim=64,

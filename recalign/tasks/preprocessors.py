@@ -50,13 +50,13 @@ class ItemTables:
   """
 
   def __init__(self, data: PreparedData, vocab, *, with_titles: bool = True,
-               ids: Optional[list[str]] = None):
+               ids: Optional[list[str]] = None, item_prefix: bool = True):
     ids = list(ids) if ids is not None else [item_id(k) for k in range(data.num_items)]
     enc, cont = vocab.encode, continuation_encoder(vocab)
     id_tok = [list(enc(i)) for i in ids]
-    prefix = list(enc(tpl.ENTRY_PREFIX))
+    prefix = list(enc(tpl.ENTRY_PREFIX)) if item_prefix else []
     suffixes = [tpl.entry_suffix(m.title, with_titles) for m in data.items]
-    bare = [tpl.entry(i, m.title, with_titles) for i, m in zip(ids, data.items)]
+    bare = [tpl.entry(i, m.title, with_titles, item_prefix) for i, m in zip(ids, data.items)]
     self.num_items = data.num_items
     self.mask_row, self.none_row = data.num_items, data.num_items + 1
     self.entry = TokenTable([b + ";" for b in bare] + [tpl.MASK + ";", "None;"],

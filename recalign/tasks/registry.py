@@ -55,6 +55,7 @@ class DatasetConfig:
   noise_density: float = 0.2            # MLM span corruption
   mean_noise_span_length: float = 3.0
   with_titles: Optional[bool] = None    # None: titles when the data set has them
+  item_prefix: bool = True              # "Item ID: I12, Title: ..." (the paper's); False: "I12, Title: ..."
   seed: int = 0                         # training draws when get_dataset is given no seed (the
                                         # trainer passes RANDOM_SEED): masks, negatives, spans, order
   eval_seed: int = 0                    # validation/test draws (ranking candidates): fixed, so that
@@ -208,7 +209,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   # (a pretrained T5's) gets them appended as new ids after its own.
   vocab = extend(vocab or load_vocabulary(Path(data_dir) / "vocab"), id_pieces(ids))
   with_titles = data.has_titles if config.with_titles is None else config.with_titles
-  tables = pp.ItemTables(data, vocab, with_titles=with_titles, ids=ids)
+  tables = pp.ItemTables(data, vocab, with_titles=with_titles, ids=ids, item_prefix=config.item_prefix)
   info = functools.partial(TaskInfo, data_dir=str(Path(data_dir).resolve()), vocab=vocab, ids=tuple(ids),
                            config=config)
   templates = tpl.Templates(data.domain)

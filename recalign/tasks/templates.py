@@ -73,13 +73,14 @@ def entry_suffix(title: str = "", with_title: bool = True) -> str:
   return f", Title: {title}" if (with_title and title) else ""
 
 
-def entry(iid: str, title: str = "", with_title: bool = True) -> str:
-  """One item as the paper writes it: `Item ID: I123, Title: <title>` (ID only without a title).
+def entry(iid: str, title: str = "", with_title: bool = True, prefix: bool = True) -> str:
+  """One item as the paper writes it: `Item ID: I123, Title: <title>` (ID only without a title;
+  without `prefix`, the compact `I123`).
 
   Prompts are assembled from the tokens of ENTRY_PREFIX, of the ID alone and of the suffix, so an
   ID has one tokenisation everywhere (prompts, targets, the decoding trie) whatever the vocabulary.
   """
-  return f"{ENTRY_PREFIX} {iid}{entry_suffix(title, with_title)}"
+  return f"{ENTRY_PREFIX + ' ' if prefix else ''}{iid}{entry_suffix(title, with_title)}"
 
 
 def item_list(entries: list[str]) -> str:
