@@ -278,6 +278,11 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, loaded), param_sharding)
   with mesh:
     state = {"step": jnp.array(0, jnp.int32), "target": params, "opt_state": jax.jit(tx.init)(params)}
+  # One sharding per state leaf, fixed for the whole run: without it the first step sees uncommitted
+  # leaves (the step counter, optimiser slots) and the second step compiles the train step again.
+  state_sharding = jax.tree_util.tree_map(
+      lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else NamedSharding(mesh, P()), state)
+  state = jax.device_put(state, state_sharding)
   if mngr.latest_step() is not None:  # resume: parameters, optimiser state and step
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
     state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
@@ -313,7 +318,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     metrics["grad_norm"] = optax.global_norm(grads)
     return {"step": state["step"] + 1, "target": params, "opt_state": opt_state}, metrics
 
-  step_fn = jax.jit(train_step, donate_argnums=0)
+  step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, None), donate_argnums=0)
   eval_loss = jax.jit(lambda p, b: model.loss_fn(p, b)[1])
 
   # 5. input (+ fixed probe batches, one per mixture member, for per-task losses)

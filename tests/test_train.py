@@ -17,15 +17,17 @@ import gin
 import recalign.tasks as rt
 from recalign import train as T
 from recalign.models.network import CONFIGS
-data, model_dir, steps, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+# argv: DATA STEPS [MODEL_DIR, EXTRA_JSON]... -- several runs share one process (one start-up).
+data, steps, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 rt.register_dataset(data, config=rt.DatasetConfig(num_candidates=3))
 gin.bind_parameter("learning_rate_schedule.warmup_steps", 5)
 gin.bind_parameter("learning_rate_schedule.base", 1e-2)
-out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_reat",
-              task_feature_lengths={"inputs": 128, "targets": 48}, train_steps=steps, batch_size=8,
-              network_config=CONFIGS["tiny"].replace(dropout_rate=0.1), log_every=1, progress=False,
-              **extra)
-print(json.dumps({"loss": out["loss"]}))
+for model_dir, extra in zip(runs[::2], runs[1::2]):
+  out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_reat",
+                task_feature_lengths={"inputs": 128, "targets": 48}, train_steps=steps, batch_size=8,
+                network_config=CONFIGS["tiny"].replace(dropout_rate=0.1), log_every=1, progress=False,
+                **json.loads(extra))
+  print(json.dumps({"loss": out["loss"]}))
 '''
 
 
@@ -42,7 +44,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def command(root: Path, model_dir: Path, steps: int, **extra):
-  return [sys.executable, str(root / "run.py"), str(root / "tiny"), str(model_dir), str(steps), json.dumps(extra)]
+  return [sys.executable, str(root / "run.py"), str(root / "tiny"), str(steps), str(model_dir), json.dumps(extra)]
 
 
 def env(devices: int = 1):
@@ -62,7 +64,7 @@ def losses(model_dir: Path) -> dict[int, float]:
 
 def test_loss_falls_and_resume_after_kill_reproduces_losses(tiny_dir):
   ref_dir, killed_dir = tiny_dir / "ref", tiny_dir / "killed"
-  steps = 60
+  steps = 40
   subprocess.run(command(tiny_dir, ref_dir, steps, checkpoint_every=4), env=env(), check=True,
                  capture_output=True)
   ref = losses(ref_dir)
@@ -95,12 +97,11 @@ import json, subprocess, sys
 import jax
 assert jax.device_count() == 8, jax.device_count()
 ''' + SCRIPT)
-  results = {}
-  for name, extra in {"one": {"num_devices": 1}, "data8": {}, "data4_model2": {"model_parallel": 2}}.items():
-    model_dir = tiny_dir / f"par_{name}"
-    subprocess.run([sys.executable, str(script), str(tiny_dir / "tiny"), str(model_dir), "6",
-                    json.dumps(extra)], env=env(8), check=True, capture_output=True)
-    results[name] = losses(model_dir)
+  runs = {"one": {"num_devices": 1}, "data8": {}, "data4_model2": {"model_parallel": 2}}
+  args = [a for name, extra in runs.items() for a in (str(tiny_dir / f"par_{name}"), json.dumps(extra))]
+  subprocess.run([sys.executable, str(script), str(tiny_dir / "tiny"), "6", *args], env=env(8), check=True,
+                 capture_output=True)
+  results = {name: losses(tiny_dir / f"par_{name}") for name in runs}
   for name in ("data8", "data4_model2"):
     for step, loss in results["one"].items():
       assert results[name][step] == pytest.approx(loss, rel=2e-4, abs=2e-4), (name, step)

@@ -75,13 +75,13 @@ def cpu_model() -> str:
   return platform.processor() or "unknown CPU"
 
 
-def prepare_beauty(source: Path, out: Path) -> Path:
-  """The shared Beauty data with random, collaborative and semantic IDs and one vocabulary for all."""
+def prepare_data(source: Path, out: Path, name: str) -> Path:
+  """A shared data set with random, collaborative and semantic IDs and one vocabulary for all."""
   from recalign.data import PreparedData
   from recalign.data.ids import build_ids, scheme_pieces
   from recalign.data.vocab import train_vocabulary
   from recalign.demo import ensure_prepared
-  data_dir = ensure_prepared(source, out, "beauty")
+  data_dir = ensure_prepared(source, out, name)
   data = PreparedData.load(data_dir)
   fresh = False
   for scheme in ("collaborative", "semantic"):
@@ -101,8 +101,8 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
   from recalign import train as T
   from recalign.evaluate import sample_example_ids
   r = recipe(name)
-  model_dir = work / "models" / f"{name}_seed{seed}"
-  path = out / "runs" / f"{name}_seed{seed}.json"
+  model_dir = work / "models" / f"{data_dir.name}_{name}_seed{seed}"
+  path = out / "runs" / f"{data_dir.name}_{name}_seed{seed}.json"
   if path.exists():
     return json.loads(path.read_text())
   if model_dir.exists():
@@ -110,7 +110,9 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
     shutil.rmtree(model_dir)
   config = rt.DatasetConfig(**r["data"])
   rt.register_dataset(data_dir, config=config)
-  mixture = {"retrieval": "beauty_retrieval"}.get(r["mixture"], f"beauty_{r['mixture']}")
+  from recalign.data import PreparedData
+  data = PreparedData.load(data_dir)
+  mixture = f"{data.name}_{r['mixture']}"
   gin.clear_config()
   with gin.unlock_config():
     gin.bind_parameter("learning_rate_schedule.warmup_steps", r["warmup"])
@@ -123,14 +125,13 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
               dropout_rate=r["dropout"], dtype=r["dtype"]), data_dirs=[str(data_dir)], dataset_config=config,
           random_seed=seed,
           loss_normalizing_factor=r["loss"], checkpoint_every=10 ** 6, log_every=25,
-          validation_task="beauty_retrieval", validation_examples=val_users, eval_every_minutes=eval_every,
+          validation_task=f"{data.name}_retrieval", validation_examples=val_users, eval_every_minutes=eval_every,
           time_budget_s=None, train_minutes_budget=minutes, progress=True)
   wall = (time.time() - t0) / 60
   read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
-  from recalign.data import PreparedData
-  data = PreparedData.load(data_dir)
   ids = sample_example_ids(len(data.validation_users), val_users)
-  result = {"recipe": name, "config": r, "seed": seed, "minutes": minutes, "wall_minutes": round(wall, 2),
+  result = {"recipe": name, "data": data.name, "config": r, "seed": seed, "minutes": minutes,
+            "wall_minutes": round(wall, 2),
             "command": "python tools/curves.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "machine": f"{os.cpu_count()} CPUs, {cpu_model()}", "protocol": "full catalogue",
             "validation_users": val_users,
@@ -185,12 +186,13 @@ def main():
   p.add_argument("--plot", nargs="+", type=Path, help="run JSON files to plot instead of training")
   p.add_argument("--png", type=Path)
   p.add_argument("--title", default="Beauty retrieval")
+  p.add_argument("--name", default="beauty", help="the data set's name (task names: <name>_retrieval)")
   args = p.parse_args()
   if args.plot:
     plot(args.plot, args.png, args.title)
     return
   work = Path(args.work)
-  data_dir = prepare_beauty(Path(args.data), work / "data" / "beauty")
+  data_dir = prepare_data(Path(args.data), work / "data" / args.name, args.name)
   for name in args.recipes:
     for seed in args.seeds:
       res = run(name, seed, args.minutes, args.eval_every, args.val_users, data_dir, work, Path(args.out))
