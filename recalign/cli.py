@@ -118,8 +118,8 @@ def cmd_demo(args) -> int:
   from recalign.demo import run_demo
   ml = Path(args.ml100k) if args.ml100k else None
   run_demo(Path(args.data), Path(args.out), minutes=args.minutes, ml100k=ml, size=args.size,
-           seed=args.seed, sasrec_epochs=args.sasrec_epochs, max_test=args.max_test_users,
-           exclude_history=args.exclude_history)
+           seed=args.seed, recipe=args.recipe, sasrec_minutes=args.sasrec_minutes, max_test=args.max_test_users,
+           exclude_history=args.exclude_history, eval_every_minutes=args.eval_every_minutes)
   return 0
 
 
@@ -290,6 +290,7 @@ def cmd_baseline(args) -> int:
     runs = []
     for seed in args.seeds:
       cfg = SASRecConfig(epochs=args.epochs, seed=seed, loss=args.loss, exclude_history=args.exclude_history,
+                         max_minutes=args.max_minutes,
                          **({"dropout": args.dropout} if args.dropout is not None else {}))
       model, params, log = train_sasrec(data, cfg)
       best = max((e for e in log if "validation_ndcg@10" in e), key=lambda e: e["validation_ndcg@10"],
@@ -383,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="SASRec: binary cross-entropy with one negative (the original) or cross-entropy over the "
                       "catalogue (full or sampled softmax)")
   s.add_argument("--dropout", type=float, help="SASRec dropout (default 0.5)")
+  s.add_argument("--max-minutes", type=float, help="SASRec: wall-clock budget per seed (keeps the best epoch)")
   s.add_argument("--seeds", type=int, nargs="+", default=[0], help="SASRec: one run per seed; mean and spread")
   s.add_argument("--out", help="write the metrics as JSON here")
   s.add_argument("--exclude-history", action="store_true",
@@ -396,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--minutes", type=float, default=20.0, help="training budget for Beauty (ml-100k: 1/4)")
   s.add_argument("--size", default="mini", help="model size (gin/models/*.gin; mini trains on a CPU)")
   s.add_argument("--seed", type=int, default=0)
-  s.add_argument("--sasrec-epochs", type=int, default=30)
+  s.add_argument("--recipe", default="compact", choices=["compact", "paper"],
+                 help="compact: retrieval, ID-only history, collaborative IDs (fastest on a CPU); "
+                      "paper: the paper's prompts, random IDs, ReAT")
+  s.add_argument("--sasrec-minutes", type=float, default=4.0, help="budget of each SASRec (BCE, CE)")
+  s.add_argument("--eval-every-minutes", type=float, help="validation during training (default: minutes / 6)")
   s.add_argument("--max-test-users", type=int, help="evaluate test on a seeded sample of N users (default: all)")
   s.add_argument("--exclude-history", action="store_true",
                  help="retrieval ranks the catalogue minus the user's history (default: the paper's full catalogue)")

@@ -95,27 +95,35 @@ def test_short_demo_end_to_end_on_tiny_data_then_cli_eval(tmp_path, capsys):
   from recalign.demo import run_demo
   src = write_tiny_tsv(tmp_path / "src")
   out = tmp_path / "demo"
-  res = run_demo(src, out, minutes=0.1, ml100k=None, size="tiny", sasrec_epochs=2, kcore=0)
+  res = run_demo(src, out, minutes=0.1, ml100k=None, size="tiny", sasrec_minutes=0.05, kcore=0)
   table = res["beauty_retrieval"]
-  assert set(table) == {f"{m} / {s}" for m in ("recalign tiny ReAT", "popularity", "SASRec")
+  assert set(table) == {f"{m} / {s}" for m in ("recalign tiny compact", "popularity", "SASRec-BCE", "SASRec-CE")
                         for s in ("validation", "test")}
   assert all(0.0 <= v["ndcg@10"] <= v["hr@10"] <= 1.0 for v in table.values())
-  assert json.loads((out / "results.json").read_text())["size"] == "tiny"
-  assert (out / "beauty_reat.png").stat().st_size > 1000
-  assert (out / "beauty_reat" / "best.json").exists()
-  assert (out / "beauty_reat" / "predictions_beauty_retrieval_test.jsonl").exists()
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["size"] == "tiny" and saved["recipe_config"]["data"]["id_scheme"] == "collaborative"
+  assert set(saved["test_ndcg@10_ratio"]) == {"popularity", "SASRec-BCE", "SASRec-CE"}
+  assert saved["total_minutes"] > 0
+  assert (out / "beauty_compact.png").stat().st_size > 1000
+  run = json.loads((out / "beauty_compact" / "run.json").read_text())
+  assert run["dataset_config"]["item_prefix"] is False and run["task_feature_lengths"]["inputs"] == 128
+  assert (out / "beauty_compact" / "best.json").exists()
+  import recalign.tasks as rt   # the model wrote collaborative codes; predictions name the data set's IDs
+  assert all(i.startswith("<a_") for i in rt.registry.task_info("beauty_retrieval").ids)
+  line = json.loads((out / "beauty_compact" / "predictions_beauty_retrieval_test.jsonl").read_text().splitlines()[0])
+  assert line["target"].startswith("I") and len(line["ranked"]) == 8
   # The same checkpoint through `recalign eval` (registers the data from run.json).
-  assert cli.main(["eval", "--checkpoint", str(out / "beauty_reat" / "best"), "--task", "beauty_ut",
+  assert cli.main(["eval", "--checkpoint", str(out / "beauty_compact" / "best"), "--task", "beauty_ut",
                    "--split", "test", "--beam", "4", "--batch", "4"]) == 0
   printed = capsys.readouterr().out
   assert "beauty_retrieval" in printed and "beauty_ranking" in printed and "score/hr@1" in printed
-  assert (out / "beauty_reat" / "best" / "metrics_beauty_ranking_test.json").exists()
+  assert (out / "beauty_compact" / "best" / "metrics_beauty_ranking_test.json").exists()
 
 
 @pytest.mark.slow
 def test_demo_on_shared_beauty_and_ml100k(tmp_path):
   from recalign.demo import run_demo
   res = run_demo(shared("amazon-beauty"), tmp_path / "demo", minutes=2, ml100k=shared("ml-100k"),
-                 sasrec_epochs=3, max_test=500)
+                 sasrec_minutes=0.5, max_test=500)
   assert res["beauty_retrieval"]["popularity / test"]["hr@10"] > 0.005
   assert 0.0 < res["ml100k_rating"]["History / test"]["auc"] < 1.0

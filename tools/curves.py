@@ -49,6 +49,13 @@ RECIPES = {
                                         "train_examples": "prefixes"}, "lengths": {"inputs": 192, "targets": 16}},
     "prefixes_random": {"data": {"with_titles": False, "train_examples": "prefixes"},
                         "lengths": {"inputs": 192, "targets": 16}},
+    # ID-only history without the "Item ID:" words ("<id>; <id>; ..."), no dropout, a higher rate
+    "compact_random": {"data": {"with_titles": False, "item_prefix": False}, "lengths": {"inputs": 160, "targets": 16},
+                       "dropout": 0.0, "lr": 5e-3},
+    "compact_semantic": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "semantic"},
+                         "lengths": {"inputs": 128, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
+    "compact_collaborative": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "collaborative"},
+                              "lengths": {"inputs": 128, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
 }
 
 
@@ -77,20 +84,8 @@ def cpu_model() -> str:
 
 def prepare_data(source: Path, out: Path, name: str) -> Path:
   """A shared data set with random, collaborative and semantic IDs and one vocabulary for all."""
-  from recalign.data import PreparedData
-  from recalign.data.ids import build_ids, scheme_pieces
-  from recalign.data.vocab import train_vocabulary
   from recalign.demo import ensure_prepared
-  data_dir = ensure_prepared(source, out, name)
-  data = PreparedData.load(data_dir)
-  fresh = False
-  for scheme in ("collaborative", "semantic"):
-    if not (data_dir / "ids" / f"{scheme}.json").exists():
-      build_ids(data, scheme).save(data_dir)
-      fresh = True
-  if fresh:
-    train_vocabulary(data, data_dir / "vocab", pieces=scheme_pieces(data_dir))
-  return data_dir
+  return ensure_prepared(source, out, name, id_schemes=("collaborative", "semantic"))
 
 
 def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int, data_dir: Path, work: Path,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Optional
 
 import jax
@@ -49,6 +50,7 @@ class SASRecConfig:
   eval_every: int = 5             # epochs between validation evaluations (0: never, keep the last epoch)
   patience: int = 4               # evaluations without a better validation NDCG@10 before stopping
   validation_users: Optional[int] = None   # validate on a seeded sample (default: all validation users)
+  max_minutes: Optional[float] = None      # wall-clock budget: stop after the epoch that crosses it
   exclude_history: bool = False   # the protocol of the validation metric
   seed: int = 0
 
@@ -173,6 +175,7 @@ def train_sasrec(data: PreparedData, cfg: SASRecConfig = SASRecConfig(), progres
   log, best, best_params, stale = [], -1.0, params, 0
   key = jax.random.PRNGKey(cfg.seed + 1)
   bar = tqdm(range(cfg.epochs), desc=f"sasrec ({cfg.loss})", disable=not progress, dynamic_ncols=True)
+  t0 = time.perf_counter()
   for epoch in bar:
     total, count = 0.0, 0
     for rows, L in _batches(lengths, cfg.batch_size, cfg.max_len, rng):
@@ -188,7 +191,8 @@ def train_sasrec(data: PreparedData, cfg: SASRecConfig = SASRecConfig(), progres
       total += float(loss) * len(rows)
       count += len(rows)
     entry = {"epoch": epoch + 1, "loss": total / count}
-    last = epoch + 1 == cfg.epochs
+    out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60
+    last = epoch + 1 == cfg.epochs or out_of_time
     if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
       ndcg = evaluate_sasrec(model, params, data, "validation", exclude_history=cfg.exclude_history,
                              example_ids=val_ids)["ndcg@10"]
@@ -201,6 +205,9 @@ def train_sasrec(data: PreparedData, cfg: SASRecConfig = SASRecConfig(), progres
     log.append(entry)
     if cfg.eval_every and stale >= cfg.patience:
       logging.info("sasrec: stopped at epoch %d (best validation NDCG@10 %.4f)", epoch + 1, best)
+      break
+    if out_of_time:
+      logging.info("sasrec: %.1f-minute budget spent after epoch %d", cfg.max_minutes, epoch + 1)
       break
   bar.close()
   return model, (best_params if cfg.eval_every else params), log
