@@ -128,6 +128,14 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
          "unified_aux": "_ut_at"}[f])
     assert gin.query_parameter("%LEARNING_RATE") == 1e-3 and gin.query_parameter("%WARMUP_STEPS") == 1000
     assert gin.query_parameter("%VOCABULARY") is None and gin.query_parameter("%DROPOUT_RATE") == 0.1
+  # the CPU recipe's run file: compact collaborative-ID prompts, bf16, no dropout
+  gin.clear_config()
+  cli.parse_gin([str(gin_dir / "models" / "mini.gin"), str(gin_dir / "runs" / "cpu_compact.gin")],
+                ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'beauty_retrieval'"], [])
+  from recalign.tasks.registry import DatasetConfig
+  cfg = DatasetConfig()
+  assert (cfg.item_prefix, cfg.with_titles, cfg.id_scheme) == (False, False, "collaborative")
+  assert gin.query_parameter("%ACTIVATION_DTYPE") == "bfloat16" and gin.query_parameter("%DROPOUT_RATE") == 0.0
   gin.clear_config()
   with pytest.raises(ValueError, match="MODEL_DIR.*gin.REQUIRED"):
     cli.parse_gin(scratch + [str(gin_dir / "retrieval_aux.gin")], [], [])

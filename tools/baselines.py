@@ -26,6 +26,7 @@ def main():
   p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   p.add_argument("--losses", nargs="+", default=["bce", "ce"])
   p.add_argument("--epochs", type=int, default=200)
+  p.add_argument("--max-minutes", type=float, help="wall-clock budget per SASRec run (keeps its best epoch)")
   p.add_argument("--out", required=True)
   args = p.parse_args()
   from recalign import baselines as B
@@ -43,7 +44,8 @@ def main():
       if key in res["runs"]:
         continue
       t0 = time.time()
-      model, params, log = train_sasrec(data, SASRecConfig(loss=loss, epochs=args.epochs, seed=seed))
+      model, params, log = train_sasrec(data, SASRecConfig(loss=loss, epochs=args.epochs, seed=seed,
+                                                                   max_minutes=args.max_minutes))
       best = max((e for e in log if "validation_ndcg@10" in e), key=lambda e: e["validation_ndcg@10"])
       res["runs"][key] = {
           "loss": loss, "seed": seed, "minutes": round((time.time() - t0) / 60, 1), "epochs": len(log),

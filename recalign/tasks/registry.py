@@ -39,6 +39,7 @@ MIXTURES = {
     "rpat": ("rating", "mim", "mlm"),
     "ut": ("retrieval", "ranking", "rating"),
     "ut_at": ("retrieval", "ranking", "rating", "mim", "mlm"),
+    "re_mlm": ("retrieval", "mlm"),      # the paper's ablation step between retrieval and ReAT
 }
 
 _REGISTERED: dict[str, list[str]] = {}  # data set name -> its registered tasks and mixtures
