@@ -183,6 +183,9 @@ def run_demo(beauty: Path, out: Path, minutes: float = 20.0, ml100k: Optional[Pa
   r = RECIPES[recipe]
   results: dict = {"recipe": recipe, "recipe_config": dataclasses.asdict(r), "minutes": minutes, "size": size,
                    "seed": seed, "protocol": protocol}
+  if recipe != "paper":
+    print(f"[demo] recipe {recipe}: {r.mixture}, {r.data} -- not the paper's prompts "
+          "(recalign demo --recipe paper for those)")
   schemes = tuple(x for x in ("collaborative", "semantic") if r.data.get("id_scheme") == x)
   data_dir = ensure_prepared(beauty, out / "data" / "beauty", "beauty", kcore, id_schemes=schemes)
   data = PreparedData.load(data_dir)

@@ -168,6 +168,25 @@ def plot(paths: list[Path], png: Path, title: str, metric: str = "ndcg@10") -> N
   plt.close(fig)
 
 
+def markdown(paths: list[Path]) -> str:
+  """One row per run: the recipe's data and settings, best validation NDCG@10 / HR@10 and when."""
+  lines = ["| data | recipe | IDs | history | lr / dropout / dtype | best val NDCG@10 (x popularity) | HR@10 | at min "
+           "| examples seen | final loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for p in paths:
+    r = json.loads(p.read_text())
+    c, best = r["config"], max(r["validation"], key=lambda v: v["ndcg@10"])
+    pop = r["popularity"]["ndcg@10"]
+    d = c["data"]
+    history = ("titles" if d.get("with_titles", True) else "IDs only") + (
+        ", compact" if d.get("item_prefix") is False else "") + (", prefixes" if d.get("train_examples") == "prefixes"
+                                                                   else "")
+    lines.append(f"| {r.get('data', 'beauty')} | {r['recipe']} | {d.get('id_scheme', 'random')} | {history} | "
+                 f"{c['lr']:g} / {c['dropout']:g} / {c['dtype']} | {best['ndcg@10']:.4f} ({best['ndcg@10'] / pop:.2f}x "
+                 f"of {pop:.4f}) | {best['hr@10']:.3f} | {best['minutes']:.1f} | {best['examples_seen']:,} | "
+                 f"{r['train'][-1]['loss']:.2f} |")
+  return "\n".join(lines)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "amazon-beauty"))
@@ -180,9 +199,13 @@ def main():
   p.add_argument("--val-users", type=int, default=500)
   p.add_argument("--plot", nargs="+", type=Path, help="run JSON files to plot instead of training")
   p.add_argument("--png", type=Path)
+  p.add_argument("--table", nargs="+", type=Path, help="run JSON files to summarise as a Markdown table")
   p.add_argument("--title", default="Beauty retrieval")
   p.add_argument("--name", default="beauty", help="the data set's name (task names: <name>_retrieval)")
   args = p.parse_args()
+  if args.table:
+    print(markdown(args.table))
+    return
   if args.plot:
     plot(args.plot, args.png, args.title)
     return
