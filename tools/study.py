@@ -5,8 +5,8 @@
 Every row: a T5 (`--size`, default mini) from scratch with the demo's recipe (`recalign.demo.RECIPES`:
 its data configuration, item IDs, learning rate, dtype) and the row's mixture, trained for the same
 `--minutes` of training (validation excluded), validated every `--minutes`/3 on the demo's 500
-selection users; the best step is evaluated on `--test-users` seeded test users and on validation
-users disjoint from the selection sample (beam 20, full catalogue: the paper's protocol). Seeds change
+selection users; the best step is evaluated on `--test-users` seeded test users and on `--val-users`
+validation users disjoint from the selection sample (beam 20, full catalogue: the paper's protocol). Seeds change
 the model's initialisation and the training data (masks, spans, negatives, order). Writes
 <out>/study.json and a Markdown table: mean ± std over seeds, and each row's NDCG@10 difference from
 the retrieval-only row with whether it exceeds the seeds' spread (|difference| > std_a + std_b).
@@ -43,6 +43,8 @@ def main():
   p.add_argument("--size", default="mini")
   p.add_argument("--minutes", type=float, default=6.0, help="training minutes per run (validation excluded)")
   p.add_argument("--test-users", type=int, default=2000)
+  p.add_argument("--val-users", type=int, default=500, help="validation users reported (not the selection sample)")
+  p.add_argument("--kcore", type=int, default=5)
   args = p.parse_args()
 
   import recalign.tasks as rt
@@ -55,7 +57,7 @@ def main():
   if any(r.startswith("ut") for r in args.rows):   # ranking prompts hold 100 candidates
     recipe = dataclasses.replace(recipe, lengths={**recipe.lengths, "inputs": 1024})
   scheme = recipe.data.get("id_scheme", "random")
-  data_dir = ensure_prepared(Path(args.data), out / "data" / "beauty", "beauty",
+  data_dir = ensure_prepared(Path(args.data), out / "data" / "beauty", "beauty", args.kcore,
                              id_schemes=() if scheme == "random" else (scheme,))
   name = PreparedData.load(data_dir).name
   rt.register_dataset(data_dir, config=rt.DatasetConfig(**recipe.data))
@@ -72,7 +74,7 @@ def main():
       run = train_model(data_dir, model_dir, f"{name}_{ROWS[row][0]}", task, args.minutes, args.size, seed,
                         recipe, eval_every_minutes=args.minutes / 3)
       m = {split: evaluate_best(model_dir, task, split, example_ids=report_ids(
-               task, split, args.test_users if split == "test" else None)).metrics
+               task, split, args.test_users if split == "test" else args.val_users)).metrics
            for split in ("validation", "test")}
       results[key] = {"row": row, "seed": seed, "mixture": f"{name}_{ROWS[row][0]}", "recipe": args.recipe,
                       "steps": run["step"], "wall_minutes": round((time.time() - t0) / 60, 1),
