@@ -184,6 +184,14 @@ class Evaluator:
     return EvalResult(task_name, split, metrics, restored, protocol)
 
 
+def validation_metrics(kind: str) -> tuple[str, ...]:
+  """The metrics the Evaluator reports for a task kind (what `train(selection_metric=...)` may name)."""
+  ranking = tuple(f"{m}@{k}" for k in (1, 5, 10) for m in ("hr", "ndcg"))
+  return {"retrieval": ("hr@5", "ndcg@5", "hr@10", "ndcg@10"),
+          "ranking": tuple(f"{how}/{m}" for how in ("beam", "score") for m in ranking),
+          "rating": ("auc",)}.get(kind, ())
+
+
 def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[int] = None,
                      beam_size: int = 20, batch_size: int = 32, exclude_history: bool = False) -> Callable:
   """For `train(validate_fn=...)`: validation-split metrics of `task_name` (retrieval: NDCG@10)."""

@@ -250,6 +250,16 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         "task_feature_lengths": dict(task_feature_lengths), "vocabulary": vocabulary_record(vocab),
         "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
         "dataset_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
+  # Settings that would only fail (or do nothing) after steps of training are checked now.
+  if (eval_every or eval_every_minutes) and validate_fn is None and not validation_task:
+    raise ValueError("eval_every / eval_every_minutes is set but validation_task is not: name the task to "
+                     "validate on (e.g. train.validation_task = 'beauty_retrieval')")
+  if validation_task and validate_fn is None:
+    from recalign.evaluate import validation_metrics
+    produced = validation_metrics(rt.registry.task_info(validation_task).kind)
+    if selection_metric not in produced:
+      raise ValueError(f"selection_metric={selection_metric!r} is not reported by {validation_task} "
+                       f"(it reports {', '.join(produced) or 'no metrics'})")
   if validate_fn is None and validation_task and (eval_every or eval_every_minutes):
     from recalign.evaluate import make_validate_fn
     validate_fn = make_validate_fn(validation_task, dict(validation_lengths or task_feature_lengths),
@@ -288,6 +298,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
     logging.info("resumed from %s at step %d", model_dir, int(state["step"]))
   start = int(state["step"])
+  if start >= train_steps:
+    logging.warning("%s is already trained to step %d (TRAIN_STEPS=%d): nothing to do; raise TRAIN_STEPS to "
+                    "continue", model_dir, start, train_steps)
+    print(f"{model_dir} is already at step {start} >= TRAIN_STEPS={train_steps}: nothing to train")
 
   # 6. the step
   accum = gradient_accumulation_steps
@@ -404,6 +418,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   bar.close()
   if writer is not None:
     writer.flush()
+  if not last and start >= train_steps:   # a finished run: report its last logged step
+    last = {k: v for k, v in ((_read_json_lines(log_path) or [{}])[-1]).items() if k != "examples_seen"}
   return {**last, "best": best}
 
 

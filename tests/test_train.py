@@ -313,3 +313,23 @@ def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
   assert logged[1] == pytest.approx(expected, rel=1e-4)
   # and the two shards are different data
   assert not np.array_equal(local[0]["encoder_input_tokens"], local[1]["encoder_input_tokens"])
+
+
+def test_settings_that_would_fail_after_training_are_errors_before_the_first_step(tiny_dir, capsys):
+  import recalign.tasks as rt
+  from recalign import train as T
+  from recalign.models.network import CONFIGS
+  rt.register_dataset(tiny_dir / "tiny", config=rt.DatasetConfig(num_candidates=3))
+  kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
+            batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False)
+  with pytest.raises(ValueError, match="validation_task is not"):
+    T.train(model_dir=str(tiny_dir / "no_val"), train_steps=2, eval_every=1, **kw)
+  with pytest.raises(ValueError, match=r"'ndcg@10' is not reported by tiny_ranking.*score/ndcg@10"):
+    T.train(model_dir=str(tiny_dir / "bad_metric"), train_steps=2, eval_every=1, validation_task="tiny_ranking",
+            **kw)
+  assert not (tiny_dir / "bad_metric" / "train_log.jsonl").exists()
+  # A finished run, started again: says so and reports its last step instead of returning nothing.
+  first = T.train(model_dir=str(tiny_dir / "done"), train_steps=2, **kw)
+  again = T.train(model_dir=str(tiny_dir / "done"), train_steps=2, **kw)
+  assert again["step"] == first["step"] == 2 and again["loss"] == pytest.approx(first["loss"])
+  assert "already at step 2" in capsys.readouterr().out
