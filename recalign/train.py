@@ -240,16 +240,6 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   model = EncoderDecoderModel(config, z_loss=z_loss, label_smoothing=label_smoothing,
                               loss_normalize=loss_normalizing_factor)
 
-  previous = _read_json(model_dir / "run.json")
-  if previous and previous.get("vocabulary") and previous["vocabulary"]["sha256"] != vocabulary_record(vocab)["sha256"]:
-    raise ValueError(f"{model_dir} was trained with {previous['vocabulary']['path']}, not "
-                     f"{describe(vocab)}: use another MODEL_DIR")
-  if is_chief:  # what `recalign eval` needs to rebuild the model and its tasks next to its checkpoints
-    (model_dir / "run.json").write_text(json.dumps({
-        "network_config": dataclasses.asdict(config), "mixture_or_task_name": mixture_or_task_name,
-        "task_feature_lengths": dict(task_feature_lengths), "vocabulary": vocabulary_record(vocab),
-        "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
-        "dataset_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
   # Settings that would only fail (or do nothing) after steps of training are checked now.
   if (eval_every or eval_every_minutes) and validate_fn is None and not validation_task:
     raise ValueError("eval_every / eval_every_minutes is set but validation_task is not: name the task to "
@@ -260,6 +250,16 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     if selection_metric not in produced:
       raise ValueError(f"selection_metric={selection_metric!r} is not reported by {validation_task} "
                        f"(it reports {', '.join(produced) or 'no metrics'})")
+  previous = _read_json(model_dir / "run.json")
+  if previous and previous.get("vocabulary") and previous["vocabulary"]["sha256"] != vocabulary_record(vocab)["sha256"]:
+    raise ValueError(f"{model_dir} was trained with {previous['vocabulary']['path']}, not "
+                     f"{describe(vocab)}: use another MODEL_DIR")
+  if is_chief:  # what `recalign eval` needs to rebuild the model and its tasks next to its checkpoints
+    (model_dir / "run.json").write_text(json.dumps({
+        "network_config": dataclasses.asdict(config), "mixture_or_task_name": mixture_or_task_name,
+        "task_feature_lengths": dict(task_feature_lengths), "vocabulary": vocabulary_record(vocab),
+        "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
+        "dataset_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
   if validate_fn is None and validation_task and (eval_every or eval_every_minutes):
     from recalign.evaluate import make_validate_fn
     validate_fn = make_validate_fn(validation_task, dict(validation_lengths or task_feature_lengths),
