@@ -126,7 +126,6 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # gin, T5X style: --gin_file=F (repeatable), --gin.NAME=VALUE (repeatable), --gin_search_paths=a,b
 
-GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 
 
 def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -151,33 +150,17 @@ def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]
   return files, bindings, paths, rest
 
 
-def _guard_gin_package_reader() -> None:
-  """gin also looks includes up as files inside Python packages; a plain folder in the working
-  directory named like an include's folder (e.g. `runs/`, `models/`) is then taken for a namespace
-  package and crashes the lookup (TypeError on its missing __file__). Treat that as 'not found'."""
-  from gin import config as gin_config
-  from gin import resource_reader
-
-  def exists(path: str) -> bool:
-    try:
-      return resource_reader.system_path_file_exists(path)
-    except (TypeError, ValueError, ImportError):
-      return False
-
-  gin_config._FILE_READERS[:] = [(r, exists if e is resource_reader.system_path_file_exists else e)
-                                 for r, e in gin_config._FILE_READERS]
-
-
 def parse_gin(files: Sequence[str], bindings: Sequence[str], paths: Sequence[str]) -> None:
+  """T5X's order: search paths, then files (later override earlier), then --gin. bindings. recalign's
+  own configs are package resources (`recalign/gin/...`), found by gin's package reader from anywhere;
+  a file's own folder is searched too, for includes relative to it."""
   import gin
-  _guard_gin_package_reader()
-  # gin logs every miss while searching an include: the project's gin/ goes right after the user's
-  for p in [*paths, str(GIN_DIR), ".", *(str(Path(f).resolve().parent) for f in files)]:
+  for p in [*paths, *(str(Path(f).resolve().parent) for f in files)]:
     gin.add_config_file_search_path(p)
   gin.parse_config_files_and_bindings(list(files), list(bindings))
 
 
-DEFAULT_RUN = ["models/small.gin", "runs/from_scratch.gin"]
+DEFAULT_RUN = ["recalign/gin/models/small.gin", "recalign/gin/runs/from_scratch.gin"]
 
 
 def cmd_train(args, gin_args) -> int:
@@ -185,7 +168,7 @@ def cmd_train(args, gin_args) -> int:
   from recalign import train as train_lib
   files, bindings, paths = gin_args
   if not files:
-    print("error: give at least one --gin_file (e.g. gin/retrieval_aux.gin)", file=sys.stderr)
+    print("error: give at least one --gin_file (e.g. gin/reat.gin)", file=sys.stderr)
     return 2
   for module in args.module:
     __import__(module)  # user modules that register their own seqio tasks / mixtures
@@ -193,10 +176,10 @@ def cmd_train(args, gin_args) -> int:
   try:
     gin.query_parameter("train.model_dir")
   except ValueError:  # a mixture file alone: train from scratch, as T5X's example files do
-    print(f"recalign train: no run file given; adding {' and '.join('gin/' + f for f in DEFAULT_RUN)} "
+    print(f"recalign train: no run file given; adding {' and '.join(DEFAULT_RUN)} "
           "(give gin/runs/finetune.gin to fine-tune)", file=sys.stderr)
     gin.clear_config()
-    parse_gin([str(GIN_DIR / f) for f in DEFAULT_RUN] + list(files), bindings, paths)
+    parse_gin(DEFAULT_RUN + list(files), bindings, paths)
   model_dir = Path(gin.query_parameter("%MODEL_DIR"))
   model_dir.mkdir(parents=True, exist_ok=True)
   (model_dir / "config.gin").write_text(gin.config_str())

@@ -77,24 +77,23 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
                 size: str, seed: int, recipe: Recipe = RECIPES["paper"], eval_every_minutes: Optional[float] = None,
                 validation_examples: Optional[int] = None) -> dict:
   """Trains for `minutes` of training (validation excluded), validating every `eval_every_minutes`."""
-  import gin
   import recalign.tasks as rt
   from recalign import train as T
-  from recalign.models.network import CONFIGS
+  from recalign.models.network import named_config
   config = rt.DatasetConfig(**recipe.data)
-  with gin.unlock_config():
-    gin.bind_parameter("learning_rate_schedule.warmup_steps", recipe.warmup_steps)
-    gin.bind_parameter("learning_rate_schedule.base", recipe.learning_rate)
   t0 = time.time()
   rt.register_dataset(data_dir, config=config)
   if validation_examples is None and eval_every_minutes:
     validation_examples = selection_size(validation_task)
+  schedule = T.learning_rate_schedule(base=recipe.learning_rate, warmup_steps=recipe.warmup_steps)
   out = T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=recipe.lengths,
                 train_steps=10 ** 7, batch_size=recipe.batch_size,
-                network_config=CONFIGS[size].replace(dropout_rate=recipe.dropout, dtype=recipe.dtype),
-                data_dirs=[str(data_dir)], dataset_config=config, random_seed=seed, checkpoint_every=1000,
-                log_every=25, eval_every=0, eval_every_minutes=eval_every_minutes, validation_task=validation_task,
-                validation_examples=validation_examples, train_minutes_budget=minutes)
+                network_config=named_config(size).replace(dropout_rate=recipe.dropout, dtype=recipe.dtype),
+                data_dirs=[str(data_dir)], dataset_config=config, random_seed=seed, log_every=25,
+                schedule=schedule, optimizer=T.make_optimizer(schedule),
+                validation=T.ValidationConfig(task=validation_task, every_minutes=eval_every_minutes,
+                                              examples=validation_examples),
+                train_minutes_budget=minutes)
   print(f"[demo] trained {mixture} for {out['step']} steps in {(time.time() - t0) / 60:.1f} min")
   return out
 

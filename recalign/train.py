@@ -1,6 +1,6 @@
 """The training loop, T5X-shaped: read it top to bottom.
 
-    recalign train --gin_file=gin/retrieval_aux.gin --gin.MODEL_DIR="'/tmp/run'"
+    recalign train --gin_file=gin/reat.gin --gin.MODEL_DIR="'/tmp/run'"
 
 1. tasks: register the prepared data sets (DATA_DIRS) and look up MIXTURE_OR_TASK_NAME;
 2. model: the network config from gin, vocabulary size from the task, optional initial checkpoint
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -143,12 +144,57 @@ def to_global(batch: dict, sharding: NamedSharding) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and validation settings
 
 
-def checkpoint_manager(model_dir: Path, every: int, keep: int) -> ocp.CheckpointManager:
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """MODEL_DIR/checkpoints/<step>: every `every` steps (and the last), the newest `keep` kept. Evaluation
+  results live in MODEL_DIR/eval, so rotating checkpoints never deletes them."""
+  every: int = 1000
+  keep: int = 3
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+  """Validation during training: every `every` steps (or `every_minutes` of training) `task` (e.g.
+  'beauty_retrieval') on its validation users -- a seeded sample of `examples` (default all) at `lengths`
+  (default the training lengths). The best step by `selection_metric` is kept in MODEL_DIR/best."""
+  task: Optional[str] = None
+  every: int = 0
+  every_minutes: Optional[float] = None
+  examples: Optional[int] = None
+  lengths: Optional[Mapping[str, int]] = None
+  selection_metric: str = "ndcg@10"
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.every or self.every_minutes)
+
+
+def checkpoint_manager(model_dir: Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:
   return ocp.CheckpointManager((model_dir / "checkpoints").resolve(), options=ocp.CheckpointManagerOptions(
-      save_interval_steps=every, max_to_keep=keep, create=True))
+      save_interval_steps=cfg.every, max_to_keep=cfg.keep, create=True))
+
+
+class KeepBest:
+  """The best-checkpoint action: after each validation, saves the parameters to MODEL_DIR/best (and
+  best.json) when `metric` improved -- the paper selects its unified models this way."""
+
+  def __init__(self, model_dir: Path, metric: str, is_chief: bool):
+    self.dir, self.metric, self.is_chief = model_dir, metric, is_chief
+    self.best = _read_json(model_dir / "best.json")
+
+  def __call__(self, step: int, metrics: Mapping[str, float], params) -> bool:
+    if self.best is not None and metrics[self.metric] <= self.best["metrics"][self.metric]:
+      return False
+    self.best = {"step": step, "metrics": dict(metrics), "selection_metric": self.metric}
+    _save_params(self.dir / "best", params)
+    if self.is_chief:
+      (self.dir / "best.json").write_text(json.dumps(self.best, indent=2))
+    return True
 
 
 def resolve_vocabulary(vocabulary: Optional[str], initial_checkpoint_path: Optional[str]):
@@ -178,23 +224,88 @@ def vocabulary_record(vocab) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# State: restored or initialised, in T5X's order
 
 
-@gin.configurable(denylist=["validate_fn"])
+def initial_state(model: EncoderDecoderModel, tx: optax.GradientTransformation, mesh: Mesh,
+                  mngr: ocp.CheckpointManager, *, seed: int, initial_checkpoint_path: Optional[str] = None,
+                  vocab=None, vocabulary_mismatch: str = "error") -> tuple[dict, dict, str]:
+  """(state, its shardings, where it came from). As T5X: the latest checkpoint in MODEL_DIR (resume:
+  parameters, optimiser state, step) -> INITIAL_CHECKPOINT_PATH (parameters only) -> random init.
+  State is {"step", "params", "opt_state"}; parameters are placed by LOGICAL_AXIS_RULES."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(seed)))
+  param_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_AXIS_RULES)
+  latest = mngr.latest_step()
+  with mesh:
+    if latest is None and initial_checkpoint_path:
+      loaded = ck.fit_vocabulary(ck.load_params(initial_checkpoint_path), initial_checkpoint_path, vocab,
+                                 model.config.vocab_size, vocabulary_mismatch)
+      ck.check_compatible(loaded, nn.unbox(boxed), initial_checkpoint_path)
+      params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, loaded), param_sharding)
+      origin = f"initial checkpoint {initial_checkpoint_path}"
+    else:
+      params = jax.jit(lambda r: nn.unbox(model.init(r)), out_shardings=param_sharding)(jax.random.PRNGKey(seed))
+      origin = f"random initialisation (seed {seed})"
+    state = {"step": jnp.array(0, jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
+  # One sharding per state leaf, fixed for the whole run: without it the first step sees uncommitted
+  # leaves (the step counter, optimiser slots) and the second step compiles the train step again.
+  sharding = jax.tree_util.tree_map(
+      lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else NamedSharding(mesh, P()), state)
+  state = jax.device_put(state, sharding)
+  if latest is not None:
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+    origin = f"MODEL_DIR checkpoint at step {latest}"
+  return state, sharding, origin
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+
+
+def train_step(state: dict, batch: dict, *, model: EncoderDecoderModel, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, accum: int, dropout_key: jax.Array) -> tuple[dict, dict]:
+  """One optimiser step; with accum > 1 the batch is split into `accum` micro-batches whose gradients
+  are averaged (a scan, so memory holds one micro-batch's activations)."""
+  key = jax.random.fold_in(dropout_key, state["step"])   # dropout: a pure function of the step
+  grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+  if accum == 1:
+    (_, metrics), grads = grad_fn(state["params"], batch, key)
+  else:
+    micro = jax.tree_util.tree_map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+
+    def body(acc, mb_and_i):
+      mb, i = mb_and_i
+      (_, m), g = grad_fn(state["params"], mb, jax.random.fold_in(key, i))
+      return jax.tree_util.tree_map(jnp.add, acc, g), m
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+    grads, ms = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+    grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+    metrics = {k: (v.sum() if k == "target_tokens" else v.mean()) for k, v in ms.items()}
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  metrics["learning_rate"] = schedule(state["step"])
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+          "opt_state": opt_state}, metrics
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@gin.configurable(denylist=["validate_fn", "optimizer", "schedule"])
 def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           batch_size: int = gin.REQUIRED, network_config: T5Config = gin.REQUIRED,
           data_dirs: Sequence[str] = (), initial_checkpoint_path: Optional[str] = None,
           vocabulary: Optional[str] = None, vocabulary_mismatch: str = "error", dataset_config=None,
-          random_seed: int = 0,
-          pack: bool = True, gradient_accumulation_steps: int = 1, model_parallel: int = 1,
+          random_seed: int = 0, pack: bool = True, gradient_accumulation_steps: int = 1, model_parallel: int = 1,
           num_devices: Optional[int] = None, z_loss: float = 1e-4, label_smoothing: float = 0.0,
-          loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", checkpoint_every: int = 1000, keep_checkpoints: int = 3,
-          log_every: int = 10, eval_every: int = 0, validation_task: Optional[str] = None,
-          validation_examples: Optional[int] = None, validation_lengths: Optional[Mapping[str, int]] = None,
+          loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", checkpoint: Optional[CheckpointConfig] = None,
+          validation: Optional[ValidationConfig] = None, log_every: int = 10,
+          optimizer: Optional[optax.GradientTransformation] = None, schedule: Optional[optax.Schedule] = None,
           validate_fn: Optional[Callable[[EncoderDecoderModel, dict], dict]] = None,
-          selection_metric: str = "ndcg@10", time_budget_s: Optional[float] = None,
-          eval_every_minutes: Optional[float] = None, train_minutes_budget: Optional[float] = None,
+          time_budget_s: Optional[float] = None, train_minutes_budget: Optional[float] = None,
           progress: bool = True) -> dict:
   """Trains and returns the last step's metrics (plus the best validation metrics, if any).
 
@@ -207,18 +318,20 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   the initial checkpoint's own SentencePiece model (fine-tuning T5 / FLAN-T5), or a path. It is
   recorded in run.json; an initial checkpoint trained with another vocabulary is an error unless
   `vocabulary_mismatch='resize'`.
-
-  Validation: every `eval_every` steps (or `eval_every_minutes` of training), `validation_task` (e.g.
-  'beauty_retrieval') on its validation users (a seeded sample of `validation_examples`, default all
-  3,000); the best step by `selection_metric` is kept in MODEL_DIR/best (+ best.json), as the paper
-  selects unified models. train_log.jsonl and validation_log.jsonl record examples seen and minutes
-  of training (validation excluded) for learning curves. `time_budget_s` stops after that much wall
-  clock in all, `train_minutes_budget` after that many minutes of training (validation excluded).
+  `checkpoint` / `validation`: `CheckpointConfig` / `ValidationConfig` (gin-configurable; defaults when
+  None). `validate_fn(model, params) -> metrics` replaces the built-in validation of `validation.task`.
+  `schedule` / `optimizer`: optax objects to use instead of gin's `learning_rate_schedule` /
+  `make_optimizer` (the logged learning rate is `schedule`'s).
+  train_log.jsonl and validation_log.jsonl record examples seen and minutes of training (validation
+  excluded) for learning curves. `time_budget_s` stops after that much wall clock in all,
+  `train_minutes_budget` after that many minutes of training (validation excluded).
   """
   import recalign.tasks as rt
   from recalign.data.vocab import describe, same_vocabulary
   from recalign.tasks.registry import get_vocabulary
   maybe_initialize_distributed()
+  ckpt_cfg = checkpoint or CheckpointConfig()
+  val_cfg = validation or ValidationConfig()
   model_dir = Path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
@@ -234,106 +347,42 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                      f"{describe(run_vocab)}: register it with that vocabulary (or list its data in DATA_DIRS)")
   members = [t.name for t in getattr(task, "tasks", [task])]
 
-  # 2. model
-  padded_vocab = padded_vocab_size(vocab.vocab_size)
-  config = network_config.replace(vocab_size=padded_vocab)
-  model = EncoderDecoderModel(config, z_loss=z_loss, label_smoothing=label_smoothing,
-                              loss_normalize=loss_normalizing_factor)
-
-  # Settings that would only fail (or do nothing) after steps of training are checked now.
-  if (eval_every or eval_every_minutes) and validate_fn is None and not validation_task:
-    raise ValueError("eval_every / eval_every_minutes is set but validation_task is not: name the task to "
-                     "validate on (e.g. train.validation_task = 'beauty_retrieval')")
-  if validation_task and validate_fn is None:
-    from recalign.evaluate import validation_metrics
-    produced = validation_metrics(rt.registry.task_info(validation_task).kind)
-    if selection_metric not in produced:
-      raise ValueError(f"selection_metric={selection_metric!r} is not reported by {validation_task} "
-                       f"(it reports {', '.join(produced) or 'no metrics'})")
-  previous = _read_json(model_dir / "run.json")
-  if previous and previous.get("vocabulary") and previous["vocabulary"]["sha256"] != vocabulary_record(vocab)["sha256"]:
-    raise ValueError(f"{model_dir} was trained with {previous['vocabulary']['path']}, not "
-                     f"{describe(vocab)}: use another MODEL_DIR")
+  # 2. model, and the settings that would only fail (or do nothing) after steps of training
+  model = EncoderDecoderModel(network_config.replace(vocab_size=padded_vocab_size(vocab.vocab_size)),
+                              z_loss=z_loss, label_smoothing=label_smoothing, loss_normalize=loss_normalizing_factor)
+  _check_settings(val_cfg, validate_fn, model_dir, vocab, batch_size, gradient_accumulation_steps)
   if is_chief:  # what `recalign eval` needs to rebuild the model and its tasks next to its checkpoints
     (model_dir / "run.json").write_text(json.dumps({
-        "network_config": dataclasses.asdict(config), "mixture_or_task_name": mixture_or_task_name,
+        "network_config": dataclasses.asdict(model.config), "mixture_or_task_name": mixture_or_task_name,
         "task_feature_lengths": dict(task_feature_lengths), "vocabulary": vocabulary_record(vocab),
         "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
         "dataset_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
-  if validate_fn is None and validation_task and (eval_every or eval_every_minutes):
+  if validate_fn is None and val_cfg.enabled:
     from recalign.evaluate import make_validate_fn
-    validate_fn = make_validate_fn(validation_task, dict(validation_lengths or task_feature_lengths),
-                                   max_examples=validation_examples)
+    validate_fn = make_validate_fn(val_cfg.task, dict(val_cfg.lengths or task_feature_lengths),
+                                   max_examples=val_cfg.examples)
 
-  # 3. partitioning
+  # 3. partitioning and 4. state
   mesh = make_mesh(model_parallel, num_devices)
-  rules = LOGICAL_AXIS_RULES
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(random_seed)))
-  param_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
   batch_sharding = NamedSharding(mesh, P("data"))
-
-  # 4. state
   t_start = time.perf_counter()
-  schedule = learning_rate_schedule(total_steps=train_steps)
-  tx = make_optimizer(schedule)
-
-  with mesh:
-    params = jax.jit(lambda r: nn.unbox(model.init(r)), out_shardings=param_sharding)(
-        jax.random.PRNGKey(random_seed))
-  mngr = checkpoint_manager(model_dir, checkpoint_every, keep_checkpoints)
-  if mngr.latest_step() is None and initial_checkpoint_path:
-    loaded = ck.fit_vocabulary(ck.load_params(initial_checkpoint_path), initial_checkpoint_path, vocab,
-                               padded_vocab, vocabulary_mismatch)
-    ck.check_compatible(loaded, nn.unbox(boxed), initial_checkpoint_path)
-    params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, loaded), param_sharding)
-  with mesh:
-    state = {"step": jnp.array(0, jnp.int32), "target": params, "opt_state": jax.jit(tx.init)(params)}
-  # One sharding per state leaf, fixed for the whole run: without it the first step sees uncommitted
-  # leaves (the step counter, optimiser slots) and the second step compiles the train step again.
-  state_sharding = jax.tree_util.tree_map(
-      lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else NamedSharding(mesh, P()), state)
-  state = jax.device_put(state, state_sharding)
-  if mngr.latest_step() is not None:  # resume: parameters, optimiser state and step
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
-    logging.info("resumed from %s at step %d", model_dir, int(state["step"]))
+  schedule = schedule or learning_rate_schedule(total_steps=train_steps)
+  tx = optimizer or make_optimizer(schedule)
+  mngr = checkpoint_manager(model_dir, ckpt_cfg)
+  state, state_sharding, origin = initial_state(
+      model, tx, mesh, mngr, seed=random_seed, initial_checkpoint_path=initial_checkpoint_path, vocab=vocab,
+      vocabulary_mismatch=vocabulary_mismatch)
+  logging.info("%s: starting from %s", model_dir, origin)
   start = int(state["step"])
   if start >= train_steps:
     logging.warning("%s is already trained to step %d (TRAIN_STEPS=%d): nothing to do; raise TRAIN_STEPS to "
                     "continue", model_dir, start, train_steps)
     print(f"{model_dir} is already at step {start} >= TRAIN_STEPS={train_steps}: nothing to train")
-
-  # 6. the step
-  accum = gradient_accumulation_steps
-  if batch_size % accum:
-    raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by gradient_accumulation_steps={accum}")
-  base_key = jax.random.PRNGKey(random_seed + 1)
-
-  def train_step(state, batch):
-    key = jax.random.fold_in(base_key, state["step"])   # dropout: a pure function of the step
-    grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
-    if accum == 1:
-      (_, metrics), grads = grad_fn(state["target"], batch, key)
-    else:  # gradient accumulation: scan over micro-batches, sum gradients, average metrics
-      micro = jax.tree_util.tree_map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
-
-      def body(acc, mb_and_i):
-        mb, i = mb_and_i
-        (_, m), g = grad_fn(state["target"], mb, jax.random.fold_in(key, i))
-        return jax.tree_util.tree_map(jnp.add, acc, g), m
-
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, state["target"])
-      grads, ms = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-      grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
-      metrics = {k: (v.sum() if k == "target_tokens" else v.mean()) for k, v in ms.items()}
-    updates, opt_state = tx.update(grads, state["opt_state"], state["target"])
-    params = optax.apply_updates(state["target"], updates)
-    metrics["learning_rate"] = schedule(state["step"])
-    metrics["grad_norm"] = optax.global_norm(grads)
-    return {"step": state["step"] + 1, "target": params, "opt_state": opt_state}, metrics
-
-  step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, None), donate_argnums=0)
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                      accum=gradient_accumulation_steps,
+                                      dropout_key=jax.random.PRNGKey(random_seed + 1)),
+                    in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
+                    donate_argnums=0)
   eval_loss = jax.jit(lambda p, b: model.loss_fn(p, b)[1])
 
   # 5. input (+ fixed probe batches, one per mixture member, for per-task losses)
@@ -345,9 +394,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
       probes[name] = next(input_batches(rt.get(name), lengths, min(batch_size, 32) // jax.process_count()
                                         * jax.process_count(), seed=random_seed + 7, pack=False))
 
+  # 6. loop
   writer = _summary_writer(model_dir / "train") if is_chief else None
   log_path, val_path = model_dir / "train_log.jsonl", model_dir / "validation_log.jsonl"
-  best = _read_json(model_dir / "best.json")
+  keep_best = KeepBest(model_dir, val_cfg.selection_metric, is_chief)
   budget_min = time_budget_s / 60 if time_budget_s else train_minutes_budget
   bar = tqdm(total=None if budget_min else train_steps, initial=start,  # a time budget: no step total
              desc="train" if not budget_min else f"train ({budget_min:.0f} min budget)",
@@ -361,9 +411,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   def train_minutes() -> float:  # wall clock of training, validation excluded
     return (time.perf_counter() - t_train) / 60
 
-  if eval_every_minutes and jax.process_count() > 1:
-    raise ValueError("eval_every_minutes needs one process (hosts' clocks would disagree); use eval_every steps")
-  next_eval = (int(train_minutes() / eval_every_minutes) + 1) * eval_every_minutes if eval_every_minutes else 0
+  def next_eval_minute() -> float:
+    return (int(train_minutes() / val_cfg.every_minutes) + 1) * val_cfg.every_minutes if val_cfg.every_minutes else 0
+
+  next_eval = next_eval_minute()
   in_flight = None   # the previous step's loss: the bar advances when a step completes, not when queued
   with mesh:
     for step in range(start, train_steps):
@@ -385,7 +436,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         t_last, tok_last = now, 0.0
         last = {"step": done, "examples_seen": examples_seen, "minutes": train_minutes(), **metrics}
         for name, probe in probes.items():  # every process takes part in the jitted call
-          last[f"task_loss/{name}"] = float(eval_loss(state["target"], to_global(probe, batch_sharding))["loss"])
+          last[f"task_loss/{name}"] = float(eval_loss(state["params"], to_global(probe, batch_sharding))["loss"])
         if is_chief:
           with open(log_path, "a") as f:
             f.write(json.dumps(last) + "\n")
@@ -393,22 +444,18 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['useful_tokens_per_s']:.0f}",
                         lr=f"{metrics['learning_rate']:.2e}")
         bar.update(done - bar.n)
-      due = (eval_every and done % eval_every == 0) or (eval_every_minutes and train_minutes() >= next_eval)
-      if validate_fn is not None and (eval_every or eval_every_minutes) and (due or done == train_steps or out_of_time):
+      due = (val_cfg.every and done % val_cfg.every == 0) or (val_cfg.every_minutes and train_minutes() >= next_eval)
+      if validate_fn is not None and val_cfg.enabled and (due or done == train_steps or out_of_time):
         t_val, minutes = time.perf_counter(), train_minutes()
-        val = validate_fn(model, state["target"])
+        val = validate_fn(model, state["params"])
         _write_summaries(writer, done, {f"validation/{k}": v for k, v in val.items()})
         if is_chief:
           with open(val_path, "a") as f:
             f.write(json.dumps({"step": done, "examples_seen": examples_seen, "minutes": minutes, **val}) + "\n")
         logging.info("step %d validation %s", done, val)
-        if best is None or val[selection_metric] > best["metrics"][selection_metric]:
-          best = {"step": done, "metrics": val, "selection_metric": selection_metric}
-          _save_params(model_dir / "best", state["target"])
-          if is_chief:
-            (model_dir / "best.json").write_text(json.dumps(best, indent=2))
+        keep_best(done, val, state["params"])
         t_train += time.perf_counter() - t_val   # validation is not training time
-        next_eval = (int(train_minutes() / eval_every_minutes) + 1) * eval_every_minutes if eval_every_minutes else 0
+        next_eval = next_eval_minute()
       mngr.save(done, args=ocp.args.StandardSave(state), force=done == train_steps or out_of_time)
       if out_of_time:
         logging.info("time budget spent at step %d", done)
@@ -420,12 +467,35 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     writer.flush()
   if not last and start >= train_steps:   # a finished run: report its last logged step
     last = {k: v for k, v in ((_read_json_lines(log_path) or [{}])[-1]).items() if k != "examples_seen"}
-  return {**last, "best": best}
+  return {**last, "best": keep_best.best}
+
+
+def _check_settings(val: ValidationConfig, validate_fn, model_dir: Path, vocab, batch_size: int, accum: int) -> None:
+  """Settings that would fail (or silently do nothing) after steps of training are errors now."""
+  import recalign.tasks as rt
+  from recalign.data.vocab import describe
+  if val.enabled and validate_fn is None and not val.task:
+    raise ValueError("validation every / every_minutes is set but ValidationConfig.task is not: name the task to "
+                     "validate on (e.g. ValidationConfig.task = 'beauty_retrieval')")
+  if val.task and validate_fn is None:
+    from recalign.evaluate import validation_metrics
+    produced = validation_metrics(rt.registry.task_info(val.task).kind)
+    if val.selection_metric not in produced:
+      raise ValueError(f"selection_metric={val.selection_metric!r} is not reported by {val.task} "
+                       f"(it reports {', '.join(produced) or 'no metrics'})")
+  if val.every_minutes and jax.process_count() > 1:
+    raise ValueError("ValidationConfig.every_minutes needs one process (hosts' clocks would disagree); use every")
+  if batch_size % accum:
+    raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by gradient_accumulation_steps={accum}")
+  previous = _read_json(model_dir / "run.json")
+  if previous and previous.get("vocabulary") and previous["vocabulary"]["sha256"] != vocabulary_record(vocab)["sha256"]:
+    raise ValueError(f"{model_dir} was trained with {previous['vocabulary']['path']}, not "
+                     f"{describe(vocab)}: use another MODEL_DIR")
 
 
 def _save_params(path: Path, params) -> None:
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path.resolve() / "default", {"target": params}, force=True)
+  ckptr.save(path.resolve() / "default", {"params": params}, force=True)
   ckptr.wait_until_finished()
 
 

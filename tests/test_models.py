@@ -209,17 +209,19 @@ def test_bfloat16_compute_is_close_to_float32():
 
 
 def test_gin_model_files_bind_the_published_sizes():
+  """Every size file is the base file + MODEL_SIZE: the dimensions are network.CONFIGS's."""
   import gin
   from pathlib import Path
-  root = Path(__file__).resolve().parent.parent / "gin" / "models"
+  root = Path(__file__).resolve().parent.parent / "recalign" / "gin" / "models"
 
   @gin.configurable
   def holder(value=gin.REQUIRED):
     return value
 
   for size in ("tiny", "mini", "small", "base", "large", "xl", "xxl"):
+    assert "network.T5Config" not in (root / f"{size}.gin").read_text()
     gin.clear_config()
-    gin.parse_config_file(str(root / f"{size}.gin"))   # dropout comes from the run file
-    gin.parse_config([f"DROPOUT_RATE = {nw.CONFIGS[size].dropout_rate}", "holder.value = %NETWORK_CONFIG"])
-    assert holder() == nw.CONFIGS[size], size
+    gin.parse_config_file(str(root / f"{size}.gin"))   # dropout and dtype come from the run file
+    gin.parse_config(["DROPOUT_RATE = 0.3", "ACTIVATION_DTYPE = 'bfloat16'", "holder.value = %NETWORK_CONFIG"])
+    assert holder() == nw.CONFIGS[size].replace(dropout_rate=0.3, dtype="bfloat16"), size
   gin.clear_config()

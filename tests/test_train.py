@@ -23,10 +23,13 @@ rt.register_dataset(data, config=rt.DatasetConfig(num_candidates=3))
 gin.bind_parameter("learning_rate_schedule.warmup_steps", 5)
 gin.bind_parameter("learning_rate_schedule.base", 1e-2)
 for model_dir, extra in zip(runs[::2], runs[1::2]):
+  extra = json.loads(extra)
+  if "checkpoint_every" in extra:
+    extra["checkpoint"] = T.CheckpointConfig(every=extra.pop("checkpoint_every"))
   out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_reat",
                 task_feature_lengths={"inputs": 128, "targets": 48}, train_steps=steps, batch_size=8,
                 network_config=CONFIGS["tiny"].replace(dropout_rate=0.1), log_every=1, progress=False,
-                **json.loads(extra))
+                **extra)
   print(json.dumps({"loss": out["loss"]}))
 '''
 
@@ -108,47 +111,63 @@ assert jax.device_count() == 8, jax.device_count()
 
 
 def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
-  """A run is a model file + a run file + a mixture file (mixture files include no run file)."""
+  """A run is a model file + a run file + a mixture file (mixture files include no run file). The
+  configs are package resources: package-qualified includes resolve from any working directory."""
   import gin
   from recalign import cli
+  from recalign import train as T
+  from recalign.models import network as nw
   monkeypatch.chdir(tmp_path)
-  (tmp_path / "runs").mkdir()       # a folder named like an include's folder must not confuse gin
+  (tmp_path / "runs").mkdir()       # folders named like the configs' folders must not confuse gin
   (tmp_path / "models").mkdir()
-  gin_dir = REPO / "gin"
+  gin_dir = REPO / "recalign" / "gin"
+  # the repository's gin/ links to the package's configs (links, not a folder link: a gin/__init__.py
+  # at the repository root would shadow the gin library)
+  shipped = sorted(p.relative_to(gin_dir) for p in gin_dir.rglob("*.gin"))
+  assert shipped and all((REPO / "gin" / f).resolve() == gin_dir / f for f in shipped)
   scratch = [str(gin_dir / "models" / "mini.gin"), str(gin_dir / "runs" / "from_scratch.gin")]
-  for f in ["retrieval_aux", "ranking_aux", "rating_aux", "unified", "unified_aux"]:
-    assert "include" not in (gin_dir / f"{f}.gin").read_text()
+  for f, mixture in [("reat", "_reat"), ("raat", "_raat"), ("rpat", "_rpat"), ("ut", "_ut"), ("ut_at", "_ut_at"),
+                     ("retrieval_aux", "_reat")]:
     gin.clear_config()
-    cli.parse_gin(scratch + [str(gin_dir / f"{f}.gin")], ["MODEL_DIR = '/tmp/x'", "BATCH_SIZE = 4",
-                                                           "train.eval_every = 7", "make_optimizer.name = 'adamw'"], [])
-    assert gin.query_parameter("train.eval_every") == 7 and gin.query_parameter("make_optimizer.name") == "adamw"
+    cli.parse_gin(scratch + [str(gin_dir / f"{f}.gin")],
+                  ["MODEL_DIR = '/tmp/x'", "BATCH_SIZE = 4", "ValidationConfig.every = 7",
+                   "make_optimizer.name = 'adamw'"], [])
+    assert T.ValidationConfig().every == 7 and gin.query_parameter("make_optimizer.name") == "adamw"
     assert gin.query_parameter("%MODEL_DIR") == "/tmp/x" and gin.query_parameter("%BATCH_SIZE") == 4
-    assert gin.query_parameter("%MIXTURE_OR_TASK_NAME").endswith(
-        {"retrieval_aux": "_reat", "ranking_aux": "_raat", "rating_aux": "_rpat", "unified": "_ut",
-         "unified_aux": "_ut_at"}[f])
+    assert gin.query_parameter("%MIXTURE_OR_TASK_NAME").endswith(mixture)
     assert gin.query_parameter("%LEARNING_RATE") == 1e-3 and gin.query_parameter("%WARMUP_STEPS") == 1000
     assert gin.query_parameter("%VOCABULARY") is None and gin.query_parameter("%DROPOUT_RATE") == 0.1
-  # the CPU recipe's run file: compact collaborative-ID prompts, bf16, no dropout
-  gin.clear_config()
-  cli.parse_gin([str(gin_dir / "models" / "mini.gin"), str(gin_dir / "runs" / "cpu_compact.gin")],
-                ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'beauty_retrieval'"], [])
+  # the CPU recipe's run file stands alone (it includes mini): compact collaborative-ID prompts, bf16,
+  # no dropout -- whatever the order of the files, since model files set neither
   from recalign.tasks.registry import DatasetConfig
-  cfg = DatasetConfig()
-  assert (cfg.item_prefix, cfg.with_titles, cfg.id_scheme) == (False, False, "collaborative")
-  assert gin.query_parameter("%ACTIVATION_DTYPE") == "bfloat16" and gin.query_parameter("%DROPOUT_RATE") == 0.0
+  for files in (["runs/cpu_compact.gin"], ["runs/cpu_compact.gin", "models/mini.gin"],
+                ["models/mini.gin", "runs/cpu_compact.gin"]):
+    gin.clear_config()
+    cli.parse_gin([str(gin_dir / f) for f in files],
+                  ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'beauty_retrieval'"], [])
+    cfg = DatasetConfig()
+    assert (cfg.item_prefix, cfg.with_titles, cfg.id_scheme) == (False, False, "collaborative")
+    net = gin.query_parameter("%NETWORK_CONFIG").scoped_configurable_fn()
+    assert net == nw.CONFIGS["mini"].replace(dtype="bfloat16", dropout_rate=0.0), files
+  # a dimension overridden as in T5X; a misspelt one is an error
+  gin.clear_config()
+  cli.parse_gin(scratch + [str(gin_dir / "reat.gin")], ["MODEL_DIR = '/tmp/x'", "network.named_config.num_decoder_layers = 2"], [])
+  assert gin.query_parameter("%NETWORK_CONFIG").scoped_configurable_fn().num_decoder_layers == 2
+  with pytest.raises(TypeError, match="no field num_decoder_layer"):
+    nw.named_config("mini", num_decoder_layer=2)
   gin.clear_config()
   with pytest.raises(ValueError, match="MODEL_DIR.*gin.REQUIRED"):
-    cli.parse_gin(scratch + [str(gin_dir / "retrieval_aux.gin")], [], [])
+    cli.parse_gin(scratch + [str(gin_dir / "reat.gin")], [], [])
   gin.clear_config()
   with pytest.raises(ValueError, match="INITIAL_CHECKPOINT_PATH.*gin.REQUIRED"):
     cli.parse_gin([str(gin_dir / "models" / "base.gin"), str(gin_dir / "runs" / "finetune.gin"),
-                   str(gin_dir / "retrieval_aux.gin")], ["MODEL_DIR = '/tmp/x'"], [])
-  # Fine-tuning keeps the checkpoint's vocabulary; the paper's settings.
-  for run, steps, batch in (("paper_base", 10000, 64), ("paper_xl", 70000, 16)):
+                   str(gin_dir / "reat.gin")], ["MODEL_DIR = '/tmp/x'"], [])
+  # Fine-tuning keeps the checkpoint's vocabulary; the paper's settings, by package path from anywhere.
+  for run, size, steps, batch in (("paper_base", "base", 10000, 64), ("paper_xl", "xl", 70000, 16)):
     gin.clear_config()
-    cli.parse_gin([str(gin_dir / "runs" / f"{run}.gin"), str(gin_dir / "retrieval_aux.gin")],
+    cli.parse_gin([f"recalign/gin/runs/{run}.gin", "recalign/gin/reat.gin"],
                   ["MODEL_DIR = '/tmp/x'", "INITIAL_CHECKPOINT_PATH = '/ckpt'"], [])
-    assert gin.query_parameter("%VOCABULARY") == "checkpoint"
+    assert gin.query_parameter("%VOCABULARY") == "checkpoint" and gin.query_parameter("%MODEL_SIZE") == size
     assert (gin.query_parameter("%TRAIN_STEPS"), gin.query_parameter("%BATCH_SIZE")) == (steps, batch)
     assert gin.query_parameter("%LEARNING_RATE") == 1e-3 and gin.query_parameter("%WARMUP_STEPS") == 1000
   gin.clear_config()
@@ -257,7 +276,7 @@ gin.bind_parameter("learning_rate_schedule.base", 1e-2)
 out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_reat",
               task_feature_lengths={"inputs": 128, "targets": 48}, train_steps=12, batch_size=8,
               network_config=CONFIGS["tiny"].replace(dropout_rate=0.0), log_every=1, progress=False,
-              checkpoint_every=6)
+              checkpoint=T.CheckpointConfig(every=6))
 print("RESULT", json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                             "devices": jax.device_count(), "loss": out["loss"]}))
 '''
@@ -322,11 +341,11 @@ def test_settings_that_would_fail_after_training_are_errors_before_the_first_ste
   rt.register_dataset(tiny_dir / "tiny", config=rt.DatasetConfig(num_candidates=3))
   kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
             batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False)
-  with pytest.raises(ValueError, match="validation_task is not"):
-    T.train(model_dir=str(tiny_dir / "no_val"), train_steps=2, eval_every=1, **kw)
+  with pytest.raises(ValueError, match="ValidationConfig.task is not"):
+    T.train(model_dir=str(tiny_dir / "no_val"), train_steps=2, validation=T.ValidationConfig(every=1), **kw)
   with pytest.raises(ValueError, match=r"'ndcg@10' is not reported by tiny_ranking.*score/ndcg@10"):
-    T.train(model_dir=str(tiny_dir / "bad_metric"), train_steps=2, eval_every=1, validation_task="tiny_ranking",
-            **kw)
+    T.train(model_dir=str(tiny_dir / "bad_metric"), train_steps=2,
+            validation=T.ValidationConfig(every=1, task="tiny_ranking"), **kw)
   assert not any((tiny_dir / "bad_metric" / f).exists() for f in ("train_log.jsonl", "run.json"))
   # A finished run, started again: says so and reports its last step instead of returning nothing.
   first = T.train(model_dir=str(tiny_dir / "done"), train_steps=2, **kw)

@@ -90,7 +90,6 @@ def prepare_data(source: Path, out: Path, name: str) -> Path:
 
 def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int, data_dir: Path, work: Path,
         out: Path) -> dict:
-  import gin
   import recalign.tasks as rt
   from recalign import baselines as B
   from recalign import train as T
@@ -108,20 +107,16 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
   from recalign.data import PreparedData
   data = PreparedData.load(data_dir)
   mixture = f"{data.name}_{r['mixture']}"
-  gin.clear_config()
-  with gin.unlock_config():
-    gin.bind_parameter("learning_rate_schedule.warmup_steps", r["warmup"])
-    gin.bind_parameter("learning_rate_schedule.base", r["lr"])
-    gin.bind_parameter("learning_rate_schedule.decay", r["decay"])
-    gin.bind_parameter("make_optimizer.name", r["optimizer"])
+  schedule = T.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"],
+                                      total_steps=10 ** 7)
   t0 = time.time()
   T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=r["lengths"],
           train_steps=10 ** 7, batch_size=r["batch"], network_config=network_config(r["size"]).replace(
               dropout_rate=r["dropout"], dtype=r["dtype"]), data_dirs=[str(data_dir)], dataset_config=config,
-          random_seed=seed,
-          loss_normalizing_factor=r["loss"], checkpoint_every=10 ** 6, log_every=25,
-          validation_task=f"{data.name}_retrieval", validation_examples=val_users, eval_every_minutes=eval_every,
-          time_budget_s=None, train_minutes_budget=minutes, progress=True)
+          random_seed=seed, schedule=schedule, optimizer=T.make_optimizer(schedule, name=r["optimizer"]),
+          loss_normalizing_factor=r["loss"], checkpoint=T.CheckpointConfig(every=10 ** 6), log_every=25,
+          validation=T.ValidationConfig(task=f"{data.name}_retrieval", examples=val_users, every_minutes=eval_every),
+          train_minutes_budget=minutes, progress=True)
   wall = (time.time() - t0) / 60
   read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
   ids = sample_example_ids(len(data.validation_users), val_users)

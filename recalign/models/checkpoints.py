@@ -5,6 +5,7 @@ Parameters are nested dicts of numpy arrays in recalign's (= T5X's) naming; see 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -275,15 +276,68 @@ def find_run_json(path: str | Path) -> Optional[Path]:
   return None
 
 
-def load_params(path: str | Path) -> dict:
-  """Parameters (numpy, T5X names) of a Hugging Face T5 directory (config.json + safetensors), a
-  T5X `checkpoint_<step>` (Orbax or legacy msgpack) or a recalign checkpoint."""
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """What `load_checkpoint` reads: parameters (numpy, T5X names) and what the checkpoint says about itself."""
+  params: dict
+  format: str                     # "huggingface" | "recalign" | "t5x"
+  config: Optional[T5Config]      # None for T5X (its model config lives in gin: give the matching model file)
+  step: Optional[int] = None      # the training step, where the checkpoint records it
+  model_dir: Optional[Path] = None   # a recalign run's MODEL_DIR
+
+
+def checkpoint_format(path: str | Path) -> str:
+  """huggingface (config.json + safetensors), recalign (below a MODEL_DIR with run.json: checkpoints/<step>
+  or best) or t5x (`checkpoint_<step>`, Orbax or legacy msgpack)."""
   path = Path(path)
   if (path / "config.json").exists():
-    return load_hf(path)[1]
-  if (path / "default").is_dir():   # recalign: orbax StandardCheckpointer item, parameters under 'target'
-    path = path / "default"
-  return load_t5x(path)
+    return "huggingface"
+  if (path / "default").is_dir() and find_run_json(path) is not None:
+    return "recalign"
+  if (path / "checkpoint").is_file() or (path / "_METADATA").exists() or (path / "_CHECKPOINT_METADATA").exists():
+    return "t5x"
+  raise FileNotFoundError(f"{path}: not a checkpoint recalign can read (a Hugging Face directory with config.json, "
+                          "a recalign MODEL_DIR/checkpoints/<step> or MODEL_DIR/best, or a T5X checkpoint_<step>)")
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+  """The one reader of model checkpoints: dispatches on `checkpoint_format`. recalign keeps parameters
+  under 'params' (train state: step, params, opt_state); only T5X checkpoints use T5X's 'target'."""
+  path = Path(path)
+  fmt = checkpoint_format(path)
+  if fmt == "huggingface":
+    config, params = load_hf(path)
+    return Checkpoint(params, fmt, config)
+  if fmt == "t5x":
+    step = path.name.removeprefix("checkpoint_")
+    return Checkpoint(load_t5x(path), fmt, None, int(step) if step.isdigit() else None)
+  import orbax.checkpoint as ocp
+  restored = ocp.PyTreeCheckpointer().restore(str((path / "default").resolve()))
+  key = "params" if "params" in restored else "target"   # runs saved before 2026-11-30 used T5X's key
+  if key not in restored:
+    raise KeyError(f"{path}: no 'params' in the checkpoint (top-level keys: {sorted(restored)})")
+  run_json = find_run_json(path)
+  run = json.loads(run_json.read_text())
+  model_dir = run_json.parent
+  step = checkpoint_step(path)
+  config = T5Config.from_dict(run["network_config"]) if "network_config" in run else None
+  return Checkpoint(_to_numpy(restored[key]), fmt, config, step, model_dir)
+
+
+def checkpoint_step(path: str | Path) -> Optional[int]:
+  """The step of a recalign checkpoint: MODEL_DIR/checkpoints/<step>, or MODEL_DIR/best (from best.json)."""
+  path = Path(path)
+  if path.name.isdigit():
+    return int(path.name)
+  best = path.parent / "best.json"
+  if path.name == "best" and best.exists():
+    return int(json.loads(best.read_text())["step"])
+  return None
+
+
+def load_params(path: str | Path) -> dict:
+  """Parameters only (numpy, T5X names) of any checkpoint `load_checkpoint` reads."""
+  return load_checkpoint(path).params
 
 
 def checkpoint_vocabulary(path: str | Path) -> Optional[Path]:

@@ -86,6 +86,17 @@ CONFIGS = {
 }
 
 
+def named_config(size: str, **overrides) -> T5Config:
+  """`CONFIGS[size]` with fields replaced (`dropout_rate`, `dtype`, any dimension): what the gin model
+  files call (gin/models/t5_1_1.gin), and `recalign demo --size`. None values are left as they are."""
+  if size not in CONFIGS:
+    raise ValueError(f"unknown model size {size!r}; sizes: {', '.join(CONFIGS)}")
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(T5Config)}
+  if unknown:
+    raise TypeError(f"named_config: T5Config has no field {', '.join(sorted(unknown))}")
+  return CONFIGS[size].replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
 def _act(name: str) -> Callable:
   return {"gelu": functools.partial(jax.nn.gelu, approximate=True),  # = HF "gelu_new"
           "relu": jax.nn.relu, "linear": lambda x: x, "silu": jax.nn.silu}[name]
