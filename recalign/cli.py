@@ -199,12 +199,13 @@ def cmd_eval(args) -> int:
   from recalign.baselines import format_table
   from recalign.data import PreparedData
   from recalign.data.vocab import load_vocabulary
-  from recalign.evaluate import Evaluator
+  from recalign.evaluate import Evaluator, eval_output_dir, record_evaluation
   from recalign.metrics import protocol_name
   from recalign.models import checkpoints as ck
   from recalign.models.model import EncoderDecoderModel
-  from recalign.models.network import T5Config, padded_vocab_size
+  from recalign.models.network import named_config, padded_vocab_size
   ckpt = Path(args.checkpoint)
+  loaded = ck.load_checkpoint(ckpt)
   run = ck.find_run_json(ckpt)
   info = json.loads(run.read_text()) if run else {}
   # The run's vocabulary (or the checkpoint's own, e.g. a Hugging Face directory's spiece.model).
@@ -217,31 +218,27 @@ def cmd_eval(args) -> int:
   members = [t.name for t in getattr(task, "tasks", [task])]
   members = [m for m in members if rt.registry.task_info(m).kind in ("retrieval", "ranking", "rating")]
   vocab = rt.registry.task_info(members[0]).vocab
-  if (ckpt / "config.json").exists():           # a Hugging Face directory
-    config, params = ck.load_hf(ckpt)
-  elif "network_config" in info:
-    config, params = T5Config.from_dict(info["network_config"]), ck.load_params(ckpt)
-  else:
-    print(f"error: {ckpt}: no run.json above it and no config.json in it; cannot tell the model config",
-          file=sys.stderr)
+  net = loaded.config or (named_config(args.size) if args.size else None)
+  if net is None:
+    print(f"error: {ckpt} is a {loaded.format} checkpoint, which records no model config: give --size", file=sys.stderr)
     return 2
-  params = ck.fit_vocabulary(params, ckpt, vocab, padded_vocab_size(vocab.vocab_size))
-  params = jax_tree_asarray(params)
-  model = EncoderDecoderModel(config.replace(vocab_size=padded_vocab_size(vocab.vocab_size)))
+  rows = padded_vocab_size(vocab.vocab_size)
+  params = jax_tree_asarray(ck.fit_vocabulary(loaded.params, ckpt, vocab, rows))
+  model = EncoderDecoderModel(net.replace(vocab_size=rows))
   lengths = _lengths(args.lengths, info.get("task_feature_lengths", {"inputs": 1024, "targets": 64}))
-  rows = {}
-  out_dir = ckpt if ckpt.is_dir() else ckpt.parent
+  table = {}
+  out_dir = Path(args.output_dir) if args.output_dir else eval_output_dir(ckpt)[0]
   for name in members:
-    data = PreparedData.load(rt.registry.task_info(name).data_dir)
-    info = rt.registry.task_info(name)
-    ev = Evaluator(model, data, info.vocab, ids=info.ids, beam_size=args.beam,
-                   batch_size=args.batch, exclude_history=args.exclude_history)
+    task_info = rt.registry.task_info(name)
+    ev = Evaluator(model, PreparedData.load(task_info.data_dir), task_info.vocab, ids=task_info.ids,
+                   beam_size=args.beam, batch_size=args.batch, exclude_history=args.exclude_history)
     res = ev.evaluate(params, name, args.split, lengths, args.max_examples)
-    mpath, _ = res.write(out_dir)
-    rows[name] = res.metrics
-    print(f"wrote {mpath}")
+    files = res.write(out_dir)
+    record_evaluation(out_dir, ckpt, res, files)
+    table[name] = res.metrics
+    print(f"wrote {files[0]}")
   print(f"protocol: {protocol_name(args.exclude_history)}")
-  print(format_table(rows))
+  print(format_table(table))
   return 0
 
 
@@ -356,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="retrieval ranks the catalogue minus the user's history (default: the paper's full catalogue)")
   s.add_argument("--vocabulary", help="SentencePiece model (default: the run's, from run.json, or the "
                  "checkpoint's own spiece.model)")
+  s.add_argument("--size", help="model size of a T5X checkpoint (it records no config), e.g. base")
+  s.add_argument("--output-dir", help="where metrics and predictions go (default: MODEL_DIR/eval/<step>, "
+                 "MODEL_DIR/eval/best_<step> for MODEL_DIR/best; <folder>/../eval/<name> outside a recalign run)")
   s.set_defaults(fn=cmd_eval)
 
   s = sub.add_parser("baseline", help="popularity / SASRec / history baselines with the same metrics")

@@ -114,21 +114,22 @@ def evaluate_best(model_dir: Path, task: str, split: str, *, example_ids=None, m
   import jax.numpy as jnp
   import recalign.tasks as rt
   from recalign.data import PreparedData
-  from recalign.evaluate import Evaluator
+  from recalign.evaluate import Evaluator, eval_output_dir, record_evaluation
   from recalign.models import checkpoints as ck
   from recalign.models.model import EncoderDecoderModel
-  from recalign.models.network import T5Config
   run = json.loads((model_dir / "run.json").read_text())
   lengths = lengths or run["task_feature_lengths"]
-  model = EncoderDecoderModel(T5Config.from_dict(run["network_config"]))
   path = model_dir / "best" if (model_dir / "best").exists() else model_dir / "checkpoints" / str(
       max(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()))
-  params = jax.tree_util.tree_map(jnp.asarray, ck.load_params(path))
+  loaded = ck.load_checkpoint(path)
+  model = EncoderDecoderModel(loaded.config)
+  params = jax.tree_util.tree_map(jnp.asarray, loaded.params)
   info = rt.registry.task_info(task)
   ev = Evaluator(model, PreparedData.load(info.data_dir), info.vocab, ids=info.ids, beam_size=20, batch_size=64,
                  exclude_history=exclude_history)
   res = ev.evaluate(params, task, split, lengths, max_examples, example_ids=example_ids)
-  res.write(model_dir)
+  out_dir, _ = eval_output_dir(path)
+  record_evaluation(out_dir, path, res, res.write(out_dir))
   return res
 
 

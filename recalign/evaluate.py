@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -41,6 +42,38 @@ class EvalResult:
       for p in self.predictions:
         f.write(json.dumps(p) + "\n")
     return mpath, ppath
+
+
+def eval_output_dir(checkpoint: Path | str) -> tuple[Path, Optional[Path]]:
+  """(where results of evaluating `checkpoint` go, the run's MODEL_DIR or None).
+
+  As T5X's EVAL_OUTPUT_DIR, results live apart from the checkpoints, which orbax deletes when it
+  rotates them: MODEL_DIR/checkpoints/<step> -> MODEL_DIR/eval/<step>; MODEL_DIR/best ->
+  MODEL_DIR/eval/best_<step> (a later best is another folder); a checkpoint outside a recalign run
+  (Hugging Face, T5X) -> <its folder>/../eval/<its name>.
+  """
+  from recalign.models import checkpoints as ck
+  checkpoint = Path(checkpoint).resolve()
+  run = ck.find_run_json(checkpoint)
+  if run is None:
+    return checkpoint.parent / "eval" / checkpoint.name, None
+  model_dir, step = run.parent, ck.checkpoint_step(checkpoint)
+  label = checkpoint.name if step is None else (f"best_{step}" if checkpoint.name == "best" else str(step))
+  return model_dir / "eval" / label, model_dir
+
+
+def record_evaluation(out_dir: Path, checkpoint: Path | str, result: "EvalResult", files: Sequence[Path]) -> Path:
+  """Appends one line to <eval dir>/evaluated.jsonl: which checkpoint (and step) was evaluated on what,
+  the metrics, and the files written -- the record of evaluated steps."""
+  from recalign.models import checkpoints as ck
+  log = out_dir.parent / "evaluated.jsonl"
+  entry = {"checkpoint": str(Path(checkpoint).resolve()), "step": ck.checkpoint_step(checkpoint),
+           "output": out_dir.name, "task": result.task, "split": result.split, "protocol": result.protocol,
+           "metrics": result.metrics, "files": [str(f) for f in files],
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  with open(log, "a") as f:
+    f.write(json.dumps(entry) + "\n")
+  return log
 
 
 def sample_example_ids(num_examples: int, max_examples: Optional[int], seed: int = 0) -> Optional[np.ndarray]:

@@ -66,16 +66,31 @@ def p_yes(logp_yes: np.ndarray, logp_no: np.ndarray) -> np.ndarray:
   return 1.0 / (1.0 + np.exp(np.asarray(logp_no) - np.asarray(logp_yes)))
 
 
-# seqio metric functions: predictions are space-separated ranked item IDs, targets the true ID.
+# seqio metric functions, in the signatures seqio.Evaluator (and T5X's trainer / eval job) calls them
+# with. recalign's own evaluator (`recalign eval`) computes more with constrained beam search; these
+# are what a model run under seqio can be scored on.
 
 
-def seqio_retrieval_metrics(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-  ranked = [p.split() for p in predictions]
-  width = max((len(r) for r in ranked), default=1)
-  arr = np.array([r + [""] * (width - len(r)) for r in ranked], dtype=object)
-  return ranking_metrics(arr, np.array(list(targets), dtype=object), ks=(1, 5, 10))
+def _item_text(x) -> str:
+  return (x.decode() if isinstance(x, bytes) else str(x)).strip()
+
+
+def seqio_retrieval_metrics(targets: Sequence[str], predictions: Sequence) -> dict[str, float]:
+  """Predict metric: `predictions` are seqio's decoded model outputs, one per example -- a string (the
+  top decode: one item ID, so HR@1 = NDCG@1 = accuracy) or a ranked list of IDs (all beams, e.g. T5X
+  with `return_all_decodes`), which adds HR/NDCG@5 and @10."""
+  ranked = [[_item_text(p)] if isinstance(p, (str, bytes)) else [_item_text(x) for x in p] for p in predictions]
+  width = min(len(r) for r in ranked) if ranked else 1
+  arr = np.array([r[:width] + [""] * (width - len(r[:width])) for r in ranked], dtype=object)
+  ks = [k for k in (1, 5, 10) if k <= width] or [1]
+  return ranking_metrics(arr, np.array([_item_text(t) for t in targets], dtype=object), ks=ks)
 
 
 def seqio_rating_metrics(targets: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
-  """`scores` are P(yes); targets are "yes" / "no"."""
-  return {"auc": auc(scores, [t == "yes" for t in targets])}
+  """Score metric: `scores` are seqio's log-likelihoods of each example's own target ("yes" / "no").
+  P(yes) is exp(score) for a "yes" example and 1 - exp(score) for a "no" one, which is exact when the
+  model puts its mass on the two answers (a trained rating model); `recalign eval` scores both answers
+  and normalises, P(yes) / (P(yes) + P(no))."""
+  labels = np.array([_item_text(t) == "yes" for t in targets])
+  p = np.exp(np.minimum(np.asarray(scores, np.float64), 0.0))
+  return {"auc": auc(np.where(labels, p, 1.0 - p), labels)}

@@ -110,14 +110,20 @@ def test_short_demo_end_to_end_on_tiny_data_then_cli_eval(tmp_path, capsys):
   assert (out / "beauty_compact" / "best.json").exists()
   import recalign.tasks as rt   # the model wrote collaborative codes; predictions name the data set's IDs
   assert all(i.startswith("<a_") for i in rt.registry.task_info("beauty_retrieval").ids)
-  line = json.loads((out / "beauty_compact" / "predictions_beauty_retrieval_test.jsonl").read_text().splitlines()[0])
+  best_step = json.loads((out / "beauty_compact" / "best.json").read_text())["step"]
+  results = out / "beauty_compact" / "eval" / f"best_{best_step}"     # apart from the checkpoints
+  line = json.loads((results / "predictions_beauty_retrieval_test.jsonl").read_text().splitlines()[0])
   assert line["target"].startswith("I") and len(line["ranked"]) == 8
   # The same checkpoint through `recalign eval` (registers the data from run.json).
   assert cli.main(["eval", "--checkpoint", str(out / "beauty_compact" / "best"), "--task", "beauty_ut",
                    "--split", "test", "--beam", "4", "--batch", "4"]) == 0
   printed = capsys.readouterr().out
   assert "beauty_retrieval" in printed and "beauty_ranking" in printed and "score/hr@1" in printed
-  assert (out / "beauty_compact" / "best" / "metrics_beauty_ranking_test.json").exists()
+  assert (results / "metrics_beauty_ranking_test.json").exists()
+  assert not list((out / "beauty_compact" / "best").glob("metrics_*"))
+  evaluated = [json.loads(x) for x in (results.parent / "evaluated.jsonl").read_text().splitlines()]
+  assert {(e["task"], e["split"], e["step"]) for e in evaluated} >= {
+      ("beauty_retrieval", "test", best_step), ("beauty_ranking", "test", best_step)}
 
 
 @pytest.mark.slow

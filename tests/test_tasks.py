@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import shared, synthetic_dataset, train_t5_like_vocab, write_tiny_tsv
+from recalign import metrics as M
 import recalign.tasks as rt
 from recalign.data import PreparedData, item_id, prepare, read_source
 from recalign.data.vocab import load_vocabulary, train_vocabulary
@@ -343,3 +344,57 @@ def test_one_tokenisation_per_id_under_a_t5_like_vocabulary(tmp_path):
     path = [int(trie.alphabet[np.flatnonzero(trie.next_node[n] == m)[0]])
             for n, m in zip([0, *trie.item_path[k][:-1]], trie.item_path[k]) if m < len(trie.next_node)]
     assert path == canon[iid] + [EOS]
+
+
+def test_task_metric_fns_under_seqio_evaluator(tiny):
+  """The tasks' metric_fns, called by seqio.Evaluator exactly as T5X's trainer and eval job call them:
+  retrieval gets one decoded string per example; rating gets each target's log-likelihood."""
+  import seqio
+  data, vocab = tiny
+  lengths = {"inputs": 256, "targets": 16}
+
+  def evaluator(task):
+    return seqio.Evaluator(task, seqio.EncDecFeatureConverter(pack=False), eval_split="validation",
+                           sequence_length=lengths, use_memory_cache=False, async_compute_metrics=False)
+
+  # retrieval: a model that decodes the right ID for even example indices and another item for odd ones
+  ev = evaluator("tiny_retrieval")
+  expected, seen = [], []
+
+  def predict_fn(ds):
+    out = []
+    for index, ex in ds.as_numpy_iterator():
+      tgt = [t for t in ex["decoder_target_tokens"] if t not in (0, 1)]
+      if index % 2:
+        tgt = vocab.encode(item_id((vocab.decode(tgt) == item_id(0)) + 0))   # a wrong item's ID
+      expected.append(index % 2 == 0)
+      seen.append(vocab.decode(tgt))
+      out.append((index, tgt))
+    return out
+
+  metrics = ev.evaluate(compute_metrics=True, predict_fn=predict_fn, score_fn=lambda ds: [])[0].result()
+  m = metrics["tiny_retrieval"]
+  assert m["hr@1"] == pytest.approx(np.mean(expected)) and m["ndcg@1"] == m["hr@1"]
+  assert 0 < m["hr@1"] < 1 and all(s.startswith("I") for s in seen)
+  # ranked lists (all beams) add @5 / @10
+  ranked = M.seqio_retrieval_metrics(["I1", "I2"], [["I9", "I1", "I3", "I4", "I5"], ["I2", "I8", "I7", "I6", "I5"]])
+  assert ranked["hr@1"] == 0.5 and ranked["hr@5"] == 1.0
+  assert ranked["ndcg@5"] == pytest.approx((1 / np.log2(3) + 1) / 2)
+
+  # rating: the log-likelihood of each example's own answer; P(yes) = exp(s) for "yes", 1 - exp(s) for "no"
+  ev = evaluator("tiny_rating")
+  labels, p_yes = [], []
+
+  def score_fn(ds):
+    out = []
+    for index, ex in ds.as_numpy_iterator():
+      answer = vocab.decode([t for t in ex["decoder_target_tokens"] if t not in (0, 1)])
+      p = 0.2 + 0.6 * ((index * 7) % 5) / 4              # the model's P(yes), P(no) = 1 - P(yes)
+      labels.append(answer == "yes")
+      p_yes.append(p)
+      out.append((index, float(np.log(p if answer == "yes" else 1 - p))))
+    return out
+
+  metrics = ev.evaluate(compute_metrics=True, predict_fn=lambda ds: [], score_fn=score_fn)[0].result()
+  assert 0 < sum(labels) < len(labels)
+  assert metrics["tiny_rating"]["auc"] == pytest.approx(M.auc(p_yes, labels))

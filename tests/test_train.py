@@ -352,3 +352,26 @@ def test_settings_that_would_fail_after_training_are_errors_before_the_first_ste
   again = T.train(model_dir=str(tiny_dir / "done"), train_steps=2, **kw)
   assert again["step"] == first["step"] == 2 and again["loss"] == pytest.approx(first["loss"])
   assert "already at step 2" in capsys.readouterr().out
+
+
+def test_eval_results_survive_checkpoint_rotation(tiny_dir):
+  """orbax deletes old checkpoints (keep=1 here); results of evaluating them live in MODEL_DIR/eval."""
+  import recalign.tasks as rt
+  from recalign import cli
+  from recalign import train as T
+  from recalign.models.network import CONFIGS
+  rt.register_dataset(tiny_dir / "tiny", config=rt.DatasetConfig(num_candidates=3))
+  run = tiny_dir / "rotate"
+  kw = dict(model_dir=str(run), mixture_or_task_name="tiny_retrieval", data_dirs=[str(tiny_dir / "tiny")],
+            dataset_config=rt.DatasetConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
+            batch_size=4, network_config=CONFIGS["tiny"], progress=False,
+            checkpoint=T.CheckpointConfig(every=1, keep=1))
+  T.train(train_steps=1, **kw)
+  assert cli.main(["eval", "--checkpoint", str(run / "checkpoints" / "1"), "--task", "tiny_retrieval",
+                   "--split", "validation", "--beam", "2", "--batch", "4"]) == 0
+  T.train(train_steps=3, **kw)
+  assert not (run / "checkpoints" / "1").exists()                 # rotated away ...
+  metrics = json.loads((run / "eval" / "1" / "metrics_tiny_retrieval_validation.json").read_text())
+  assert metrics["protocol"] == "full catalogue" and 0.0 <= metrics["ndcg@10"] <= 1.0     # ... its results kept
+  (entry,) = [json.loads(x) for x in (run / "eval" / "evaluated.jsonl").read_text().splitlines()]
+  assert (entry["step"], entry["task"], entry["split"], entry["output"]) == (1, "tiny_retrieval", "validation", "1")
