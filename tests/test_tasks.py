@@ -398,3 +398,21 @@ def test_task_metric_fns_under_seqio_evaluator(tiny):
   metrics = ev.evaluate(compute_metrics=True, predict_fn=lambda ds: [], score_fn=score_fn)[0].result()
   assert 0 < sum(labels) < len(labels)
   assert metrics["tiny_rating"]["auc"] == pytest.approx(M.auc(p_yes, labels))
+
+
+def test_preprocessors_are_partials_with_checked_options(tiny):
+  """Each task's preprocessor is the module-level `preprocess` bound by functools.partial; an option
+  the task function does not take is an error at registration, not swallowed."""
+  import functools
+  task = rt.get("tiny_ranking")
+  pre = task.preprocessors[0]
+  assert isinstance(pre, functools.partial) and pre.func is pp.preprocess
+  assert pre.keywords["kind"] == "ranking" and pre.keywords["options"]["num_candidates"] == 3
+  assert pp.task_options("mlm") == ("window_size", "noise_density", "mean_noise_span_length")
+  info = rt.registry.task_info("tiny_ranking")
+  tables = pp.ItemTables(PreparedData.load(info.data_dir), info.vocab)
+  with pytest.raises(TypeError, match=r"takes no option num_candidate \(it takes: log_popularity, user_items, "
+                                      r"num_candidates\)"):
+    pp.make_preprocessor("ranking", tables, None, task_name="x", num_candidate=3)
+  with pytest.raises(TypeError, match="retrieval task takes no option mask_rate"):
+    pp.make_preprocessor("retrieval", tables, None, task_name="x", mask_rate=0.2)

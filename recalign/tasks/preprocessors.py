@@ -11,9 +11,11 @@ the evaluation seed), the task, the example's id and the epoch into a `tf.random
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import zlib
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -255,7 +257,7 @@ def max_source_tokens(targets_budget: int, noise_density: float = 0.2,
 TaskFn = Callable[..., dict]
 
 
-def retrieval(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, **_) -> dict:
+def retrieval(ex, key, r: Renderer, fx: dict, budget: tf.Tensor) -> dict:
   hist = truncate_oldest(ex["history"], r.entry_lengths(ex["history"]),
                          budget - fixed_len(fx["history"], fx["retrieval"]))
   return output(r.join(fx["history"].tf(), r.items(hist), fx["retrieval"].tf()),
@@ -263,7 +265,7 @@ def retrieval(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, **_) -> dict:
 
 
 def ranking(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, log_popularity, user_items,
-            num_candidates: int, **_) -> dict:
+            num_candidates: int) -> dict:
   k_neg, k_pos = split_key(key, 2)
   negatives = sample_negatives(k_neg, log_popularity, user_items[ex["user"]], num_candidates - 1)
   cands = tf.concat([[ex["target"]], negatives], 0)
@@ -282,7 +284,7 @@ def ranking(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, log_popularity
   return out
 
 
-def rating(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, **_) -> dict:
+def rating(ex, key, r: Renderer, fx: dict, budget: tf.Tensor) -> dict:
   cand = r.item(ex["target"], "bare")
   need = fixed_len(fx["liked"], fx["disliked"], fx["rating"]) + tf.size(cand[0]) + 4  # + 2x "None;"
   hist = ex["history"]
@@ -299,7 +301,7 @@ def rating(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, **_) -> dict:
   return out
 
 
-def mim(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, mask_rate: float, **_) -> dict:
+def mim(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, mask_rate: float) -> dict:
   """Masks ~`mask_rate` of the window's items; the targets are the masked items in order.
 
   Inputs and targets are budgeted together: the window keeps its newest items that fit the inputs
@@ -329,7 +331,7 @@ def mim(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, ma
 
 def mlm(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget: tf.Tensor,
         window_size: int, vocab_size: int, noise_density: float, mean_noise_span_length: float,
-        max_source: int, **_) -> dict:
+        max_source: int) -> dict:
   window = tf.concat([ex["history"], [ex["target"]]], 0)
   n = tf.size(window)
   k_len, k_start, k_span = split_key(key, 3)
@@ -345,8 +347,8 @@ def mlm(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget: tf
   return {"inputs": inputs, "targets": targets, "inputs_pretokenized": text, "targets_pretokenized": text}
 
 
-def bpr(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, log_popularity, user_items,
-        **_) -> dict:
+def bpr(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, log_popularity,
+        user_items) -> dict:
   """History + two candidates (the true next item, one popularity-sampled negative, random order)
   -> the true next item's entry. An answer longer than the targets is skipped (`_ok`), never cut."""
   k_neg, k_pos = split_key(key, 2)
@@ -362,7 +364,7 @@ def bpr(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, lo
   return out
 
 
-def item_qa(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, **_) -> dict:
+def item_qa(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget) -> dict:
   """Static question/answer pairs (already tokenised); pairs that do not fit are skipped, never cut."""
   out = {k: ex[k] for k in ("inputs", "targets", "inputs_pretokenized", "targets_pretokenized")}
   out["_ok"] = ((tf.size(ex["inputs"]) <= tf.cast(budget, tf.int32))
@@ -406,10 +408,22 @@ def report_skips(kind: str, task_name: str, tables: ItemTables, lengths: dict, q
     logging.warning("%s at lengths %s: %s", task_name, dict(lengths), what)
 
 
-def make_preprocessor(kind: str, tables: ItemTables, templates: tpl.Templates, *, task_name: str,
-                      log_popularity: Optional[np.ndarray] = None, user_items=None, qa_lengths=None,
-                      **options):
-  """A seqio preprocessor (ds, sequence_length) -> ds producing token `inputs` / `targets`.
+# What the preprocessor computes from the sequence length / vocabulary and hands to the task functions
+# that name it; everything else a task function takes is a task option (`make_preprocessor(**options)`).
+CONTEXT = ("targets_budget", "max_source", "vocab_size")
+
+
+def task_options(kind: str) -> tuple[str, ...]:
+  """The options a task kind takes (its function's keyword-only parameters, minus CONTEXT)."""
+  params = inspect.signature(TASK_FNS[kind]).parameters.values()
+  return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in CONTEXT)
+
+
+def preprocess(ds: tf.data.Dataset, sequence_length: Optional[Mapping[str, int]] = None, *, kind: str,
+               tables: ItemTables, templates: tpl.Templates, task_name: str, options: Mapping[str, object],
+               qa_lengths=None) -> tf.data.Dataset:
+  """A seqio preprocessor (bound with functools.partial by `make_preprocessor`): examples of a source
+  -> token `inputs` / `targets` (+ `*_pretokenized`, `user`, `example_id`, `epoch`, `target_item`).
 
   Inputs and targets always fit `sequence_length` whole: prompts drop their oldest history items,
   and an example whose target cannot fit is skipped (counted in the log), never cut.
@@ -417,36 +431,47 @@ def make_preprocessor(kind: str, tables: ItemTables, templates: tpl.Templates, *
   fn = TASK_FNS[kind]
   fx = fixed_texts(tables, templates)
   task_salt = salt(task_name)
+  lengths = sequence_length or {}
+  budget = lengths.get("inputs", 1 << 20) - 1   # room for EOS
+  targets_budget = lengths.get("targets", 1 << 20) - 1
+  report_skips(kind, task_name, tables, lengths, qa_lengths)
+  wanted = set(inspect.signature(fn).parameters)
+  context = {"targets_budget": targets_budget,
+             "max_source": max_source_tokens(min(targets_budget, 4096), options.get("noise_density", 0.2),
+                                             options.get("mean_noise_span_length", 3.0)),
+             "vocab_size": getattr(tables.vocab, "sentinel_top", tables.vocab.vocab_size)}
+  context = {k: v for k, v in context.items() if k in wanted}
 
-  def preprocess(ds: tf.data.Dataset, sequence_length: Optional[dict] = None) -> tf.data.Dataset:
-    lengths = sequence_length or {}
-    budget = lengths.get("inputs", 1 << 20) - 1   # room for EOS
-    targets_budget = lengths.get("targets", 1 << 20) - 1
-    max_source = max_source_tokens(min(targets_budget, 4096), options.get("noise_density", 0.2),
-                                   options.get("mean_noise_span_length", 3.0))
-    report_skips(kind, task_name, tables, lengths, qa_lengths)
+  def map_fn(ex):
+    kwargs = dict(options)
+    if "log_popularity" in kwargs:   # numpy tables become graph constants here, in the map's graph
+      kwargs["log_popularity"] = tf.constant(kwargs["log_popularity"], tf.float32)
+    if "user_items" in kwargs:
+      kwargs["user_items"] = tf.RaggedTensor.from_row_lengths(*kwargs["user_items"])
+    key = example_key(task_salt, ex) if "sample_seed" in ex else None
+    out = fn(ex, key, Renderer(tables), fx, tf.constant(budget), **context, **kwargs)
+    out.setdefault("_ok", tf.constant(True))
+    for k in ("user", "example_id", "epoch"):
+      if k in ex:
+        out[k] = ex[k]
+    if "target" in ex:
+      out["target_item"] = ex["target"]
+    return out
 
-    def map_fn(ex):
-      r = Renderer(tables)
-      extra = {}
-      if log_popularity is not None:
-        extra["log_popularity"] = tf.constant(log_popularity, tf.float32)
-        extra["user_items"] = tf.RaggedTensor.from_row_lengths(*user_items)
-      key = example_key(task_salt, ex) if "sample_seed" in ex else None
-      out = fn(ex, key, r, fx, tf.constant(budget), targets_budget=targets_budget,
-               max_source=max_source, vocab_size=getattr(tables.vocab, "sentinel_top", tables.vocab.vocab_size),
-               **extra, **options)
-      out.setdefault("_ok", tf.constant(True))
-      for k in ("user", "example_id", "epoch"):
-        if k in ex:
-          out[k] = ex[k]
-      if "target" in ex:
-        out["target_item"] = ex["target"]
-      return out
+  ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.filter(lambda x: x["_ok"])
+  return ds.map(lambda x: {k: v for k, v in x.items() if k != "_ok"}, num_parallel_calls=tf.data.AUTOTUNE)
 
-    ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.filter(lambda x: x["_ok"])
-    return ds.map(lambda x: {k: v for k, v in x.items() if k != "_ok"}, num_parallel_calls=tf.data.AUTOTUNE)
 
-  preprocess.__name__ = f"recalign_{kind}"
-  return preprocess
+def make_preprocessor(kind: str, tables: ItemTables, templates: tpl.Templates, *, task_name: str,
+                      qa_lengths=None, **options) -> functools.partial:
+  """`preprocess` bound to one task: its kind's function and options (checked here: an option the
+  task function does not take, e.g. a misspelt one, is a TypeError naming the ones it takes)."""
+  if kind not in TASK_FNS:
+    raise ValueError(f"unknown task kind {kind!r}; kinds: {', '.join(TASK_FNS)}")
+  unknown = set(options) - set(task_options(kind))
+  if unknown:
+    raise TypeError(f"{task_name}: the {kind} task takes no option {', '.join(sorted(unknown))} "
+                    f"(it takes: {', '.join(task_options(kind)) or 'none'})")
+  return functools.partial(preprocess, kind=kind, tables=tables, templates=templates, task_name=task_name,
+                           options=dict(options), qa_lengths=qa_lengths)
