@@ -199,7 +199,7 @@ def cmd_eval(args) -> int:
   from recalign.baselines import format_table
   from recalign.data import PreparedData
   from recalign.data.vocab import load_vocabulary
-  from recalign.evaluate import Evaluator, eval_output_dir, record_evaluation
+  from recalign.evaluate import RecEvaluator, eval_output_dir, record_evaluation
   from recalign.metrics import protocol_name
   from recalign.models import checkpoints as ck
   from recalign.models.model import EncoderDecoderModel
@@ -211,7 +211,8 @@ def cmd_eval(args) -> int:
   # The run's vocabulary (or the checkpoint's own, e.g. a Hugging Face directory's spiece.model).
   vocab_path = args.vocabulary or (info.get("vocabulary") or {}).get("path") or ck.checkpoint_vocabulary(ckpt)
   vocab = load_vocabulary(vocab_path) if vocab_path else None
-  config = rt.DatasetConfig(**info["dataset_config"]) if "dataset_config" in info else rt.DatasetConfig()
+  recorded = info.get("task_config", info.get("dataset_config"))   # (runs before 2026-11-30: dataset_config)
+  config = rt.TaskConfig(**recorded) if recorded else rt.TaskConfig()
   for d in (args.data or info.get("data_dirs", [])):
     rt.register_dataset(d, vocab=vocab, config=config)
   task = rt.get(args.task)
@@ -230,7 +231,7 @@ def cmd_eval(args) -> int:
   out_dir = Path(args.output_dir) if args.output_dir else eval_output_dir(ckpt)[0]
   for name in members:
     task_info = rt.registry.task_info(name)
-    ev = Evaluator(model, PreparedData.load(task_info.data_dir), task_info.vocab, ids=task_info.ids,
+    ev = RecEvaluator(model, PreparedData.load(task_info.data_dir), task_info.vocab, ids=task_info.ids,
                    beam_size=args.beam, batch_size=args.batch, exclude_history=args.exclude_history)
     res = ev.evaluate(params, name, args.split, lengths, args.max_examples)
     files = res.write(out_dir)

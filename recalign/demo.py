@@ -27,7 +27,7 @@ DEMO_LENGTHS = {"inputs": 320, "targets": 64}
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   mixture: str              # the mixture's suffix: reat -> beauty_reat, retrieval -> beauty_retrieval
-  data: dict                # DatasetConfig fields
+  data: dict                # TaskConfig fields
   lengths: dict
   batch_size: int = 32
   learning_rate: float = 2e-3
@@ -80,16 +80,16 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
   import recalign.tasks as rt
   from recalign import train as T
   from recalign.models.network import named_config
-  config = rt.DatasetConfig(**recipe.data)
+  from recalign.data import PreparedData
+  config = rt.TaskConfig(**recipe.data)
   t0 = time.time()
-  rt.register_dataset(data_dir, config=config)
   if validation_examples is None and eval_every_minutes:
-    validation_examples = selection_size(validation_task)
+    validation_examples = selection_size(len(PreparedData.load(data_dir).validation_users))
   schedule = T.learning_rate_schedule(base=recipe.learning_rate, warmup_steps=recipe.warmup_steps)
   out = T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=recipe.lengths,
                 train_steps=10 ** 7, batch_size=recipe.batch_size,
                 network_config=named_config(size).replace(dropout_rate=recipe.dropout, dtype=recipe.dtype),
-                data_dirs=[str(data_dir)], dataset_config=config, random_seed=seed, log_every=25,
+                data_dirs=[str(data_dir)], task_config=config, random_seed=seed, log_every=25,
                 schedule=schedule, optimizer=T.make_optimizer(schedule),
                 validation=T.ValidationConfig(task=validation_task, every_minutes=eval_every_minutes,
                                               examples=validation_examples),
@@ -101,10 +101,9 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
 SELECTION_USERS = 500   # validation users that pick the best step during training (not reported)
 
 
-def selection_size(task: str) -> int:
+def selection_size(num_validation: int) -> int:
   """How many validation users pick the checkpoint: 500, at most half of them (tiny data sets)."""
-  import recalign.tasks as rt
-  return min(SELECTION_USERS, rt.get(task).num_input_examples("validation") // 2)
+  return min(SELECTION_USERS, num_validation // 2)
 
 
 def evaluate_best(model_dir: Path, task: str, split: str, *, example_ids=None, max_examples=None,
@@ -114,7 +113,7 @@ def evaluate_best(model_dir: Path, task: str, split: str, *, example_ids=None, m
   import jax.numpy as jnp
   import recalign.tasks as rt
   from recalign.data import PreparedData
-  from recalign.evaluate import Evaluator, eval_output_dir, record_evaluation
+  from recalign.evaluate import RecEvaluator, eval_output_dir, record_evaluation
   from recalign.models import checkpoints as ck
   from recalign.models.model import EncoderDecoderModel
   run = json.loads((model_dir / "run.json").read_text())
@@ -125,7 +124,7 @@ def evaluate_best(model_dir: Path, task: str, split: str, *, example_ids=None, m
   model = EncoderDecoderModel(loaded.config)
   params = jax.tree_util.tree_map(jnp.asarray, loaded.params)
   info = rt.registry.task_info(task)
-  ev = Evaluator(model, PreparedData.load(info.data_dir), info.vocab, ids=info.ids, beam_size=20, batch_size=64,
+  ev = RecEvaluator(model, PreparedData.load(info.data_dir), info.vocab, ids=info.ids, beam_size=20, batch_size=64,
                  exclude_history=exclude_history)
   res = ev.evaluate(params, task, split, lengths, max_examples, example_ids=example_ids)
   out_dir, _ = eval_output_dir(path)
@@ -142,7 +141,7 @@ def report_ids(task: str, split: str, max_examples: Optional[int] = None):
   n = rt.get(task).num_input_examples(split)
   ids = np.arange(n)
   if split == "validation":   # the same seeded sample train() validates on (evaluate.task_examples)
-    ids = np.setdiff1d(ids, sample_example_ids(n, selection_size(task)))
+    ids = np.setdiff1d(ids, sample_example_ids(n, selection_size(n)))
   sample = sample_example_ids(len(ids), max_examples, seed=1)
   return ids if sample is None else ids[sample]
 

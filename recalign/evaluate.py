@@ -121,8 +121,10 @@ def _batches(examples: list[dict], batch_size: int, desc: str, progress: bool):
   bar.close()
 
 
-class Evaluator:
-  """Evaluates any recalign task of a prepared data set with one model."""
+class RecEvaluator:
+  """Evaluates any recalign task of a prepared data set with one model: constrained beam search over
+  the catalogue, teacher-forced candidate scores, P(yes) from both answers. (seqio.Evaluator runs a
+  task's seqio metric_fns on a model's decodes and scores; this computes the paper's ranked metrics.)"""
 
   def __init__(self, model: EncoderDecoderModel, data: PreparedData, vocab, *, beam_size: int = 20,
                batch_size: int = 32, exclude_history: bool = False, progress: bool = True,
@@ -218,7 +220,7 @@ class Evaluator:
 
 
 def validation_metrics(kind: str) -> tuple[str, ...]:
-  """The metrics the Evaluator reports for a task kind (what `train(selection_metric=...)` may name)."""
+  """The metrics the RecEvaluator reports for a task kind (what `train(selection_metric=...)` may name)."""
   ranking = tuple(f"{m}@{k}" for k in (1, 5, 10) for m in ("hr", "ndcg"))
   return {"retrieval": ("hr@5", "ndcg@5", "hr@10", "ndcg@10"),
           "ranking": tuple(f"{how}/{m}" for how in ("beam", "score") for m in ranking),
@@ -235,7 +237,7 @@ def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[in
 
   def validate(model, params) -> dict:
     if "ev" not in cache:
-      cache["ev"] = Evaluator(model, data, vocab, beam_size=beam_size, batch_size=batch_size, progress=False,
+      cache["ev"] = RecEvaluator(model, data, vocab, beam_size=beam_size, batch_size=batch_size, progress=False,
                               ids=info.ids, exclude_history=exclude_history)
     return cache["ev"].evaluate(params, task_name, "validation", lengths, max_examples).metrics
 

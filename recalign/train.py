@@ -298,7 +298,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           batch_size: int = gin.REQUIRED, network_config: T5Config = gin.REQUIRED,
           data_dirs: Sequence[str] = (), initial_checkpoint_path: Optional[str] = None,
-          vocabulary: Optional[str] = None, vocabulary_mismatch: str = "error", dataset_config=None,
+          vocabulary: Optional[str] = None, vocabulary_mismatch: str = "error", task_config=None,
           random_seed: int = 0, pack: bool = True, gradient_accumulation_steps: int = 1, model_parallel: int = 1,
           num_devices: Optional[int] = None, z_loss: float = 1e-4, label_smoothing: float = 0.0,
           loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", checkpoint: Optional[CheckpointConfig] = None,
@@ -312,7 +312,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   `loss_normalizing_factor` (as T5X): "NUM_REAL_TARGET_TOKENS" (mean over target tokens, so tasks with
   long targets such as MIM dominate a mixture's loss), "AVERAGE_PER_SEQUENCE" (every example weighs
   the same), a constant, or None.
-  `dataset_config`: how DATA_DIRS are registered (`recalign.tasks.DatasetConfig`: window, ID scheme,
+  `task_config`: how DATA_DIRS are registered (`recalign.tasks.TaskConfig`: window, ID scheme,
   titles, ...), recorded in run.json for `recalign eval`.
   `vocabulary` (VOCABULARY): the tasks' vocabulary -- None for each data set's own, 'checkpoint' for
   the initial checkpoint's own SentencePiece model (fine-tuning T5 / FLAN-T5), or a path. It is
@@ -339,7 +339,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   # 1. vocabulary and tasks
   run_vocab = resolve_vocabulary(vocabulary, initial_checkpoint_path)
   for d in data_dirs:
-    rt.register_dataset(d, vocab=run_vocab, config=dataset_config or rt.DatasetConfig())
+    rt.register_dataset(d, vocab=run_vocab, config=task_config or rt.TaskConfig())
   task = rt.get(mixture_or_task_name)
   vocab = get_vocabulary(task)
   if run_vocab is not None and not same_vocabulary(getattr(vocab, "base", vocab), run_vocab):
@@ -356,7 +356,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         "network_config": dataclasses.asdict(model.config), "mixture_or_task_name": mixture_or_task_name,
         "task_feature_lengths": dict(task_feature_lengths), "vocabulary": vocabulary_record(vocab),
         "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
-        "dataset_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
+        "task_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
   if validate_fn is None and val_cfg.enabled:
     from recalign.evaluate import make_validate_fn
     validate_fn = make_validate_fn(val_cfg.task, dict(val_cfg.lengths or task_feature_lengths),

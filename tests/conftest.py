@@ -78,5 +78,5 @@ def synthetic_dataset(root: Path, name: str, *, users: int = 60, items: int = 20
   data = prepare(RawData(seqs, {}, AMAZON, "synthetic", [], IngestReport()), name=name, kcore=0)
   data.save(root / name)
   train_vocabulary(data, root / name / "vocab", vocab_size=200)
-  rt.register_dataset(root / name, config=rt.DatasetConfig(num_candidates=num_candidates))
+  rt.register_dataset(root / name, config=rt.TaskConfig(num_candidates=num_candidates))
   return data

@@ -106,7 +106,7 @@ def test_short_demo_end_to_end_on_tiny_data_then_cli_eval(tmp_path, capsys):
   assert saved["total_minutes"] > 0
   assert (out / "beauty_compact.png").stat().st_size > 1000
   run = json.loads((out / "beauty_compact" / "run.json").read_text())
-  assert run["dataset_config"]["item_prefix"] is False and run["task_feature_lengths"]["inputs"] == 128
+  assert run["task_config"]["item_prefix"] is False and run["task_feature_lengths"]["inputs"] == 128
   assert (out / "beauty_compact" / "best.json").exists()
   import recalign.tasks as rt   # the model wrote collaborative codes; predictions name the data set's IDs
   assert all(i.startswith("<a_") for i in rt.registry.task_info("beauty_retrieval").ids)

@@ -162,22 +162,22 @@ def test_auc_equals_pairwise_definition():
 
 def test_evaluator_end_to_end_on_tiny_tasks(tmp_path):
   import recalign.tasks as rt
-  from recalign.evaluate import Evaluator
+  from recalign.evaluate import RecEvaluator
   data = prepare(read_source(write_tiny_tsv(tmp_path / "src")), name="evtiny", kcore=0)
   data.save(tmp_path / "evtiny")
   train_vocabulary(data, tmp_path / "evtiny" / "vocab", vocab_size=300)
-  rt.register_dataset(tmp_path / "evtiny", config=rt.DatasetConfig(num_candidates=3))
+  rt.register_dataset(tmp_path / "evtiny", config=rt.TaskConfig(num_candidates=3))
   vocab = load_vocabulary(tmp_path / "evtiny" / "vocab")
   model = EncoderDecoderModel(CONFIGS["tiny"].replace(vocab_size=512))
   params = nn.unbox(model.init(jax.random.PRNGKey(0)))
   lengths = {"inputs": 256, "targets": 16}
   # The paper's protocol by default: the whole catalogue (8 beams = every item, history included)...
-  full = Evaluator(model, data, vocab, beam_size=8, batch_size=4, progress=False)
+  full = RecEvaluator(model, data, vocab, beam_size=8, batch_size=4, progress=False)
   res = full.evaluate(params, "evtiny_retrieval", "test", lengths)
   assert res.protocol == "full catalogue" and all(len(p["ranked"]) == 8 for p in res.predictions)
   assert json.loads(res.write(tmp_path / "full")[0].read_text())["protocol"] == "full catalogue"
   # ...and with exclude_history the user's earlier items never appear.
-  ev = Evaluator(model, data, vocab, beam_size=4, batch_size=4, progress=False, exclude_history=True)
+  ev = RecEvaluator(model, data, vocab, beam_size=4, batch_size=4, progress=False, exclude_history=True)
   res = ev.evaluate(params, "evtiny_retrieval", "test", lengths)
   assert res.metrics["examples"] == 6 and len(res.predictions) == 6 and res.protocol == "history excluded"
   for p in res.predictions:

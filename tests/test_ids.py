@@ -109,7 +109,7 @@ def test_tasks_and_constrained_decoding_under_each_scheme(data, tmp_path, scheme
   if scheme != "random":
     build_ids(data, scheme, **SMALL[scheme]).save(root)
   train_vocabulary(data, root / "vocab", vocab_size=300, pieces=scheme_pieces(root))
-  rt.register_dataset(root, name=f"ids_{scheme}", config=rt.DatasetConfig(num_candidates=10, id_scheme=scheme))
+  rt.register_dataset(root, name=f"ids_{scheme}", config=rt.TaskConfig(num_candidates=10, id_scheme=scheme))
   info = rt.registry.task_info(f"ids_{scheme}_retrieval")
   ids = list(info.ids)
   ex = next(rt.get(f"ids_{scheme}_retrieval").get_dataset({"inputs": 256, "targets": 16}, split="test",
@@ -147,7 +147,7 @@ def test_finetuning_a_pretrained_vocabulary_appends_id_pieces_as_new_rows(data, 
           task_feature_lengths={"inputs": 256, "targets": 64}, train_steps=1, batch_size=4,
           network_config=ck.config_from_hf(json.loads((hf_dir / "config.json").read_text())),
           data_dirs=[str(tmp_path / "d")], initial_checkpoint_path=str(hf_dir), vocabulary="checkpoint",
-          dataset_config=rt.DatasetConfig(num_candidates=10, id_scheme="semantic"), progress=False)
+          task_config=rt.TaskConfig(num_candidates=10, id_scheme="semantic"), progress=False)
   vocab = rt.registry.task_info("idt_retrieval").vocab
   assert vocab.base.sp_model == t5.sp_model and vocab.vocab_size == t5.vocab_size + len(vocab.pieces)
   assert vocab.encode("<extra_id_0>") == t5.encode("<extra_id_0>")           # sentinels unchanged
@@ -156,4 +156,4 @@ def test_finetuning_a_pretrained_vocabulary_appends_id_pieces_as_new_rows(data, 
   assert emb.shape[0] == padded_vocab_size(vocab.vocab_size) > rows
   np.testing.assert_allclose(emb[:rows], before["token_embedder"]["embedding"], atol=1e-6)
   run = json.loads((tmp_path / "ft" / "run.json").read_text())
-  assert run["dataset_config"]["id_scheme"] == "semantic" and run["vocabulary"]["appended_pieces"] == len(vocab.pieces)
+  assert run["task_config"]["id_scheme"] == "semantic" and run["vocabulary"]["appended_pieces"] == len(vocab.pieces)

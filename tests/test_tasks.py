@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
   data = prepare(read_source(write_tiny_tsv(root / "src")), name="tiny", kcore=0, seed=0)
   data.save(root / "tiny")
   train_vocabulary(data, root / "tiny" / "vocab", vocab_size=300)
-  rt.register_dataset(root / "tiny", config=rt.DatasetConfig(num_candidates=3))
+  rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
   return PreparedData.load(root / "tiny"), load_vocabulary(root / "tiny" / "vocab")
 
 
@@ -103,8 +103,8 @@ def test_id_only_and_compact_histories(tiny, tmp_path):
   tiny_dir = rt.registry.task_info("tiny_retrieval").data_dir
   u1 = data.users.index("u1")
   b, c, a, d, ee = (item_id(int(x)) for x in data.sequences[u1])
-  for name, cfg, hist in [("tiny_ids", rt.DatasetConfig(with_titles=False), f"Item ID: {b}; Item ID: {c};"),
-                          ("tiny_compact", rt.DatasetConfig(with_titles=False, item_prefix=False), f"{b}; {c};")]:
+  for name, cfg, hist in [("tiny_ids", rt.TaskConfig(with_titles=False), f"Item ID: {b}; Item ID: {c};"),
+                          ("tiny_compact", rt.TaskConfig(with_titles=False, item_prefix=False), f"{b}; {c};")]:
     rt.register_dataset(tiny_dir, name=name, config=cfg)
     ex = {x["user"]: x for x in first(f"{name}_retrieval", n=6)}[u1]
     assert ex["inputs_pretokenized"].decode() == f"{H} {hist} What would the user buy next?"
@@ -324,7 +324,7 @@ def test_one_tokenisation_per_id_under_a_t5_like_vocabulary(tmp_path):
   data = prepare(read_source(write_tiny_tsv(tmp_path / "src")), name="t5tiny", kcore=0, seed=0)
   data.save(tmp_path / "t5tiny")
   vocab = load_vocabulary(train_t5_like_vocab(data, tmp_path / "t5.model"))
-  rt.register_dataset(tmp_path / "t5tiny", vocab=vocab, config=rt.DatasetConfig(num_candidates=3))
+  rt.register_dataset(tmp_path / "t5tiny", vocab=vocab, config=rt.TaskConfig(num_candidates=3))
   canon = {item_id(k): vocab.encode(item_id(k)) for k in range(data.num_items)}
   merged = 0
   for task, split in [("retrieval", "test"), ("ranking", "validation"), ("mim", "train"), ("bpr", "train"),

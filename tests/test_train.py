@@ -19,7 +19,7 @@ from recalign import train as T
 from recalign.models.network import CONFIGS
 # argv: DATA STEPS [MODEL_DIR, EXTRA_JSON]... -- several runs share one process (one start-up).
 data, steps, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-rt.register_dataset(data, config=rt.DatasetConfig(num_candidates=3))
+rt.register_dataset(data, config=rt.TaskConfig(num_candidates=3))
 gin.bind_parameter("learning_rate_schedule.warmup_steps", 5)
 gin.bind_parameter("learning_rate_schedule.base", 1e-2)
 for model_dir, extra in zip(runs[::2], runs[1::2]):
@@ -139,19 +139,20 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
     assert gin.query_parameter("%VOCABULARY") is None and gin.query_parameter("%DROPOUT_RATE") == 0.1
   # the CPU recipe's run file stands alone (it includes mini): compact collaborative-ID prompts, bf16,
   # no dropout -- whatever the order of the files, since model files set neither
-  from recalign.tasks.registry import DatasetConfig
+  from recalign.tasks.registry import TaskConfig
   for files in (["runs/cpu_compact.gin"], ["runs/cpu_compact.gin", "models/mini.gin"],
                 ["models/mini.gin", "runs/cpu_compact.gin"]):
     gin.clear_config()
     cli.parse_gin([str(gin_dir / f) for f in files],
                   ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'beauty_retrieval'"], [])
-    cfg = DatasetConfig()
+    cfg = TaskConfig()
     assert (cfg.item_prefix, cfg.with_titles, cfg.id_scheme) == (False, False, "collaborative")
     net = gin.query_parameter("%NETWORK_CONFIG").scoped_configurable_fn()
     assert net == nw.CONFIGS["mini"].replace(dtype="bfloat16", dropout_rate=0.0), files
   # a dimension overridden as in T5X; a misspelt one is an error
   gin.clear_config()
-  cli.parse_gin(scratch + [str(gin_dir / "reat.gin")], ["MODEL_DIR = '/tmp/x'", "network.named_config.num_decoder_layers = 2"], [])
+  cli.parse_gin(scratch + [str(gin_dir / "reat.gin")],
+                ["MODEL_DIR = '/tmp/x'", "network.named_config.num_decoder_layers = 2"], [])
   assert gin.query_parameter("%NETWORK_CONFIG").scoped_configurable_fn().num_decoder_layers == 2
   with pytest.raises(TypeError, match="no field num_decoder_layer"):
     nw.named_config("mini", num_decoder_layer=2)
@@ -192,7 +193,7 @@ def test_initial_checkpoint_vocabulary_is_checked_and_resized_only_when_asked(ti
   from recalign.models import checkpoints as ck
   from recalign.models.model import EncoderDecoderModel
   from recalign.models.network import CONFIGS
-  rt.register_dataset(tiny_dir / "tiny", config=rt.DatasetConfig(num_candidates=3))
+  rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
   cfg = CONFIGS["tiny"].replace(vocab_size=640)          # another vocabulary than the tasks' 512 rows
   params = jax.tree_util.tree_map(np.asarray, nn.unbox(EncoderDecoderModel(cfg).init(jax.random.PRNGKey(9))))
   ck.save_hf(cfg, params, tmp_path / "hf")
@@ -270,7 +271,7 @@ import recalign.tasks as rt
 from recalign import train as T
 from recalign.models.network import CONFIGS
 data, model_dir = sys.argv[1], sys.argv[2]
-rt.register_dataset(data, config=rt.DatasetConfig(num_candidates=3))
+rt.register_dataset(data, config=rt.TaskConfig(num_candidates=3))
 gin.bind_parameter("learning_rate_schedule.warmup_steps", 5)
 gin.bind_parameter("learning_rate_schedule.base", 1e-2)
 out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_reat",
@@ -316,7 +317,7 @@ def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
 
   # Step 1's loss is the loss of the initial parameters on the global batch = process 0's local
   # batch followed by process 1's, each packed from its own seqio shard.
-  rt.register_dataset(tiny_dir / "tiny", config=rt.DatasetConfig(num_candidates=3))
+  rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
   task, lengths = rt.get("tiny_reat"), {"inputs": 128, "targets": 48}
   local = []
   for pid in range(2):
@@ -338,7 +339,7 @@ def test_settings_that_would_fail_after_training_are_errors_before_the_first_ste
   import recalign.tasks as rt
   from recalign import train as T
   from recalign.models.network import CONFIGS
-  rt.register_dataset(tiny_dir / "tiny", config=rt.DatasetConfig(num_candidates=3))
+  rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
   kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
             batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False)
   with pytest.raises(ValueError, match="ValidationConfig.task is not"):
@@ -360,10 +361,10 @@ def test_eval_results_survive_checkpoint_rotation(tiny_dir):
   from recalign import cli
   from recalign import train as T
   from recalign.models.network import CONFIGS
-  rt.register_dataset(tiny_dir / "tiny", config=rt.DatasetConfig(num_candidates=3))
+  rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
   run = tiny_dir / "rotate"
   kw = dict(model_dir=str(run), mixture_or_task_name="tiny_retrieval", data_dirs=[str(tiny_dir / "tiny")],
-            dataset_config=rt.DatasetConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
+            task_config=rt.TaskConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
             batch_size=4, network_config=CONFIGS["tiny"], progress=False,
             checkpoint=T.CheckpointConfig(every=1, keep=1))
   T.train(train_steps=1, **kw)

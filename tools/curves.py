@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# name -> recipe. data: DatasetConfig fields; size: a network.CONFIGS name or a dict of T5Config fields.
+# name -> recipe. data: TaskConfig fields; size: a network.CONFIGS name or a dict of T5Config fields.
 BASE = {"mixture": "retrieval", "data": {}, "size": "mini", "lengths": {"inputs": 320, "targets": 64},
         "batch": 64, "lr": 3e-3, "warmup": 50, "decay": "constant", "loss": "NUM_REAL_TARGET_TOKENS",
         "dropout": 0.1, "dtype": "bfloat16", "optimizer": "adafactor"}
@@ -102,7 +102,7 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
   if model_dir.exists():
     import shutil
     shutil.rmtree(model_dir)
-  config = rt.DatasetConfig(**r["data"])
+  config = rt.TaskConfig(**r["data"])
   rt.register_dataset(data_dir, config=config)
   from recalign.data import PreparedData
   data = PreparedData.load(data_dir)
@@ -112,7 +112,7 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
   t0 = time.time()
   T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=r["lengths"],
           train_steps=10 ** 7, batch_size=r["batch"], network_config=network_config(r["size"]).replace(
-              dropout_rate=r["dropout"], dtype=r["dtype"]), data_dirs=[str(data_dir)], dataset_config=config,
+              dropout_rate=r["dropout"], dtype=r["dtype"]), data_dirs=[str(data_dir)], task_config=config,
           random_seed=seed, schedule=schedule, optimizer=T.make_optimizer(schedule, name=r["optimizer"]),
           loss_normalizing_factor=r["loss"], checkpoint=T.CheckpointConfig(every=10 ** 6), log_every=25,
           validation=T.ValidationConfig(task=f"{data.name}_retrieval", examples=val_users, every_minutes=eval_every),

@@ -60,7 +60,7 @@ def main():
   data_dir = ensure_prepared(Path(args.data), out / "data" / "beauty", "beauty", args.kcore,
                              id_schemes=() if scheme == "random" else (scheme,))
   name = PreparedData.load(data_dir).name
-  rt.register_dataset(data_dir, config=rt.DatasetConfig(**recipe.data))
+  rt.register_dataset(data_dir, config=rt.TaskConfig(**recipe.data))
   results_path = out / "study.json"
   results = json.loads(results_path.read_text()) if results_path.exists() else {}
   task = f"{name}_retrieval"

@@ -1,14 +1,11 @@
 """SeqIO tasks and mixtures for recommendation.
 
-Importing this module registers every prepared data set listed in the environment variable
-`RECALIGN_DATA` (folders separated by os.pathsep), so gin files and `--gin.import` can name tasks.
+One way to register a prepared data set's tasks and mixtures: `register_dataset(DIR, vocab=..., config=...)`.
+The trainer calls it for gin's DATA_DIRS (with the run's VOCABULARY and TaskConfig), `recalign eval`
+for the data sets a run's run.json records (or `--data`), with the same vocabulary and config; a module
+of your own given to `recalign train --module` may call it, or add seqio tasks of its own.
 """
 
-import os
+from recalign.tasks.registry import MIXTURES, TaskConfig, get, register_dataset
 
-from recalign.tasks.registry import MIXTURES, DatasetConfig, get, register_dataset
-
-__all__ = ["MIXTURES", "DatasetConfig", "get", "register_dataset"]
-
-for _dir in filter(None, os.environ.get("RECALIGN_DATA", "").split(os.pathsep)):
-  register_dataset(_dir)
+__all__ = ["MIXTURES", "TaskConfig", "get", "register_dataset"]

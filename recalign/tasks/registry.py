@@ -47,7 +47,9 @@ _REGISTERED: dict[str, list[str]] = {}  # data set name -> its registered tasks 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class DatasetConfig:
+class TaskConfig:
+  """How `register_dataset` builds a prepared data set's tasks (windows, candidates, masks, IDs, prompt
+  form, seeds). Not T5X's DatasetConfig (mixture, lengths, split, batch): that is the trainer's."""
   window: int = 20                      # w: items per window (history w-1 + target)
   train_examples: str = "windows"       # windows (the paper's sliding windows) or prefixes (every
                                         # training item a target, as TIGER / P5)
@@ -72,7 +74,7 @@ class TaskInfo:
   data_dir: str
   vocab: object             # the seqio vocabulary of inputs and targets
   ids: tuple[str, ...]      # item k's ID as written in prompts and targets
-  config: DatasetConfig
+  config: TaskConfig
 
 
 _TASKS: dict[str, TaskInfo] = {}
@@ -192,7 +194,7 @@ def task_info(name: str) -> TaskInfo:
 
 
 def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=None,
-                     config: DatasetConfig = DatasetConfig()) -> list[str]:
+                     config: TaskConfig = TaskConfig()) -> list[str]:
   """Registers every task and mixture of a prepared data set; returns their names.
 
   `vocab`: a seqio vocabulary, or None for the data set's own `vocab/spm.model`.
@@ -296,6 +298,6 @@ def get(name: str):
     raise ValueError(f"{name!r}: data set {base!r} has no ratings, so it has no rating task "
                      "(rating needs explicit ratings, e.g. ml-100k)")
   hint = (f"registered recalign tasks/mixtures: {', '.join(known)}" if known else
-          "no recalign data set is registered: call recalign.tasks.register_dataset(DIR) or set "
-          "RECALIGN_DATA=DIR[:DIR...] before importing recalign.tasks")
+          "no recalign data set is registered: call recalign.tasks.register_dataset(DIR), or list it in "
+          "gin's DATA_DIRS (recalign train) / --data (recalign eval)")
   raise ValueError(f"unknown task or mixture {name!r}; {hint}")
