@@ -195,58 +195,30 @@ def _lengths(text: Optional[str], default: dict) -> dict:
 
 
 def cmd_eval(args) -> int:
-  import recalign.tasks as rt
+  """One checkpoint (MODEL_DIR/checkpoints/<step>, MODEL_DIR/best, a Hugging Face or T5X directory), or
+  a MODEL_DIR: every saved step (T5X's eval job; --restore-mode, --steps, --wait)."""
+  from recalign import evaluate as E
   from recalign.baselines import format_table
-  from recalign.data import PreparedData
-  from recalign.data.vocab import load_vocabulary
-  from recalign.evaluate import RecEvaluator, eval_output_dir, record_evaluation
   from recalign.metrics import protocol_name
-  from recalign.models import checkpoints as ck
-  from recalign.models.model import EncoderDecoderModel
-  from recalign.models.network import named_config, padded_vocab_size
   ckpt = Path(args.checkpoint)
-  loaded = ck.load_checkpoint(ckpt)
-  run = ck.find_run_json(ckpt)
-  info = json.loads(run.read_text()) if run else {}
-  # The run's vocabulary (or the checkpoint's own, e.g. a Hugging Face directory's spiece.model).
-  vocab_path = args.vocabulary or (info.get("vocabulary") or {}).get("path") or ck.checkpoint_vocabulary(ckpt)
-  vocab = load_vocabulary(vocab_path) if vocab_path else None
-  recorded = info.get("task_config", info.get("dataset_config"))   # (runs before 2026-11-30: dataset_config)
-  config = rt.TaskConfig(**recorded) if recorded else rt.TaskConfig()
-  for d in (args.data or info.get("data_dirs", [])):
-    rt.register_dataset(d, vocab=vocab, config=config)
-  task = rt.get(args.task)
-  members = [t.name for t in getattr(task, "tasks", [task])]
-  members = [m for m in members if rt.registry.task_info(m).kind in ("retrieval", "ranking", "rating")]
-  vocab = rt.registry.task_info(members[0]).vocab
-  net = loaded.config or (named_config(args.size) if args.size else None)
-  if net is None:
-    print(f"error: {ckpt} is a {loaded.format} checkpoint, which records no model config: give --size", file=sys.stderr)
-    return 2
-  rows = padded_vocab_size(vocab.vocab_size)
-  params = jax_tree_asarray(ck.fit_vocabulary(loaded.params, ckpt, vocab, rows))
-  model = EncoderDecoderModel(net.replace(vocab_size=rows))
-  lengths = _lengths(args.lengths, info.get("task_feature_lengths", {"inputs": 1024, "targets": 64}))
-  table = {}
-  out_dir = Path(args.output_dir) if args.output_dir else eval_output_dir(ckpt)[0]
-  for name in members:
-    task_info = rt.registry.task_info(name)
-    ev = RecEvaluator(model, PreparedData.load(task_info.data_dir), task_info.vocab, ids=task_info.ids,
-                   beam_size=args.beam, batch_size=args.batch, exclude_history=args.exclude_history)
-    res = ev.evaluate(params, name, args.split, lengths, args.max_examples)
-    files = res.write(out_dir)
-    record_evaluation(out_dir, ckpt, res, files)
-    table[name] = res.metrics
-    print(f"wrote {files[0]}")
+  settings = E.EvalSettings(split=args.split, beam_size=args.beam, batch_size=args.batch,
+                            max_examples=args.max_examples, exclude_history=args.exclude_history,
+                            lengths=_lengths(args.lengths, {}) or None)
+  members = E.register_run_tasks(ckpt, args.task, data=args.data or (), vocabulary=args.vocabulary)
+  if (ckpt / "run.json").exists() and (ckpt / "checkpoints").is_dir():     # a MODEL_DIR: the eval job
+    mode = args.restore_mode or ("specific" if args.steps else "all")
+    done = E.evaluate_run(ckpt, members, settings, mode=mode, steps=args.steps or (), wait=args.wait,
+                          until_step=args.until_step, poll_seconds=args.poll_seconds)
+    print(f"evaluated steps {sorted(done) or 'none (all already evaluated: see eval/evaluated.jsonl)'}")
+    table = {f"{name} @ {step}": r.metrics for step, res in sorted(done.items()) for name, r in res.items()}
+  else:
+    results = E.evaluate_checkpoint(ckpt, members, settings, size=args.size,
+                                    output_dir=Path(args.output_dir) if args.output_dir else None)
+    table = {name: r.metrics for name, r in results.items()}
+    print(f"wrote {Path(args.output_dir) if args.output_dir else E.eval_output_dir(ckpt)[0]}")
   print(f"protocol: {protocol_name(args.exclude_history)}")
   print(format_table(table))
   return 0
-
-
-def jax_tree_asarray(tree):
-  import jax
-  import jax.numpy as jnp
-  return jax.tree_util.tree_map(jnp.asarray, tree)
 
 
 def cmd_baseline(args) -> int:
@@ -340,9 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
                  help="import this Python module first (it may register seqio tasks/mixtures)")
   s.set_defaults(fn=cmd_train, gin=True)
 
-  s = sub.add_parser("eval", help="evaluate a checkpoint on a task or mixture (metrics JSON + predictions)")
+  s = sub.add_parser("eval", help="evaluate a checkpoint, or every checkpoint of a run (metrics JSON + predictions)")
   s.add_argument("--checkpoint", required=True,
-                 help="MODEL_DIR/checkpoints/<step>, MODEL_DIR/best, or a Hugging Face directory")
+                 help="MODEL_DIR (every saved step, as T5X's eval job), MODEL_DIR/checkpoints/<step>, MODEL_DIR/best, "
+                      "a Hugging Face directory or a T5X checkpoint_<step>")
+  s.add_argument("--restore-mode", choices=["all", "latest", "specific"],
+                 help="for a MODEL_DIR: every step (default), the newest, or --steps")
+  s.add_argument("--steps", type=int, nargs="+", help="for a MODEL_DIR: these steps (restore mode 'specific')")
+  s.add_argument("--wait", action="store_true", help="for a MODEL_DIR: keep evaluating new checkpoints as a "
+                 "training job writes them, until TRAIN_STEPS (or --until-step) is evaluated")
+  s.add_argument("--until-step", type=int)
+  s.add_argument("--poll-seconds", type=float, default=60.0)
   s.add_argument("--task", required=True, help="task or mixture, e.g. beauty_retrieval")
   s.add_argument("--split", default="test", choices=["validation", "test"])
   s.add_argument("--data", action="append", help="prepared data set(s) (default: from the run's run.json)")

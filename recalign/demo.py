@@ -109,27 +109,12 @@ def selection_size(num_validation: int) -> int:
 def evaluate_best(model_dir: Path, task: str, split: str, *, example_ids=None, max_examples=None,
                   lengths: Optional[dict] = None, exclude_history: bool = False):
   """Evaluates MODEL_DIR/best (or the latest checkpoint) on one split of `task`; returns the EvalResult."""
-  import jax
-  import jax.numpy as jnp
-  import recalign.tasks as rt
-  from recalign.data import PreparedData
-  from recalign.evaluate import RecEvaluator, eval_output_dir, record_evaluation
-  from recalign.models import checkpoints as ck
-  from recalign.models.model import EncoderDecoderModel
-  run = json.loads((model_dir / "run.json").read_text())
-  lengths = lengths or run["task_feature_lengths"]
+  from recalign.evaluate import EvalSettings, checkpoint_steps, evaluate_checkpoint
   path = model_dir / "best" if (model_dir / "best").exists() else model_dir / "checkpoints" / str(
-      max(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()))
-  loaded = ck.load_checkpoint(path)
-  model = EncoderDecoderModel(loaded.config)
-  params = jax.tree_util.tree_map(jnp.asarray, loaded.params)
-  info = rt.registry.task_info(task)
-  ev = RecEvaluator(model, PreparedData.load(info.data_dir), info.vocab, ids=info.ids, beam_size=20, batch_size=64,
-                 exclude_history=exclude_history)
-  res = ev.evaluate(params, task, split, lengths, max_examples, example_ids=example_ids)
-  out_dir, _ = eval_output_dir(path)
-  record_evaluation(out_dir, path, res, res.write(out_dir))
-  return res
+      checkpoint_steps(model_dir)[-1])
+  settings = EvalSettings(split=split, beam_size=20, batch_size=64, max_examples=max_examples,
+                          exclude_history=exclude_history, lengths=lengths)
+  return evaluate_checkpoint(path, [task], settings, example_ids=example_ids)[task]
 
 
 def report_ids(task: str, split: str, max_examples: Optional[int] = None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -128,7 +129,7 @@ class RecEvaluator:
 
   def __init__(self, model: EncoderDecoderModel, data: PreparedData, vocab, *, beam_size: int = 20,
                batch_size: int = 32, exclude_history: bool = False, progress: bool = True,
-               ids: Optional[Sequence[str]] = None):
+               ids: Optional[Sequence[str]] = None, mesh=None):
     """`exclude_history`: retrieval ranks the catalogue minus the user's history; by default the
     entire catalogue, as the paper does. `ids`: the items' IDs as the tasks write them (a task's
     `TaskInfo.ids`; default the data set's random IDs). Predictions name items by their data set ID."""
@@ -138,6 +139,18 @@ class RecEvaluator:
     self.names = [item_id(k) for k in range(data.num_items)]
     self.rendered = list(ids) if ids is not None else self.names
     self.trie = ItemTrie.for_items(vocab, self.rendered)
+    # On a ('data', 'model') mesh (the trainer's): users split over 'data'; parameters placed by the
+    # caller (`recalign.train.place_params`); jit propagates both through decoding and its cache.
+    self.mesh = mesh
+    if mesh is not None and batch_size % mesh.shape["data"]:
+      raise ValueError(f"batch_size={batch_size} must be divisible by the mesh's {mesh.shape['data']} data shards")
+
+  def _put(self, x: np.ndarray):
+    if self.mesh is None:
+      return x
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    return jax.device_put(x, NamedSharding(self.mesh, P("data")))
 
   def history(self, users: np.ndarray, split: str) -> list[np.ndarray]:
     """Items not to recommend: the user's history before the held-out item (if excluded)."""
@@ -147,7 +160,7 @@ class RecEvaluator:
     ranked, preds = [], []
     for s, chunk in _batches(examples, self.batch_size, f"retrieval/{split}", self.progress):
       users = np.array([e["user"] for e in chunk])
-      items, scores = beam_search_items(self.model, params, pad_inputs(chunk), self.trie,
+      items, scores = beam_search_items(self.model, params, self._put(pad_inputs(chunk)), self.trie,
                                         beam_size=self.beam_size, exclude=self.history(users, split))
       n = min(self.batch_size, len(examples) - s)
       ranked.append(items[:n])
@@ -162,7 +175,7 @@ class RecEvaluator:
     beams, scored, preds = [], [], []
     for s, chunk in _batches(examples, self.batch_size, f"ranking/{split}", self.progress):
       cands = np.stack([e["candidates"] for e in chunk])
-      enc = pad_inputs(chunk)
+      enc = self._put(pad_inputs(chunk))
       items, _ = beam_search_items(self.model, params, enc, self.trie, beam_size=self.beam_size,
                                    candidates=cands)
       sc = score_items(self.model, params, enc, cands, self.trie, self.vocab, self.rendered)
@@ -183,7 +196,7 @@ class RecEvaluator:
     width = max(len(t) for t in answers.values())
     logp = {a: [] for a in answers}
     for s, chunk in _batches(examples, self.batch_size, f"rating/{split}", self.progress):
-      enc = jnp.asarray(pad_inputs(chunk))
+      enc = jnp.asarray(self._put(pad_inputs(chunk)))
       for a, toks in answers.items():
         tgt = np.zeros((len(chunk), width), np.int32)
         tgt[:, :len(toks)] = toks
@@ -242,3 +255,149 @@ def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[in
     return cache["ev"].evaluate(params, task_name, "validation", lengths, max_examples).metrics
 
   return validate
+
+
+# --------------------------------------------------------------------------------------------
+# The eval job (T5X's eval.py): a checkpoint, or every checkpoint of a run, even while it trains
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  split: str = "test"
+  beam_size: int = 20
+  batch_size: int = 32
+  max_examples: Optional[int] = None      # a seeded sample of users (default: all)
+  exclude_history: bool = False           # retrieval protocol (default: the paper's full catalogue)
+  lengths: Optional[dict] = None          # default: the run's TASK_FEATURE_LENGTHS
+
+
+def register_run_tasks(checkpoint: Path | str, task: str, *, data: Sequence[str] = (),
+                       vocabulary: Optional[str] = None) -> list[str]:
+  """Registers the data sets of the run that wrote `checkpoint` as it registered them (run.json:
+  data_dirs -- or `data` --, vocabulary, TaskConfig); returns the evaluable members of `task`."""
+  import recalign.tasks as rt
+  from recalign.data.vocab import load_vocabulary
+  from recalign.models import checkpoints as ck
+  info = _run_info(checkpoint)
+  vocab_path = vocabulary or (info.get("vocabulary") or {}).get("path") or ck.checkpoint_vocabulary(checkpoint)
+  vocab = load_vocabulary(vocab_path) if vocab_path else None
+  recorded = info.get("task_config", info.get("dataset_config"))   # (runs before 2026-11-30: dataset_config)
+  config = rt.TaskConfig(**recorded) if recorded else rt.TaskConfig()
+  for d in (data or info.get("data_dirs", [])):
+    rt.register_dataset(d, vocab=vocab, config=config)
+  t = rt.get(task)
+  members = [m.name for m in getattr(t, "tasks", [t])]
+  members = [m for m in members if rt.registry.task_info(m).kind in ("retrieval", "ranking", "rating")]
+  if not members:
+    raise ValueError(f"{task} has no retrieval, ranking or rating task to evaluate")
+  return members
+
+
+def _run_info(checkpoint: Path | str) -> dict:
+  from recalign.models import checkpoints as ck
+  run = ck.find_run_json(checkpoint)
+  return json.loads(run.read_text()) if run else {}
+
+
+def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings: EvalSettings = EvalSettings(), *,
+                        size: Optional[str] = None, output_dir: Optional[Path] = None, mesh=None,
+                        example_ids: Optional[np.ndarray] = None, progress: bool = True) -> dict[str, EvalResult]:
+  """Evaluates one checkpoint (any format `load_checkpoint` reads) on registered tasks; writes metrics,
+  predictions and a line of eval/evaluated.jsonl (+ TensorBoard scalars for a run's step) to
+  `output_dir` (default `eval_output_dir(checkpoint)`). On `mesh` (default: all devices, data-parallel)
+  parameters are sharded as in training and users split over 'data'. Users: all, a seeded sample of
+  `settings.max_examples`, or `example_ids`."""
+  import recalign.tasks as rt
+  from recalign import train as T
+  from recalign.models import checkpoints as ck
+  from recalign.models.network import named_config, padded_vocab_size
+  loaded = ck.load_checkpoint(checkpoint)
+  net = loaded.config or (named_config(size) if size else None)
+  if net is None:
+    raise ValueError(f"{checkpoint} is a {loaded.format} checkpoint, which records no model config: give the "
+                     "model size (recalign eval --size)")
+  vocab = rt.registry.task_info(members[0]).vocab
+  rows = padded_vocab_size(vocab.vocab_size)
+  model = EncoderDecoderModel(net.replace(vocab_size=rows))
+  mesh = mesh if mesh is not None else T.make_mesh()
+  params = T.place_params(model, ck.fit_vocabulary(loaded.params, checkpoint, vocab, rows), mesh)
+  lengths = dict(settings.lengths or _run_info(checkpoint).get("task_feature_lengths")
+                 or {"inputs": 1024, "targets": 64})
+  out_dir = Path(output_dir) if output_dir else eval_output_dir(checkpoint)[0]
+  results = {}
+  with mesh:
+    for name in members:
+      info = rt.registry.task_info(name)
+      ev = RecEvaluator(model, PreparedData.load(info.data_dir), info.vocab, ids=info.ids, mesh=mesh,
+                        beam_size=settings.beam_size, batch_size=settings.batch_size,
+                        exclude_history=settings.exclude_history, progress=progress)
+      res = ev.evaluate(params, name, settings.split, lengths, settings.max_examples, example_ids=example_ids)
+      record_evaluation(out_dir, checkpoint, res, res.write(out_dir))
+      results[name] = res
+  return results
+
+
+def checkpoint_steps(model_dir: Path | str) -> list[int]:
+  """Steps saved in MODEL_DIR/checkpoints (finished ones: orbax writes under a temporary name first)."""
+  root = Path(model_dir) / "checkpoints"
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+def evaluated_steps(model_dir: Path | str, task: str, split: str, protocol: str) -> set[int]:
+  log = Path(model_dir) / "eval" / "evaluated.jsonl"
+  entries = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+  return {e["step"] for e in entries if (e["task"], e["split"], e["protocol"]) == (task, split, protocol)
+          and e["step"] is not None and e["output"] == str(e["step"])}
+
+
+RESTORE_MODES = ("all", "latest", "specific")
+
+
+def evaluate_run(model_dir: Path | str, members: Sequence[str], settings: EvalSettings = EvalSettings(), *,
+                 mode: str = "all", steps: Sequence[int] = (), wait: bool = False, until_step: Optional[int] = None,
+                 poll_seconds: float = 60.0, mesh=None, progress: bool = True,
+                 sleep: Callable[[float], None] = time.sleep) -> dict[int, dict[str, EvalResult]]:
+  """Evaluates the checkpoints of a run, as T5X's eval job: `mode` 'all' (every saved step, oldest
+  first), 'latest' (the newest) or 'specific' (`steps`). Steps whose results are recorded in
+  eval/evaluated.jsonl for these tasks, split and protocol are skipped. With `wait`, keeps polling
+  MODEL_DIR every `poll_seconds` for new checkpoints (a training job elsewhere) until `until_step`
+  (default: the run's TRAIN_STEPS) has been evaluated."""
+  if mode not in RESTORE_MODES:
+    raise ValueError(f"restore mode must be one of {RESTORE_MODES}, not {mode!r}")
+  if mode == "specific" and not steps:
+    raise ValueError("restore mode 'specific' needs the steps to evaluate")
+  model_dir = Path(model_dir)
+  until = until_step or _run_info(model_dir).get("train_steps")
+  if wait and not until:
+    raise ValueError(f"{model_dir}/run.json records no train_steps: give the step to wait for (--until-step)")
+  protocol = M.protocol_name(settings.exclude_history)
+  done: dict[int, dict[str, EvalResult]] = {}
+  while True:
+    saved = checkpoint_steps(model_dir)
+    todo = {"all": saved, "latest": saved[-1:], "specific": [s for s in steps if s in saved]}[mode]
+    skip = set.intersection(*(evaluated_steps(model_dir, m, settings.split, protocol) for m in members))
+    for step in [s for s in todo if s not in skip and s not in done]:
+      try:
+        done[step] = evaluate_checkpoint(model_dir / "checkpoints" / str(step), members, settings, mesh=mesh,
+                                         progress=progress)
+      except FileNotFoundError:   # rotated away by the training job between listing and reading
+        logging.warning("%s: checkpoint %d disappeared before it was evaluated", model_dir, step)
+        continue
+      _eval_summaries(model_dir, step, done[step])
+    finished = not wait or (until is not None and (until in done or until in skip)) or (
+        mode == "specific" and all(s in done or s in skip for s in steps))
+    if finished:
+      return done
+    sleep(poll_seconds)
+
+
+def _eval_summaries(model_dir: Path, step: int, results: dict[str, EvalResult]) -> None:
+  """TensorBoard scalars in MODEL_DIR/eval/tensorboard: <task>/<split>/<metric> at the step."""
+  import tensorflow as tf
+  writer = tf.summary.create_file_writer(str(model_dir / "eval" / "tensorboard"))
+  with writer.as_default():
+    for name, res in results.items():
+      for k, v in res.metrics.items():
+        if isinstance(v, (int, float)) and k != "examples":
+          tf.summary.scalar(f"{name}/{res.split}/{k}", v, step=step)
+  writer.flush()

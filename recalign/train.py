@@ -91,6 +91,18 @@ def make_mesh(model_parallel: int = 1, num_devices: Optional[int] = None) -> Mes
   return Mesh(devices.reshape(-1, model_parallel), ("data", "model"))
 
 
+def param_shardings(model: EncoderDecoderModel, mesh: Mesh):
+  """Each parameter's NamedSharding under LOGICAL_AXIS_RULES (as training places them)."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_AXIS_RULES)
+
+
+def place_params(model: EncoderDecoderModel, params, mesh: Mesh):
+  """Parameters (numpy or jax) onto the mesh, sharded as in training: evaluation of xl / xxl with
+  model_parallel > 1 never holds a whole copy on one device."""
+  return jax.device_put(params, param_shardings(model, mesh))   # numpy leaves are sliced on the host
+
+
 def maybe_initialize_distributed() -> None:
   """Multi-host (TPU VM pod slice, multi-node GPU): one process per host, started identically.
 
@@ -234,7 +246,7 @@ def initial_state(model: EncoderDecoderModel, tx: optax.GradientTransformation, 
   parameters, optimiser state, step) -> INITIAL_CHECKPOINT_PATH (parameters only) -> random init.
   State is {"step", "params", "opt_state"}; parameters are placed by LOGICAL_AXIS_RULES."""
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(seed)))
-  param_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_AXIS_RULES)
+  param_sharding = param_shardings(model, mesh)
   latest = mngr.latest_step()
   with mesh:
     if latest is None and initial_checkpoint_path:
@@ -354,7 +366,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   if is_chief:  # what `recalign eval` needs to rebuild the model and its tasks next to its checkpoints
     (model_dir / "run.json").write_text(json.dumps({
         "network_config": dataclasses.asdict(model.config), "mixture_or_task_name": mixture_or_task_name,
-        "task_feature_lengths": dict(task_feature_lengths), "vocabulary": vocabulary_record(vocab),
+        "task_feature_lengths": dict(task_feature_lengths), "train_steps": train_steps,
+        "vocabulary": vocabulary_record(vocab),
         "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
         "task_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
   if validate_fn is None and val_cfg.enabled:

@@ -87,7 +87,7 @@ def test_evaluation_samples_users_at_random_and_the_demo_reports_users_it_did_no
   assert users == [int(e["user"]) for e in task_examples("samp_retrieval", "test", lengths, 50)]
   assert users != [int(e["user"]) for e in task_examples("samp_retrieval", "test", lengths, 50, seed=1)]
   n = rt.get("samp_retrieval").num_input_examples("validation")
-  selected = sample_example_ids(n, selection_size("samp_retrieval"))
+  selected = sample_example_ids(n, selection_size(n))
   reported = report_ids("samp_retrieval", "validation")
   assert len(selected) == min(500, n // 2) and not set(selected) & set(reported)
   assert sorted(set(selected) | set(reported)) == list(range(n))

@@ -1,0 +1,108 @@
+"""The eval job: every checkpoint of a run (T5X's restore modes, skipping evaluated steps, waiting for
+a training job), and evaluation over a ('data', 'model') mesh equal to one device's."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, write_tiny_tsv
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A tiny prepared data set and a 3-step run with a checkpoint at every step (3 kept)."""
+  import recalign.tasks as rt
+  from recalign import train as T
+  from recalign.data import prepare, read_source
+  from recalign.data.vocab import train_vocabulary
+  from recalign.models.network import CONFIGS
+  root = tmp_path_factory.mktemp("evaljob")
+  data = prepare(read_source(write_tiny_tsv(root / "src")), name="tiny", kcore=0)
+  data.save(root / "tiny")
+  train_vocabulary(data, root / "tiny" / "vocab", vocab_size=300)
+  kw = dict(model_dir=str(root / "run"), mixture_or_task_name="tiny_retrieval", data_dirs=[str(root / "tiny")],
+            task_config=rt.TaskConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
+            batch_size=4, network_config=CONFIGS["tiny"], progress=False,
+            checkpoint=T.CheckpointConfig(every=1, keep=3))
+  T.train(train_steps=3, **kw)
+  return root, kw
+
+
+def test_every_checkpoint_skips_evaluated_steps_and_waits_for_new_ones(tiny_run):
+  from recalign import evaluate as E
+  from recalign import train as T
+  root, kw = tiny_run
+  run = root / "run"
+  settings = E.EvalSettings(split="validation", beam_size=2, batch_size=4)
+  members = E.register_run_tasks(run, "tiny_retrieval")
+  assert members == ["tiny_retrieval"]
+  assert sorted(E.evaluate_run(run, members, settings, mode="latest", progress=False)) == [3]
+  assert sorted(E.evaluate_run(run, members, settings, mode="all", progress=False)) == [1, 2]   # 3: done
+  assert E.evaluate_run(run, members, settings, mode="all", progress=False) == {}
+  for step in (1, 2, 3):
+    m = json.loads((run / "eval" / str(step) / "metrics_tiny_retrieval_validation.json").read_text())
+    assert m["examples"] > 0 and m["protocol"] == "full catalogue"
+  # Another protocol is another evaluation; 'specific' takes the listed steps only.
+  other = E.EvalSettings(split="validation", beam_size=2, batch_size=4, exclude_history=True)
+  assert sorted(E.evaluate_run(run, members, other, mode="specific", steps=[2], progress=False)) == [2]
+  # Waiting: a training job writes step 4 while the eval job polls; it stops once step 4 is evaluated.
+  polls = []
+
+  def train_meanwhile(seconds):
+    polls.append(seconds)
+    T.train(train_steps=4, **kw)
+
+  done = E.evaluate_run(run, members, settings, wait=True, until_step=4, poll_seconds=7, sleep=train_meanwhile,
+                        progress=False)
+  assert sorted(done) == [4] and polls == [7]
+  logged = [json.loads(x) for x in (run / "eval" / "evaluated.jsonl").read_text().splitlines()]
+  assert [(e["step"], e["protocol"]) for e in logged] == [
+      (3, "full catalogue"), (1, "full catalogue"), (2, "full catalogue"), (2, "history excluded"),
+      (4, "full catalogue")]
+  assert (run / "eval" / "tensorboard").is_dir()
+  with pytest.raises(ValueError, match="restore mode"):
+    E.evaluate_run(run, members, settings, mode="best")
+
+
+MESH = r'''
+import json, sys
+import jax
+from recalign import evaluate as E
+from recalign import train as T
+run, out = sys.argv[1], sys.argv[2]
+members = E.register_run_tasks(run, "tiny_ut")
+settings = E.EvalSettings(split="test", beam_size=4, batch_size=8)
+res = {}
+meshes = {"one": T.make_mesh(1, num_devices=1), "data8": T.make_mesh(1), "data4_model2": T.make_mesh(2)}
+for name, mesh in meshes.items():
+  r = E.evaluate_checkpoint(run + "/checkpoints/3", members, settings, mesh=mesh, output_dir=out + "/" + name,
+                            progress=False)
+  res[name] = {k: {"metrics": v.metrics, "predictions": v.predictions} for k, v in r.items()}
+print("RESULT", json.dumps({"devices": jax.device_count(), "res": res}))
+'''
+
+
+def test_mesh_evaluation_equals_one_device(tiny_run, tmp_path):
+  """8 simulated CPU devices, data-parallel and 4 x 2 data x model parallel: the same beams, scores
+  and metrics as one device (retrieval, and ranking's beams and teacher-forced scores)."""
+  import os
+  root, _ = tiny_run
+  script = tmp_path / "mesh.py"
+  script.write_text(MESH)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO),
+             TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, str(script), str(root / "run"), str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+  assert out["devices"] == 8
+  one = out["res"]["one"]
+  assert set(one) >= {"tiny_retrieval", "tiny_ranking"}
+  for name in ("data8", "data4_model2"):
+    for task, r in out["res"][name].items():
+      for k, v in one[task]["metrics"].items():
+        assert r["metrics"][k] == pytest.approx(v, abs=1e-6), (name, task, k)
+      for p, q in zip(r["predictions"], one[task]["predictions"]):
+        assert {k: v for k, v in p.items() if k != "scores"} == {k: v for k, v in q.items() if k != "scores"}
+        assert p.get("scores", []) == pytest.approx(q.get("scores", []), abs=2e-3)
