@@ -156,42 +156,51 @@ class RecEvaluator:
     """Items not to recommend: the user's history before the held-out item (if excluded)."""
     return [self.data.held_out(int(u), split)[0] if self.exclude_history else [] for u in users]
 
-  def retrieval(self, params, examples: list[dict], split: str) -> tuple[dict, list[dict]]:
-    ranked, preds = [], []
+  # Each kind: decode (this process's examples -> arrays, one row per example) and finish (every
+  # example's arrays -> metrics and predictions). Between them, several processes gather their rows.
+
+  def decode_retrieval(self, params, examples: list[dict], split: str) -> dict[str, np.ndarray]:
+    items, scores = [], []
     for s, chunk in _batches(examples, self.batch_size, f"retrieval/{split}", self.progress):
       users = np.array([e["user"] for e in chunk])
-      items, scores = beam_search_items(self.model, params, self._put(pad_inputs(chunk)), self.trie,
-                                        beam_size=self.beam_size, exclude=self.history(users, split))
+      it, sc = beam_search_items(self.model, params, self._put(pad_inputs(chunk)), self.trie,
+                                 beam_size=self.beam_size, exclude=self.history(users, split))
       n = min(self.batch_size, len(examples) - s)
-      ranked.append(items[:n])
-      for e, it, sc in zip(chunk[:n], items, scores):
-        preds.append({"user": self.data.users[int(e["user"])], "target": self.names[int(e["target_item"])],
-                      "ranked": [self.names[i] for i in it if i >= 0],
-                      "scores": [round(float(x), 4) for x in sc if x > -1e8]})
-    targets = np.array([e["target_item"] for e in examples])
-    return M.ranking_metrics(np.concatenate(ranked), targets, ks=(5, 10)), preds
+      items.append(it[:n])
+      scores.append(sc[:n])
+    return {"items": np.concatenate(items).astype(np.int32), "scores": np.concatenate(scores).astype(np.float32)}
 
-  def ranking(self, params, examples: list[dict], split: str) -> tuple[dict, list[dict]]:
-    beams, scored, preds = [], [], []
+  def finish_retrieval(self, examples: list[dict], a: dict) -> tuple[dict, list[dict]]:
+    preds = [{"user": self.data.users[int(e["user"])], "target": self.names[int(e["target_item"])],
+              "ranked": [self.names[i] for i in it if i >= 0],
+              "scores": [round(float(x), 4) for x in sc if x > -1e8]}
+             for e, it, sc in zip(examples, a["items"], a["scores"])]
+    targets = np.array([e["target_item"] for e in examples])
+    return M.ranking_metrics(a["items"], targets, ks=(5, 10)), preds
+
+  def decode_ranking(self, params, examples: list[dict], split: str) -> dict[str, np.ndarray]:
+    beams, scored = [], []
     for s, chunk in _batches(examples, self.batch_size, f"ranking/{split}", self.progress):
       cands = np.stack([e["candidates"] for e in chunk])
       enc = self._put(pad_inputs(chunk))
       items, _ = beam_search_items(self.model, params, enc, self.trie, beam_size=self.beam_size,
                                    candidates=cands)
       sc = score_items(self.model, params, enc, cands, self.trie, self.vocab, self.rendered)
-      order = M.rank_by_scores(sc, cands)
       n = min(self.batch_size, len(examples) - s)
       beams.append(items[:n])
-      scored.append(order[:n])
-      for e, it, o in zip(chunk[:n], items, order):
-        preds.append({"user": self.data.users[int(e["user"])], "target": self.names[int(e["target_item"])],
-                      "beam": [self.names[i] for i in it if i >= 0], "scored": [self.names[i] for i in o[:20]]})
+      scored.append(M.rank_by_scores(sc, cands)[:n])
+    return {"beam": np.concatenate(beams).astype(np.int32), "scored": np.concatenate(scored).astype(np.int32)}
+
+  def finish_ranking(self, examples: list[dict], a: dict) -> tuple[dict, list[dict]]:
+    preds = [{"user": self.data.users[int(e["user"])], "target": self.names[int(e["target_item"])],
+              "beam": [self.names[i] for i in it if i >= 0], "scored": [self.names[i] for i in o[:20]]}
+             for e, it, o in zip(examples, a["beam"], a["scored"])]
     targets = np.array([e["target_item"] for e in examples])
-    out = {f"beam/{k}": v for k, v in M.ranking_metrics(np.concatenate(beams), targets, (1, 5, 10)).items()}
-    out.update({f"score/{k}": v for k, v in M.ranking_metrics(np.concatenate(scored), targets, (1, 5, 10)).items()})
+    out = {f"beam/{k}": v for k, v in M.ranking_metrics(a["beam"], targets, (1, 5, 10)).items()}
+    out.update({f"score/{k}": v for k, v in M.ranking_metrics(a["scored"], targets, (1, 5, 10)).items()})
     return out, preds
 
-  def rating(self, params, examples: list[dict], split: str) -> tuple[dict, list[dict]]:
+  def decode_rating(self, params, examples: list[dict], split: str) -> dict[str, np.ndarray]:
     answers = {a: self.vocab.encode(a) + [EOS] for a in ("yes", "no")}
     width = max(len(t) for t in answers.values())
     logp = {a: [] for a in answers}
@@ -204,7 +213,10 @@ class RecEvaluator:
         score = self.model.score_batch(params, {"encoder_input_tokens": enc, "decoder_target_tokens": tgt,
                                                 "decoder_input_tokens": shift_right(tgt)})
         logp[a].append(np.asarray(score)[:min(self.batch_size, len(examples) - s)])
-    p = M.p_yes(np.concatenate(logp["yes"]), np.concatenate(logp["no"]))
+    return {a: np.concatenate(v).astype(np.float32) for a, v in logp.items()}
+
+  def finish_rating(self, examples: list[dict], a: dict) -> tuple[dict, list[dict]]:
+    p = M.p_yes(a["yes"], a["no"])
     labels = np.array([e["label"] for e in examples])
     preds = [{"user": self.data.users[int(e["user"])], "item": self.names[int(e["target_item"])],
               "label": int(e["label"]), "p_yes": round(float(q), 5)} for e, q in zip(examples, p)]
@@ -213,23 +225,45 @@ class RecEvaluator:
   def evaluate(self, params, task_name: str, split: str, lengths: dict,
                max_examples: Optional[int] = None, example_ids: Optional[np.ndarray] = None) -> EvalResult:
     """Metrics and per-user predictions on a split: all users, `example_ids`, or a seeded sample
-    of `max_examples` users."""
+    of `max_examples` users. With several processes, each decodes every n-th example (of the
+    examples sorted by prompt length, so shares are balanced) on its own devices; their rows are
+    gathered, so every process returns what one process would."""
     from recalign.tasks.registry import task_info
     kind = task_info(task_name).kind
-    fn = {"retrieval": self.retrieval, "ranking": self.ranking, "rating": self.rating}.get(kind)
-    if fn is None:
+    if kind not in ("retrieval", "ranking", "rating"):
       raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking or rating")
+    decode, finish = getattr(self, f"decode_{kind}"), getattr(self, f"finish_{kind}")
     examples = task_examples(task_name, split, lengths, max_examples, example_ids=example_ids)
     # Longest prompts first: batches of similar lengths waste little encoder work on padding.
     order = np.argsort([-len(e["inputs"]) for e in examples], kind="stable")
-    metrics, preds = fn(params, [examples[i] for i in order], split)
-    restored = [None] * len(preds)
-    for j, i in enumerate(order):
-      restored[i] = preds[j]
+    import jax
+    mine = order[jax.process_index()::jax.process_count()]
+    arrays = gather_rows(decode(params, [examples[i] for i in mine], split), mine, len(examples))
+    metrics, preds = finish(examples, arrays)
     metrics["examples"] = len(examples)
     protocol = {"retrieval": M.protocol_name(self.exclude_history), "ranking": "the task's candidates",
                 "rating": "P(yes) AUC"}[kind]
-    return EvalResult(task_name, split, metrics, restored, protocol)
+    return EvalResult(task_name, split, metrics, preds, protocol)
+
+
+def gather_rows(local: dict[str, np.ndarray], rows: np.ndarray, total: int) -> dict[str, np.ndarray]:
+  """Arrays whose row r belongs to example `rows[r]`, from every process -> arrays of all `total`
+  examples in example order (one process: a reorder; several: an all-gather of equal-sized shares)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    width = -(-total // jax.process_count())      # shares differ by at most one row: pad to equal
+    padded = {k: np.concatenate([v, np.zeros((width - len(v),) + v.shape[1:], v.dtype)]) for k, v in local.items()}
+    idx = np.concatenate([rows, np.full(width - len(rows), -1)]).astype(np.int32)
+    every = multihost_utils.process_allgather({"rows": idx, **padded})
+    keep = every["rows"].reshape(-1) >= 0
+    rows = every["rows"].reshape(-1)[keep]
+    local = {k: np.asarray(every[k]).reshape((-1,) + padded[k].shape[1:])[keep] for k in padded}
+  out = {}
+  for k, v in local.items():
+    out[k] = np.empty((total,) + v.shape[1:], v.dtype)
+    out[k][rows] = v
+  return out
 
 
 def validation_metrics(kind: str) -> tuple[str, ...]:
@@ -304,9 +338,10 @@ def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings
                         example_ids: Optional[np.ndarray] = None, progress: bool = True) -> dict[str, EvalResult]:
   """Evaluates one checkpoint (any format `load_checkpoint` reads) on registered tasks; writes metrics,
   predictions and a line of eval/evaluated.jsonl (+ TensorBoard scalars for a run's step) to
-  `output_dir` (default `eval_output_dir(checkpoint)`). On `mesh` (default: all devices, data-parallel)
-  parameters are sharded as in training and users split over 'data'. Users: all, a seeded sample of
-  `settings.max_examples`, or `example_ids`."""
+  `output_dir` (default `eval_output_dir(checkpoint)`). On `mesh` (default: this process's devices,
+  data-parallel) parameters are sharded as in training and users split over 'data'; several processes
+  (multi-host) each evaluate their share of users and gather, and process 0 writes the files.
+  Users: all, a seeded sample of `settings.max_examples`, or `example_ids`."""
   import recalign.tasks as rt
   from recalign import train as T
   from recalign.models import checkpoints as ck
@@ -319,7 +354,8 @@ def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings
   vocab = rt.registry.task_info(members[0]).vocab
   rows = padded_vocab_size(vocab.vocab_size)
   model = EncoderDecoderModel(net.replace(vocab_size=rows))
-  mesh = mesh if mesh is not None else T.make_mesh()
+  import jax
+  mesh = mesh if mesh is not None else T.make_mesh(local=True)   # processes evaluate their own users
   params = T.place_params(model, ck.fit_vocabulary(loaded.params, checkpoint, vocab, rows), mesh)
   lengths = dict(settings.lengths or _run_info(checkpoint).get("task_feature_lengths")
                  or {"inputs": 1024, "targets": 64})
@@ -332,7 +368,8 @@ def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings
                         beam_size=settings.beam_size, batch_size=settings.batch_size,
                         exclude_history=settings.exclude_history, progress=progress)
       res = ev.evaluate(params, name, settings.split, lengths, settings.max_examples, example_ids=example_ids)
-      record_evaluation(out_dir, checkpoint, res, res.write(out_dir))
+      if jax.process_index() == 0:   # every process holds the whole result; one writes it
+        record_evaluation(out_dir, checkpoint, res, res.write(out_dir))
       results[name] = res
   return results
 

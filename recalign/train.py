@@ -84,8 +84,9 @@ def make_optimizer(schedule: optax.Schedule, name: str = "adafactor", weight_dec
 # Partitioning
 
 
-def make_mesh(model_parallel: int = 1, num_devices: Optional[int] = None) -> Mesh:
-  devices = np.array(jax.devices()[:num_devices])
+def make_mesh(model_parallel: int = 1, num_devices: Optional[int] = None, *, local: bool = False) -> Mesh:
+  """A ('data', 'model') mesh over all devices (`local`: this process's own, as evaluation uses)."""
+  devices = np.array((jax.local_devices() if local else jax.devices())[:num_devices])
   if len(devices) % model_parallel:
     raise ValueError(f"{len(devices)} devices cannot be split into model-parallel groups of {model_parallel}")
   return Mesh(devices.reshape(-1, model_parallel), ("data", "model"))

@@ -106,3 +106,65 @@ def test_mesh_evaluation_equals_one_device(tiny_run, tmp_path):
       for p, q in zip(r["predictions"], one[task]["predictions"]):
         assert {k: v for k, v in p.items() if k != "scores"} == {k: v for k, v in q.items() if k != "scores"}
         assert p.get("scores", []) == pytest.approx(q.get("scores", []), abs=2e-3)
+
+
+MULTI = r'''
+import json, sys
+import jax
+from recalign import evaluate as E
+from recalign import train as T
+run, out = sys.argv[1], sys.argv[2]
+T.maybe_initialize_distributed()
+members = E.register_run_tasks(run, "tiny_ut")
+res = E.evaluate_checkpoint(run + "/checkpoints/3", members, E.EvalSettings(split="test", beam_size=4, batch_size=2),
+                            output_dir=out, progress=False)
+print("RESULT", json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                            "metrics": {k: v.metrics for k, v in res.items()}}))
+'''
+
+
+def test_two_processes_evaluate_their_shares_and_equal_one_process(tiny_run, tmp_path):
+  """2 processes x 2 CPU devices (launched as the README launches multi-host jobs): each decodes half
+  of the users; both return the single-process metrics, and process 0 alone writes the same files."""
+  import os
+  import socket
+  from recalign import evaluate as E
+  root, _ = tiny_run
+  run = root / "run"
+  members = E.register_run_tasks(run, "tiny_ut")
+  single = E.evaluate_checkpoint(run / "checkpoints" / "3", members, E.EvalSettings(split="test", beam_size=4,
+                                 batch_size=2), output_dir=tmp_path / "single" / "out", progress=False)
+  script = tmp_path / "multi.py"
+  script.write_text(MULTI)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(REPO),
+               TF_CPP_MIN_LOG_LEVEL="3", JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen([sys.executable, str(script), str(run), str(tmp_path / "multi" / "out")], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  results = [json.loads(o.split("RESULT ", 1)[1].splitlines()[0]) for o in outs]
+  assert [r["process"] for r in results] == [0, 1] and results[0]["processes"] == 2
+  for r in results:
+    for name, res in single.items():
+      for k, v in res.metrics.items():
+        assert r["metrics"][name][k] == pytest.approx(v, abs=1e-6), (r["process"], name, k)
+  one, two = tmp_path / "single" / "out", tmp_path / "multi" / "out"
+  files = sorted(p.name for p in one.glob("*_test.*"))
+  assert files and files == sorted(p.name for p in two.glob("*_test.*"))
+  for f in files:
+    if f.startswith("metrics"):
+      a, b = json.loads((one / f).read_text()), json.loads((two / f).read_text())
+      assert {k: v for k, v in a.items() if isinstance(v, str)} == {k: v for k, v in b.items() if isinstance(v, str)}
+      assert {k: v for k, v in a.items() if not isinstance(v, str)} == pytest.approx(
+          {k: v for k, v in b.items() if not isinstance(v, str)}, abs=1e-6), f
+    else:
+      a, b = [[json.loads(x) for x in (d / f).read_text().splitlines()] for d in (one, two)]
+      assert [{k: v for k, v in x.items() if k not in ("scores", "p_yes")} for x in a] == \
+          [{k: v for k, v in x.items() if k not in ("scores", "p_yes")} for x in b], f
+  assert len((tmp_path / "multi" / "evaluated.jsonl").read_text().splitlines()) == len(single)   # written once

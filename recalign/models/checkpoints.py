@@ -208,11 +208,22 @@ def load_t5x(path: str | Path) -> dict:
   path = Path(path)
   if (path / "checkpoint").is_file():
     return _load_t5x_msgpack(path)
-  import orbax.checkpoint as ocp
-  restored = ocp.PyTreeCheckpointer().restore(str(path.resolve()))
+  restored = _restore_numpy(path)
   if "target" not in restored:
     raise KeyError(f"{path}: no 'target' in the checkpoint (top-level keys: {sorted(restored)})")
   return _to_numpy(restored["target"])
+
+
+def _restore_numpy(path: Path) -> dict:
+  """An Orbax PyTree as host numpy arrays, whatever devices wrote it: restoring onto the writer's
+  shardings fails on another topology (another process count, a host without its devices)."""
+  import jax
+  import orbax.checkpoint as ocp
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(str(path.resolve()))
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+  args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(str(path.resolve()), args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def _to_numpy(tree):
@@ -311,8 +322,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
   if fmt == "t5x":
     step = path.name.removeprefix("checkpoint_")
     return Checkpoint(load_t5x(path), fmt, None, int(step) if step.isdigit() else None)
-  import orbax.checkpoint as ocp
-  restored = ocp.PyTreeCheckpointer().restore(str((path / "default").resolve()))
+  restored = _restore_numpy(path / "default")
   key = "params" if "params" in restored else "target"   # runs saved before 2026-11-30 used T5X's key
   if key not in restored:
     raise KeyError(f"{path}: no 'params' in the checkpoint (top-level keys: {sorted(restored)})")
