@@ -194,30 +194,27 @@ def _lengths(text: Optional[str], default: dict) -> dict:
   return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args, gin_args) -> int:
   """One checkpoint (MODEL_DIR/checkpoints/<step>, MODEL_DIR/best, a Hugging Face or T5X directory), or
-  a MODEL_DIR: every saved step (T5X's eval job; --restore-mode, --steps, --wait)."""
+  a MODEL_DIR: every saved step (T5X's eval job). Flags, or gin as for training (gin/eval.gin); flags
+  given on the command line override gin."""
   from recalign import evaluate as E
   from recalign.baselines import format_table
-  from recalign.metrics import protocol_name
-  ckpt = Path(args.checkpoint)
-  settings = E.EvalSettings(split=args.split, beam_size=args.beam, batch_size=args.batch,
-                            max_examples=args.max_examples, exclude_history=args.exclude_history,
-                            lengths=_lengths(args.lengths, {}) or None)
-  members = E.register_run_tasks(ckpt, args.task, data=args.data or (), vocabulary=args.vocabulary)
-  if (ckpt / "run.json").exists() and (ckpt / "checkpoints").is_dir():     # a MODEL_DIR: the eval job
-    mode = args.restore_mode or ("specific" if args.steps else "all")
-    done = E.evaluate_run(ckpt, members, settings, mode=mode, steps=args.steps or (), wait=args.wait,
-                          until_step=args.until_step, poll_seconds=args.poll_seconds)
-    print(f"evaluated steps {sorted(done) or 'none (all already evaluated: see eval/evaluated.jsonl)'}")
-    table = {f"{name} @ {step}": r.metrics for step, res in sorted(done.items()) for name, r in res.items()}
-  else:
-    results = E.evaluate_checkpoint(ckpt, members, settings, size=args.size,
-                                    output_dir=Path(args.output_dir) if args.output_dir else None)
-    table = {name: r.metrics for name, r in results.items()}
-    print(f"wrote {Path(args.output_dir) if args.output_dir else E.eval_output_dir(ckpt)[0]}")
-  print(f"protocol: {protocol_name(args.exclude_history)}")
-  print(format_table(table))
+  files, bindings, paths = gin_args
+  if files or bindings:
+    parse_gin(files, bindings, paths)
+  given = {"checkpoint_path": args.checkpoint, "mixture_or_task_name": args.task, "split": args.split,
+           "restore_mode": args.restore_mode, "steps": args.steps, "wait": args.wait or None,
+           "until_step": args.until_step, "poll_seconds": args.poll_seconds, "beam_size": args.beam,
+           "batch_size": args.batch, "max_examples": args.max_examples,
+           "exclude_history": args.exclude_history or None, "task_feature_lengths": _lengths(args.lengths, {}) or None,
+           "data_dirs": args.data, "vocabulary": args.vocabulary, "size": args.size, "output_dir": args.output_dir}
+  given = {k: v for k, v in given.items() if v is not None}
+  for required, flag in (("checkpoint_path", "--checkpoint"), ("mixture_or_task_name", "--task")):
+    if required not in given and not files:
+      print(f"error: give {flag} (or --gin_file=gin/eval.gin with its macros)", file=sys.stderr)
+      return 2
+  print(format_table(E.eval_job(**given)))
   return 0
 
 
@@ -313,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.set_defaults(fn=cmd_train, gin=True)
 
   s = sub.add_parser("eval", help="evaluate a checkpoint, or every checkpoint of a run (metrics JSON + predictions)")
-  s.add_argument("--checkpoint", required=True,
+  s.add_argument("--checkpoint",
                  help="MODEL_DIR (every saved step, as T5X's eval job), MODEL_DIR/checkpoints/<step>, MODEL_DIR/best, "
                       "a Hugging Face directory or a T5X checkpoint_<step>")
   s.add_argument("--restore-mode", choices=["all", "latest", "specific"],
@@ -322,12 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--wait", action="store_true", help="for a MODEL_DIR: keep evaluating new checkpoints as a "
                  "training job writes them, until TRAIN_STEPS (or --until-step) is evaluated")
   s.add_argument("--until-step", type=int)
-  s.add_argument("--poll-seconds", type=float, default=60.0)
-  s.add_argument("--task", required=True, help="task or mixture, e.g. beauty_retrieval")
-  s.add_argument("--split", default="test", choices=["validation", "test"])
+  s.add_argument("--poll-seconds", type=float)
+  s.add_argument("--task", help="task or mixture, e.g. beauty_retrieval")
+  s.add_argument("--split", choices=["validation", "test"], help="default test")
   s.add_argument("--data", action="append", help="prepared data set(s) (default: from the run's run.json)")
-  s.add_argument("--beam", type=int, default=20)
-  s.add_argument("--batch", type=int, default=32)
+  s.add_argument("--beam", type=int, help="beam width (default 20)")
+  s.add_argument("--batch", type=int, help="users per batch (default 32)")
   s.add_argument("--max-examples", type=int, help="evaluate a seeded random sample of N users")
   s.add_argument("--lengths", help="e.g. inputs=1024,targets=64 (default: the run's)")
   s.add_argument("--exclude-history", action="store_true",
@@ -337,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--size", help="model size of a T5X checkpoint (it records no config), e.g. base")
   s.add_argument("--output-dir", help="where metrics and predictions go (default: MODEL_DIR/eval/<step>, "
                  "MODEL_DIR/eval/best_<step> for MODEL_DIR/best; <folder>/../eval/<name> outside a recalign run)")
-  s.set_defaults(fn=cmd_eval)
+  s.set_defaults(fn=cmd_eval, gin=True)
 
   s = sub.add_parser("baseline", help="popularity / SASRec / history baselines with the same metrics")
   s.add_argument("name", choices=["popularity", "sasrec", "history"])

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import gin
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -438,3 +439,30 @@ def _eval_summaries(model_dir: Path, step: int, results: dict[str, EvalResult]) 
         if isinstance(v, (int, float)) and k != "examples":
           tf.summary.scalar(f"{name}/{res.split}/{k}", v, step=step)
   writer.flush()
+
+
+@gin.configurable
+def eval_job(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+             split: str = "test", restore_mode: Optional[str] = None, steps: Sequence[int] = (),
+             wait: bool = False, until_step: Optional[int] = None, poll_seconds: float = 60.0,
+             beam_size: int = 20, batch_size: int = 32, max_examples: Optional[int] = None,
+             exclude_history: bool = False, task_feature_lengths: Optional[dict] = None,
+             data_dirs: Sequence[str] = (), vocabulary: Optional[str] = None, size: Optional[str] = None,
+             output_dir: Optional[str] = None) -> dict[str, dict]:
+  """`recalign eval` (flags, or gin: gin/eval.gin's CHECKPOINT_PATH, MIXTURE_OR_TASK_NAME, EVAL_SPLIT).
+  A MODEL_DIR runs the eval job over its checkpoints (`evaluate_run`); anything else is one checkpoint
+  (`evaluate_checkpoint`). Returns {row name: metrics}."""
+  path = Path(checkpoint_path)
+  settings = EvalSettings(split=split, beam_size=beam_size, batch_size=batch_size, max_examples=max_examples,
+                          exclude_history=exclude_history,
+                          lengths=dict(task_feature_lengths) if task_feature_lengths else None)
+  members = register_run_tasks(path, mixture_or_task_name, data=data_dirs, vocabulary=vocabulary)
+  print(f"protocol: {M.protocol_name(exclude_history)} (retrieval); split: {split}")
+  if (path / "run.json").exists() and (path / "checkpoints").is_dir():
+    done = evaluate_run(path, members, settings, mode=restore_mode or ("specific" if steps else "all"),
+                        steps=steps, wait=wait, until_step=until_step, poll_seconds=poll_seconds)
+    print(f"evaluated steps {sorted(done) or 'none (all already evaluated: see eval/evaluated.jsonl)'}")
+    return {f"{name} @ {step}": r.metrics for step, res in sorted(done.items()) for name, r in res.items()}
+  results = evaluate_checkpoint(path, members, settings, size=size, output_dir=Path(output_dir) if output_dir else None)
+  print(f"wrote {Path(output_dir) if output_dir else eval_output_dir(path)[0]}")
+  return {name: r.metrics for name, r in results.items()}

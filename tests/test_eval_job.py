@@ -168,3 +168,22 @@ def test_two_processes_evaluate_their_shares_and_equal_one_process(tiny_run, tmp
       assert [{k: v for k, v in x.items() if k not in ("scores", "p_yes")} for x in a] == \
           [{k: v for k, v in x.items() if k not in ("scores", "p_yes")} for x in b], f
   assert len((tmp_path / "multi" / "evaluated.jsonl").read_text().splitlines()) == len(single)   # written once
+
+
+def test_eval_with_gin_as_t5x_and_flags_override(tiny_run, tmp_path, capsys):
+  from recalign import cli
+  root, _ = tiny_run
+  out = tmp_path / "g" / "out"
+  assert cli.main(["eval", f"--gin_file={REPO / 'gin' / 'eval.gin'}",
+                   f"--gin.CHECKPOINT_PATH='{root / 'run' / 'checkpoints' / '3'}'",
+                   "--gin.MIXTURE_OR_TASK_NAME='tiny_retrieval'", "--gin.eval_job.beam_size=2",
+                   f"--gin.eval_job.output_dir='{out}'", "--split", "validation"]) == 0
+  printed = capsys.readouterr().out
+  assert "protocol: full catalogue" in printed and "split: validation" in printed
+  m = json.loads((out / "metrics_tiny_retrieval_validation.json").read_text())   # the flag beat EVAL_SPLIT
+  assert m["split"] == "validation" and m["examples"] > 0
+  import gin
+  assert gin.query_parameter("eval_job.beam_size") == 2
+  gin.clear_config()
+  assert cli.main(["eval", "--task", "tiny_retrieval"]) == 2     # no checkpoint: a clear error
+  assert "give --checkpoint" in capsys.readouterr().err
