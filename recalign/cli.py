@@ -180,7 +180,8 @@ def cmd_train(args, gin_args) -> int:
           "(give gin/runs/finetune.gin to fine-tune)", file=sys.stderr)
     gin.clear_config()
     parse_gin(DEFAULT_RUN + list(files), bindings, paths)
-  model_dir = Path(gin.query_parameter("%MODEL_DIR"))
+  from recalign import paths
+  model_dir = paths.as_path(gin.query_parameter("%MODEL_DIR"))      # local or gs://
   model_dir.mkdir(parents=True, exist_ok=True)
   (model_dir / "config.gin").write_text(gin.config_str())
   result = train_lib.train()

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from recalign import metrics as M
+from recalign import paths
 from recalign.data.prepare import PreparedData, item_id
 from recalign.decoding import EOS, ItemTrie, beam_search_items, score_items
 from recalign.models.model import EncoderDecoderModel, shift_right
@@ -34,15 +35,13 @@ class EvalResult:
   protocol: str = ""          # retrieval: "full catalogue" (the paper's) or "history excluded"
 
   def write(self, out_dir: Path | str) -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
+    out_dir = paths.as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mpath = out_dir / f"metrics_{self.task}_{self.split}.json"
     ppath = out_dir / f"predictions_{self.task}_{self.split}.jsonl"
     mpath.write_text(json.dumps({"task": self.task, "split": self.split, "protocol": self.protocol,
                                  **self.metrics}, indent=2))
-    with open(ppath, "w") as f:
-      for p in self.predictions:
-        f.write(json.dumps(p) + "\n")
+    ppath.write_text("".join(json.dumps(p) + "\n" for p in self.predictions))
     return mpath, ppath
 
 
@@ -55,7 +54,7 @@ def eval_output_dir(checkpoint: Path | str) -> tuple[Path, Optional[Path]]:
   (Hugging Face, T5X) -> <its folder>/../eval/<its name>.
   """
   from recalign.models import checkpoints as ck
-  checkpoint = Path(checkpoint).resolve()
+  checkpoint = paths.resolve(checkpoint)
   run = ck.find_run_json(checkpoint)
   if run is None:
     return checkpoint.parent / "eval" / checkpoint.name, None
@@ -69,12 +68,11 @@ def record_evaluation(out_dir: Path, checkpoint: Path | str, result: "EvalResult
   the metrics, and the files written -- the record of evaluated steps."""
   from recalign.models import checkpoints as ck
   log = out_dir.parent / "evaluated.jsonl"
-  entry = {"checkpoint": str(Path(checkpoint).resolve()), "step": ck.checkpoint_step(checkpoint),
+  entry = {"checkpoint": str(paths.resolve(checkpoint)), "step": ck.checkpoint_step(checkpoint),
            "output": out_dir.name, "task": result.task, "split": result.split, "protocol": result.protocol,
            "metrics": result.metrics, "files": [str(f) for f in files],
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-  with open(log, "a") as f:
-    f.write(json.dumps(entry) + "\n")
+  paths.append_line(log, json.dumps(entry))
   return log
 
 
@@ -360,7 +358,7 @@ def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings
   params = T.place_params(model, ck.fit_vocabulary(loaded.params, checkpoint, vocab, rows), mesh)
   lengths = dict(settings.lengths or _run_info(checkpoint).get("task_feature_lengths")
                  or {"inputs": 1024, "targets": 64})
-  out_dir = Path(output_dir) if output_dir else eval_output_dir(checkpoint)[0]
+  out_dir = paths.as_path(output_dir) if output_dir else eval_output_dir(checkpoint)[0]
   results = {}
   with mesh:
     for name in members:
@@ -377,13 +375,12 @@ def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings
 
 def checkpoint_steps(model_dir: Path | str) -> list[int]:
   """Steps saved in MODEL_DIR/checkpoints (finished ones: orbax writes under a temporary name first)."""
-  root = Path(model_dir) / "checkpoints"
+  root = paths.as_path(model_dir) / "checkpoints"
   return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
 
 
 def evaluated_steps(model_dir: Path | str, task: str, split: str, protocol: str) -> set[int]:
-  log = Path(model_dir) / "eval" / "evaluated.jsonl"
-  entries = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+  entries = paths.read_json_lines(paths.as_path(model_dir) / "eval" / "evaluated.jsonl")
   return {e["step"] for e in entries if (e["task"], e["split"], e["protocol"]) == (task, split, protocol)
           and e["step"] is not None and e["output"] == str(e["step"])}
 
@@ -393,7 +390,7 @@ RESTORE_MODES = ("all", "latest", "specific")
 
 def evaluate_run(model_dir: Path | str, members: Sequence[str], settings: EvalSettings = EvalSettings(), *,
                  mode: str = "all", steps: Sequence[int] = (), wait: bool = False, until_step: Optional[int] = None,
-                 poll_seconds: float = 60.0, mesh=None, progress: bool = True,
+                 poll_seconds: float = 60.0, mesh=None, progress: bool = True, tensorboard: bool = True,
                  sleep: Callable[[float], None] = time.sleep) -> dict[int, dict[str, EvalResult]]:
   """Evaluates the checkpoints of a run, as T5X's eval job: `mode` 'all' (every saved step, oldest
   first), 'latest' (the newest) or 'specific' (`steps`). Steps whose results are recorded in
@@ -404,7 +401,7 @@ def evaluate_run(model_dir: Path | str, members: Sequence[str], settings: EvalSe
     raise ValueError(f"restore mode must be one of {RESTORE_MODES}, not {mode!r}")
   if mode == "specific" and not steps:
     raise ValueError("restore mode 'specific' needs the steps to evaluate")
-  model_dir = Path(model_dir)
+  model_dir = paths.as_path(model_dir)
   until = until_step or _run_info(model_dir).get("train_steps")
   if wait and not until:
     raise ValueError(f"{model_dir}/run.json records no train_steps: give the step to wait for (--until-step)")
@@ -421,7 +418,8 @@ def evaluate_run(model_dir: Path | str, members: Sequence[str], settings: EvalSe
       except FileNotFoundError:   # rotated away by the training job between listing and reading
         logging.warning("%s: checkpoint %d disappeared before it was evaluated", model_dir, step)
         continue
-      _eval_summaries(model_dir, step, done[step])
+      if tensorboard:
+        _eval_summaries(model_dir, step, done[step])
     finished = not wait or (until is not None and (until in done or until in skip)) or (
         mode == "specific" and all(s in done or s in skip for s in steps))
     if finished:
@@ -452,7 +450,7 @@ def eval_job(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str =
   """`recalign eval` (flags, or gin: gin/eval.gin's CHECKPOINT_PATH, MIXTURE_OR_TASK_NAME, EVAL_SPLIT).
   A MODEL_DIR runs the eval job over its checkpoints (`evaluate_run`); anything else is one checkpoint
   (`evaluate_checkpoint`). Returns {row name: metrics}."""
-  path = Path(checkpoint_path)
+  path = paths.as_path(checkpoint_path)
   settings = EvalSettings(split=split, beam_size=beam_size, batch_size=batch_size, max_examples=max_examples,
                           exclude_history=exclude_history,
                           lengths=dict(task_feature_lengths) if task_feature_lengths else None)
@@ -463,6 +461,6 @@ def eval_job(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str =
                         steps=steps, wait=wait, until_step=until_step, poll_seconds=poll_seconds)
     print(f"evaluated steps {sorted(done) or 'none (all already evaluated: see eval/evaluated.jsonl)'}")
     return {f"{name} @ {step}": r.metrics for step, res in sorted(done.items()) for name, r in res.items()}
-  results = evaluate_checkpoint(path, members, settings, size=size, output_dir=Path(output_dir) if output_dir else None)
-  print(f"wrote {Path(output_dir) if output_dir else eval_output_dir(path)[0]}")
+  results = evaluate_checkpoint(path, members, settings, size=size, output_dir=output_dir)
+  print(f"wrote {output_dir or eval_output_dir(path)[0]}")
   return {name: r.metrics for name, r in results.items()}

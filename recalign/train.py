@@ -37,6 +37,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from recalign import paths
 from recalign.models import checkpoints as ck
 from recalign.models.model import EncoderDecoderModel
 from recalign.models.network import T5Config, padded_vocab_size
@@ -187,8 +188,8 @@ class ValidationConfig:
     return bool(self.every or self.every_minutes)
 
 
-def checkpoint_manager(model_dir: Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager((model_dir / "checkpoints").resolve(), options=ocp.CheckpointManagerOptions(
+def checkpoint_manager(model_dir: paths.PathLike, cfg: CheckpointConfig) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(paths.resolve(model_dir / "checkpoints"), options=ocp.CheckpointManagerOptions(
       save_interval_steps=cfg.every, max_to_keep=cfg.keep, create=True))
 
 
@@ -196,9 +197,9 @@ class KeepBest:
   """The best-checkpoint action: after each validation, saves the parameters to MODEL_DIR/best (and
   best.json) when `metric` improved -- the paper selects its unified models this way."""
 
-  def __init__(self, model_dir: Path, metric: str, is_chief: bool):
+  def __init__(self, model_dir: paths.PathLike, metric: str, is_chief: bool):
     self.dir, self.metric, self.is_chief = model_dir, metric, is_chief
-    self.best = _read_json(model_dir / "best.json")
+    self.best = paths.read_json(model_dir / "best.json")
 
   def __call__(self, step: int, metrics: Mapping[str, float], params) -> bool:
     if self.best is not None and metrics[self.metric] <= self.best["metrics"][self.metric]:
@@ -319,7 +320,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
           optimizer: Optional[optax.GradientTransformation] = None, schedule: Optional[optax.Schedule] = None,
           validate_fn: Optional[Callable[[EncoderDecoderModel, dict], dict]] = None,
           time_budget_s: Optional[float] = None, train_minutes_budget: Optional[float] = None,
-          progress: bool = True) -> dict:
+          tensorboard: bool = True, progress: bool = True) -> dict:
   """Trains and returns the last step's metrics (plus the best validation metrics, if any).
 
   `loss_normalizing_factor` (as T5X): "NUM_REAL_TARGET_TOKENS" (mean over target tokens, so tasks with
@@ -338,6 +339,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   train_log.jsonl and validation_log.jsonl record examples seen and minutes of training (validation
   excluded) for learning curves. `time_budget_s` stops after that much wall clock in all,
   `train_minutes_budget` after that many minutes of training (validation excluded).
+  MODEL_DIR may be remote (gs://...: etils.epath for recalign's files, orbax for checkpoints;
+  TensorBoard summaries go through TensorFlow's own file systems, `tensorboard=False` skips them).
   """
   import recalign.tasks as rt
   from recalign.data.vocab import describe, same_vocabulary
@@ -345,7 +348,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   maybe_initialize_distributed()
   ckpt_cfg = checkpoint or CheckpointConfig()
   val_cfg = validation or ValidationConfig()
-  model_dir = Path(model_dir)
+  model_dir = paths.as_path(model_dir)     # local, or gs:// (any etils.epath scheme)
   model_dir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
 
@@ -369,7 +372,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         "network_config": dataclasses.asdict(model.config), "mixture_or_task_name": mixture_or_task_name,
         "task_feature_lengths": dict(task_feature_lengths), "train_steps": train_steps,
         "vocabulary": vocabulary_record(vocab),
-        "data_dirs": [str(Path(d).resolve()) for d in data_dirs],
+        "data_dirs": [str(paths.resolve(d)) for d in data_dirs],
         "task_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
   if validate_fn is None and val_cfg.enabled:
     from recalign.evaluate import make_validate_fn
@@ -409,7 +412,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                                         * jax.process_count(), seed=random_seed + 7, pack=False))
 
   # 6. loop
-  writer = _summary_writer(model_dir / "train") if is_chief else None
+  writer = _summary_writer(model_dir / "train") if is_chief and tensorboard else None
   log_path, val_path = model_dir / "train_log.jsonl", model_dir / "validation_log.jsonl"
   keep_best = KeepBest(model_dir, val_cfg.selection_metric, is_chief)
   budget_min = time_budget_s / 60 if time_budget_s else train_minutes_budget
@@ -418,7 +421,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
              disable=not (progress and is_chief), dynamic_ncols=True)
   last = {}
   t_last, tok_last = time.perf_counter(), 0.0
-  logged = (_read_json_lines(log_path) or [{}])[-1] if start else {}
+  logged = (paths.read_json_lines(log_path) or [{}])[-1] if start else {}
   examples_seen = logged.get("examples_seen", 0)    # (carried over a resume, as the training minutes)
   t_train = time.perf_counter() - 60 * logged.get("minutes", 0.0)
 
@@ -452,8 +455,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         for name, probe in probes.items():  # every process takes part in the jitted call
           last[f"task_loss/{name}"] = float(eval_loss(state["params"], to_global(probe, batch_sharding))["loss"])
         if is_chief:
-          with open(log_path, "a") as f:
-            f.write(json.dumps(last) + "\n")
+          paths.append_line(log_path, json.dumps(last))
           _write_summaries(writer, done, last)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['useful_tokens_per_s']:.0f}",
                         lr=f"{metrics['learning_rate']:.2e}")
@@ -464,8 +466,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         val = validate_fn(model, state["params"])
         _write_summaries(writer, done, {f"validation/{k}": v for k, v in val.items()})
         if is_chief:
-          with open(val_path, "a") as f:
-            f.write(json.dumps({"step": done, "examples_seen": examples_seen, "minutes": minutes, **val}) + "\n")
+          paths.append_line(val_path, json.dumps({"step": done, "examples_seen": examples_seen, "minutes": minutes,
+                                                  **val}))
         logging.info("step %d validation %s", done, val)
         keep_best(done, val, state["params"])
         t_train += time.perf_counter() - t_val   # validation is not training time
@@ -480,11 +482,12 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   if writer is not None:
     writer.flush()
   if not last and start >= train_steps:   # a finished run: report its last logged step
-    last = {k: v for k, v in ((_read_json_lines(log_path) or [{}])[-1]).items() if k != "examples_seen"}
+    last = {k: v for k, v in ((paths.read_json_lines(log_path) or [{}])[-1]).items() if k != "examples_seen"}
   return {**last, "best": keep_best.best}
 
 
-def _check_settings(val: ValidationConfig, validate_fn, model_dir: Path, vocab, batch_size: int, accum: int) -> None:
+def _check_settings(val: ValidationConfig, validate_fn, model_dir: paths.PathLike, vocab, batch_size: int,
+                    accum: int) -> None:
   """Settings that would fail (or silently do nothing) after steps of training are errors now."""
   import recalign.tasks as rt
   from recalign.data.vocab import describe
@@ -501,27 +504,19 @@ def _check_settings(val: ValidationConfig, validate_fn, model_dir: Path, vocab, 
     raise ValueError("ValidationConfig.every_minutes needs one process (hosts' clocks would disagree); use every")
   if batch_size % accum:
     raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by gradient_accumulation_steps={accum}")
-  previous = _read_json(model_dir / "run.json")
+  previous = paths.read_json(model_dir / "run.json")
   if previous and previous.get("vocabulary") and previous["vocabulary"]["sha256"] != vocabulary_record(vocab)["sha256"]:
     raise ValueError(f"{model_dir} was trained with {previous['vocabulary']['path']}, not "
                      f"{describe(vocab)}: use another MODEL_DIR")
 
 
-def _save_params(path: Path, params) -> None:
+def _save_params(path, params) -> None:
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path.resolve() / "default", {"params": params}, force=True)
+  ckptr.save(paths.resolve(path) / "default", {"params": params}, force=True)
   ckptr.wait_until_finished()
 
 
-def _read_json(path: Path) -> Optional[dict]:
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def _read_json_lines(path: Path) -> list[dict]:
-  return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def _summary_writer(path: Path):
+def _summary_writer(path):
   import tensorflow as tf
   return tf.summary.create_file_writer(str(path))
 

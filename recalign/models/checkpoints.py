@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from recalign import paths
 from recalign.models.network import T5Config
 
 # --------------------------------------------------------------------------------------------
@@ -110,17 +111,21 @@ def _get(tree: dict, path: tuple[str, ...]):
   return tree
 
 
-def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
+def _read_safetensors(directory) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load, load_file
+
+  def read(path) -> dict[str, np.ndarray]:   # remote files are read whole (safetensors maps local ones)
+    return load(path.read_bytes()) if paths.is_remote(path) else load_file(str(path))
+
   single = directory / "model.safetensors"
   index = directory / "model.safetensors.index.json"
   if single.exists():
-    return load_file(str(single))
+    return read(single)
   if index.exists():  # sharded: weight_map names the file of each tensor
     files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out = {}
     for f in files:
-      out.update(load_file(str(directory / f)))
+      out.update(read(directory / f))
     return out
   raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json "
                           "(save the model with safe_serialization=True)")
@@ -129,7 +134,7 @@ def _read_safetensors(directory: Path) -> dict[str, np.ndarray]:
 def load_hf(directory: str | Path, *, vocab_size: Optional[int] = None,
             dtype=np.float32) -> tuple[T5Config, dict]:
   """Imports a HF T5 / FLAN-T5 directory (config.json + safetensors) -> (config, params)."""
-  directory = Path(directory)
+  directory = paths.as_path(directory)
   cfg_path = directory / "config.json"
   if not cfg_path.exists():
     raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face model directory")
@@ -155,7 +160,7 @@ def load_hf(directory: str | Path, *, vocab_size: Optional[int] = None,
 def save_hf(cfg: T5Config, params: dict, directory: str | Path) -> Path:
   """Exports to a directory `transformers.T5ForConditionalGeneration.from_pretrained` reads."""
   from safetensors.numpy import save_file
-  directory = Path(directory)
+  directory = paths.as_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   out = {}
   for hf_name, (path, transpose) in _hf_names(cfg).items():
@@ -205,7 +210,7 @@ def load_t5x(path: str | Path) -> dict:
   parameter path with dots (`target.encoder.layers_0.attention.query.kernel`). T5X's parameter
   names are recalign's, so nothing is renamed.
   """
-  path = Path(path)
+  path = paths.as_path(path)
   if (path / "checkpoint").is_file():
     return _load_t5x_msgpack(path)
   restored = _restore_numpy(path)
@@ -220,10 +225,10 @@ def _restore_numpy(path: Path) -> dict:
   import jax
   import orbax.checkpoint as ocp
   ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(str(path.resolve()))
+  meta = ckptr.metadata(str(paths.resolve(path)))
   tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
   args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(str(path.resolve()), args=ocp.args.PyTreeRestore(restore_args=args))
+  return ckptr.restore(str(paths.resolve(path)), args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def _to_numpy(tree):
@@ -278,10 +283,12 @@ def check_compatible(params: dict, expected_shapes: dict, source: str) -> None:
 # One entry point for every checkpoint recalign reads, and the vocabulary that goes with it
 
 
-def find_run_json(path: str | Path) -> Optional[Path]:
+def find_run_json(path: paths.PathLike) -> Optional[paths.epath.Path]:
   """MODEL_DIR/run.json of a recalign checkpoint (MODEL_DIR/checkpoints/<step>, MODEL_DIR/best)."""
-  path = Path(path).resolve()
+  path = paths.resolve(path)
   for p in [path, *path.parents]:
+    if paths.is_remote(path) and (str(p).endswith("://") or "://" not in str(p)):
+      break   # not above the bucket
     if (p / "run.json").exists():
       return p / "run.json"
   return None
@@ -297,10 +304,10 @@ class Checkpoint:
   model_dir: Optional[Path] = None   # a recalign run's MODEL_DIR
 
 
-def checkpoint_format(path: str | Path) -> str:
+def checkpoint_format(path: paths.PathLike) -> str:
   """huggingface (config.json + safetensors), recalign (below a MODEL_DIR with run.json: checkpoints/<step>
   or best) or t5x (`checkpoint_<step>`, Orbax or legacy msgpack)."""
-  path = Path(path)
+  path = paths.as_path(path)
   if (path / "config.json").exists():
     return "huggingface"
   if (path / "default").is_dir() and find_run_json(path) is not None:
@@ -311,10 +318,10 @@ def checkpoint_format(path: str | Path) -> str:
                           "a recalign MODEL_DIR/checkpoints/<step> or MODEL_DIR/best, or a T5X checkpoint_<step>)")
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: paths.PathLike) -> Checkpoint:
   """The one reader of model checkpoints: dispatches on `checkpoint_format`. recalign keeps parameters
   under 'params' (train state: step, params, opt_state); only T5X checkpoints use T5X's 'target'."""
-  path = Path(path)
+  path = paths.as_path(path)
   fmt = checkpoint_format(path)
   if fmt == "huggingface":
     config, params = load_hf(path)
@@ -334,9 +341,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
   return Checkpoint(_to_numpy(restored[key]), fmt, config, step, model_dir)
 
 
-def checkpoint_step(path: str | Path) -> Optional[int]:
+def checkpoint_step(path: paths.PathLike) -> Optional[int]:
   """The step of a recalign checkpoint: MODEL_DIR/checkpoints/<step>, or MODEL_DIR/best (from best.json)."""
-  path = Path(path)
+  path = paths.as_path(path)
   if path.name.isdigit():
     return int(path.name)
   best = path.parent / "best.json"
@@ -350,12 +357,12 @@ def load_params(path: str | Path) -> dict:
   return load_checkpoint(path).params
 
 
-def checkpoint_vocabulary(path: str | Path) -> Optional[Path]:
+def checkpoint_vocabulary(path: paths.PathLike) -> Optional[paths.epath.Path]:
   """The SentencePiece model a checkpoint was trained with, where it says: a Hugging Face directory's
   spiece.model, or the vocabulary recorded in a recalign run's run.json. None for T5X checkpoints
   (they do not record it: T5 / FLAN-T5 use cc_all.32000.100extra/sentencepiece.model)."""
   from recalign.data.vocab import CHECKPOINT_VOCAB_FILES
-  path = Path(path)
+  path = paths.as_path(path)
   for name in CHECKPOINT_VOCAB_FILES:
     if (path / name).exists():
       return path / name
@@ -363,7 +370,7 @@ def checkpoint_vocabulary(path: str | Path) -> Optional[Path]:
   if run is not None:
     recorded = json.loads(run.read_text()).get("vocabulary")
     if recorded:
-      return Path(recorded["path"])
+      return paths.as_path(recorded["path"])
   return None
 
 
