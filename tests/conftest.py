@@ -80,3 +80,36 @@ def synthetic_dataset(root: Path, name: str, *, users: int = 60, items: int = 20
   train_vocabulary(data, root / name / "vocab", vocab_size=200)
   rt.register_dataset(root / name, config=rt.TaskConfig(num_candidates=num_candidates))
   return data
+
+
+def prepare_tiny(root: Path, name: str = "tiny") -> Path:
+  """The hand-made data set prepared (no k-core) under root/name, with a 300-piece vocabulary."""
+  from recalign.data import prepare, read_source
+  from recalign.data.vocab import train_vocabulary
+  data = prepare(read_source(write_tiny_tsv(root / "src")), name=name, kcore=0)
+  data.save(root / name)
+  train_vocabulary(data, root / name / "vocab", vocab_size=300)
+  return root / name
+
+
+def run_two_processes(script: Path, args: list[str], devices: int = 2, timeout: int = 900) -> list[dict]:
+  """Runs `script` as a 2-process JAX job on this machine (devices CPU devices each), launched the way
+  the README launches multi-host jobs (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID);
+  returns each process's `RESULT <json>` line, parsed."""
+  import json
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(REPO),
+               TF_CPP_MIN_LOG_LEVEL="3", JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  return [json.loads(o.split("RESULT ", 1)[1].splitlines()[0]) for o in outs]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, write_tiny_tsv
+from conftest import REPO, prepare_tiny, run_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -14,13 +14,9 @@ def tiny_run(tmp_path_factory):
   """A tiny prepared data set and a 3-step run with a checkpoint at every step (3 kept)."""
   import recalign.tasks as rt
   from recalign import train as T
-  from recalign.data import prepare, read_source
-  from recalign.data.vocab import train_vocabulary
   from recalign.models.network import CONFIGS
   root = tmp_path_factory.mktemp("evaljob")
-  data = prepare(read_source(write_tiny_tsv(root / "src")), name="tiny", kcore=0)
-  data.save(root / "tiny")
-  train_vocabulary(data, root / "tiny" / "vocab", vocab_size=300)
+  prepare_tiny(root)
   kw = dict(model_dir=str(root / "run"), mixture_or_task_name="tiny_retrieval", data_dirs=[str(root / "tiny")],
             task_config=rt.TaskConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
             batch_size=4, network_config=CONFIGS["tiny"], progress=False,
@@ -126,8 +122,6 @@ print("RESULT", json.dumps({"process": jax.process_index(), "processes": jax.pro
 def test_two_processes_evaluate_their_shares_and_equal_one_process(tiny_run, tmp_path):
   """2 processes x 2 CPU devices (launched as the README launches multi-host jobs): each decodes half
   of the users; both return the single-process metrics, and process 0 alone writes the same files."""
-  import os
-  import socket
   from recalign import evaluate as E
   root, _ = tiny_run
   run = root / "run"
@@ -136,19 +130,7 @@ def test_two_processes_evaluate_their_shares_and_equal_one_process(tiny_run, tmp
                                  batch_size=2), output_dir=tmp_path / "single" / "out", progress=False)
   script = tmp_path / "multi.py"
   script.write_text(MULTI)
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(REPO),
-               TF_CPP_MIN_LOG_LEVEL="3", JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, str(script), str(run), str(tmp_path / "multi" / "out")], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outs = [p.communicate(timeout=900)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  results = [json.loads(o.split("RESULT ", 1)[1].splitlines()[0]) for o in outs]
+  results = run_two_processes(script, [str(run), str(tmp_path / "multi" / "out")])
   assert [r["process"] for r in results] == [0, 1] and results[0]["processes"] == 2
   for r in results:
     for name, res in single.items():

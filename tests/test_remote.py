@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, write_tiny_tsv
+from conftest import REPO, prepare_tiny
 
 SCRIPT = r'''
 import json, os, socket, sys
@@ -76,11 +76,7 @@ finally:
 
 
 def test_model_dir_on_cloud_storage_emulator(tmp_path):
-  from recalign.data import prepare, read_source
-  from recalign.data.vocab import train_vocabulary
-  data = prepare(read_source(write_tiny_tsv(tmp_path / "src")), name="tiny", kcore=0)
-  data.save(tmp_path / "tiny")
-  train_vocabulary(data, tmp_path / "tiny" / "vocab", vocab_size=300)
+  prepare_tiny(tmp_path)
   (tmp_path / "remote.py").write_text(SCRIPT)
   env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run([sys.executable, str(tmp_path / "remote.py"), str(tmp_path / "tiny"), str(tmp_path / "hf")],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import shared, synthetic_dataset, train_t5_like_vocab, write_tiny_tsv
+from conftest import prepare_tiny, shared, synthetic_dataset, train_t5_like_vocab, write_tiny_tsv
 from recalign import metrics as M
 import recalign.tasks as rt
 from recalign.data import PreparedData, item_id, prepare, read_source
@@ -20,9 +20,7 @@ H = ("A user has purchased the following Amazon products (arranged in chronologi
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("tiny")
-  data = prepare(read_source(write_tiny_tsv(root / "src")), name="tiny", kcore=0, seed=0)
-  data.save(root / "tiny")
-  train_vocabulary(data, root / "tiny" / "vocab", vocab_size=300)
+  prepare_tiny(root)
   rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
   return PreparedData.load(root / "tiny"), load_vocabulary(root / "tiny" / "vocab")
 

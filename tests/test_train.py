@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_tiny_tsv
+from conftest import REPO, prepare_tiny, run_two_processes
 
 # A training run as a separate process (so it can be killed, or see 8 simulated devices).
 SCRIPT = r'''
@@ -36,12 +36,8 @@ for model_dir, extra in zip(runs[::2], runs[1::2]):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-  from recalign.data import prepare, read_source
-  from recalign.data.vocab import train_vocabulary
   root = tmp_path_factory.mktemp("train")
-  data = prepare(read_source(write_tiny_tsv(root / "src")), name="tiny", kcore=0)
-  data.save(root / "tiny")
-  train_vocabulary(data, root / "tiny" / "vocab", vocab_size=300)
+  prepare_tiny(root)
   (root / "run.py").write_text(SCRIPT)
   return root
 
@@ -286,8 +282,6 @@ print("RESULT", json.dumps({"process": jax.process_index(), "processes": jax.pro
 def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
   """A real multi-process run (2 processes x 2 CPU devices, gloo collectives), launched the way the
   README launches multi-node GPUs: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
-  import socket
-
   import jax
   import numpy as np
 
@@ -298,17 +292,7 @@ def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
 
   script, model_dir = tiny_dir / "multi.py", tiny_dir / "multi"
   script.write_text(MULTI)
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  procs = []
-  for pid in range(2):
-    e = dict(env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, str(script), str(tiny_dir / "tiny"), str(model_dir)], env=e,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  results = [json.loads(o.split("RESULT ", 1)[1].splitlines()[0]) for o in outs]
+  results = run_two_processes(script, [str(tiny_dir / "tiny"), str(model_dir)], timeout=600)
   assert [r["process"] for r in results] == [0, 1] and results[0]["devices"] == 4
   assert results[0]["loss"] == results[1]["loss"]          # one global computation
   logged = losses(model_dir)                                 # written by process 0 only
