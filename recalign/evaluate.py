@@ -224,9 +224,9 @@ class RecEvaluator:
   def evaluate(self, params, task_name: str, split: str, lengths: dict,
                max_examples: Optional[int] = None, example_ids: Optional[np.ndarray] = None) -> EvalResult:
     """Metrics and per-user predictions on a split: all users, `example_ids`, or a seeded sample
-    of `max_examples` users. With several processes, each decodes every n-th example (of the
-    examples sorted by prompt length, so shares are balanced) on its own devices; their rows are
-    gathered, so every process returns what one process would."""
+    of `max_examples` users. With several processes and a process-local mesh, each decodes every
+    n-th example (of the examples sorted by prompt length, so shares are balanced) on its own
+    devices; their rows are gathered, so every process returns what one process would."""
     from recalign.tasks.registry import task_info
     kind = task_info(task_name).kind
     if kind not in ("retrieval", "ranking", "rating"):
@@ -236,8 +236,12 @@ class RecEvaluator:
     # Longest prompts first: batches of similar lengths waste little encoder work on padding.
     order = np.argsort([-len(e["inputs"]) for e in examples], kind="stable")
     import jax
-    mine = order[jax.process_index()::jax.process_count()]
-    arrays = gather_rows(decode(params, [examples[i] for i in mine], split), mine, len(examples))
+    # Processes split the users only on process-local meshes (params held per process, as
+    # evaluate_checkpoint places them); under the trainer's global mesh every process decodes all.
+    shared = self.mesh is not None and jax.process_count() > 1 and all(
+        d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+    mine = order[jax.process_index()::jax.process_count()] if shared else order
+    arrays = gather_rows(decode(params, [examples[i] for i in mine], split), mine, len(examples), gather=shared)
     metrics, preds = finish(examples, arrays)
     metrics["examples"] = len(examples)
     protocol = {"retrieval": M.protocol_name(self.exclude_history), "ranking": "the task's candidates",
@@ -245,11 +249,13 @@ class RecEvaluator:
     return EvalResult(task_name, split, metrics, preds, protocol)
 
 
-def gather_rows(local: dict[str, np.ndarray], rows: np.ndarray, total: int) -> dict[str, np.ndarray]:
+def gather_rows(local: dict[str, np.ndarray], rows: np.ndarray, total: int, *,
+                gather: bool = True) -> dict[str, np.ndarray]:
   """Arrays whose row r belongs to example `rows[r]`, from every process -> arrays of all `total`
-  examples in example order (one process: a reorder; several: an all-gather of equal-sized shares)."""
+  examples in example order (one process, or `gather=False`: a reorder; several: an all-gather of
+  equal-sized shares)."""
   import jax
-  if jax.process_count() > 1:
+  if gather and jax.process_count() > 1:
     from jax.experimental import multihost_utils
     width = -(-total // jax.process_count())      # shares differ by at most one row: pad to equal
     padded = {k: np.concatenate([v, np.zeros((width - len(v),) + v.shape[1:], v.dtype)]) for k, v in local.items()}
