@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -209,6 +210,55 @@ class KeepBest:
     if self.is_chief:
       (self.dir / "best.json").write_text(json.dumps(self.best, indent=2))
     return True
+
+
+class TrainClock:
+  """Minutes of training, validation excluded, carried over a resume: what budgets and learning
+  curves count."""
+
+  def __init__(self, minutes_so_far: float = 0.0):
+    self.t0 = time.perf_counter() - 60 * minutes_so_far
+
+  def minutes(self) -> float:
+    return (time.perf_counter() - self.t0) / 60
+
+  @contextlib.contextmanager
+  def paused(self):
+    t = time.perf_counter()
+    yield
+    self.t0 += time.perf_counter() - t
+
+
+class PeriodicValidation:
+  """The validation action: every `cfg.every` steps or `cfg.every_minutes` of training (and at the last
+  step), runs `validate_fn(model, params)`, logs it (validation_log.jsonl, TensorBoard) and keeps the
+  best step (`KeepBest`). Its time is not training time."""
+
+  def __init__(self, cfg: ValidationConfig, validate_fn: Callable, model_dir, writer, is_chief: bool,
+               clock: TrainClock):
+    self.cfg, self.validate_fn, self.writer, self.is_chief, self.clock = cfg, validate_fn, writer, is_chief, clock
+    self.log = model_dir / "validation_log.jsonl"
+    self.keep_best = KeepBest(model_dir, cfg.selection_metric, is_chief)
+    self.next_minute = self._next_minute()
+
+  def _next_minute(self) -> float:
+    every = self.cfg.every_minutes
+    return (int(self.clock.minutes() / every) + 1) * every if every else float("inf")
+
+  def __call__(self, model, params, step: int, examples_seen: int, final: bool) -> None:
+    due = (self.cfg.every and step % self.cfg.every == 0) or self.clock.minutes() >= self.next_minute
+    if self.validate_fn is None or not self.cfg.enabled or not (due or final):
+      return
+    minutes = self.clock.minutes()
+    with self.clock.paused():
+      val = self.validate_fn(model, params)
+      _write_summaries(self.writer, step, {f"validation/{k}": v for k, v in val.items()})
+      if self.is_chief:
+        paths.append_line(self.log, json.dumps({"step": step, "examples_seen": examples_seen, "minutes": minutes,
+                                                **val}))
+      logging.info("step %d validation %s", step, val)
+      self.keep_best(step, val, params)
+    self.next_minute = self._next_minute()
 
 
 def resolve_vocabulary(vocabulary: Optional[str], initial_checkpoint_path: Optional[str]):
@@ -413,25 +463,17 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
 
   # 6. loop
   writer = _summary_writer(model_dir / "train") if is_chief and tensorboard else None
-  log_path, val_path = model_dir / "train_log.jsonl", model_dir / "validation_log.jsonl"
-  keep_best = KeepBest(model_dir, val_cfg.selection_metric, is_chief)
+  log_path = model_dir / "train_log.jsonl"
+  logged = (paths.read_json_lines(log_path) or [{}])[-1] if start else {}
+  examples_seen = logged.get("examples_seen", 0)    # (carried over a resume, as the training minutes)
+  clock = TrainClock(logged.get("minutes", 0.0))
+  validate = PeriodicValidation(val_cfg, validate_fn, model_dir, writer, is_chief, clock)
   budget_min = time_budget_s / 60 if time_budget_s else train_minutes_budget
   bar = tqdm(total=None if budget_min else train_steps, initial=start,  # a time budget: no step total
              desc="train" if not budget_min else f"train ({budget_min:.0f} min budget)",
              disable=not (progress and is_chief), dynamic_ncols=True)
   last = {}
   t_last, tok_last = time.perf_counter(), 0.0
-  logged = (paths.read_json_lines(log_path) or [{}])[-1] if start else {}
-  examples_seen = logged.get("examples_seen", 0)    # (carried over a resume, as the training minutes)
-  t_train = time.perf_counter() - 60 * logged.get("minutes", 0.0)
-
-  def train_minutes() -> float:  # wall clock of training, validation excluded
-    return (time.perf_counter() - t_train) / 60
-
-  def next_eval_minute() -> float:
-    return (int(train_minutes() / val_cfg.every_minutes) + 1) * val_cfg.every_minutes if val_cfg.every_minutes else 0
-
-  next_eval = next_eval_minute()
   in_flight = None   # the previous step's loss: the bar advances when a step completes, not when queued
   with mesh:
     for step in range(start, train_steps):
@@ -445,13 +487,13 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         bar.update(done - 1 - bar.n)
       in_flight = metrics["loss"]
       out_of_time = ((time_budget_s is not None and time.perf_counter() - t_start > time_budget_s)
-                     or (train_minutes_budget is not None and train_minutes() > train_minutes_budget))
+                     or (train_minutes_budget is not None and clock.minutes() > train_minutes_budget))
       if done % log_every == 0 or done == train_steps or out_of_time:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         metrics["useful_tokens_per_s"] = tok_last / (now - t_last)
         t_last, tok_last = now, 0.0
-        last = {"step": done, "examples_seen": examples_seen, "minutes": train_minutes(), **metrics}
+        last = {"step": done, "examples_seen": examples_seen, "minutes": clock.minutes(), **metrics}
         for name, probe in probes.items():  # every process takes part in the jitted call
           last[f"task_loss/{name}"] = float(eval_loss(state["params"], to_global(probe, batch_sharding))["loss"])
         if is_chief:
@@ -460,18 +502,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['useful_tokens_per_s']:.0f}",
                         lr=f"{metrics['learning_rate']:.2e}")
         bar.update(done - bar.n)
-      due = (val_cfg.every and done % val_cfg.every == 0) or (val_cfg.every_minutes and train_minutes() >= next_eval)
-      if validate_fn is not None and val_cfg.enabled and (due or done == train_steps or out_of_time):
-        t_val, minutes = time.perf_counter(), train_minutes()
-        val = validate_fn(model, state["params"])
-        _write_summaries(writer, done, {f"validation/{k}": v for k, v in val.items()})
-        if is_chief:
-          paths.append_line(val_path, json.dumps({"step": done, "examples_seen": examples_seen, "minutes": minutes,
-                                                  **val}))
-        logging.info("step %d validation %s", done, val)
-        keep_best(done, val, state["params"])
-        t_train += time.perf_counter() - t_val   # validation is not training time
-        next_eval = next_eval_minute()
+      validate(model, state["params"], done, examples_seen, final=done == train_steps or out_of_time)
       mngr.save(done, args=ocp.args.StandardSave(state), force=done == train_steps or out_of_time)
       if out_of_time:
         logging.info("time budget spent at step %d", done)
@@ -483,7 +514,7 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     writer.flush()
   if not last and start >= train_steps:   # a finished run: report its last logged step
     last = {k: v for k, v in ((paths.read_json_lines(log_path) or [{}])[-1]).items() if k != "examples_seen"}
-  return {**last, "best": keep_best.best}
+  return {**last, "best": validate.keep_best.best}
 
 
 def _check_settings(val: ValidationConfig, validate_fn, model_dir: paths.PathLike, vocab, batch_size: int,
