@@ -271,6 +271,12 @@ def gather_rows(local: dict[str, np.ndarray], rows: np.ndarray, total: int, *,
   return out
 
 
+def headline_metric(kind: str) -> str:
+  """What selects the best checkpoint of a task kind unless told otherwise: retrieval NDCG@10,
+  ranking NDCG@10 of the teacher-forced scores, rating AUC."""
+  return {"retrieval": "ndcg@10", "ranking": "score/ndcg@10", "rating": "auc"}.get(kind, "ndcg@10")
+
+
 def validation_metrics(kind: str) -> tuple[str, ...]:
   """The metrics the RecEvaluator reports for a task kind (what `train(selection_metric=...)` may name)."""
   ranking = tuple(f"{m}@{k}" for k in (1, 5, 10) for m in ("hr", "ndcg"))

@@ -176,13 +176,14 @@ class CheckpointConfig:
 class ValidationConfig:
   """Validation during training: every `every` steps (or `every_minutes` of training) `task` (e.g.
   'beauty_retrieval') on its validation users -- a seeded sample of `examples` (default all) at `lengths`
-  (default the training lengths). The best step by `selection_metric` is kept in MODEL_DIR/best."""
+  (default the training lengths). The best step by `selection_metric` (default the task's headline
+  metric: retrieval ndcg@10, ranking score/ndcg@10, rating auc) is kept in MODEL_DIR/best."""
   task: Optional[str] = None
   every: int = 0
   every_minutes: Optional[float] = None
   examples: Optional[int] = None
   lengths: Optional[Mapping[str, int]] = None
-  selection_metric: str = "ndcg@10"
+  selection_metric: Optional[str] = None
 
   @property
   def enabled(self) -> bool:
@@ -416,6 +417,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   # 2. model, and the settings that would only fail (or do nothing) after steps of training
   model = EncoderDecoderModel(network_config.replace(vocab_size=padded_vocab_size(vocab.vocab_size)),
                               z_loss=z_loss, label_smoothing=label_smoothing, loss_normalize=loss_normalizing_factor)
+  if val_cfg.selection_metric is None:   # the validation task's headline metric
+    from recalign.evaluate import headline_metric
+    kind = rt.registry.task_info(val_cfg.task).kind if val_cfg.task else "retrieval"
+    val_cfg = dataclasses.replace(val_cfg, selection_metric=headline_metric(kind))
   _check_settings(val_cfg, validate_fn, model_dir, vocab, batch_size, gradient_accumulation_steps)
   if is_chief:  # what `recalign eval` needs to rebuild the model and its tasks next to its checkpoints
     (model_dir / "run.json").write_text(json.dumps({

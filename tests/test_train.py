@@ -330,8 +330,12 @@ def test_settings_that_would_fail_after_training_are_errors_before_the_first_ste
     T.train(model_dir=str(tiny_dir / "no_val"), train_steps=2, validation=T.ValidationConfig(every=1), **kw)
   with pytest.raises(ValueError, match=r"'ndcg@10' is not reported by tiny_ranking.*score/ndcg@10"):
     T.train(model_dir=str(tiny_dir / "bad_metric"), train_steps=2,
-            validation=T.ValidationConfig(every=1, task="tiny_ranking"), **kw)
+            validation=T.ValidationConfig(every=1, task="tiny_ranking", selection_metric="ndcg@10"), **kw)
   assert not any((tiny_dir / "bad_metric" / f).exists() for f in ("train_log.jsonl", "run.json"))
+  # Without a selection metric, the task's headline one: rating selects by AUC (the demo's RpAT run).
+  out = T.train(model_dir=str(tiny_dir / "rating_val"), train_steps=1,
+                validation=T.ValidationConfig(every=1, task="tiny_rating"), **kw)
+  assert out["best"]["selection_metric"] == "auc" and 0.0 <= out["best"]["metrics"]["auc"] <= 1.0
   # A finished run, started again: says so and reports its last step instead of returning nothing.
   first = T.train(model_dir=str(tiny_dir / "done"), train_steps=2, **kw)
   again = T.train(model_dir=str(tiny_dir / "done"), train_steps=2, **kw)
