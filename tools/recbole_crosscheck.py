@@ -59,7 +59,7 @@ def run_recbole(data, epochs: int, seed: int, workdir: Path) -> dict:
   write_atomic(data, workdir)
   config = Config(model="SASRec", dataset=data.name, config_dict={
       "data_path": str(workdir), "checkpoint_dir": str(workdir / "saved"), "use_gpu": False, "seed": seed,
-      "reproducibility": True, "show_progress": False, "state": "WARNING",
+      "reproducibility": True, "show_progress": False, "state": "INFO",   # INFO: a line per epoch
       "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
       "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)",
       "MAX_ITEM_LIST_LENGTH": 50, "n_layers": 2, "hidden_size": 64, "hidden_dropout_prob": 0.5,
