@@ -260,3 +260,34 @@ def score_items(model: EncoderDecoderModel, params, encoder_tokens: np.ndarray, 
   out = _score(model, params, jnp.asarray(encoder_tokens), jnp.asarray(tgt), jnp.asarray(trie.alphabet),
                restrict=restrict)
   return np.asarray(out)
+
+
+def score_targets(model: EncoderDecoderModel, params, encoder_tokens: np.ndarray,
+                  targets: Sequence[Sequence[Sequence[int]]], *, width_multiple: int = 8) -> np.ndarray:
+  """Teacher-forced log-likelihood [b, c] (full softmax) of c token sequences per example (EOS added):
+  e.g. the candidate answers of a multiple-choice task. Each prompt is encoded once."""
+  b, c = len(targets), max(len(t) for t in targets)
+  depth = max(len(s) for t in targets for s in t) + 1
+  depth = -(-depth // width_multiple) * width_multiple
+  tgt = np.zeros((b, c, depth), np.int32)
+  for i, rows in enumerate(targets):
+    for j, toks in enumerate(rows):
+      tgt[i, j, :len(toks) + 1] = list(toks) + [EOS]
+  out = np.asarray(_score(model, params, jnp.asarray(encoder_tokens), jnp.asarray(tgt), jnp.zeros([1], jnp.int32),
+                          restrict=False))
+  return np.where(tgt[..., 0] > 0, out, -np.inf)   # padding rows of examples with fewer candidates
+
+
+def generate(model: EncoderDecoderModel, params, encoder_tokens, *, max_length: int, beam_size: int = 1) -> np.ndarray:
+  """The best decode of each prompt [b, max_length] (greedy with beam_size=1), EOS then 0s."""
+  tokens, _ = beam_search(model, params, encoder_tokens, beam_size=beam_size, max_length=max_length)
+  return np.asarray(tokens)[:, 0]
+
+
+def decode_texts(vocab, tokens: np.ndarray) -> list[str]:
+  """Token rows (as `generate` returns them) -> text, up to the first EOS."""
+  out = []
+  for row in np.asarray(tokens).tolist():
+    row = row[:row.index(EOS)] if EOS in row else row
+    out.append(vocab.decode([t for t in row if t > 0]))
+  return out

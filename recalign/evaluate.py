@@ -8,6 +8,7 @@ candidate), rating (AUC of P(yes)). Writes a metrics JSON and per-user predictio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -22,8 +23,13 @@ from tqdm.auto import tqdm
 from recalign import metrics as M
 from recalign import paths
 from recalign.data.prepare import PreparedData, item_id
-from recalign.decoding import EOS, ItemTrie, beam_search_items, score_items
+from recalign.decoding import EOS, ItemTrie, beam_search_items, decode_texts, generate, score_items, score_targets
 from recalign.models.model import EncoderDecoderModel, shift_right
+from recalign.tasks import itdr
+
+REC_KINDS = ("retrieval", "ranking", "rating")
+ITDR_KINDS = tuple(f"itdr_{k}" for k in itdr.KINDS)
+EVALUABLE = REC_KINDS + ITDR_KINDS
 
 
 @dataclasses.dataclass
@@ -221,6 +227,106 @@ class RecEvaluator:
               "label": int(e["label"]), "p_yes": round(float(q), 5)} for e, q in zip(examples, p)]
     return {"auc": M.auc(p, labels)}, preds
 
+  # ITDR's tasks: greedy generation, parsed as ITDR scores it, and -- where the answer is one of a few
+  # texts (TKR / CDR: each candidate as the list's first entry; NIR: each candidate; RP: each rating)
+  # -- the teacher-forced score of each: the constrained, parse-free variant. Baselines beside them.
+
+  def _choices(self, kind: str, e: dict) -> list[str]:
+    if kind in ("itdr_tkr", "itdr_cdr"):
+      return [f"1. {self.itdr_texts.titles[c]}" for c in e["candidates"]]
+    if kind == "itdr_nir":
+      return [self.itdr_texts.titles[c] for c in e["candidates"]]
+    if kind == "itdr_rp":
+      return [itdr.rating_text(r) for r in self.rating_values()]
+    return []
+
+  def rating_values(self) -> np.ndarray:
+    return np.unique(np.concatenate([r[:-2] for r in self.data.ratings]))
+
+  def decode_itdr(self, params, examples: list[dict], split: str, *, kind: str, max_length: int) -> dict[str, np.ndarray]:
+    gen, scores = [], []
+    for s, chunk in _batches(examples, self.batch_size, f"{kind}/{split}", self.progress):
+      enc = self._put(pad_inputs(chunk))
+      n = min(self.batch_size, len(examples) - s)
+      gen.append(generate(self.model, params, enc, max_length=max_length)[:n])
+      choices = [[self.vocab.encode(t) for t in self._choices(kind, e)] for e in chunk]
+      if choices[0]:
+        scores.append(score_targets(self.model, params, enc, choices)[:n])
+    out = {"generated": np.concatenate(gen).astype(np.int32)}
+    if scores:
+      out["scores"] = np.concatenate(scores).astype(np.float32)
+    return out
+
+  def finish_itdr(self, examples: list[dict], a: dict, *, kind: str) -> tuple[dict, list[dict]]:
+    texts = decode_texts(self.vocab, a["generated"])
+    targets = [e["targets_pretokenized"].decode() for e in examples]
+    preds = [{"user": self.data.users[int(e["user"])], "target": t, "generated": g}
+             for e, t, g in zip(examples, targets, texts)]
+    titles = self.itdr_texts.titles
+    if kind in ("itdr_tkr", "itdr_cdr"):
+      gen_rank, score_rank, relevant, unknown = [], [], [], 0
+      for e, g, sc in zip(examples, texts, a["scores"]):
+        cands = [int(c) for c in e["candidates"]]
+        named, unk = itdr.match_titles(itdr.parse_numbered(g), [titles[c] for c in cands])
+        unknown += unk
+        gen_rank.append(itdr.complete_ranking(named, len(cands), range(len(cands))))   # then as shown
+        score_rank.append(np.argsort(-sc[:len(cands)], kind="stable").tolist())
+        relevant.append({i for i, c in enumerate(cands) if c in set(e["positives"].tolist())})
+      metrics = {**{f"generated/{k}": v for k, v in itdr.list_metrics(gen_rank, relevant).items()},
+                 **{f"score/{k}": v for k, v in itdr.list_metrics(score_rank, relevant).items()},
+                 **{f"random/{k}": v for k, v in itdr.random_list_baseline(len(examples[0]["candidates"]),
+                                                                          itdr.POSITIVES).items()},
+                 "unparsable": float(np.mean([not itdr.parse_numbered(g) for g in texts])),
+                 "unknown_titles_per_example": unknown / len(examples)}
+    elif kind == "itdr_nir":
+      gen_hit, score_hit = [], []
+      for e, g, sc in zip(examples, texts, a["scores"]):
+        cands = [int(c) for c in e["candidates"]]
+        named, _ = itdr.match_titles([g], [titles[c] for c in cands])
+        gen_hit.append(bool(named) and cands[named[0]] == int(e["target_item"]))
+        score_hit.append(cands[int(np.argmax(sc[:len(cands)]))] == int(e["target_item"]))
+      metrics = {"generated/hr@1": float(np.mean(gen_hit)), "score/hr@1": float(np.mean(score_hit)),
+                 "random/hr@1": 1.0 / len(examples[0]["candidates"])}
+    elif kind == "itdr_rp":
+      values = self.rating_values()
+      p = np.exp(a["scores"] - a["scores"].max(1, keepdims=True))
+      expected = (p / p.sum(1, keepdims=True)) @ values
+      truth = np.array([float(t) for t in targets])
+      metrics = {**{f"score/{k}": v for k, v in itdr.rating_errors(truth, expected).items()},
+                 **{f"generated/{k}": v for k, v in itdr.seqio_rating_prediction_metrics(targets, texts).items()},
+                 **self._rating_baselines(examples, truth)}
+      for pr, x in zip(preds, expected):
+        pr["expected_rating"] = round(float(x), 4)
+    else:   # itdr_uap
+      metrics = itdr.attribute_metrics(targets, texts)
+      metrics.update({f"majority/{k}": v for k, v in itdr.attribute_metrics(targets, [self._majority()] * len(targets)).items()
+                      if k != "unparsable"})
+      metrics["mean_accuracy"] = float(np.mean([metrics[f"{f}_accuracy"] for f in ("age_group", "gender", "occupation")]))
+    return metrics, preds
+
+  def _rating_baselines(self, examples: list[dict], truth: np.ndarray) -> dict[str, float]:
+    """RMSE / MAE of the global, user and item mean of the training ratings (the item's unseen: global)."""
+    seqs, rates = self.data.sequences, self.data.ratings
+    flat_items = np.concatenate([s[:-2] for s in seqs])
+    flat_r = np.concatenate([r[:-2] for r in rates]).astype(np.float64)
+    mean = flat_r.mean()
+    count = np.bincount(flat_items, minlength=self.data.num_items)
+    item_mean = np.where(count > 0, np.bincount(flat_items, flat_r, self.data.num_items) / np.maximum(count, 1), mean)
+    guesses = {"global_mean": np.full(len(examples), mean),
+               "user_mean": np.array([rates[int(e["user"])][:-2].mean() for e in examples]),
+               "item_mean": np.array([item_mean[int(e["target_item"])] for e in examples])}
+    return {f"{name}/{k}": v for name, g in guesses.items() for k, v in itdr.rating_errors(truth, g).items()}
+
+  def _majority(self) -> str:
+    """UAP's majority answer: the most common value of each field among the training users."""
+    held = set(np.concatenate(list(self.itdr_held.values())).tolist())
+    attrs = [a for u, a in enumerate(self.data.user_attributes) if u not in held and a]
+    def top(values):
+      v, c = np.unique(values, return_counts=True)
+      return str(v[np.argmax(c)])
+    return itdr.uap_target(top([itdr.age_group(a["age"]) for a in attrs]), top([a["gender"] for a in attrs]),
+                           top([a["occupation"] for a in attrs]))
+
   def evaluate(self, params, task_name: str, split: str, lengths: dict,
                max_examples: Optional[int] = None, example_ids: Optional[np.ndarray] = None) -> EvalResult:
     """Metrics and per-user predictions on a split: all users, `example_ids`, or a seeded sample
@@ -228,10 +334,17 @@ class RecEvaluator:
     n-th example (of the examples sorted by prompt length, so shares are balanced) on its own
     devices; their rows are gathered, so every process returns what one process would."""
     from recalign.tasks.registry import task_info
-    kind = task_info(task_name).kind
-    if kind not in ("retrieval", "ranking", "rating"):
-      raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking or rating")
-    decode, finish = getattr(self, f"decode_{kind}"), getattr(self, f"finish_{kind}")
+    info = task_info(task_name)
+    kind = info.kind
+    if kind not in EVALUABLE:
+      raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking, rating or an ITDR task")
+    if kind in ITDR_KINDS:
+      self.itdr_texts = itdr.ItemTexts.of(self.data, self.vocab, info.config.itdr_max_title_tokens)
+      self.itdr_held = itdr.eval_users(self.data, info.config.itdr_eval_users, info.config.eval_seed)
+      decode = functools.partial(self.decode_itdr, kind=kind, max_length=lengths.get("targets", 64))
+      finish = functools.partial(self.finish_itdr, kind=kind)
+    else:
+      decode, finish = getattr(self, f"decode_{kind}"), getattr(self, f"finish_{kind}")
     examples = task_examples(task_name, split, lengths, max_examples, example_ids=example_ids)
     # Longest prompts first: batches of similar lengths waste little encoder work on padding.
     order = np.argsort([-len(e["inputs"]) for e in examples], kind="stable")
@@ -245,7 +358,7 @@ class RecEvaluator:
     metrics, preds = finish(examples, arrays)
     metrics["examples"] = len(examples)
     protocol = {"retrieval": M.protocol_name(self.exclude_history), "ranking": "the task's candidates",
-                "rating": "P(yes) AUC"}[kind]
+                "rating": "P(yes) AUC"}.get(kind, "ITDR: greedy generation parsed, and scored answers")
     return EvalResult(task_name, split, metrics, preds, protocol)
 
 
@@ -274,15 +387,21 @@ def gather_rows(local: dict[str, np.ndarray], rows: np.ndarray, total: int, *,
 def headline_metric(kind: str) -> str:
   """What selects the best checkpoint of a task kind unless told otherwise: retrieval NDCG@10,
   ranking NDCG@10 of the teacher-forced scores, rating AUC."""
-  return {"retrieval": "ndcg@10", "ranking": "score/ndcg@10", "rating": "auc"}.get(kind, "ndcg@10")
+  return {"retrieval": "ndcg@10", "ranking": "score/ndcg@10", "rating": "auc", "itdr_tkr": "score/ndcg@10",
+          "itdr_cdr": "score/ndcg@10", "itdr_nir": "score/hr@1", "itdr_rp": "score/rmse",
+          "itdr_uap": "mean_accuracy"}.get(kind, "ndcg@10")
 
 
 def validation_metrics(kind: str) -> tuple[str, ...]:
   """The metrics the RecEvaluator reports for a task kind (what `train(selection_metric=...)` may name)."""
   ranking = tuple(f"{m}@{k}" for k in (1, 5, 10) for m in ("hr", "ndcg"))
+  lists = tuple(f"{how}/{m}" for how in ("generated", "score") for m in ("ndcg@10", "hr@1", "p@5"))
   return {"retrieval": ("hr@5", "ndcg@5", "hr@10", "ndcg@10"),
           "ranking": tuple(f"{how}/{m}" for how in ("beam", "score") for m in ranking),
-          "rating": ("auc",)}.get(kind, ())
+          "rating": ("auc",), "itdr_tkr": lists, "itdr_cdr": lists, "itdr_nir": ("generated/hr@1", "score/hr@1"),
+          "itdr_rp": tuple(f"{how}/{m}" for how in ("generated", "score") for m in ("rmse", "mae")),
+          "itdr_uap": ("mean_accuracy", "age_group_accuracy", "gender_accuracy", "occupation_accuracy",
+                       "age_rmse")}.get(kind, ())
 
 
 def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[int] = None,
@@ -332,9 +451,9 @@ def register_run_tasks(checkpoint: Path | str, task: str, *, data: Sequence[str]
     rt.register_dataset(d, vocab=vocab, config=config)
   t = rt.get(task)
   members = [m.name for m in getattr(t, "tasks", [t])]
-  members = [m for m in members if rt.registry.task_info(m).kind in ("retrieval", "ranking", "rating")]
+  members = [m for m in members if rt.registry.task_info(m).kind in EVALUABLE]
   if not members:
-    raise ValueError(f"{task} has no retrieval, ranking or rating task to evaluate")
+    raise ValueError(f"{task} has no retrieval, ranking, rating or ITDR task to evaluate")
   return members
 
 

@@ -16,6 +16,11 @@ FULL_CATALOGUE = "full catalogue"
 HISTORY_EXCLUDED = "history excluded"
 
 
+def higher_is_better(metric: str) -> bool:
+  """Errors (RMSE, MAE) improve downwards; every other metric here upwards."""
+  return not metric.rsplit("/", 1)[-1].endswith(("rmse", "mae"))
+
+
 def protocol_name(exclude_history: bool) -> str:
   return HISTORY_EXCLUDED if exclude_history else FULL_CATALOGUE
 

@@ -38,6 +38,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from recalign import metrics as M
 from recalign import paths
 from recalign.models import checkpoints as ck
 from recalign.models.model import EncoderDecoderModel
@@ -204,8 +205,10 @@ class KeepBest:
     self.best = paths.read_json(model_dir / "best.json")
 
   def __call__(self, step: int, metrics: Mapping[str, float], params) -> bool:
-    if self.best is not None and metrics[self.metric] <= self.best["metrics"][self.metric]:
-      return False
+    if self.best is not None:
+      new, old = metrics[self.metric], self.best["metrics"][self.metric]
+      if (new <= old) if M.higher_is_better(self.metric) else (new >= old):
+        return False
     self.best = {"step": step, "metrics": dict(metrics), "selection_metric": self.metric}
     _save_params(self.dir / "best", params)
     if self.is_chief:

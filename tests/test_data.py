@@ -8,7 +8,7 @@ import pytest
 from conftest import shared, write_tiny_tsv
 from recalign import cli
 from recalign.data import DataError, IngestReport, PreparedData, item_id, prepare, read_source
-from recalign.data.ingest import Interaction, clean_text
+from recalign.data.ingest import MOVIES, Interaction, RawData, clean_text
 from recalign.data.prepare import kcore_filter
 
 
@@ -71,9 +71,22 @@ def test_recbole_ml100k_has_ratings_and_movie_domain():
   assert len(raw.sequences) == 943 and sum(map(len, raw.sequences.values())) == 100000
   assert len(raw.items) == 1682 and raw.items["1"].title == "Toy Story"
   assert raw.items["1"].categories == ("Animation", "Children's", "Comedy")
+  # ml-100k.user: `1	24	M	technician	85711`
+  assert raw.user_attributes["1"] == {"age": "24", "gender": "M", "occupation": "technician", "zip_code": "85711"}
   data = prepare(raw, name="ml100k")
   assert data.has_ratings and data.domain.noun == "movies"
   assert data.ratings[0].shape == data.sequences[0].shape
+  assert data.manifest["user_attributes"] == ["age", "gender", "occupation", "zip_code"]
+  u = data.users.index("1")
+  assert data.user_attributes[u]["occupation"] == "technician"
+
+
+def test_user_attributes_survive_save_and_load(tmp_path):
+  raw = RawData({"a": [Interaction(str(i), float(i), 4.0) for i in range(3)]}, {}, MOVIES, "x", [], IngestReport(),
+                True, {"a": {"age": "31", "gender": "F"}})
+  prepare(raw, name="one", kcore=0).save(tmp_path / "one")
+  assert PreparedData.load(tmp_path / "one").user_attributes == [{"age": "31", "gender": "F"}]
+  assert PreparedData.load(tmp_path / "one").ratings is not None
 
 
 def test_chronological_sort_is_stable_and_duplicates_keep_earliest(tmp_path):

@@ -55,7 +55,7 @@ def run_recbole(data, epochs: int, seed: int, workdir: Path) -> dict:
   from recbole.data import create_dataset, data_preparation
   from recbole.model.sequential_recommender import SASRec
   from recbole.trainer import Trainer
-  from recbole.utils import init_seed
+  from recbole.utils import init_logger, init_seed
   write_atomic(data, workdir)
   config = Config(model="SASRec", dataset=data.name, config_dict={
       "data_path": str(workdir), "checkpoint_dir": str(workdir / "saved"), "use_gpu": False, "seed": seed,
@@ -67,6 +67,7 @@ def run_recbole(data, epochs: int, seed: int, workdir: Path) -> dict:
       "train_batch_size": 256, "epochs": epochs, "eval_step": 5, "stopping_step": 4,
       "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
       "metrics": ["Hit", "NDCG"], "topk": [5, 10], "valid_metric": "NDCG@10", "eval_batch_size": 4096})
+  init_logger(config)   # RecBole logs nothing (not even its per-epoch lines) without its handlers
   init_seed(config["seed"], config["reproducibility"])
   dataset = create_dataset(config)
   train, valid, test = data_preparation(config, dataset)

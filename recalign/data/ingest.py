@@ -72,6 +72,7 @@ class RawData:
   source_files: list[Path]
   report: IngestReport
   has_ratings: bool = False
+  user_attributes: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # user -> {field: value}
 
 
 # Strings that would be mistaken for template markers once an item is rendered into a prompt.
@@ -342,7 +343,8 @@ def _atomic_header(cols: list[str], path: Path) -> list[str]:
 
 def read_recbole(path: Path | str, *, report: Optional[IngestReport] = None,
                  domain: Domain = MOVIES) -> RawData:
-  """`path` is the folder holding `<name>.inter` (and optionally `<name>.item`)."""
+  """`path` is the folder holding `<name>.inter` (and optionally `<name>.item`, and `<name>.user`:
+  every field but user_id is kept as a user attribute, e.g. ml-100k's age, gender, occupation)."""
   path = Path(path)
   report = report or IngestReport()
   inters = sorted(path.glob("*.inter"))
@@ -370,7 +372,17 @@ def read_recbole(path: Path | str, *, report: Optional[IngestReport] = None,
           title=clean_text(title, report), brand=clean_text(row.get("brand", ""), report),
           price=clean_text(row.get("price", ""), report),
           categories=tuple(clean_text(c, report) for c in cats.split() if c)), item_path, n, report)
-  return RawData(sequences, items, domain, "recbole", files, report, has_ratings)
+  users = {}
+  user_path = inter_path.with_suffix(".user")
+  if user_path.exists():
+    files.append(user_path)
+    for n, row in _tsv_rows(user_path, report, ("user_id",), _atomic_header):
+      user = row.pop("user_id").strip()
+      if user in users:
+        report.skip("duplicate_user_attributes", str(user_path), n, "user_id", f"user {user!r} listed again")
+        continue
+      users[user] = {k: clean_text(v, report) for k, v in row.items()}
+  return RawData(sequences, items, domain, "recbole", files, report, has_ratings, users)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 A prepared data set is a folder:
   manifest.json          counts, seed, k-core, domain words, source hashes, skip/repair report
   items.jsonl            one item per line, line k has ID "I{k+1}": {"id", "source_id", "title", ...}
-  users.jsonl            one user per line: {"user", "items": ["I12", ...], "timestamps", ["ratings"]}
+  users.jsonl            one user per line: {"user", "items": ["I12", ...], "timestamps", ["ratings"],
+                         ["attributes": {"age": "24", ...}]}
                          in chronological order; the last item is the test target, the second last
                          the validation target, the rest is training data (leave-one-out).
   validation_users.json  indices of the seeded validation subset (all users are used for test)
@@ -50,6 +51,7 @@ class PreparedData:
   ratings: Optional[list[np.ndarray]]
   validation_users: np.ndarray        # int32 user indices
   manifest: dict
+  user_attributes: Optional[list[dict[str, str]]] = None   # per user (e.g. ml-100k's age, gender, occupation)
 
   @property
   def num_items(self) -> int:
@@ -103,6 +105,8 @@ class PreparedData:
           row["timestamps"] = [float(t) for t in self.timestamps[u]]
         if self.ratings is not None:
           row["ratings"] = [float(r) for r in self.ratings[u]]
+        if self.user_attributes is not None:
+          row["attributes"] = self.user_attributes[u]
         f.write(json.dumps(row) + "\n")
     (out / "validation_users.json").write_text(json.dumps([int(u) for u in self.validation_users]))
     (out / "manifest.json").write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
@@ -126,7 +130,7 @@ class PreparedData:
           raise DataError(str(path / "items.jsonl"), n, "id", f"expected {item_id(n - 1)}, got {row['id']}")
         items.append(ItemMeta(row["title"], row["brand"], row["price"], tuple(row["categories"])))
         src.append(row["source_id"])
-    users, seqs, times, rates = [], [], [], []
+    users, seqs, times, rates, attrs = [], [], [], [], []
     with open(path / "users.jsonl", encoding="utf-8") as f:
       for line in f:
         row = json.loads(line)
@@ -136,12 +140,15 @@ class PreparedData:
           times.append(np.array(row["timestamps"], np.float64))
         if "ratings" in row:
           rates.append(np.array(row["ratings"], np.float32))
+        if "attributes" in row:
+          attrs.append(row["attributes"])
     val = np.array(json.loads((path / "validation_users.json").read_text()), np.int32)
     return cls(name=manifest["name"], domain=Domain(**manifest["domain"]), items=items,
                source_item_ids=src, users=users, sequences=seqs,
                timestamps=times if len(times) == len(users) else None,
                ratings=rates if len(rates) == len(users) else None,
-               validation_users=val, manifest=manifest)
+               validation_users=val, manifest=manifest,
+               user_attributes=attrs if len(attrs) == len(users) else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +236,11 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
   ratings = None
   if raw.has_ratings:
     ratings = [np.array([x.rating for x in seqs[u]], np.float32) for u in users]
+  attributes = None
+  if raw.user_attributes:
+    missing = [u for u in users if u not in raw.user_attributes]
+    report.skipped["users_without_attributes"] += len(missing)   # they get {} (no attribute task sample)
+    attributes = [raw.user_attributes.get(u, {}) for u in users]
   val_rng = np.random.default_rng([seed, 1])  # its own stream: changing one draw leaves the other
   n_val = min(num_validation_users, len(users))
   validation_users = np.sort(val_rng.choice(len(users), n_val, replace=False)).astype(np.int32)
@@ -243,6 +255,7 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
       "seed": seed, "kcore": kcore, "min_interactions": min_interactions,
       "domain": dataclasses.asdict(raw.domain),
       "has_ratings": ratings is not None, "has_timestamps": timestamps is not None,
+      "user_attributes": sorted({k for a in attributes or [] for k in a}),
       "order": "timestamps" if timestamps is not None else "file order (the source has no timestamps)",
       "warnings": warnings,
       "counts": {
@@ -259,7 +272,7 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
       "report": report.to_json(),
   }
   return PreparedData(name, raw.domain, items, by_index, users, sequences, timestamps, ratings,
-                      validation_users, manifest)
+                      validation_users, manifest, attributes)
 
 
 def format_stats(manifest: dict) -> str:

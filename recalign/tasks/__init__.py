@@ -4,8 +4,9 @@ One way to register a prepared data set's tasks and mixtures: `register_dataset(
 The trainer calls it for gin's DATA_DIRS (with the run's VOCABULARY and TaskConfig), `recalign eval`
 for the data sets a run's run.json records (or `--data`), with the same vocabulary and config; a module
 of your own given to `recalign train --module` may call it, or add seqio tasks of its own.
+ITDR's instruction tasks: `TaskConfig(itdr=True)`, and `register_cross_domain(SOURCE, TARGET)` for CDR.
 """
 
-from recalign.tasks.registry import MIXTURES, TaskConfig, get, register_dataset
+from recalign.tasks.registry import MIXTURES, TaskConfig, get, register_cross_domain, register_dataset
 
-__all__ = ["MIXTURES", "TaskConfig", "get", "register_dataset"]
+__all__ = ["MIXTURES", "TaskConfig", "get", "register_cross_domain", "register_dataset"]

@@ -8,6 +8,9 @@ Tasks: `<name>_{retrieval,ranking,mim,mlm,bpr,item_qa}` (+ `_rating` with rating
 Mixtures: `<name>_reat` (retrieval+MIM+MLM), `_raat` (ranking+MIM+MLM+BPR), `_rpat`
 (rating+MIM+MLM), `_ut` (retrieval+ranking[+rating]), `_ut_at` (UT+MIM+MLM); rates default to
 the number of examples per task (seqio.mixing_rate_num_examples).
+With `TaskConfig(itdr=True)` also ITDR's instruction tasks (`recalign.tasks.itdr`):
+`<name>_itdr_{rp,tkr,nir,uap}` (those the data supports), mixtures `<name>_itdr` and `<name>_ut_at_itdr`;
+`register_cross_domain(SOURCE, TARGET)` adds `<source>_to_<target>_itdr_cdr`.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import seqio
 import tensorflow as tf
 
 from recalign import metrics as M
-from recalign.data.prepare import PreparedData
+from recalign.data.prepare import PreparedData, item_id
 from recalign.data.ids import id_pieces, load_ids
 from recalign.data.vocab import extend, load_vocabulary
+from recalign.tasks import itdr
 from recalign.tasks import preprocessors as pp
 from recalign.tasks import sources
 from recalign.tasks import templates as tpl
@@ -65,12 +69,18 @@ class TaskConfig:
                                         # every run is evaluated on the same candidates
   id_scheme: str = "random"             # item IDs: random (the paper's), collaborative, semantic
                                         # (`recalign ids DATA --scheme ...` builds them)
+  itdr: bool = False                    # also ITDR's instruction tasks (and hold out their evaluation
+                                        # users' last 5 items from every task's training samples)
+  itdr_eval_users: int = 200            # TKR / UAP validation and test users, each (ITDR's test sets: ~200)
+  itdr_negatives: str = "popularity"    # TKR / NIR / CDR negatives: popularity-sampled or uniform
+  itdr_max_title_tokens: int = 24       # titles are cut to this many tokens in ITDR prompts
+  itdr_liked_items: int = 10            # UAP: the most recent liked items shown
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskInfo:
   """What recalign keeps about a task it registered (evaluation rebuilds prompts and tries from it)."""
-  kind: str                 # retrieval, ranking, rating, mim, mlm, bpr, item_qa
+  kind: str                 # retrieval, ranking, rating, mim, mlm, bpr, item_qa, itdr_{rp,tkr,nir,uap,cdr}
   data_dir: str
   vocab: object             # the seqio vocabulary of inputs and targets
   ids: tuple[str, ...]      # item k's ID as written in prompts and targets
@@ -175,10 +185,21 @@ def _output_features(vocab) -> dict[str, seqio.Feature]:
 
 
 def _register_task(name: str, source, preprocessors, vocab, metric_fns=()):
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
+  _remove(name)
   seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
                          output_features=_output_features(vocab), metric_fns=list(metric_fns))
+
+
+def _remove(name: str) -> None:
+  for registry in (seqio.MixtureRegistry, seqio.TaskRegistry):
+    if name in registry.names():
+      registry.remove(name)
+  _TASKS.pop(name, None)
+
+
+def _register_mixture(name: str, members: Sequence[str]) -> None:
+  _remove(name)
+  seqio.MixtureRegistry.add(name, list(members), default_rate=seqio.mixing_rate_num_examples)
 
 
 # seqio metric functions (recalign's evaluator computes the same numbers with constrained decoding).
@@ -203,10 +224,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   data = PreparedData.load(data_dir)
   name = name or data.name
   for old in _REGISTERED.pop(name, []):  # re-registering replaces everything the name had
-    for registry in (seqio.MixtureRegistry, seqio.TaskRegistry):
-      if old in registry.names():
-        registry.remove(old)
-    _TASKS.pop(old, None)
+    _remove(old)
   ids = load_ids(data_dir, config.id_scheme, data.num_items)
   # Code IDs need their pieces: the project's vocabulary has them (`recalign vocab`), another one
   # (a pretrained T5's) gets them appended as new ids after its own.
@@ -217,11 +235,13 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                            config=config)
   templates = tpl.Templates(data.domain)
 
-  examples = {s: sources.build_examples(data, s, config.window, config.train_examples) for s in sources.SPLITS}
-  pop = data.train_popularity()
-  log_pop = np.where(pop > 0, np.log(np.maximum(pop, 1)), -1e9).astype(np.float32)
-  user_lengths = np.array([len(s) for s in data.sequences], np.int64)
-  user_items = (np.concatenate(data.sequences).astype(np.int32), user_lengths)
+  # ITDR's list tasks hold out their evaluation users' last 5 items: from every task's training samples
+  held = itdr.eval_users(data, config.itdr_eval_users, config.eval_seed) if config.itdr else {}
+  train_lengths = itdr.train_lengths(data, held)
+  examples = {s: sources.build_examples(data, s, config.window, config.train_examples, train_lengths)
+              for s in sources.SPLITS}
+  log_pop, user_items = _sampling_tables(data, train_lengths)
+  user_lengths = user_items[1]
   free = data.num_items - int(user_lengths.max())
   num_candidates = config.num_candidates
   if num_candidates - 1 > free:  # a small catalogue: as many negatives as every user can have
@@ -266,13 +286,108 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
       continue  # RpAT needs ratings
     if len(present) < len(members):
       logging.info("%s_%s without the rating task: %s has no ratings", name, mix, name)
-    mname = f"{name}_{mix}"
-    if mname in seqio.MixtureRegistry.names():
-      seqio.MixtureRegistry.remove(mname)
-    seqio.MixtureRegistry.add(mname, present, default_rate=seqio.mixing_rate_num_examples)
-    names.append(mname)
+    _register_mixture(f"{name}_{mix}", present)
+    names.append(f"{name}_{mix}")
+
+  if config.itdr:
+    itdr_tasks = _register_itdr(data, name, vocab, config, held, train_lengths, info)
+    names += itdr_tasks
+    for mix, members in (("itdr", itdr_tasks), ("ut_at_itdr", [f"{name}_{m}" for m in MIXTURES["ut_at"]
+                                                              if f"{name}_{m}" in names] + itdr_tasks)):
+      _register_mixture(f"{name}_{mix}", members)
+      names.append(f"{name}_{mix}")
   _REGISTERED[name] = list(names)
   return names
+
+
+def _sampling_tables(data: PreparedData, train_lengths: np.ndarray, uniform: bool = False):
+  """(log popularity over the training items -- -1e9 for unseen items; 0 everywhere if `uniform` --,
+  every user's items as (values, row lengths)): what negative sampling draws from and excludes."""
+  pop = np.bincount(np.concatenate([s[:n] for s, n in zip(data.sequences, train_lengths)]),
+                    minlength=data.num_items)
+  log_pop = np.where(pop > 0, np.log(np.maximum(pop, 1)), -1e9).astype(np.float32)
+  if uniform:
+    log_pop = np.zeros_like(log_pop)
+  lengths = np.array([len(s) for s in data.sequences], np.int64)
+  return log_pop, (np.concatenate(data.sequences).astype(np.int32), lengths)
+
+
+def _itdr_sampling(data, config: TaskConfig, train_lengths):
+  if config.itdr_negatives not in ("popularity", "uniform"):
+    raise ValueError(f"itdr_negatives must be 'popularity' or 'uniform', not {config.itdr_negatives!r}")
+  log_pop, user_items = _sampling_tables(data, train_lengths, uniform=config.itdr_negatives == "uniform")
+  return {"log_popularity": log_pop, "user_items": user_items}
+
+
+def _register_itdr(data: PreparedData, name: str, vocab, config: TaskConfig, held, train_lengths, info) -> list[str]:
+  """ITDR's tasks the data set supports: RP (ratings), TKR, NIR, UAP (age, gender, occupation)."""
+  texts = itdr.ItemTexts.of(data, vocab, config.itdr_max_title_tokens)
+  w = itdr.words(data.domain)
+  sampling = _itdr_sampling(data, config, train_lengths)
+  records = {
+      "rp": lambda s: itdr.next_item_records(data, s, train_lengths, itdr.RP_CONTEXT),
+      "tkr": lambda s: itdr.list_records(data, s, held, train_lengths),
+      "nir": lambda s: itdr.next_item_records(data, s, train_lengths, itdr.HISTORY),
+      "uap": lambda s: itdr.attribute_records(data, s, held, train_lengths, config.itdr_liked_items),
+  }
+  kinds = ["tkr", "nir"] + (["rp"] if data.has_ratings else []) + (["uap"] if itdr.has_attributes(data) else [])
+  names = []
+  for kind in sorted(kinds, key=itdr.KINDS.index):
+    task = f"{name}_itdr_{kind}"
+    options = {"texts": texts, "w": w, **(sampling if kind in ("tkr", "nir") else {})}
+    _register_itdr_task(task, kind, {s: records[kind](s) for s in sources.SPLITS}, options, vocab, config)
+    _TASKS[task] = info(f"itdr_{kind}")
+    names.append(task)
+  return names
+
+
+def _register_itdr_task(task: str, kind: str, splits: Mapping[str, sources.Records], options: dict, vocab,
+                        config: TaskConfig) -> None:
+  empty = [s for s, r in splits.items() if not len(r)]
+  if empty:
+    logging.warning("%s has no %s examples (too few users with enough interactions)", task, "/".join(empty))
+  source = RecDataSource({s: r for s, r in splits.items() if len(r)}, seed=config.seed, eval_seed=config.eval_seed,
+                         salt=pp.salt(task))
+  _register_task(task, source, itdr.preprocessors(kind, task, **options), vocab, itdr.METRIC_FNS[kind])
+
+
+def register_cross_domain(source_dir: str | Path, target_dir: str | Path, *, name: Optional[str] = None, vocab=None,
+                          config: TaskConfig = TaskConfig()) -> list[str]:
+  """ITDR's CDR task between two prepared data sets that share user IDs (e.g. two Amazon categories):
+  5 source-domain training items + 5 target-domain items -> 10 target candidates ranked.
+  Evaluation users are the target's ITDR evaluation users (`itdr.eval_users`, the same draw as
+  `register_dataset(TARGET, config=TaskConfig(itdr=True))`) that the source shares; their last 5
+  target items are the positives and never in a training sample. Registers `<name>_itdr_cdr`
+  (default name `<source>_to_<target>`) with the target's vocabulary unless `vocab` is given."""
+  src, tgt = PreparedData.load(source_dir), PreparedData.load(target_dir)
+  name = name or f"{src.name}_to_{tgt.name}"
+  vocab = vocab or load_vocabulary(Path(target_dir) / "vocab")
+  src_user = {u: k for k, u in enumerate(src.users)}
+  shared = np.array([k for k, u in enumerate(tgt.users) if u in src_user], np.int64)
+  if not len(shared):
+    raise ValueError(f"{source_dir} and {target_dir} share no user IDs: CDR needs the same users in both")
+  held = itdr.eval_users(tgt, config.itdr_eval_users, config.eval_seed)
+  train_lengths = itdr.train_lengths(tgt, held)
+  held_shared = {s: np.intersect1d(u, shared) for s, u in held.items()}
+
+  def records(split):
+    base = itdr.list_records(tgt, split, held_shared, train_lengths)
+    keep = np.isin(base.columns["user"], shared)
+    source = [src.sequences[src_user[tgt.users[u]]][:-2][-itdr.HISTORY:] for u in base.columns["user"]]
+    keep &= np.array([len(x) > 0 for x in source], bool)
+    cols = {k: v[keep] for k, v in base.columns.items()}
+    cols["source_history"] = [x for x, k in zip(source, keep) if k]
+    return sources.Records(cols)
+
+  task = f"{name}_itdr_cdr"
+  options = {"texts": itdr.ItemTexts.of(tgt, vocab, config.itdr_max_title_tokens),
+             "source_texts": itdr.ItemTexts.of(src, vocab, config.itdr_max_title_tokens),
+             "w": itdr.words(tgt.domain), "domains": (src.name, tgt.name), **_itdr_sampling(tgt, config, train_lengths)}
+  _register_itdr_task(task, "cdr", {s: records(s) for s in sources.SPLITS}, options, vocab, config)
+  _TASKS[task] = TaskInfo("itdr_cdr", str(Path(target_dir).resolve()), vocab, tuple(item_id(k) for k in range(tgt.num_items)),
+                          config)
+  _REGISTERED.setdefault(name, []).append(task)
+  return [task]
 
 
 def get_vocabulary(task_or_mixture):

@@ -38,6 +38,34 @@ class Examples:
   def histories(self) -> list[np.ndarray]:
     return [self.history[a:b] for a, b in zip(self.history_splits[:-1], self.history_splits[1:])]
 
+  def features(self) -> dict:
+    out = {"user": self.user, "target": self.target,
+           "history": tf.RaggedTensor.from_row_splits(self.history, self.history_splits)}
+    if self.target_rating is not None:
+      out["target_rating"] = self.target_rating
+      out["history_rating"] = tf.RaggedTensor.from_row_splits(self.history_rating, self.history_splits)
+    return out
+
+
+@dataclasses.dataclass
+class Records:
+  """Examples as named columns, one row per example: numpy arrays, or lists of arrays / strings of
+  varying lengths (ragged), e.g. the ITDR tasks' histories, candidates and attributes."""
+  columns: dict
+
+  def __len__(self) -> int:
+    return len(self.columns["user"])
+
+  def features(self) -> dict:
+    out = {}
+    for k, v in self.columns.items():
+      if isinstance(v, list):   # ragged: one array per example
+        lengths = np.array([len(x) for x in v], np.int64)
+        flat = np.concatenate([np.asarray(x) for x in v]) if len(v) else np.zeros([0], np.int32)
+        v = tf.RaggedTensor.from_row_lengths(flat, lengths)
+      out[k] = v
+    return out
+
 
 def _pack(rows: list[tuple[int, np.ndarray, int, Optional[np.ndarray], Optional[float]]]) -> Examples:
   hist = [r[1] for r in rows]
@@ -55,7 +83,8 @@ def _pack(rows: list[tuple[int, np.ndarray, int, Optional[np.ndarray], Optional[
 TRAIN_EXAMPLES = ("windows", "prefixes")
 
 
-def build_examples(data: PreparedData, split: str, window: int = 20, train_examples: str = "windows") -> Examples:
+def build_examples(data: PreparedData, split: str, window: int = 20, train_examples: str = "windows",
+                   train_lengths: Optional[np.ndarray] = None) -> Examples:
   """Windows of `window` items; the last item of a window is the target, the rest its history.
 
   train, "windows" (the paper's): windows [i_k .. i_{k+w-1}] over the training split,
@@ -64,6 +93,8 @@ def build_examples(data: PreparedData, split: str, window: int = 20, train_examp
     as history (as TIGER / P5 train) -- L-1 examples per user instead of max(1, L-w+1).
   validation: the last w-1 training items -> validation item (seeded user subset). test: the last
     w-1 items up to and including the validation item -> test item (all users).
+  `train_lengths`: per user, how many items training may use (default: all but the last two); the
+  ITDR list tasks hold out more of their evaluation users' items (`itdr.train_lengths`).
   """
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -76,7 +107,7 @@ def build_examples(data: PreparedData, split: str, window: int = 20, train_examp
     seq = data.sequences[u]
     r = ratings[u] if ratings is not None else None
     if split == "train":
-      n = len(seq) - 2
+      n = len(seq) - 2 if train_lengths is None else int(train_lengths[u])
       ends = (range(2, n + 1) if train_examples == "prefixes" else
               [min(k + window, n) for k in range(max(1, n - window + 1))])
       for end in ends:
@@ -101,22 +132,15 @@ def mix_seed(*parts: int) -> int:
   return h
 
 
-def to_dataset(ex: Examples, *, split: str, shuffle: bool, seed: int, salt: int = 0) -> tf.data.Dataset:
+def to_dataset(ex: Examples | Records, *, split: str, shuffle: bool, seed: int, salt: int = 0) -> tf.data.Dataset:
   """A tf.data stream of dicts; `train` repeats forever with a fresh shuffle and `epoch` per pass.
 
   `seed` is the sample seed every element carries (the run's seed for train, the evaluation seed
   otherwise); `salt` (the task's) makes the tasks of a mixture shuffle independently.
   """
   n = len(ex)
-  features = {
-      "example_id": np.arange(n, dtype=np.int64),
-      "sample_seed": np.full(n, seed, np.int64),
-      "user": ex.user, "target": ex.target,
-      "history": tf.RaggedTensor.from_row_splits(ex.history, ex.history_splits),
-  }
-  if ex.target_rating is not None:
-    features["target_rating"] = ex.target_rating
-    features["history_rating"] = tf.RaggedTensor.from_row_splits(ex.history_rating, ex.history_splits)
+  features = {"example_id": np.arange(n, dtype=np.int64), "sample_seed": np.full(n, seed, np.int64),
+              **ex.features()}
   base = tf.data.Dataset.from_tensor_slices(features)
 
   def epoch_ds(epoch):
