@@ -113,6 +113,7 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
   from recalign import cli
   from recalign import train as T
   from recalign.models import network as nw
+  from recalign.tasks import TaskConfig
   monkeypatch.chdir(tmp_path)
   (tmp_path / "runs").mkdir()       # folders named like the configs' folders must not confuse gin
   (tmp_path / "models").mkdir()
@@ -123,7 +124,7 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
   assert shipped and all((REPO / "gin" / f).resolve() == gin_dir / f for f in shipped)
   scratch = [str(gin_dir / "models" / "mini.gin"), str(gin_dir / "runs" / "from_scratch.gin")]
   for f, mixture in [("reat", "_reat"), ("raat", "_raat"), ("rpat", "_rpat"), ("ut", "_ut"), ("ut_at", "_ut_at"),
-                     ("retrieval_aux", "_reat")]:
+                     ("retrieval_aux", "_reat"), ("ut_at_itdr", "_ut_at_itdr")]:
     gin.clear_config()
     cli.parse_gin(scratch + [str(gin_dir / f"{f}.gin")],
                   ["MODEL_DIR = '/tmp/x'", "BATCH_SIZE = 4", "ValidationConfig.every = 7",
@@ -133,6 +134,7 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
     assert gin.query_parameter("%MIXTURE_OR_TASK_NAME").endswith(mixture)
     assert gin.query_parameter("%LEARNING_RATE") == 1e-3 and gin.query_parameter("%WARMUP_STEPS") == 1000
     assert gin.query_parameter("%VOCABULARY") is None and gin.query_parameter("%DROPOUT_RATE") == 0.1
+    assert TaskConfig().itdr == (f == "ut_at_itdr")
   # the CPU recipe's run file stands alone (it includes mini): compact collaborative-ID prompts, bf16,
   # no dropout -- whatever the order of the files, since model files set neither
   from recalign.tasks.registry import TaskConfig
