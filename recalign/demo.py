@@ -73,10 +73,10 @@ def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
   return out
 
 
-def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: str, minutes: float,
+def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: Optional[str], minutes: Optional[float],
                 size: str, seed: int, recipe: Recipe = RECIPES["paper"], eval_every_minutes: Optional[float] = None,
-                validation_examples: Optional[int] = None) -> dict:
-  """Trains for `minutes` of training (validation excluded), validating every `eval_every_minutes`."""
+                validation_examples: Optional[int] = None, steps: Optional[int] = None) -> dict:
+  """Trains for `minutes` of training (validation excluded) or `steps`, validating every `eval_every_minutes`."""
   import recalign.tasks as rt
   from recalign import train as T
   from recalign.models.network import named_config
@@ -87,7 +87,7 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
     validation_examples = selection_size(len(PreparedData.load(data_dir).validation_users))
   schedule = T.learning_rate_schedule(base=recipe.learning_rate, warmup_steps=recipe.warmup_steps)
   out = T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=recipe.lengths,
-                train_steps=10 ** 7, batch_size=recipe.batch_size,
+                train_steps=steps or 10 ** 7, batch_size=recipe.batch_size,
                 network_config=named_config(size).replace(dropout_rate=recipe.dropout, dtype=recipe.dtype),
                 data_dirs=[str(data_dir)], task_config=config, random_seed=seed, log_every=25,
                 schedule=schedule, optimizer=T.make_optimizer(schedule),

@@ -28,7 +28,7 @@ from recalign.models.model import EncoderDecoderModel, shift_right
 from recalign.tasks import itdr
 
 REC_KINDS = ("retrieval", "ranking", "rating")
-ITDR_KINDS = tuple(f"itdr_{k}" for k in itdr.KINDS)
+ITDR_KINDS = tuple(f"itdr_{k}" for k in itdr.KINDS + itdr.TEXT_KINDS)
 EVALUABLE = REC_KINDS + ITDR_KINDS
 
 
@@ -260,8 +260,8 @@ class RecEvaluator:
   def finish_itdr(self, examples: list[dict], a: dict, *, kind: str) -> tuple[dict, list[dict]]:
     texts = decode_texts(self.vocab, a["generated"])
     targets = [e["targets_pretokenized"].decode() for e in examples]
-    preds = [{"user": self.data.users[int(e["user"])], "target": t, "generated": g}
-             for e, t, g in zip(examples, targets, texts)]
+    preds = [{**({"user": self.data.users[int(e["user"])]} if "user" in e else {"example": int(e["example_id"])}),
+              "target": t, "generated": g} for e, t, g in zip(examples, targets, texts)]
     titles = self.itdr_texts.titles
     if kind in ("itdr_tkr", "itdr_cdr"):
       gen_rank, score_rank, relevant, unknown = [], [], [], 0
@@ -297,6 +297,8 @@ class RecEvaluator:
                  **self._rating_baselines(examples, truth)}
       for pr, x in zip(preds, expected):
         pr["expected_rating"] = round(float(x), 4)
+    elif kind in ("itdr_ir", "itdr_tui"):
+      metrics = itdr.text_metrics(targets, texts)
     else:   # itdr_uap
       metrics = itdr.attribute_metrics(targets, texts)
       metrics.update({f"majority/{k}": v for k, v in itdr.attribute_metrics(targets, [self._majority()] * len(targets)).items()

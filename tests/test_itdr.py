@@ -268,3 +268,33 @@ def test_keep_best_lower_is_better_for_errors(tmp_path):
   assert kb(1, {"score/rmse": 1.2}, params)
   assert not kb(2, {"score/rmse": 1.3}, params)
   assert kb(3, {"score/rmse": 1.0}, params)
+
+
+def test_text_metrics_hand_computed():
+  # ref "the cat sat on the mat" (6), hyp "the cat on the mat" (5): unigram matches 5/5, bigrams
+  # (the cat, on the, the mat) 3/4; brevity penalty exp(1 - 6/5); ROUGE-1 F1 2*5/11, ROUGE-2 2*3/9, LCS 5.
+  m = itdr.text_metrics(["the cat sat on the mat"], ["The cat on the mat"])
+  bp = np.exp(1 - 6 / 5)
+  assert m["bleu1"] == pytest.approx(bp * 1.0) and m["bleu2"] == pytest.approx(bp * np.sqrt(1.0 * 3 / 4))
+  assert m["rouge1"] == pytest.approx(10 / 11) and m["rouge2"] == pytest.approx(6 / 9)
+  assert m["rougeL"] == pytest.approx(10 / 11)
+
+
+def test_reference_tasks_from_user_records(shop, tmp_path):
+  import json
+  data, _ = shop
+  rows = [{"split": "train", "liked": [["Dune", "loved the world"]], "disliked": [["Emma", "slow"]],
+           "reference": "Epic science fiction."},
+          {"split": "test", "liked": [["Ubik", "mind-bending"]], "disliked": [], "reference": "Philip K. Dick."}]
+  path = tmp_path / "ir.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  task = rt.register_reference_task(path, "ir", data_dir=Path(rt.registry.task_info("shop_itdr_tkr").data_dir),
+                                    noun="book", focus="reading interests")
+  ex = _examples(task, "test")[0]
+  assert ex["inputs_pretokenized"].decode() == (
+      f"{itdr.DESCRIPTIONS['ir']} A user has given the following book reviews:\nLiked books:\nUbik: mind-bending\n"
+      "Disliked books:\nBased on these reviews, briefly summarize the user's reading interests.")
+  assert ex["targets_pretokenized"].decode() == "Philip K. Dick."
+  path.write_text(json.dumps({"split": "train", "liked": []}) + "\n")
+  with pytest.raises(Exception, match=r"ir.jsonl:1 \[reference\]"):
+    rt.register_reference_task(path, "ir", data_dir=Path(rt.registry.task_info("shop_itdr_tkr").data_dir), noun="book")

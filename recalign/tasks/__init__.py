@@ -7,6 +7,8 @@ of your own given to `recalign train --module` may call it, or add seqio tasks o
 ITDR's instruction tasks: `TaskConfig(itdr=True)`, and `register_cross_domain(SOURCE, TARGET)` for CDR.
 """
 
-from recalign.tasks.registry import MIXTURES, TaskConfig, get, register_cross_domain, register_dataset
+from recalign.tasks.registry import (MIXTURES, TaskConfig, get, register_cross_domain, register_dataset,
+                                     register_reference_task)
 
-__all__ = ["MIXTURES", "TaskConfig", "get", "register_cross_domain", "register_dataset"]
+__all__ = ["MIXTURES", "TaskConfig", "get", "register_cross_domain", "register_dataset",
+           "register_reference_task"]

@@ -585,5 +585,60 @@ def attribute_metrics(targets: Sequence[str], predictions: Sequence[str]) -> dic
   return out
 
 
+def _ngrams(tokens: list[str], n: int) -> dict[tuple, int]:
+  out: dict[tuple, int] = {}
+  for i in range(len(tokens) - n + 1):
+    out[tuple(tokens[i:i + n])] = out.get(tuple(tokens[i:i + n]), 0) + 1
+  return out
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+  row = [0] * (len(b) + 1)
+  for x in a:
+    prev = 0
+    for j, y in enumerate(b, 1):
+      prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+  return row[-1]
+
+
+def text_metrics(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """IR / TUI (free text against a reference): corpus BLEU-1 and BLEU-2 (cumulative, brevity penalty) and
+  mean ROUGE-1 / ROUGE-2 / ROUGE-L F1, on lower-cased white-space tokens."""
+  refs = [_text(t).lower().split() for t in targets]
+  hyps = [_text(p).lower().split() for p in predictions]
+  out = {}
+  precisions = []
+  for n in (1, 2):
+    match = sum(sum(min(c, _ngrams(r, n).get(g, 0)) for g, c in _ngrams(h, n).items()) for r, h in zip(refs, hyps))
+    total = sum(max(len(h) - n + 1, 0) for h in hyps)
+    precisions.append(match / total if total else 0.0)
+    hyp_len, ref_len = sum(map(len, hyps)), sum(map(len, refs))
+    bp = 1.0 if hyp_len > ref_len else (np.exp(1 - ref_len / hyp_len) if hyp_len else 0.0)
+    out[f"bleu{n}"] = float(bp * np.exp(np.mean(np.log(np.maximum(precisions, 1e-12))))) if all(precisions) else 0.0
+
+  def f1(overlap, r, h):
+    return 2 * overlap / (r + h) if r + h else 0.0
+
+  for n in (1, 2):
+    out[f"rouge{n}"] = float(np.mean([f1(sum(min(c, _ngrams(r, n).get(g, 0)) for g, c in _ngrams(h, n).items()),
+                                         max(len(r) - n + 1, 0), max(len(h) - n + 1, 0)) for r, h in zip(refs, hyps)]))
+  out["rougeL"] = float(np.mean([f1(_lcs(r, h), len(r), len(h)) for r, h in zip(refs, hyps)]))
+  return out
+
+
 METRIC_FNS = {"rp": [seqio_rating_prediction_metrics], "tkr": [seqio_list_metrics], "cdr": [seqio_list_metrics],
-              "nir": [seqio_choice_metrics], "uap": [attribute_metrics]}
+              "nir": [seqio_choice_metrics], "uap": [attribute_metrics], "ir": [text_metrics], "tui": [text_metrics]}
+TEXT_KINDS = ("ir", "tui")
+
+
+def reference_example(kind: str, row: Mapping, *, noun: str, focus: str = "") -> tuple[str, str]:
+  """(instruction + input, reference) of one IR / TUI record a user supplies:
+  IR  {"liked": [[title, review], ...], "disliked": [[title, review], ...], "reference": "..."}
+  TUI {"name": ..., "attributes": {"genres": "[...]", ...}, "reviews": ["...", ...], "reference": "..."}"""
+  if kind == "ir":
+    text = ir_input(noun, [tuple(x) for x in row["liked"]], [tuple(x) for x in row["disliked"]], focus)
+  elif kind == "tui":
+    text = tui_input(noun, row["name"], row["attributes"], row["reviews"])
+  else:
+    raise ValueError(f"reference tasks are ir or tui, not {kind!r}")
+  return instruction(kind, text), row["reference"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -28,6 +29,7 @@ import tensorflow as tf
 
 from recalign import metrics as M
 from recalign.data.prepare import PreparedData, item_id
+from recalign.data.report import DataError
 from recalign.data.ids import id_pieces, load_ids
 from recalign.data.vocab import extend, load_vocabulary
 from recalign.tasks import itdr
@@ -331,6 +333,9 @@ def _register_itdr(data: PreparedData, name: str, vocab, config: TaskConfig, hel
       "uap": lambda s: itdr.attribute_records(data, s, held, train_lengths, config.itdr_liked_items),
   }
   kinds = ["tkr", "nir"] + (["rp"] if data.has_ratings else []) + (["uap"] if itdr.has_attributes(data) else [])
+  if not itdr.has_attributes(data):
+    logging.info("%s: no ITDR UAP task: its users have no age, gender and occupation (MovieLens' .user file, "
+                 "read by recalign prepare)", name)
   names = []
   for kind in sorted(kinds, key=itdr.KINDS.index):
     task = f"{name}_itdr_{kind}"
@@ -349,6 +354,57 @@ def _register_itdr_task(task: str, kind: str, splits: Mapping[str, sources.Recor
   source = RecDataSource({s: r for s, r in splits.items() if len(r)}, seed=config.seed, eval_seed=config.eval_seed,
                          salt=pp.salt(task))
   _register_task(task, source, itdr.preprocessors(kind, task, **options), vocab, itdr.METRIC_FNS[kind])
+
+
+class TextSource(_InMemorySource):
+  """Fixed (inputs, targets) texts per split, e.g. ITDR's IR / TUI records with the user's references."""
+
+  def __init__(self, pairs: Mapping[str, list[tuple[str, str]]], salt: int):
+    self._pairs, self._salt = dict(pairs), salt
+    super().__init__(splits=list(pairs), num_input_examples={k: len(v) for k, v in pairs.items()})
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None, **_) -> tf.data.Dataset:
+    self._check_split(split)
+    rows = self._pairs[split]
+    ds = tf.data.Dataset.from_tensor_slices({"inputs": [r[0] for r in rows], "targets": [r[1] for r in rows],
+                                             "example_id": np.arange(len(rows), dtype=np.int64)})
+    ds = self._shard(ds, shard_info)
+    if shuffle:
+      ds = ds.shuffle(len(rows), seed=sources.mix_seed(seed or 0, self._salt) % (1 << 40))
+    return ds
+
+
+def register_reference_task(records: str | Path, kind: str, *, data_dir: str | Path, noun: str, focus: str = "",
+                            name: Optional[str] = None, vocab=None) -> str:
+  """ITDR's IR or TUI task from records a user supplies (JSONL, one per line, each with a "split" of
+  train / validation / test and the fields `itdr.reference_example` names, "reference" included: none of
+  our data sets has the review text or the LLM-written references these tasks need). Registers
+  `<data set>_itdr_<kind>` (or `name`) with the data set's vocabulary; metrics BLEU-1/2, ROUGE-1/2/L."""
+  data = PreparedData.load(data_dir)
+  pairs: dict[str, list] = {}
+  with open(records, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      row = json.loads(line)
+      missing = {"split", "reference"} - set(row)
+      if missing or row["split"] not in sources.SPLITS:
+        raise DataError(str(records), n, ",".join(sorted(missing)) or "split",
+                        f"needs a split in {sources.SPLITS} and a reference")
+      try:
+        pairs.setdefault(row["split"], []).append(itdr.reference_example(kind, row, noun=noun, focus=focus))
+      except KeyError as e:
+        raise DataError(str(records), n, str(e.args[0]), f"missing field of an ITDR {kind} record") from None
+  task = name or f"{data.name}_itdr_{kind}"
+  vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
+  preprocessors = [seqio.preprocessors.tokenize, functools.partial(itdr.drop_too_long, task_name=task),
+                   seqio.preprocessors.append_eos_after_trim]
+  _register_task(task, TextSource(pairs, pp.salt(task)), preprocessors, vocab, itdr.METRIC_FNS[kind])
+  _TASKS[task] = TaskInfo(f"itdr_{kind}", str(Path(data_dir).resolve()), vocab,
+                          tuple(item_id(k) for k in range(data.num_items)), TaskConfig())
+  _REGISTERED.setdefault(data.name, []).append(task)
+  return task
 
 
 def register_cross_domain(source_dir: str | Path, target_dir: str | Path, *, name: Optional[str] = None, vocab=None,
