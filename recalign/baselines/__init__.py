@@ -87,6 +87,16 @@ def format_table(rows: dict[str, dict], keys: Optional[list[str]] = None) -> str
       return f"{'-':>{cell}}"
     return f"{r[k]:.4f}±{r[k + '_std']:.4f}".rjust(cell) if f"{k}_std" in r else f"{r[k]:>{cell}.4f}"
 
+  if len(keys) > 10:   # rows with many different metrics (ITDR's tasks): a block per row, a line per prefix
+    lines = []
+    for name, r in rows.items():
+      lines.append(name + (f"  ({r['examples']} examples)" if "examples" in r else ""))
+      groups: dict[str, list[str]] = {}
+      for k in (k for k in keys if k in r):
+        how, _, metric = k.rpartition("/")
+        groups.setdefault(how, []).append(f"{metric} {fmt(r, k).strip()}")
+      lines += [f"  {how or '':<14}" + "  ".join(v) for how, v in groups.items()]
+    return "\n".join(lines)
   lines = [" " * width + "".join(f"{k:>{cell}}" for k in keys)]
   for name, r in rows.items():
     lines.append(f"{name:<{width}}" + "".join(fmt(r, k) for k in keys))
