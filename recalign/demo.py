@@ -98,6 +98,12 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
   return out
 
 
+def pending_runs(results_path: Path, rows, seeds) -> tuple[dict, list[tuple[str, str, int]]]:
+  """A resumable study: (the results `results_path` holds, the (key, row, seed) runs it lacks)."""
+  results = json.loads(results_path.read_text()) if results_path.exists() else {}
+  return results, [(f"{r}/seed{s}", r, s) for r in rows for s in seeds if f"{r}/seed{s}" not in results]
+
+
 SELECTION_USERS = 500   # validation users that pick the best step during training (not reported)
 
 

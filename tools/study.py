@@ -49,7 +49,7 @@ def main():
 
   import recalign.tasks as rt
   from recalign.data import PreparedData
-  from recalign.demo import RECIPES, ensure_prepared, evaluate_best, report_ids, train_model
+  from recalign.demo import RECIPES, ensure_prepared, evaluate_best, pending_runs, report_ids, train_model
   out = Path(args.out)
   base = RECIPES[args.recipe]
   # every row sees the same lengths; MIM needs room for several masked IDs in its targets
@@ -62,25 +62,21 @@ def main():
   name = PreparedData.load(data_dir).name
   rt.register_dataset(data_dir, config=rt.TaskConfig(**recipe.data))
   results_path = out / "study.json"
-  results = json.loads(results_path.read_text()) if results_path.exists() else {}
+  results, todo = pending_runs(results_path, args.rows, args.seeds)
   task = f"{name}_retrieval"
-  for row in args.rows:
-    for seed in args.seeds:
-      key = f"{row}/seed{seed}"
-      if key in results:
-        continue
-      model_dir = out / row / f"seed{seed}"
-      t0 = time.time()
-      run = train_model(data_dir, model_dir, f"{name}_{ROWS[row][0]}", task, args.minutes, args.size, seed,
-                        recipe, eval_every_minutes=args.minutes / 3)
-      m = {split: evaluate_best(model_dir, task, split, example_ids=report_ids(
-               task, split, args.test_users if split == "test" else args.val_users)).metrics
-           for split in ("validation", "test")}
-      results[key] = {"row": row, "seed": seed, "mixture": f"{name}_{ROWS[row][0]}", "recipe": args.recipe,
-                      "steps": run["step"], "wall_minutes": round((time.time() - t0) / 60, 1),
-                      **{f"{s}/{k}": m[s][k] for s in m for k in KEYS}}
-      results_path.write_text(json.dumps(results, indent=2))
-      print(key, results[key], flush=True)
+  for key, row, seed in todo:
+    model_dir = out / row / f"seed{seed}"
+    t0 = time.time()
+    run = train_model(data_dir, model_dir, f"{name}_{ROWS[row][0]}", task, args.minutes, args.size, seed,
+                      recipe, eval_every_minutes=args.minutes / 3)
+    m = {split: evaluate_best(model_dir, task, split, example_ids=report_ids(
+             task, split, args.test_users if split == "test" else args.val_users)).metrics
+         for split in ("validation", "test")}
+    results[key] = {"row": row, "seed": seed, "mixture": f"{name}_{ROWS[row][0]}", "recipe": args.recipe,
+                    "steps": run["step"], "wall_minutes": round((time.time() - t0) / 60, 1),
+                    **{f"{s}/{k}": m[s][k] for s in m for k in KEYS}}
+    results_path.write_text(json.dumps(results, indent=2))
+    print(key, results[key], flush=True)
   print(table(results))
 
 

@@ -46,31 +46,27 @@ def main():
   args = p.parse_args()
 
   import recalign.tasks as rt
-  from recalign.demo import Recipe, ensure_prepared, evaluate_best, train_model
+  from recalign.demo import Recipe, ensure_prepared, evaluate_best, pending_runs, train_model
   out = Path(args.out)
   recipe = Recipe("", {"itdr": True, "num_candidates": 20}, {"inputs": 512, "targets": 128}, batch_size=32,
                   learning_rate=2e-3, warmup_steps=100, dropout=0.1, dtype="bfloat16")
   data_dir = ensure_prepared(Path(args.data), out / "data" / "ml100k", "ml100k")
   rt.register_dataset(data_dir, config=rt.TaskConfig(**recipe.data))
   path = out / "study_itdr.json"
-  results = json.loads(path.read_text()) if path.exists() else {}
-  for row in args.rows:
-    for seed in args.seeds:
-      key = f"{row}/seed{seed}"
-      if key in results:
-        continue
-      model_dir = out / row / f"seed{seed}"
-      t0 = time.time()
-      run = train_model(data_dir, model_dir, f"ml100k_{row}", None, None, args.size, seed, recipe, steps=args.steps)
-      tasks = ["ml100k_retrieval", "ml100k_rating"] + ([t for t in HEADLINES if "itdr" in t] if "itdr" in row else [])
-      metrics = {}
-      for task in tasks:
-        m = evaluate_best(model_dir, task, "test", max_examples=args.itdr_examples if "itdr" in task else None).metrics
-        metrics.update({f"{task}/{k}": v for k, v in m.items() if k in HEADLINES[task]})
-      results[key] = {"row": row, "seed": seed, "steps": run["step"], "wall_minutes": round((time.time() - t0) / 60, 1),
-                      "recipe": dataclasses.asdict(recipe), **metrics}
-      path.write_text(json.dumps(results, indent=2))
-      print(key, results[key], flush=True)
+  results, todo = pending_runs(path, args.rows, args.seeds)
+  for key, row, seed in todo:
+    model_dir = out / row / f"seed{seed}"
+    t0 = time.time()
+    run = train_model(data_dir, model_dir, f"ml100k_{row}", None, None, args.size, seed, recipe, steps=args.steps)
+    tasks = ["ml100k_retrieval", "ml100k_rating"] + ([t for t in HEADLINES if "itdr" in t] if "itdr" in row else [])
+    metrics = {}
+    for task in tasks:
+      m = evaluate_best(model_dir, task, "test", max_examples=args.itdr_examples if "itdr" in task else None).metrics
+      metrics.update({f"{task}/{k}": v for k, v in m.items() if k in HEADLINES[task]})
+    results[key] = {"row": row, "seed": seed, "steps": run["step"], "wall_minutes": round((time.time() - t0) / 60, 1),
+                    "recipe": dataclasses.asdict(recipe), **metrics}
+    path.write_text(json.dumps(results, indent=2))
+    print(key, results[key], flush=True)
   print(table(results))
 
 
