@@ -8,7 +8,7 @@ ITDR's instruction tasks: `TaskConfig(itdr=True)`, and `register_cross_domain(SO
 """
 
 from recalign.tasks.registry import (MIXTURES, TaskConfig, get, register_cross_domain, register_dataset,
-                                     register_reference_task)
+                                     register_profile_task, register_reference_task)
 
 __all__ = ["MIXTURES", "TaskConfig", "get", "register_cross_domain", "register_dataset",
-           "register_reference_task"]
+           "register_profile_task", "register_reference_task"]

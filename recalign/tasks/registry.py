@@ -407,6 +407,32 @@ def register_reference_task(records: str | Path, kind: str, *, data_dir: str | P
   return task
 
 
+def register_profile_task(data_dir: str | Path, *, profiles: Optional[str | Path] = None, name: Optional[str] = None,
+                          vocab=None, seed: int = 0, max_title_tokens: int = 24) -> list[str]:
+  """RecLM's distillation task `<name>_profile`: a user's training history (titles) -> the user's profile;
+  the silver profiles of `recalign.tasks.reclm` unless `profiles` (JSONL of teacher profiles) is given.
+  Users are split train / validation / test (seeded), so evaluation profiles belong to unseen users.
+  Also registers the mixture `<name>_reclm` (the profile task; RecLM's collaborative and item-profile
+  tasks are not built yet)."""
+  from recalign.tasks import reclm
+  data = PreparedData.load(data_dir)
+  name = name or data.name
+  vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
+  teacher = reclm.load_profiles(profiles, data) if profiles else reclm.silver_user_profiles(data)
+  titles = itdr.item_titles(data, vocab, max_title_tokens)
+  split = reclm.user_split(data.num_users, seed)
+  pairs = {s: reclm.profile_pairs(data, titles, teacher, split[s]) for s in sources.SPLITS}
+  task = f"{name}_profile"
+  preprocessors = [seqio.preprocessors.tokenize, functools.partial(itdr.drop_too_long, task_name=task),
+                   seqio.preprocessors.append_eos_after_trim]
+  _register_task(task, TextSource(pairs, pp.salt(task)), preprocessors, vocab, [itdr.text_metrics])
+  _TASKS[task] = TaskInfo("profile", str(Path(data_dir).resolve()), vocab,
+                          tuple(item_id(k) for k in range(data.num_items)), TaskConfig(seed=seed))
+  _register_mixture(f"{name}_reclm", [task])
+  _REGISTERED.setdefault(name, []).extend([task, f"{name}_reclm"])
+  return [task, f"{name}_reclm"]
+
+
 def register_cross_domain(source_dir: str | Path, target_dir: str | Path, *, name: Optional[str] = None, vocab=None,
                           config: TaskConfig = TaskConfig()) -> list[str]:
   """ITDR's CDR task between two prepared data sets that share user IDs (e.g. two Amazon categories):
