@@ -75,3 +75,20 @@ def test_cf_learns_the_structure_and_selects_on_validation(model):
   assert test["recall@10"] > 0.8
   best = max(e["validation_ndcg@10"] for e in log if "validation_ndcg@10" in e)
   assert cf.evaluate_cf(params, cfg, graph, data, "validation")["ndcg@10"] == pytest.approx(best)
+
+
+def test_zero_shot_items_never_in_training_and_ranked_among_themselves():
+  data = _clustered()
+  cold = cf.zero_shot_items(data, 0.2, seed=0)
+  assert len(cold) == 8 and np.array_equal(cold, cf.zero_shot_items(data, 0.2, seed=0))
+  users, items = cf.train_interactions(data, cold)
+  assert not np.isin(items, cold).any() and len(items) < sum(len(s) - 2 for s in data.sequences)
+  cfg = cf.CFConfig(model="lightgcn", dim=8, epochs=2, eval_every=0, k=8)
+  params, graph, _ = cf.train_cf(data, cfg, holdout_items=cold)
+  assert not np.isin(graph.rows, data.num_users + cold).any()     # no edge touches a new item
+  m = cf.evaluate_cf(params, cfg, graph, data, "test", candidates=cold)
+  want = sum(data.test_target(u) in set(cold.tolist()) for u in range(data.num_users))
+  assert m["users"] == want > 0
+  # only the 8 new items are ranked: with k = 8 every target is found (the full catalogue would miss some)
+  assert m["recall@8"] == 1.0
+  assert cf.evaluate_cf(params, cfg, graph, data, "test")["recall@8"] < 1.0

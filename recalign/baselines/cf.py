@@ -85,6 +85,13 @@ def train_interactions(data: PreparedData, holdout_items: Optional[np.ndarray] =
   return users, items
 
 
+def zero_shot_items(data: PreparedData, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+  """The zero-shot split's new items: a seeded `fraction` of the catalogue, held out of training with
+  all their interactions (only their text / profile is known)."""
+  rng = np.random.default_rng([seed, 11])
+  return np.sort(rng.choice(data.num_items, int(round(fraction * data.num_items)), replace=False))
+
+
 def propagate(emb: jnp.ndarray, graph: Graph, layers: int) -> jnp.ndarray:
   """LightGCN: the mean of E, A E, ..., A^K E with A the normalised adjacency (a sparse product)."""
   rows, cols, w = jnp.asarray(graph.rows), jnp.asarray(graph.cols), jnp.asarray(graph.weights)
@@ -158,10 +165,17 @@ def rank_metrics(score_matrix: np.ndarray, targets: np.ndarray, exclude: list[np
 
 
 def evaluate_cf(params, cfg: CFConfig, graph: Graph, data: PreparedData, split: str, profiles=None,
-                users: Optional[np.ndarray] = None, batch: int = 1024) -> dict:
-  """Full-catalogue Recall@k / NDCG@k of the split's held-out item (validation: the seeded validation users)."""
+                users: Optional[np.ndarray] = None, batch: int = 1024, candidates: Optional[np.ndarray] = None) -> dict:
+  """Full-catalogue Recall@k / NDCG@k of the split's held-out item (validation: the seeded validation users).
+  `candidates` (the zero-shot split's new items): rank only those, for the users whose held-out item is one."""
   if users is None:
     users = data.validation_users if split == "validation" else np.arange(data.num_users)
+  others = None
+  if candidates is not None:
+    users = np.array([u for u in users if data.held_out(int(u), split)[1] in set(candidates.tolist())], np.int64)
+    others = np.setdiff1d(np.arange(data.num_items), candidates)
+    if not len(users):
+      return {f"recall@{cfg.k}": float("nan"), f"ndcg@{cfg.k}": float("nan"), "users": 0}
   reps = np.asarray(representations(params, cfg, graph, profiles))
   n = graph.num_users
   item_reps = reps[n:]
@@ -172,10 +186,11 @@ def evaluate_cf(params, cfg: CFConfig, graph: Graph, data: PreparedData, split: 
     if cfg.model == "biasmf":
       sm = sm + np.asarray(params["bias"])[n:][None]
     held = [data.held_out(int(u), split) for u in us]
-    m = rank_metrics(sm, np.array([t for _, t in held]), [h for h, _ in held], cfg.k)
+    exclude = [h if others is None else np.concatenate([h, others]) for h, _ in held]
+    m = rank_metrics(sm, np.array([t for _, t in held]), exclude, cfg.k)
     for key in out:
       out[key] += m[key] * len(us)
-  return {key: v / len(users) for key, v in out.items()}
+  return {**{key: v / len(users) for key, v in out.items()}, "users": len(users)}
 
 
 def train_cf(data: PreparedData, cfg: CFConfig = CFConfig(), profiles: Optional[np.ndarray] = None,
@@ -198,16 +213,18 @@ def train_cf(data: PreparedData, cfg: CFConfig = CFConfig(), profiles: Optional[
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
-  seen = [set(s.tolist()) for s in data.sequences]   # negatives: never any of the user's items
+  # negatives: never any of the user's items, nor a zero-shot item (training never sees those)
+  pool = np.setdiff1d(np.arange(data.num_items), holdout_items) if holdout_items is not None else np.arange(data.num_items)
+  seen = [set(s.tolist()) for s in data.sequences]
   rng = np.random.default_rng(cfg.seed)
   best, best_params, log, bad = -1.0, params, [], 0
   t0 = time.time()
   for epoch in range(1, cfg.epochs + 1):
     order = rng.permutation(len(users))
-    neg = rng.integers(0, data.num_items, len(users))
+    neg = pool[rng.integers(0, len(pool), len(users))]
     for r in range(len(users)):   # resample the (rare) negatives the user has
       while neg[r] in seen[users[r]]:
-        neg[r] = rng.integers(0, data.num_items)
+        neg[r] = pool[rng.integers(0, len(pool))]
     losses = []
     for s in range(0, len(order), cfg.batch_size):
       b = order[s:s + cfg.batch_size]
@@ -215,9 +232,9 @@ def train_cf(data: PreparedData, cfg: CFConfig = CFConfig(), profiles: Optional[
       losses.append(float(loss))
     entry = {"epoch": epoch, "loss": float(np.mean(losses)), "minutes": (time.time() - t0) / 60}
     if cfg.eval_every and epoch % cfg.eval_every == 0:
-      v = evaluate_cf(params, cfg, graph, data, "validation", prof)
+      v = evaluate_cf(params, cfg, graph, data, "validation", prof, candidates=holdout_items)
       entry.update({f"validation_{k}": x for k, x in v.items()})
-      if v[f"ndcg@{cfg.k}"] > best:
+      if v[f"ndcg@{cfg.k}"] > best:   # (nan -- no validation user -- never improves: the first params stay)
         best, best_params, bad = v[f"ndcg@{cfg.k}"], params, 0
       else:
         bad += 1

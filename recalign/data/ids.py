@@ -176,21 +176,26 @@ def collaborative_codes(data: PreparedData, *, codebook: int = 32, max_depth: in
 # Semantic: residual k-means over item features
 
 
-def text_features(data: PreparedData, dims: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """TF-IDF of title + categories reduced by SVD, L2-normalised; and which items have any text."""
+def tfidf_svd(texts: list[str], dims: int, seed: int = 0) -> np.ndarray:
+  """TF-IDF (words and bigrams seen at least twice) reduced by SVD to `dims`, L2-normalised; empty texts
+  (and texts of words seen once) give zero rows."""
   from sklearn.decomposition import TruncatedSVD
   from sklearn.feature_extraction.text import TfidfVectorizer
-  texts = [" ".join([m.title, *m.categories, m.brand]).strip() for m in data.items]
-  has_text = np.array([bool(t) for t in texts])
-  x = np.zeros((data.num_items, dims))
+  has_text = np.array([bool(t.strip()) for t in texts])
+  x = np.zeros((len(texts), dims))
   if has_text.sum() > 2:
     tfidf = TfidfVectorizer(min_df=2, sublinear_tf=True, ngram_range=(1, 2), max_features=50000)
     m = tfidf.fit_transform([t for t, h in zip(texts, has_text) if h])
     k = min(dims, m.shape[1] - 1, m.shape[0] - 1)
     if k >= 1:
       x[has_text, :k] = TruncatedSVD(k, random_state=seed).fit_transform(m)
-  has_text &= np.linalg.norm(x, axis=1) > 0    # (texts of words seen once only say nothing)
-  return _normalise(x), has_text
+  return _normalise(x)
+
+
+def text_features(data: PreparedData, dims: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """TF-IDF of title + categories reduced by SVD, L2-normalised; and which items have any text."""
+  x = tfidf_svd([" ".join([m.title, *m.categories, m.brand]).strip() for m in data.items], dims, seed)
+  return x, np.linalg.norm(x, axis=1) > 0    # (texts of words seen once only say nothing)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

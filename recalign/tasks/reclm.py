@@ -135,3 +135,37 @@ def user_split(num_users: int, seed: int, fraction: float = 0.1) -> dict[str, np
   order = np.random.default_rng([seed, 7]).permutation(num_users)
   n = max(1, int(round(num_users * fraction)))
   return {"test": np.sort(order[:n]), "validation": np.sort(order[n:2 * n]), "train": np.sort(order[2 * n:])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding profiles (for the CF model's fusion)
+
+
+def embed_tfidf(texts: Sequence[str], dims: int = 64, seed: int = 0) -> np.ndarray:
+  """The CPU fallback: TF-IDF + SVD, L2-normalised rows."""
+  from recalign.data.ids import tfidf_svd
+  return tfidf_svd(list(texts), dims, seed)
+
+
+def embed_encoder(model, params, vocab, texts: Sequence[str], *, batch_size: int = 64, max_len: int = 256) -> np.ndarray:
+  """The language model's own encoder: mean of the encoder states over each text's tokens (EOS included,
+  padding excluded), L2-normalised. Texts longer than `max_len` tokens keep their first `max_len`."""
+  import jax.numpy as jnp
+  from recalign.decoding import EOS
+  out = []
+  for s in range(0, len(texts), batch_size):
+    toks = [vocab.encode(t)[:max_len - 1] + [EOS] for t in texts[s:s + batch_size]]
+    width = -(-max(map(len, toks)) // 32) * 32
+    x = np.zeros((len(toks), width), np.int32)
+    for r, t in enumerate(toks):
+      x[r, :len(t)] = t
+    h = np.asarray(model.encode(params, jnp.asarray(x)), np.float32)
+    mask = (x > 0)[..., None]
+    out.append((h * mask).sum(1) / mask.sum(1))
+  e = np.concatenate(out)
+  return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
+def history_mean_embedding(data: PreparedData, item_vectors: np.ndarray) -> np.ndarray:
+  """The "no generation" control: each user's mean item-text vector over the training items."""
+  return np.stack([item_vectors[data.sequences[u][:-2]].mean(0) for u in range(data.num_users)])
