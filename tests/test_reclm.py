@@ -72,3 +72,12 @@ def test_profile_task_text_and_user_split(data, tmp_path):
   teacher.write_text('{"user": "u1", "profile": "User identity: x; User interests: y"}\n{"user": "zz", "profile": "p"}\n')
   with pytest.raises(Exception, match=r"teacher.jsonl:2 \[user\]"):
     rt.register_profile_task(path, profiles=teacher)
+
+
+def test_zero_shot_profiles_never_read_new_items(data):
+  d, _ = data
+  new = [_item(d, "c"), _item(d, "e")]     # the Drama items
+  p = dict(zip(d.users, reclm.silver_user_profiles(d, exclude_items=new)))
+  assert p["u1"] == "User identity: age 25-34, female, artist; User interests: Comedy"
+  items = reclm.silver_item_profiles(d, exclude_items=new)
+  assert items[_item(d, "c")] == "Item identity: Drama; Item audience: unknown"

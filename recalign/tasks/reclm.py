@@ -42,30 +42,35 @@ def leaf_categories(categories: Sequence[str]) -> list[str]:
   return [c.split(" > ")[-1].strip() for c in categories if c.strip()]
 
 
-def _train(data: PreparedData, u: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def _train(data: PreparedData, u: int, exclude: frozenset = frozenset()) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """The user's training items (and ratings), without the `exclude` items (a zero-shot split's new items)."""
   seq = data.sequences[u][:-2]
-  return seq, None if data.ratings is None else data.ratings[u][:-2]
+  r = None if data.ratings is None else data.ratings[u][:-2]
+  if exclude:
+    keep = ~np.isin(seq, list(exclude))
+    seq, r = seq[keep], None if r is None else r[keep]
+  return seq, r
 
 
-def user_identity(data: PreparedData, u: int) -> list[str]:
+def user_identity(data: PreparedData, u: int, exclude: frozenset = frozenset()) -> list[str]:
   a = (data.user_attributes or [{}] * data.num_users)[u]
   if all(a.get(k) for k in ("age", "gender", "occupation")):
     return [f"age {itdr.age_group(a['age'])}", GENDERS.get(a["gender"], a["gender"]), a["occupation"]]
-  brands = collections.Counter(data.items[i].brand for i in _train(data, u)[0] if data.items[i].brand)
+  brands = collections.Counter(data.items[i].brand for i in _train(data, u, exclude)[0] if data.items[i].brand)
   return [b for b, _ in brands.most_common(USER_SLOTS)] or ["unknown"]
 
 
-def genre_counts(data: PreparedData) -> collections.Counter:
+def genre_counts(data: PreparedData, exclude: frozenset = frozenset()) -> collections.Counter:
   """Genre / leaf-category counts over every training interaction (the lift's denominator)."""
   c: collections.Counter = collections.Counter()
   for u in range(data.num_users):
-    for i in _train(data, u)[0]:
+    for i in _train(data, u, exclude)[0]:
       c.update(leaf_categories(data.items[i].categories))
   return c
 
 
-def user_interests(data: PreparedData, u: int, totals: collections.Counter) -> list[str]:
-  seq, ratings = _train(data, u)
+def user_interests(data: PreparedData, u: int, totals: collections.Counter, exclude: frozenset = frozenset()) -> list[str]:
+  seq, ratings = _train(data, u, exclude)
   liked = seq if ratings is None else seq[ratings >= 4]
   mine = collections.Counter(g for i in liked for g in leaf_categories(data.items[i].categories))
   if not mine:
@@ -76,16 +81,20 @@ def user_interests(data: PreparedData, u: int, totals: collections.Counter) -> l
   return sorted(lift, key=lambda g: (-lift[g], -mine[g], g))[:USER_SLOTS]
 
 
-def silver_user_profiles(data: PreparedData) -> list[str]:
-  totals = genre_counts(data)
-  return [user_profile(user_identity(data, u), user_interests(data, u, totals)) for u in range(data.num_users)]
+def silver_user_profiles(data: PreparedData, exclude_items: Sequence[int] = ()) -> list[str]:
+  """Every user's silver profile; `exclude_items` (a zero-shot split's new items) are never read."""
+  ex = frozenset(int(i) for i in exclude_items)
+  totals = genre_counts(data, ex)
+  return [user_profile(user_identity(data, u, ex), user_interests(data, u, totals, ex)) for u in range(data.num_users)]
 
 
-def silver_item_profiles(data: PreparedData) -> list[str]:
+def silver_item_profiles(data: PreparedData, exclude_items: Sequence[int] = ()) -> list[str]:
+  """Every item's silver profile; the audience of an `exclude_items` item is unknown (no interaction read)."""
+  ex = frozenset(int(i) for i in exclude_items)
   audience: list[collections.Counter] = [collections.Counter() for _ in range(data.num_items)]
   for u in range(data.num_users):
-    ident = user_identity(data, u)
-    for i in _train(data, u)[0]:
+    ident = user_identity(data, u, ex)
+    for i in _train(data, u, ex)[0]:
       audience[i].update(ident)
   out = []
   for i, m in enumerate(data.items):
