@@ -123,6 +123,23 @@ def cmd_demo(args) -> int:
   return 0
 
 
+def cmd_profiles(args) -> int:
+  """RecLM: every user's profile, written by a trained profiler (a run trained on <name>_profile)."""
+  from recalign.data import PreparedData
+  from recalign.data.vocab import load_vocabulary
+  from recalign.evaluate import load_model
+  from recalign.models import checkpoints as ck
+  from recalign.tasks import reclm
+  data = PreparedData.load(args.data)
+  vocab_path = args.vocabulary or ck.checkpoint_vocabulary(args.checkpoint) or Path(args.data) / "vocab"
+  vocab = load_vocabulary(vocab_path)
+  model, params = load_model(args.checkpoint, vocab, size=args.size)
+  done = reclm.generate_profiles(model, params, vocab, reclm.profile_prompts(data, vocab), args.out,
+                                 batch_size=args.batch_size, max_length=args.max_length)
+  print(f"{len(done)} profiles in {args.out}")
+  return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # gin, T5X style: --gin_file=F (repeatable), --gin.NAME=VALUE (repeatable), --gin_search_paths=a,b
 
@@ -352,6 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--exclude-history", action="store_true",
                  help="retrieval ranks the catalogue minus the user's history (default: the paper's full catalogue)")
   s.set_defaults(fn=cmd_baseline)
+
+  s = sub.add_parser("profiles", help="RecLM: write every user's profile with a trained profiler (resumable JSONL)")
+  s.add_argument("--checkpoint", required=True, help="a checkpoint of a run trained on <name>_profile")
+  s.add_argument("--data", required=True, help="the prepared data set")
+  s.add_argument("--out", required=True, help="JSONL {user, profile}; users already in it are skipped")
+  s.add_argument("--vocabulary", help="default: the run's (run.json), else the data set's vocab/")
+  s.add_argument("--size", help="model size, for checkpoints that record no config")
+  s.add_argument("--batch-size", type=int, default=32)
+  s.add_argument("--max-length", type=int, default=64)
+  s.set_defaults(fn=cmd_profiles)
 
   s = sub.add_parser("demo", help="end-to-end demo on the shared Amazon Beauty data")
   s.add_argument("--data", default=str(DEFAULT_SHARED / "amazon-beauty"))

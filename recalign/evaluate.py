@@ -465,6 +465,23 @@ def _run_info(checkpoint: Path | str) -> dict:
   return json.loads(run.read_text()) if run else {}
 
 
+def load_model(checkpoint: Path | str, vocab, *, size: Optional[str] = None, mesh=None):
+  """(model, parameters) of a checkpoint (any format `load_checkpoint` reads) for `vocab`, placed on `mesh`
+  (default: this process's devices)."""
+  from recalign import train as T
+  from recalign.models import checkpoints as ck
+  from recalign.models.network import named_config, padded_vocab_size
+  loaded = ck.load_checkpoint(checkpoint)
+  net = loaded.config or (named_config(size) if size else None)
+  if net is None:
+    raise ValueError(f"{checkpoint} is a {loaded.format} checkpoint, which records no model config: give the "
+                     "model size (--size)")
+  rows = padded_vocab_size(vocab.vocab_size)
+  model = EncoderDecoderModel(net.replace(vocab_size=rows))
+  mesh = mesh if mesh is not None else T.make_mesh(local=True)
+  return model, T.place_params(model, ck.fit_vocabulary(loaded.params, checkpoint, vocab, rows), mesh)
+
+
 def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings: EvalSettings = EvalSettings(), *,
                         size: Optional[str] = None, output_dir: Optional[Path] = None, mesh=None,
                         example_ids: Optional[np.ndarray] = None, progress: bool = True) -> dict[str, EvalResult]:
@@ -476,19 +493,9 @@ def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings
   Users: all, a seeded sample of `settings.max_examples`, or `example_ids`."""
   import recalign.tasks as rt
   from recalign import train as T
-  from recalign.models import checkpoints as ck
-  from recalign.models.network import named_config, padded_vocab_size
-  loaded = ck.load_checkpoint(checkpoint)
-  net = loaded.config or (named_config(size) if size else None)
-  if net is None:
-    raise ValueError(f"{checkpoint} is a {loaded.format} checkpoint, which records no model config: give the "
-                     "model size (recalign eval --size)")
-  vocab = rt.registry.task_info(members[0]).vocab
-  rows = padded_vocab_size(vocab.vocab_size)
-  model = EncoderDecoderModel(net.replace(vocab_size=rows))
   import jax
   mesh = mesh if mesh is not None else T.make_mesh(local=True)   # processes evaluate their own users
-  params = T.place_params(model, ck.fit_vocabulary(loaded.params, checkpoint, vocab, rows), mesh)
+  model, params = load_model(checkpoint, rt.registry.task_info(members[0]).vocab, size=size, mesh=mesh)
   lengths = dict(settings.lengths or _run_info(checkpoint).get("task_feature_lengths")
                  or {"inputs": 1024, "targets": 64})
   out_dir = paths.as_path(output_dir) if output_dir else eval_output_dir(checkpoint)[0]

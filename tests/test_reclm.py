@@ -81,3 +81,27 @@ def test_zero_shot_profiles_never_read_new_items(data):
   assert p["u1"] == "User identity: age 25-34, female, artist; User interests: Comedy"
   items = reclm.silver_item_profiles(d, exclude_items=new)
   assert items[_item(d, "c")] == "Item identity: Drama; Item audience: unknown"
+
+
+def test_generate_profiles_resumes_without_repeating_users(data, tmp_path):
+  import jax
+  from recalign.data.vocab import load_vocabulary
+  from recalign.models.model import EncoderDecoderModel
+  from recalign.models.network import named_config, padded_vocab_size
+  d, path = data
+  vocab = load_vocabulary(path / "vocab")
+  model = EncoderDecoderModel(named_config("tiny").replace(vocab_size=padded_vocab_size(vocab.vocab_size)))
+  params = model.init(jax.random.PRNGKey(0))
+  prompts = reclm.profile_prompts(d, vocab)
+  assert set(prompts) == {"u1", "u2", "u3"}
+  out = tmp_path / "profiles.jsonl"
+  first = reclm.generate_profiles(model, params, vocab, {"u2": prompts["u2"]}, out, batch_size=2, max_length=8,
+                                  progress=False)
+  assert list(first) == ["u2"]
+  every = reclm.generate_profiles(model, params, vocab, prompts, out, batch_size=2, max_length=8, progress=False)
+  lines = out.read_text().splitlines()
+  assert len(lines) == 3 and sorted(every) == ["u1", "u2", "u3"] and every["u2"] == first["u2"]
+  # the same prompt decodes to the same text in any batch (greedy, padded to one shape)
+  again = reclm.generate_profiles(model, params, vocab, {"u2": prompts["u2"]}, tmp_path / "x.jsonl", batch_size=2,
+                                  max_length=8, progress=False)
+  assert again["u2"] == every["u2"]

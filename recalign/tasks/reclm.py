@@ -178,3 +178,46 @@ def embed_encoder(model, params, vocab, texts: Sequence[str], *, batch_size: int
 def history_mean_embedding(data: PreparedData, item_vectors: np.ndarray) -> np.ndarray:
   """The "no generation" control: each user's mean item-text vector over the training items."""
   return np.stack([item_vectors[data.sequences[u][:-2]].mean(0) for u in range(data.num_users)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating every user's profile with a trained profiler
+
+
+def generate_profiles(model, params, vocab, prompts: dict[str, str], out: str | Path, *, batch_size: int = 32,
+                      max_length: int = 64, progress: bool = True) -> dict[str, str]:
+  """Greedy decodes of `prompts` ({user: prompt}) appended to the JSONL `out` ({"user", "profile"}) a batch at
+  a time; users already in `out` are skipped, so an interrupted run resumes where it stopped. Returns
+  every profile in `out`."""
+  from tqdm.auto import tqdm
+  from recalign.decoding import EOS, decode_texts, generate
+  out = Path(out)
+  done = {}
+  if out.exists():
+    for line in out.read_text(encoding="utf-8").splitlines():
+      if line.strip():
+        row = json.loads(line)
+        done[row["user"]] = row["profile"]
+  todo = [u for u in prompts if u not in done]
+  out.parent.mkdir(parents=True, exist_ok=True)
+  bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="profiles", unit="user", disable=not progress)
+  for s in range(0, len(todo), batch_size):
+    users = todo[s:s + batch_size]
+    toks = [vocab.encode(prompts[u]) + [EOS] for u in users]
+    width = -(-max(map(len, toks)) // 64) * 64
+    x = np.zeros((batch_size, width), np.int32)          # one compiled shape: the last batch is padded
+    for r, t in enumerate(toks):
+      x[r, :len(t)] = t
+    texts = decode_texts(vocab, generate(model, params, x, max_length=max_length))[:len(users)]
+    with open(out, "a", encoding="utf-8") as f:
+      f.writelines(json.dumps({"user": u, "profile": t}) + "\n" for u, t in zip(users, texts))
+    done.update(zip(users, texts))
+    bar.update(len(users))
+  bar.close()
+  return done
+
+
+def profile_prompts(data: PreparedData, vocab, max_title_tokens: int = 24, max_items: int = 20) -> dict[str, str]:
+  """Every user's distillation prompt (as `<name>_profile` writes it), by source user ID."""
+  titles = itdr.item_titles(data, vocab, max_title_tokens)
+  return {data.users[u]: profile_input(data, titles, u, max_items) for u in range(data.num_users)}
