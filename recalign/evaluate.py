@@ -343,7 +343,10 @@ class RecEvaluator:
     if kind in ITDR_KINDS:
       self.itdr_texts = itdr.ItemTexts.of(self.data, self.vocab, info.config.itdr_max_title_tokens)
       self.itdr_held = itdr.eval_users(self.data, info.config.itdr_eval_users, info.config.eval_seed)
-      decode = functools.partial(self.decode_itdr, kind=kind, max_length=lengths.get("targets", 64))
+      # short answers need short decodes (the loop runs max_length steps): a rating, a title, three fields
+      short = {"itdr_rp": 8, "itdr_nir": info.config.itdr_max_title_tokens + 8, "itdr_uap": 48}
+      decode = functools.partial(self.decode_itdr, kind=kind,
+                                 max_length=min(lengths.get("targets", 64), short.get(kind, 1 << 20)))
       finish = functools.partial(self.finish_itdr, kind=kind)
     else:
       decode, finish = getattr(self, f"decode_{kind}"), getattr(self, f"finish_{kind}")
