@@ -133,3 +133,11 @@ def test_demo_on_shared_beauty_and_ml100k(tmp_path):
                  sasrec_minutes=0.5, max_test=500)
   assert res["beauty_retrieval"]["popularity / test"]["hr@10"] > 0.005
   assert 0.0 < res["ml100k_rating"]["History / test"]["auc"] < 1.0
+
+
+def test_format_table_blocks_for_rows_with_many_metrics():
+  row = {f"score/m{i}": i / 10 for i in range(6)} | {f"generated/m{i}": i / 10 for i in range(6)} | {"examples": 3}
+  lines = B.format_table({"itdr": row}).splitlines()
+  assert lines[0] == "itdr  (3 examples)"
+  assert lines[1].split()[:4] == ["generated/m0", "0.0000", "generated/m1", "0.1000"]
+  assert lines[2].split()[:2] == ["score/m0", "0.0000"]

@@ -93,9 +93,8 @@ def format_table(rows: dict[str, dict], keys: Optional[list[str]] = None) -> str
       lines.append(name + (f"  ({r['examples']} examples)" if "examples" in r else ""))
       groups: dict[str, list[str]] = {}
       for k in (k for k in keys if k in r):
-        how, _, metric = k.rpartition("/")
-        groups.setdefault(how, []).append(f"{metric} {fmt(r, k).strip()}")
-      lines += [f"  {how or '':<14}" + "  ".join(v) for how, v in groups.items()]
+        groups.setdefault(k.rpartition("/")[0], []).append(f"{k} {fmt(r, k).strip()}")
+      lines += ["  " + "  ".join(v) for v in groups.values()]
     return "\n".join(lines)
   lines = [" " * width + "".join(f"{k:>{cell}}" for k in keys)]
   for name, r in rows.items():
