@@ -293,7 +293,8 @@ class RecEvaluator:
       expected = (p / p.sum(1, keepdims=True)) @ values
       truth = np.array([float(t) for t in targets])
       metrics = {**{f"score/{k}": v for k, v in itdr.rating_errors(truth, expected).items()},
-                 **{f"generated/{k}": v for k, v in itdr.seqio_rating_prediction_metrics(targets, texts).items()},
+                 **{f"generated/{k}": v for k, v in itdr.seqio_rating_prediction_metrics(
+                     targets, texts, scale=(float(values.min()), float(values.max()))).items()},
                  **self._rating_baselines(examples, truth)}
       for pr, x in zip(preds, expected):
         pr["expected_rating"] = round(float(x), 4)

@@ -204,6 +204,9 @@ def test_rating_and_attribute_metrics_hand_computed():
   # unparsable -> the middle of the targets' range (3.5): errors 1, 0, 1.5
   assert m["rmse"] == pytest.approx(np.sqrt((1 + 0 + 2.25) / 3)) and m["mae"] == pytest.approx(2.5 / 3)
   assert m["unparsable"] == pytest.approx(1 / 3)
+  # a number off the rating scale is no rating: "222222" counts as the scale's middle (3)
+  m = itdr.seqio_rating_prediction_metrics(["4", "2"], ["222222", "2"], scale=(1, 5))
+  assert m["rmse"] == pytest.approx(np.sqrt(1 / 2)) and m["unparsable"] == 0.5
   t = ["age group:25-34,gender:M,occupation:doctor.", "age group:56+,gender:F,occupation:writer."]
   p = ["age group:25-34,gender:F,occupation:doctor.", "gender:F"]
   m = itdr.attribute_metrics(t, p)

@@ -550,13 +550,15 @@ def rating_errors(truth: Sequence[float], predicted: Sequence[float]) -> dict[st
   return {"rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err)))}
 
 
-def seqio_rating_prediction_metrics(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-  """RP predict metric: RMSE / MAE of the generated number; an unparsable answer counts as the middle
-  of the targets' range (and in `unparsable`)."""
+def seqio_rating_prediction_metrics(targets: Sequence[str], predictions: Sequence[str],
+                                    scale: Optional[tuple[float, float]] = None) -> dict[str, float]:
+  """RP predict metric: RMSE / MAE of the generated number. An answer that is not a number on the rating
+  `scale` (default: the targets' range), e.g. "222222", counts as the scale's middle (and in `unparsable`)."""
   truth = [float(_text(t)) for t in targets]
-  middle = (min(truth) + max(truth)) / 2 if truth else 0.0
+  lo, hi = scale or ((min(truth), max(truth)) if truth else (0.0, 0.0))
   parsed = [parse_rating(p) for p in predictions]
-  out = rating_errors(truth, [middle if p is None else p for p in parsed])
+  parsed = [p if p is not None and lo <= p <= hi else None for p in parsed]
+  out = rating_errors(truth, [(lo + hi) / 2 if p is None else p for p in parsed])
   return {**out, "unparsable": float(np.mean([p is None for p in parsed]))}
 
 
