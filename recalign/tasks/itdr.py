@@ -433,10 +433,14 @@ def drop_too_long(ds: tf.data.Dataset, sequence_length: Optional[Mapping[str, in
   return ds.filter(ok)
 
 
-def preprocessors(kind: str, task_name: str, **options) -> list:
-  return [functools.partial(render, kind=kind, task_name=task_name, options=options),
-          seqio.preprocessors.tokenize, functools.partial(drop_too_long, task_name=task_name),
+def text_preprocessors(task_name: str) -> list:
+  """Text `inputs` / `targets` -> tokens: seqio's tokenizer, overlong examples dropped (never cut), EOS."""
+  return [seqio.preprocessors.tokenize, functools.partial(drop_too_long, task_name=task_name),
           seqio.preprocessors.append_eos_after_trim]
+
+
+def preprocessors(kind: str, task_name: str, **options) -> list:
+  return [functools.partial(render, kind=kind, task_name=task_name, options=options), *text_preprocessors(task_name)]
 
 
 # ---------------------------------------------------------------------------------------------

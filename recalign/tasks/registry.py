@@ -292,7 +292,8 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     names.append(f"{name}_{mix}")
 
   if config.itdr:
-    itdr_tasks = _register_itdr(data, name, vocab, config, held, train_lengths, info)
+    itdr_tasks = _register_itdr(data, name, vocab, config, held, train_lengths, info,
+                                _itdr_sampling(log_pop, user_items, config))
     names += itdr_tasks
     for mix, members in (("itdr", itdr_tasks), ("ut_at_itdr", [f"{name}_{m}" for m in MIXTURES["ut_at"]
                                                               if f"{name}_{m}" in names] + itdr_tasks)):
@@ -302,30 +303,29 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   return names
 
 
-def _sampling_tables(data: PreparedData, train_lengths: np.ndarray, uniform: bool = False):
-  """(log popularity over the training items -- -1e9 for unseen items; 0 everywhere if `uniform` --,
-  every user's items as (values, row lengths)): what negative sampling draws from and excludes."""
+def _sampling_tables(data: PreparedData, train_lengths: np.ndarray):
+  """(log popularity over the training items -- -1e9 for unseen items --, every user's items as (values,
+  row lengths)): what negative sampling draws from and excludes."""
   pop = np.bincount(np.concatenate([s[:n] for s, n in zip(data.sequences, train_lengths)]),
                     minlength=data.num_items)
   log_pop = np.where(pop > 0, np.log(np.maximum(pop, 1)), -1e9).astype(np.float32)
-  if uniform:
-    log_pop = np.zeros_like(log_pop)
   lengths = np.array([len(s) for s in data.sequences], np.int64)
   return log_pop, (np.concatenate(data.sequences).astype(np.int32), lengths)
 
 
-def _itdr_sampling(data, config: TaskConfig, train_lengths):
+def _itdr_sampling(log_pop: np.ndarray, user_items, config: TaskConfig) -> dict:
+  """The ITDR tasks' negative-sampling options: popularity as the paper's tasks, or uniform (every logit 0)."""
   if config.itdr_negatives not in ("popularity", "uniform"):
     raise ValueError(f"itdr_negatives must be 'popularity' or 'uniform', not {config.itdr_negatives!r}")
-  log_pop, user_items = _sampling_tables(data, train_lengths, uniform=config.itdr_negatives == "uniform")
-  return {"log_popularity": log_pop, "user_items": user_items}
+  uniform = config.itdr_negatives == "uniform"
+  return {"log_popularity": np.zeros_like(log_pop) if uniform else log_pop, "user_items": user_items}
 
 
-def _register_itdr(data: PreparedData, name: str, vocab, config: TaskConfig, held, train_lengths, info) -> list[str]:
+def _register_itdr(data: PreparedData, name: str, vocab, config: TaskConfig, held, train_lengths, info,
+                   sampling: dict) -> list[str]:
   """ITDR's tasks the data set supports: RP (ratings), TKR, NIR, UAP (age, gender, occupation)."""
   texts = itdr.ItemTexts.of(data, vocab, config.itdr_max_title_tokens)
   w = itdr.words(data.domain)
-  sampling = _itdr_sampling(data, config, train_lengths)
   records = {
       "rp": lambda s: itdr.next_item_records(data, s, train_lengths, itdr.RP_CONTEXT),
       "tkr": lambda s: itdr.list_records(data, s, held, train_lengths),
@@ -398,9 +398,7 @@ def register_reference_task(records: str | Path, kind: str, *, data_dir: str | P
         raise DataError(str(records), n, str(e.args[0]), f"missing field of an ITDR {kind} record") from None
   task = name or f"{data.name}_itdr_{kind}"
   vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
-  preprocessors = [seqio.preprocessors.tokenize, functools.partial(itdr.drop_too_long, task_name=task),
-                   seqio.preprocessors.append_eos_after_trim]
-  _register_task(task, TextSource(pairs, pp.salt(task)), preprocessors, vocab, itdr.METRIC_FNS[kind])
+  _register_task(task, TextSource(pairs, pp.salt(task)), itdr.text_preprocessors(task), vocab, itdr.METRIC_FNS[kind])
   _TASKS[task] = TaskInfo(f"itdr_{kind}", str(Path(data_dir).resolve()), vocab,
                           tuple(item_id(k) for k in range(data.num_items)), TaskConfig())
   _REGISTERED.setdefault(data.name, []).append(task)
@@ -423,9 +421,7 @@ def register_profile_task(data_dir: str | Path, *, profiles: Optional[str | Path
   split = reclm.user_split(data.num_users, seed)
   pairs = {s: reclm.profile_pairs(data, titles, teacher, split[s]) for s in sources.SPLITS}
   task = f"{name}_profile"
-  preprocessors = [seqio.preprocessors.tokenize, functools.partial(itdr.drop_too_long, task_name=task),
-                   seqio.preprocessors.append_eos_after_trim]
-  _register_task(task, TextSource(pairs, pp.salt(task)), preprocessors, vocab, [itdr.text_metrics])
+  _register_task(task, TextSource(pairs, pp.salt(task)), itdr.text_preprocessors(task), vocab, [itdr.text_metrics])
   _TASKS[task] = TaskInfo("profile", str(Path(data_dir).resolve()), vocab,
                           tuple(item_id(k) for k in range(data.num_items)), TaskConfig(seed=seed))
   _register_mixture(f"{name}_reclm", [task])
@@ -464,7 +460,8 @@ def register_cross_domain(source_dir: str | Path, target_dir: str | Path, *, nam
   task = f"{name}_itdr_cdr"
   options = {"texts": itdr.ItemTexts.of(tgt, vocab, config.itdr_max_title_tokens),
              "source_texts": itdr.ItemTexts.of(src, vocab, config.itdr_max_title_tokens),
-             "w": itdr.words(tgt.domain), "domains": (src.name, tgt.name), **_itdr_sampling(tgt, config, train_lengths)}
+             "w": itdr.words(tgt.domain), "domains": (src.name, tgt.name),
+             **_itdr_sampling(*_sampling_tables(tgt, train_lengths), config)}
   _register_itdr_task(task, "cdr", {s: records(s) for s in sources.SPLITS}, options, vocab, config)
   _TASKS[task] = TaskInfo("itdr_cdr", str(Path(target_dir).resolve()), vocab, tuple(item_id(k) for k in range(tgt.num_items)),
                           config)
