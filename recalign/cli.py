@@ -124,7 +124,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_profiles(args) -> int:
-  """RecLM: every user's profile, written by a trained profiler (a run trained on <name>_profile)."""
+  """RecLM: every user's (or, with --items, every item's) profile, written by a trained profiler (a run
+  trained on <name>_reclm)."""
   from recalign.data import PreparedData
   from recalign.data.vocab import load_vocabulary
   from recalign.evaluate import load_model
@@ -134,9 +135,17 @@ def cmd_profiles(args) -> int:
   vocab_path = args.vocabulary or ck.checkpoint_vocabulary(args.checkpoint) or Path(args.data) / "vocab"
   vocab = load_vocabulary(vocab_path)
   model, params = load_model(args.checkpoint, vocab, size=args.size)
-  done = reclm.generate_profiles(model, params, vocab, reclm.profile_prompts(data, vocab), args.out,
-                                 batch_size=args.batch_size, max_length=args.max_length)
-  print(f"{len(done)} profiles in {args.out}")
+  if args.items:   # item prompts show the items' users with these (e.g. generated) profiles
+    users = reclm.load_profiles(args.items, data)
+    missing = sum(p is None for p in users)
+    if missing:
+      raise SystemExit(f"{args.items}: {missing} of {data.num_users} users have no profile; item prompts need all")
+    prompts, key = reclm.item_prompts(data, vocab, users), "item"
+  else:
+    prompts, key = reclm.profile_prompts(data, vocab), "user"
+  done = reclm.generate_profiles(model, params, vocab, prompts, args.out, batch_size=args.batch_size,
+                                 max_length=args.max_length, key=key)
+  print(f"{len(done)} {key} profiles in {args.out}")
   return 0
 
 
@@ -370,10 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
                  help="retrieval ranks the catalogue minus the user's history (default: the paper's full catalogue)")
   s.set_defaults(fn=cmd_baseline)
 
-  s = sub.add_parser("profiles", help="RecLM: write every user's profile with a trained profiler (resumable JSONL)")
-  s.add_argument("--checkpoint", required=True, help="a checkpoint of a run trained on <name>_profile")
+  s = sub.add_parser("profiles", help="RecLM: write every user's (--items: item's) profile with a trained profiler "
+                     "(resumable JSONL)")
+  s.add_argument("--checkpoint", required=True, help="a checkpoint of a run trained on <name>_reclm")
   s.add_argument("--data", required=True, help="the prepared data set")
-  s.add_argument("--out", required=True, help="JSONL {user, profile}; users already in it are skipped")
+  s.add_argument("--out", required=True, help="JSONL {user|item, profile}; IDs already in it are skipped")
+  s.add_argument("--items", metavar="USER_PROFILES",
+                 help="write item profiles; item prompts show up to 5 of the item's users with these profiles (JSONL)")
   s.add_argument("--vocabulary", help="default: the run's (run.json), else the data set's vocab/")
   s.add_argument("--size", help="model size, for checkpoints that record no config")
   s.add_argument("--batch-size", type=int, default=32)

@@ -34,7 +34,7 @@ import difflib
 import functools
 import re
 import zlib
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import seqio
@@ -223,7 +223,7 @@ def item_titles(data: PreparedData, vocab, max_title_tokens: int) -> list[str]:
 def eval_users(data: PreparedData, per_split: int, seed: int) -> dict[str, np.ndarray]:
   """Validation and test users of the held-out-user tasks (TKR, CDR, UAP): users with >= 11
   interactions (ITDR's minimum), a seeded draw, disjoint."""
-  eligible = np.array([u for u in range(data.num_users) if len(data.sequences[u]) >= MIN_EVAL_INTERACTIONS])
+  eligible = np.array([u for u in range(data.num_users) if len(data.sequences[u]) >= MIN_EVAL_INTERACTIONS], np.int64)
   order = np.random.default_rng([seed, zlib.crc32(b"itdr")]).permutation(eligible)
   n = min(per_split, len(order) // 3)   # leave most eligible users for training
   return {"test": np.sort(order[:n]), "validation": np.sort(order[n:2 * n])}
@@ -334,7 +334,7 @@ def _tf_quoted(texts: tf.Tensor, rows: tf.Tensor, numbered_: bool) -> tf.Tensor:
   return tf.strings.reduce_join(tf.strings.join(["'", items, "'"]), separator=", ")
 
 
-def _fmt(template: str, **parts: tf.Tensor) -> tf.Tensor:
+def fill(template: str, **parts: tf.Tensor) -> tf.Tensor:
   """`template` with {name} placeholders filled by string tensors (literal text stays Python's)."""
   pieces = re.split(r"\{(\w+)\}", template)
   return tf.strings.join([parts[p] if i % 2 else p for i, p in enumerate(pieces)])
@@ -357,7 +357,7 @@ def render_rp(ex, key, *, texts: ItemTexts, w: Words, **_) -> dict:
   ratings = tf.strings.as_string(ex["history_rating"], shortest=True)
   rated = tf.strings.reduce_join(tf.strings.join([tf.gather(titles, ex["history"]), " (", ratings, ")"]),
                                  separator=", ")
-  text = _fmt(template("rp", w), rated=rated, title=tf.gather(titles, ex["target"]))
+  text = fill(template("rp", w), rated=rated, title=tf.gather(titles, ex["target"]))
   return {"inputs": _instruction("rp", text), "targets": tf.strings.as_string(ex["target_rating"], shortest=True),
           "target_item": ex["target"]}
 
@@ -365,7 +365,7 @@ def render_rp(ex, key, *, texts: ItemTexts, w: Words, **_) -> dict:
 def render_tkr(ex, key, *, texts: ItemTexts, w: Words, log_popularity, user_items, **_) -> dict:
   titles = tf.constant(texts.titles)
   cands, negatives = _candidates(ex, key, ex["positives"], POSITIVES, log_popularity, user_items)
-  text = _fmt(template("tkr", w), history_list=_tf_numbered(titles, ex["history"]),
+  text = fill(template("tkr", w), history_list=_tf_numbered(titles, ex["history"]),
               candidate_list=_tf_numbered(titles, cands))
   return {"inputs": _instruction("tkr", text), "targets": _tf_numbered(titles, tf.concat([ex["positives"], negatives], 0)),
           "candidates": cands, "positives": ex["positives"]}
@@ -374,7 +374,7 @@ def render_tkr(ex, key, *, texts: ItemTexts, w: Words, log_popularity, user_item
 def render_nir(ex, key, *, texts: ItemTexts, w: Words, log_popularity, user_items, **_) -> dict:
   tc = tf.constant(texts.title_cat)
   cands, _ = _candidates(ex, key, ex["target"][None], NIR_CANDIDATES - 1, log_popularity, user_items)
-  text = _fmt(template("nir", w), history_list=_tf_quoted(tc, ex["history"], True),
+  text = fill(template("nir", w), history_list=_tf_quoted(tc, ex["history"], True),
               candidate_list=_tf_quoted(tc, cands, False))
   return {"inputs": _instruction("nir", text), "targets": tf.gather(tf.constant(texts.titles), ex["target"]),
           "candidates": cands, "target_item": ex["target"]}
@@ -382,14 +382,14 @@ def render_nir(ex, key, *, texts: ItemTexts, w: Words, log_popularity, user_item
 
 def render_uap(ex, key, *, texts: ItemTexts, w: Words, **_) -> dict:
   liked = tf.strings.reduce_join(tf.gather(tf.constant(texts.title_genre), ex["liked"]), separator=", ")
-  return {"inputs": _instruction("uap", _fmt(template("uap", w), liked=liked)), "targets": ex["answer"]}
+  return {"inputs": _instruction("uap", fill(template("uap", w), liked=liked)), "targets": ex["answer"]}
 
 
 def render_cdr(ex, key, *, texts: ItemTexts, source_texts: ItemTexts, w: Words, domains: tuple[str, str],
                log_popularity, user_items, **_) -> dict:
   titles = tf.constant(texts.titles)
   cands, negatives = _candidates(ex, key, ex["positives"], POSITIVES, log_popularity, user_items)
-  text = _fmt(template("cdr", w, source_domain=domains[0], target_domain=domains[1]),
+  text = fill(template("cdr", w, source_domain=domains[0], target_domain=domains[1]),
               source_list=_tf_numbered(tf.constant(source_texts.titles), ex["source_history"]),
               history_list=_tf_numbered(titles, ex["history"]), candidate_list=_tf_numbered(titles, cands))
   return {"inputs": _instruction("cdr", text), "targets": _tf_numbered(titles, tf.concat([ex["positives"], negatives], 0)),
@@ -399,10 +399,12 @@ def render_cdr(ex, key, *, texts: ItemTexts, source_texts: ItemTexts, w: Words, 
 RENDER = {"rp": render_rp, "tkr": render_tkr, "nir": render_nir, "uap": render_uap, "cdr": render_cdr}
 
 
-def render(ds: tf.data.Dataset, *, kind: str, task_name: str, options: Mapping[str, object]) -> tf.data.Dataset:
+def render(ds: tf.data.Dataset, *, kind: str, task_name: str, options: Mapping[str, object],
+           fn: Optional[Callable] = None) -> tf.data.Dataset:
   """A seqio preprocessor: examples -> `inputs` / `targets` text (+ `user`, `example_id`, `epoch`, and
-  the candidates evaluation needs); tokenisation follows (`seqio.preprocessors.tokenize`)."""
-  fn, task_salt = RENDER[kind], pp.salt(task_name)
+  the candidates evaluation needs); tokenisation follows (`seqio.preprocessors.tokenize`). `fn(ex, key,
+  **options)` renders one example (default: the ITDR task `kind`'s)."""
+  fn, task_salt = fn or RENDER[kind], pp.salt(task_name)
 
   def map_fn(ex):
     kwargs = dict(options)
@@ -439,8 +441,9 @@ def text_preprocessors(task_name: str) -> list:
           seqio.preprocessors.append_eos_after_trim]
 
 
-def preprocessors(kind: str, task_name: str, **options) -> list:
-  return [functools.partial(render, kind=kind, task_name=task_name, options=options), *text_preprocessors(task_name)]
+def preprocessors(kind: str, task_name: str, fn: Optional[Callable] = None, **options) -> list:
+  return [functools.partial(render, kind=kind, task_name=task_name, options=options, fn=fn),
+          *text_preprocessors(task_name)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +522,7 @@ def random_list_baseline(n: int = 10, relevant: int = 5) -> dict[str, float]:
   return {"ndcg@10": float(q * disc.sum() / ideal), "hr@1": q, "p@5": q}
 
 
-def _text(x) -> str:
+def as_text(x) -> str:
   return (x.decode() if isinstance(x, bytes) else str(x)).strip()
 
 
@@ -529,10 +532,10 @@ def seqio_list_metrics(targets: Sequence[str], predictions: Sequence[str], *, nu
   parsed and matched; candidates it does not name follow in a fixed pseudo-random order."""
   rankings, relevant, unparsable = [], [], 0
   for t, p in zip(targets, predictions):
-    cands = parse_numbered(_text(t))
-    named, _ = match_titles(parse_numbered(_text(p)), cands)
+    cands = parse_numbered(as_text(t))
+    named, _ = match_titles(parse_numbered(as_text(p)), cands)
     unparsable += not named
-    order = np.random.default_rng(zlib.crc32(_text(t).encode())).permutation(len(cands))
+    order = np.random.default_rng(zlib.crc32(as_text(t).encode())).permutation(len(cands))
     rankings.append(complete_ranking(named, len(cands), order))
     relevant.append(set(range(num_positives)))
   return {**list_metrics(rankings, relevant), "unparsable": unparsable / max(len(targets), 1)}
@@ -540,12 +543,12 @@ def seqio_list_metrics(targets: Sequence[str], predictions: Sequence[str], *, nu
 
 def seqio_choice_metrics(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
   """NIR predict metric: HR@1 = the generated title is the target's (case- and space-insensitive)."""
-  return {"hr@1": float(np.mean([_norm(_text(t)) == _norm(_text(p)) for t, p in zip(targets, predictions)]))}
+  return {"hr@1": float(np.mean([_norm(as_text(t)) == _norm(as_text(p)) for t, p in zip(targets, predictions)]))}
 
 
 def parse_rating(text: str) -> Optional[float]:
   """The answer as a number ("4", "4.5"); None unless the whole answer is one."""
-  m = re.fullmatch(r"-?\d+(?:\.\d+)?", _text(text).rstrip("."))
+  m = re.fullmatch(r"-?\d+(?:\.\d+)?", as_text(text).rstrip("."))
   return float(m.group()) if m else None
 
 
@@ -558,7 +561,7 @@ def seqio_rating_prediction_metrics(targets: Sequence[str], predictions: Sequenc
                                     scale: Optional[tuple[float, float]] = None) -> dict[str, float]:
   """RP predict metric: RMSE / MAE of the generated number. An answer that is not a number on the rating
   `scale` (default: the targets' range), e.g. "222222", counts as the scale's middle (and in `unparsable`)."""
-  truth = [float(_text(t)) for t in targets]
+  truth = [float(as_text(t)) for t in targets]
   lo, hi = scale or ((min(truth), max(truth)) if truth else (0.0, 0.0))
   parsed = [parse_rating(p) for p in predictions]
   parsed = [p if p is not None and lo <= p <= hi else None for p in parsed]
@@ -569,7 +572,7 @@ def seqio_rating_prediction_metrics(targets: Sequence[str], predictions: Sequenc
 def parse_attributes(text: str) -> dict[str, str]:
   """"age group:25-34,gender:M,occupation:doctor." -> {"age group": "25-34", ...} (missing fields absent)."""
   out = {}
-  for part in _text(text).rstrip(".").split(","):
+  for part in as_text(text).rstrip(".").split(","):
     k, sep, v = part.partition(":")
     if sep:
       out[k.strip().lower()] = v.strip()
@@ -610,8 +613,8 @@ def _lcs(a: list[str], b: list[str]) -> int:
 def text_metrics(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
   """IR / TUI (free text against a reference): corpus BLEU-1 and BLEU-2 (cumulative, brevity penalty) and
   mean ROUGE-1 / ROUGE-2 / ROUGE-L F1, on lower-cased white-space tokens."""
-  refs = [_text(t).lower().split() for t in targets]
-  hyps = [_text(p).lower().split() for p in predictions]
+  refs = [as_text(t).lower().split() for t in targets]
+  hyps = [as_text(p).lower().split() for p in predictions]
   out = {}
   precisions = []
   for n in (1, 2):

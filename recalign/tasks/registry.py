@@ -77,6 +77,8 @@ class TaskConfig:
   itdr_negatives: str = "popularity"    # TKR / NIR / CDR negatives: popularity-sampled or uniform
   itdr_max_title_tokens: int = 24       # titles are cut to this many tokens in ITDR prompts
   itdr_liked_items: int = 10            # UAP: the most recent liked items shown
+  reclm: bool = False                   # also RecLM's profile tasks (<name>_profile, _collab_profile,
+                                        # _item_profile; mixture <name>_reclm) with silver teacher profiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +225,9 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   `vocab`: a seqio vocabulary, or None for the data set's own `vocab/spm.model`.
   Registering the same name again replaces the earlier registration.
   """
+  if config.reclm and config.itdr:   # the profile tasks read every item before the validation item
+    raise ValueError("TaskConfig: reclm=True and itdr=True cannot be combined (the profile tasks would show "
+                     "ITDR's held-out items); register them in separate runs")
   data = PreparedData.load(data_dir)
   name = name or data.name
   for old in _REGISTERED.pop(name, []):  # re-registering replaces everything the name had
@@ -300,6 +305,8 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
       _register_mixture(f"{name}_{mix}", members)
       names.append(f"{name}_{mix}")
   _REGISTERED[name] = list(names)
+  if config.reclm:
+    names += register_profile_task(data_dir, name=name, vocab=vocab, seed=config.seed, config=config)
   return names
 
 
@@ -347,13 +354,14 @@ def _register_itdr(data: PreparedData, name: str, vocab, config: TaskConfig, hel
 
 
 def _register_itdr_task(task: str, kind: str, splits: Mapping[str, sources.Records], options: dict, vocab,
-                        config: TaskConfig) -> None:
+                        config: TaskConfig, fn=None, metric_fns=None) -> None:
   empty = [s for s, r in splits.items() if not len(r)]
   if empty:
     logging.warning("%s has no %s examples (too few users with enough interactions)", task, "/".join(empty))
   source = RecDataSource({s: r for s, r in splits.items() if len(r)}, seed=config.seed, eval_seed=config.eval_seed,
                          salt=pp.salt(task))
-  _register_task(task, source, itdr.preprocessors(kind, task, **options), vocab, itdr.METRIC_FNS[kind])
+  _register_task(task, source, itdr.preprocessors(kind, task, fn, **options), vocab,
+                 metric_fns or itdr.METRIC_FNS[kind])
 
 
 class TextSource(_InMemorySource):
@@ -406,12 +414,22 @@ def register_reference_task(records: str | Path, kind: str, *, data_dir: str | P
 
 
 def register_profile_task(data_dir: str | Path, *, profiles: Optional[str | Path] = None, name: Optional[str] = None,
-                          vocab=None, seed: int = 0, max_title_tokens: int = 24) -> list[str]:
-  """RecLM's distillation task `<name>_profile`: a user's training history (titles) -> the user's profile;
-  the silver profiles of `recalign.tasks.reclm` unless `profiles` (JSONL of teacher profiles) is given.
-  Users are split train / validation / test (seeded), so evaluation profiles belong to unseen users.
-  Also registers the mixture `<name>_reclm` (the profile task; RecLM's collaborative and item-profile
-  tasks are not built yet)."""
+                          vocab=None, seed: int = 0, max_title_tokens: int = 24, collab: bool = True,
+                          items: bool = True, neighbours: int = 3, collab_max_items: int = 10,
+                          user_embeddings: Optional[np.ndarray] = None, cf_epochs: int = 30,
+                          config: Optional[TaskConfig] = None) -> list[str]:
+  """RecLM's profile tasks on a prepared data set, with the silver profiles of `recalign.tasks.reclm` as
+  teacher unless `profiles` (JSONL of teacher user profiles) is given:
+    `<name>_profile`         a user's training history (titles) -> the user's profile (distillation);
+    `<name>_collab_profile`  the user's history + the histories of `neighbours` similar users (nearest by
+                             the user representations of a LightGCN trained `cf_epochs` epochs on the
+                             training interactions, or `user_embeddings`) + a candidate ->
+                             "<profile> ; answer: yes|no" (RecLM's two-turn collaborative tuning);
+    `<name>_item_profile`    an item's text + up to 5 of its training users' profiles -> its (silver) profile;
+  and the mixture `<name>_reclm` of them. Users (and items) are split train / validation / test (seeded),
+  so evaluation profiles belong to unseen users; candidates and the users an item shows are re-drawn
+  every epoch. Only training interactions are read. `config`: what run.json records (TaskConfig(reclm=True)
+  when `register_dataset` calls this)."""
   from recalign.tasks import reclm
   data = PreparedData.load(data_dir)
   name = name or data.name
@@ -419,14 +437,45 @@ def register_profile_task(data_dir: str | Path, *, profiles: Optional[str | Path
   teacher = reclm.load_profiles(profiles, data) if profiles else reclm.silver_user_profiles(data)
   titles = itdr.item_titles(data, vocab, max_title_tokens)
   split = reclm.user_split(data.num_users, seed)
+  config = config or TaskConfig(seed=seed)
+  info = TaskInfo("profile", str(Path(data_dir).resolve()), vocab, tuple(item_id(k) for k in range(data.num_items)),
+                  config)
   pairs = {s: reclm.profile_pairs(data, titles, teacher, split[s]) for s in sources.SPLITS}
-  task = f"{name}_profile"
-  _register_task(task, TextSource(pairs, pp.salt(task)), itdr.text_preprocessors(task), vocab, [itdr.text_metrics])
-  _TASKS[task] = TaskInfo("profile", str(Path(data_dir).resolve()), vocab,
-                          tuple(item_id(k) for k in range(data.num_items)), TaskConfig(seed=seed))
-  _register_mixture(f"{name}_reclm", [task])
-  _REGISTERED.setdefault(name, []).extend([task, f"{name}_reclm"])
-  return [task, f"{name}_reclm"]
+  tasks = [f"{name}_profile"]
+  _register_task(tasks[0], TextSource(pairs, pp.salt(tasks[0])), itdr.text_preprocessors(tasks[0]), vocab,
+                 [itdr.text_metrics])
+  _TASKS[tasks[0]] = info
+  if collab:
+    if user_embeddings is None:
+      user_embeddings = reclm.user_embeddings(data, epochs=cf_epochs, seed=seed)
+    near = reclm.similar_users(user_embeddings, neighbours)
+    has_teacher = np.array([p is not None for p in teacher])
+    records = {}
+    for s in sources.SPLITS:
+      records[s], skipped = reclm.collab_records(data, split[s][has_teacher[split[s]]], near,
+                                                 max_items=collab_max_items)
+      if any(skipped.values()):
+        logging.info("%s_collab_profile %s: skipped %s (no shown neighbour item qualifies)", name, s, skipped)
+    task = f"{name}_collab_profile"
+    options = {"titles": titles, "profiles": [p or "" for p in teacher], "domain": data.domain, "k": neighbours}
+    _register_itdr_task(task, "collab", records, options, vocab, config, fn=reclm.render_collab,
+                        metric_fns=[reclm.collab_metrics])
+    _TASKS[task] = dataclasses.replace(info, kind="collab_profile")
+    tasks.append(task)
+  if items:
+    users_of = reclm.item_users(data)
+    item_split = reclm.user_split(data.num_items, seed + 1)
+    task = f"{name}_item_profile"
+    options = {"descriptions": reclm.item_descriptions(data, titles), "user_profiles": [p or "" for p in teacher],
+               "item_profiles": reclm.silver_item_profiles(data), "domain": data.domain}
+    _register_itdr_task(task, "item_profile", {s: reclm.item_records(data, item_split[s], users_of)
+                                               for s in sources.SPLITS}, options, vocab, config,
+                        fn=reclm.render_item_profile, metric_fns=[itdr.text_metrics])
+    _TASKS[task] = dataclasses.replace(info, kind="item_profile")
+    tasks.append(task)
+  _register_mixture(f"{name}_reclm", tasks)
+  _REGISTERED.setdefault(name, []).extend([*tasks, f"{name}_reclm"])
+  return [*tasks, f"{name}_reclm"]
 
 
 def register_cross_domain(source_dir: str | Path, target_dir: str | Path, *, name: Optional[str] = None, vocab=None,
