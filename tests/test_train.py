@@ -124,7 +124,7 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
   assert shipped and all((REPO / "gin" / f).resolve() == gin_dir / f for f in shipped)
   scratch = [str(gin_dir / "models" / "mini.gin"), str(gin_dir / "runs" / "from_scratch.gin")]
   for f, mixture in [("reat", "_reat"), ("raat", "_raat"), ("rpat", "_rpat"), ("ut", "_ut"), ("ut_at", "_ut_at"),
-                     ("retrieval_aux", "_reat"), ("ut_at_itdr", "_ut_at_itdr")]:
+                     ("retrieval_aux", "_reat"), ("ut_at_itdr", "_ut_at_itdr"), ("reclm", "_reclm")]:
     gin.clear_config()
     cli.parse_gin(scratch + [str(gin_dir / f"{f}.gin")],
                   ["MODEL_DIR = '/tmp/x'", "BATCH_SIZE = 4", "ValidationConfig.every = 7",
@@ -134,7 +134,7 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
     assert gin.query_parameter("%MIXTURE_OR_TASK_NAME").endswith(mixture)
     assert gin.query_parameter("%LEARNING_RATE") == 1e-3 and gin.query_parameter("%WARMUP_STEPS") == 1000
     assert gin.query_parameter("%VOCABULARY") is None and gin.query_parameter("%DROPOUT_RATE") == 0.1
-    assert TaskConfig().itdr == (f == "ut_at_itdr")
+    assert TaskConfig().itdr == (f == "ut_at_itdr") and TaskConfig().reclm == (f == "reclm")
   # the CPU recipe's run file stands alone (it includes mini): compact collaborative-ID prompts, bf16,
   # no dropout -- whatever the order of the files, since model files set neither
   from recalign.tasks.registry import TaskConfig
@@ -343,6 +343,21 @@ def test_settings_that_would_fail_after_training_are_errors_before_the_first_ste
   again = T.train(model_dir=str(tiny_dir / "done"), train_steps=2, **kw)
   assert again["step"] == first["step"] == 2 and again["loss"] == pytest.approx(first["loss"])
   assert "already at step 2" in capsys.readouterr().out
+
+
+def test_recalign_train_cli_runs_in_a_fresh_process(tiny_dir):
+  """`recalign train` as a user runs it (a new process, gin locked after parsing), without validation."""
+  model_dir = tiny_dir / "cli_run"
+  gin_dir = REPO / "recalign" / "gin"
+  argv = ["train", f"--gin_file={gin_dir / 'models' / 'tiny.gin'}", f"--gin_file={gin_dir / 'runs' / 'from_scratch.gin'}",
+          f"--gin.DATA_DIRS=['{tiny_dir / 'tiny'}']", "--gin.MIXTURE_OR_TASK_NAME='tiny_retrieval'",
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}", "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=4",
+          f"--gin.MODEL_DIR='{model_dir}'", "--gin.TaskConfig.num_candidates=3", "--gin.CheckpointConfig.every=1"]
+  code = "import sys; from recalign.cli import main; sys.exit(main(sys.argv[1:]))"
+  r = subprocess.run([sys.executable, "-c", code, *argv], env=env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert json.loads((model_dir / "run.json").read_text())["mixture_or_task_name"] == "tiny_retrieval"
+  assert (model_dir / "checkpoints" / "1").exists()
 
 
 def test_eval_results_survive_checkpoint_rotation(tiny_dir):

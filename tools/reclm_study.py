@@ -2,6 +2,7 @@
 
     python tools/reclm_study.py --data runs/demo/data/ml100k --out docs/reclm/ml100k.json --seeds 0 1 2
     python tools/reclm_study.py ... --user-profiles generated.jsonl    # profiles a trained profiler wrote
+    python tools/reclm_study.py ... --checkpoint runs/profiler/checkpoints/2000 --profiles-dir runs/profiles
 
 Variants, each full-shot (leave-one-out) and zero-shot (20% of items held out with all their interactions;
 ranked among the new items only, for the users whose held-out item is new):
@@ -12,7 +13,13 @@ ranked among the new items only, for the users whose held-out item is new):
                 profiles (no generation: what a profile adds beyond its items' text)
 User profiles: the silver ones (`recalign.tasks.reclm`, built from the data: on ml-100k the identity is the
 real attributes) unless --user-profiles gives a JSONL ({"user", "profile"}); item profiles: silver. In the
-zero-shot split every profile is rebuilt without the new items' interactions. Embeddings: TF-IDF + SVD
+zero-shot split every profile is rebuilt without the new items' interactions.
+--checkpoint (a profiler trained on <name>_reclm, gin/reclm.gin): user and item profiles are generated
+with it instead, per split (zero-shot: prompts without the new items; a new item's prompt shows no user),
+into --profiles-dir (resumable), and on data with user attributes the generated identities are scored
+against the true ones (profile task's test users, and all users), majority baseline beside. The
+profiler itself was trained on every training interaction: in the zero-shot split its weights have
+seen the new items' interactions (its prompts have not). Embeddings: TF-IDF + SVD
 (64 dims; --embed encoder needs a checkpoint, see README). Early stopping on validation NDCG@20; test
 Recall@20 / NDCG@20, mean ± std over seeds.
 """
@@ -42,6 +49,32 @@ def profile_matrix(data, variant: str, user_profiles, item_profiles, seed: int, 
   return np.concatenate([users, items]).astype(np.float32)
 
 
+def generated(args, data, split: str, exclude, results: dict) -> tuple[list[str], list[str]]:
+  """User and item profiles the profiler writes for `split` (resumable JSONL in --profiles-dir); records
+  the identity scores in `results`."""
+  from recalign.data.vocab import load_vocabulary
+  from recalign.evaluate import load_model
+  from recalign.models import checkpoints as ck
+  from recalign.tasks import reclm
+  if not args.profiles_dir:
+    raise SystemExit("--checkpoint needs --profiles-dir (where the generated profiles go)")
+  vocab = load_vocabulary(ck.checkpoint_vocabulary(args.checkpoint) or Path(args.data) / "vocab")
+  model, params = load_model(args.checkpoint, vocab, size=args.size)
+  d = Path(args.profiles_dir)
+  users = reclm.generate_profiles(model, params, vocab, reclm.profile_prompts(data, vocab, exclude_items=exclude),
+                                  d / f"users_{split}.jsonl")
+  users_p = [users[u] for u in data.users]
+  items = reclm.generate_profiles(model, params, vocab, reclm.item_prompts(data, vocab, users_p, exclude_items=exclude),
+                                  d / f"items_{split}.jsonl", key="item")
+  items_p = [items[i] for i in data.source_item_ids]
+  if data.user_attributes:
+    sp = reclm.user_split(data.num_users, 0)     # the profile task's split (its default seed)
+    for who, us in (("test_users", sp["test"]), ("all_users", np.arange(data.num_users))):
+      results[f"identity/{split}/{who}"] = reclm.identity_scores(data, users, us, sp["train"])
+      print(f"identity/{split}/{who}", results[f"identity/{split}/{who}"], flush=True)
+  return users_p, items_p
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", required=True, help="a prepared data set")
@@ -50,6 +83,9 @@ def main():
   p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
   p.add_argument("--splits", nargs="+", default=["full", "zero_shot"], choices=["full", "zero_shot"])
   p.add_argument("--user-profiles", help="JSONL of user profiles (default: silver)")
+  p.add_argument("--checkpoint", help="a profiler's checkpoint: generate user and item profiles with it")
+  p.add_argument("--profiles-dir", help="where generated profiles go (with --checkpoint)")
+  p.add_argument("--size", help="the profiler's size, for checkpoints that record no config")
   p.add_argument("--dims", type=int, default=64)
   p.add_argument("--epochs", type=int, default=200)
   args = p.parse_args()
@@ -63,10 +99,15 @@ def main():
   for split in args.splits:
     cold = cf.zero_shot_items(data, 0.2, seed=0) if split == "zero_shot" else None
     exclude = () if cold is None else cold
-    users_p = (reclm.load_profiles(args.user_profiles, data) if args.user_profiles
-               else reclm.silver_user_profiles(data, exclude_items=exclude))
+    if args.checkpoint:
+      users_p, items_p = generated(args, data, split, exclude, results)
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_text(json.dumps(results, indent=2))
+    else:
+      users_p = (reclm.load_profiles(args.user_profiles, data) if args.user_profiles
+                 else reclm.silver_user_profiles(data, exclude_items=exclude))
+      items_p = reclm.silver_item_profiles(data, exclude_items=exclude)
     users_p = [x or "" for x in users_p]
-    items_p = reclm.silver_item_profiles(data, exclude_items=exclude)
     for variant in args.variants:
       for seed in args.seeds:
         key = f"{split}/{variant}/seed{seed}"
@@ -79,7 +120,7 @@ def main():
         test = cf.evaluate_cf(params, cfg, graph, data, "test", prof, candidates=cold)
         results[key] = {"split": split, "variant": variant, "seed": seed, "epochs": log[-1]["epoch"],
                         "minutes": round((time.time() - t0) / 60, 2), "config": dataclasses.asdict(cfg),
-                        "profiles": args.user_profiles or "silver", **{f"test/{k}": v for k, v in test.items()}}
+                        "profiles": ("generated" if args.checkpoint else args.user_profiles or "silver"), **{f"test/{k}": v for k, v in test.items()}}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         print(key, {k: v for k, v in results[key].items() if k.startswith("test/")}, flush=True)
@@ -90,7 +131,7 @@ def table(results: dict) -> str:
   lines = ["| split | variant | seeds | test Recall@20 | test NDCG@20 | users |", "|---|---|---|---|---|---|"]
   for split in ("full", "zero_shot"):
     for variant in VARIANTS:
-      runs = [r for r in results.values() if r["split"] == split and r["variant"] == variant]
+      runs = [r for r in results.values() if r.get("split") == split and r.get("variant") == variant]
       if runs:
         rec, nd = (np.array([r[f"test/{k}@20"] for r in runs]) for k in ("recall", "ndcg"))
         lines.append(f"| {split} | {variant} | {len(runs)} | {rec.mean():.4f} ± {rec.std():.4f} | "

@@ -106,22 +106,22 @@ def silver_item_profiles(data: PreparedData, exclude_items: Sequence[int] = ()) 
   return out
 
 
-def load_profiles(path: str | Path, data: PreparedData) -> list[Optional[str]]:
-  """Teacher profiles a user supplies (JSONL {"user": <source user id>, "profile": text}), by user index;
-  users without a line get None (no distillation example)."""
+def load_profiles(path: str | Path, data: PreparedData, key: str = "user") -> list[Optional[str]]:
+  """Profiles from a JSONL ({"user": <source user id>, "profile": text}, or "item" with key="item"), by
+  user (item) index; those without a line get None (e.g. no distillation example)."""
   from recalign.data.report import DataError
-  index = {u: k for k, u in enumerate(data.users)}
-  out: list[Optional[str]] = [None] * data.num_users
+  index = {u: k for k, u in enumerate(data.users if key == "user" else data.source_item_ids)}
+  out: list[Optional[str]] = [None] * len(index)
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
       row = json.loads(line)
-      if row.get("user") not in index:
-        raise DataError(str(path), n, "user", f"unknown user {row.get('user')!r}")
+      if row.get(key) not in index:
+        raise DataError(str(path), n, key, f"unknown {key} {row.get(key)!r}")
       if not row.get("profile"):
         raise DataError(str(path), n, "profile", "empty")
-      out[index[row["user"]]] = row["profile"]
+      out[index[row[key]]] = row["profile"]
   return out
 
 
@@ -129,9 +129,11 @@ PROFILE_PROMPT = ("A user has {verb_past} the following {noun} (arranged in chro
                   "recent): {history} Summarize the user's identity and interests as a profile.")
 
 
-def profile_input(data: PreparedData, titles: Sequence[str], u: int, max_items: int = 20) -> str:
-  """The distillation prompt: the user's most recent `max_items` training items, titles in time order."""
-  seq = data.sequences[u][:-2][-max_items:]
+def profile_input(data: PreparedData, titles: Sequence[str], u: int, max_items: int = 20,
+                  exclude: frozenset = frozenset()) -> str:
+  """The distillation prompt: the user's most recent `max_items` training items (without `exclude`, a
+  zero-shot split's new items), titles in time order."""
+  seq = _train(data, u, exclude)[0][-max_items:]
   d = data.domain
   return PROFILE_PROMPT.format(verb_past=d.verb_past, noun=d.noun, history="; ".join(titles[i] for i in seq) + ";")
 
@@ -220,10 +222,13 @@ def generate_profiles(model, params, vocab, prompts: dict[str, str], out: str | 
   return done
 
 
-def profile_prompts(data: PreparedData, vocab, max_title_tokens: int = 24, max_items: int = 20) -> dict[str, str]:
-  """Every user's distillation prompt (as `<name>_profile` writes it), by source user ID."""
+def profile_prompts(data: PreparedData, vocab, max_title_tokens: int = 24, max_items: int = 20,
+                    exclude_items: Sequence[int] = ()) -> dict[str, str]:
+  """Every user's distillation prompt (as `<name>_profile` writes it), by source user ID; `exclude_items`
+  (a zero-shot split's new items) are left out of the histories."""
   titles = itdr.item_titles(data, vocab, max_title_tokens)
-  return {data.users[u]: profile_input(data, titles, u, max_items) for u in range(data.num_users)}
+  ex = frozenset(int(i) for i in exclude_items)
+  return {data.users[u]: profile_input(data, titles, u, max_items, ex) for u in range(data.num_users)}
 
 
 # ---------------------------------------------------------------------------------------------
