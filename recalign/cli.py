@@ -196,7 +196,8 @@ def cmd_train(args, gin_args) -> int:
   if not files:
     print("error: give at least one --gin_file (e.g. gin/reat.gin)", file=sys.stderr)
     return 2
-  from recalign import evaluate  # noqa: F401 -- train() imports it; its configurables must exist before gin locks
+  import importlib
+  importlib.import_module("recalign.evaluate")  # train() imports it: its configurables must exist before gin locks
   for module in args.module:
     __import__(module)  # user modules that register their own seqio tasks / mixtures
   parse_gin(files, bindings, paths)

@@ -383,6 +383,11 @@ class TextSource(_InMemorySource):
     return ds
 
 
+def _text_task_info(kind: str, data_dir, data: PreparedData, vocab, config: TaskConfig) -> TaskInfo:
+  """TaskInfo of a task that writes items by title: its IDs are the data set's random ones (never shown)."""
+  return TaskInfo(kind, str(Path(data_dir).resolve()), vocab, tuple(item_id(k) for k in range(data.num_items)), config)
+
+
 def register_reference_task(records: str | Path, kind: str, *, data_dir: str | Path, noun: str, focus: str = "",
                             name: Optional[str] = None, vocab=None) -> str:
   """ITDR's IR or TUI task from records a user supplies (JSONL, one per line, each with a "split" of
@@ -407,8 +412,7 @@ def register_reference_task(records: str | Path, kind: str, *, data_dir: str | P
   task = name or f"{data.name}_itdr_{kind}"
   vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
   _register_task(task, TextSource(pairs, pp.salt(task)), itdr.text_preprocessors(task), vocab, itdr.METRIC_FNS[kind])
-  _TASKS[task] = TaskInfo(f"itdr_{kind}", str(Path(data_dir).resolve()), vocab,
-                          tuple(item_id(k) for k in range(data.num_items)), TaskConfig())
+  _TASKS[task] = _text_task_info(f"itdr_{kind}", data_dir, data, vocab, TaskConfig())
   _REGISTERED.setdefault(data.name, []).append(task)
   return task
 
@@ -438,8 +442,7 @@ def register_profile_task(data_dir: str | Path, *, profiles: Optional[str | Path
   titles = itdr.item_titles(data, vocab, max_title_tokens)
   split = reclm.user_split(data.num_users, seed)
   config = config or TaskConfig(seed=seed)
-  info = TaskInfo("profile", str(Path(data_dir).resolve()), vocab, tuple(item_id(k) for k in range(data.num_items)),
-                  config)
+  info = _text_task_info("profile", data_dir, data, vocab, config)
   pairs = {s: reclm.profile_pairs(data, titles, teacher, split[s]) for s in sources.SPLITS}
   tasks = [f"{name}_profile"]
   _register_task(tasks[0], TextSource(pairs, pp.salt(tasks[0])), itdr.text_preprocessors(tasks[0]), vocab,
@@ -512,8 +515,7 @@ def register_cross_domain(source_dir: str | Path, target_dir: str | Path, *, nam
              "w": itdr.words(tgt.domain), "domains": (src.name, tgt.name),
              **_itdr_sampling(*_sampling_tables(tgt, train_lengths), config)}
   _register_itdr_task(task, "cdr", {s: records(s) for s in sources.SPLITS}, options, vocab, config)
-  _TASKS[task] = TaskInfo("itdr_cdr", str(Path(target_dir).resolve()), vocab, tuple(item_id(k) for k in range(tgt.num_items)),
-                          config)
+  _TASKS[task] = _text_task_info("itdr_cdr", target_dir, tgt, vocab, config)
   _REGISTERED.setdefault(name, []).append(task)
   return [task]
 
