@@ -29,7 +29,9 @@ from recalign.tasks import itdr
 
 REC_KINDS = ("retrieval", "ranking", "rating")
 ITDR_KINDS = tuple(f"itdr_{k}" for k in itdr.KINDS + itdr.TEXT_KINDS)
-EVALUABLE = REC_KINDS + ITDR_KINDS
+PROFILE_KINDS = ("profile", "collab_profile", "item_profile")   # RecLM's: generated text, scored as text
+GENERATED_KINDS = ITDR_KINDS + PROFILE_KINDS
+EVALUABLE = REC_KINDS + GENERATED_KINDS
 
 
 @dataclasses.dataclass
@@ -147,6 +149,7 @@ class RecEvaluator:
     # On a ('data', 'model') mesh (the trainer's): users split over 'data'; parameters placed by the
     # caller (`recalign.train.place_params`); jit propagates both through decoding and its cache.
     self.mesh = mesh
+    self._itdr_tables: dict[tuple, tuple] = {}   # (title tokens, eval users, seed) -> (ItemTexts, eval users)
     if mesh is not None and batch_size % mesh.shape["data"]:
       raise ValueError(f"batch_size={batch_size} must be divisible by the mesh's {mesh.shape['data']} data shards")
 
@@ -260,8 +263,7 @@ class RecEvaluator:
   def finish_itdr(self, examples: list[dict], a: dict, *, kind: str) -> tuple[dict, list[dict]]:
     texts = decode_texts(self.vocab, a["generated"])
     targets = [e["targets_pretokenized"].decode() for e in examples]
-    preds = [{**({"user": self.data.users[int(e["user"])]} if "user" in e else {"example": int(e["example_id"])}),
-              "target": t, "generated": g} for e, t, g in zip(examples, targets, texts)]
+    preds = [{**self._who(e), "target": t, "generated": g} for e, t, g in zip(examples, targets, texts)]
     titles = self.itdr_texts.titles
     if kind in ("itdr_tkr", "itdr_cdr"):
       gen_rank, score_rank, relevant, unknown = [], [], [], 0
@@ -298,14 +300,23 @@ class RecEvaluator:
                  **self._rating_baselines(examples, truth)}
       for pr, x in zip(preds, expected):
         pr["expected_rating"] = round(float(x), 4)
-    elif kind in ("itdr_ir", "itdr_tui"):
+    elif kind in ("itdr_ir", "itdr_tui", "profile", "item_profile"):
       metrics = itdr.text_metrics(targets, texts)
+    elif kind == "collab_profile":
+      from recalign.tasks import reclm
+      metrics = reclm.collab_metrics(targets, texts)
     else:   # itdr_uap
       metrics = itdr.attribute_metrics(targets, texts)
       metrics.update({f"majority/{k}": v for k, v in itdr.attribute_metrics(targets, [self._majority()] * len(targets)).items()
                       if k != "unparsable"})
       metrics["mean_accuracy"] = float(np.mean([metrics[f"{f}_accuracy"] for f in ("age_group", "gender", "occupation")]))
     return metrics, preds
+
+  def _who(self, e: dict) -> dict:
+    """What a prediction row is about: the item (item profiles), the user, or the example."""
+    if "item" in e:
+      return {"item": self.data.source_item_ids[int(e["item"])]}
+    return {"user": self.data.users[int(e["user"])]} if "user" in e else {"example": int(e["example_id"])}
 
   def _rating_baselines(self, examples: list[dict], truth: np.ndarray) -> dict[str, float]:
     """RMSE / MAE of the global, user and item mean of the training ratings (the item's unseen: global)."""
@@ -340,10 +351,15 @@ class RecEvaluator:
     info = task_info(task_name)
     kind = info.kind
     if kind not in EVALUABLE:
-      raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking, rating or an ITDR task")
-    if kind in ITDR_KINDS:
-      self.itdr_texts = itdr.ItemTexts.of(self.data, self.vocab, info.config.itdr_max_title_tokens)
-      self.itdr_held = itdr.eval_users(self.data, info.config.itdr_eval_users, info.config.eval_seed)
+      raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking, rating, an ITDR or "
+                       "a profile task")
+    if kind in GENERATED_KINDS:
+      c = info.config   # built once per setting: validation calls this every few minutes
+      key = (c.itdr_max_title_tokens, c.itdr_eval_users, c.eval_seed)
+      if key not in self._itdr_tables:
+        self._itdr_tables[key] = (itdr.ItemTexts.of(self.data, self.vocab, c.itdr_max_title_tokens),
+                                  itdr.eval_users(self.data, c.itdr_eval_users, c.eval_seed))
+      self.itdr_texts, self.itdr_held = self._itdr_tables[key]
       # short answers need short decodes (the loop runs max_length steps): a rating, a title, three fields
       short = {"itdr_rp": 8, "itdr_nir": info.config.itdr_max_title_tokens + 8, "itdr_uap": 48}
       decode = functools.partial(self.decode_itdr, kind=kind,
@@ -352,6 +368,9 @@ class RecEvaluator:
     else:
       decode, finish = getattr(self, f"decode_{kind}"), getattr(self, f"finish_{kind}")
     examples = task_examples(task_name, split, lengths, max_examples, example_ids=example_ids)
+    if not examples:
+      raise ValueError(f"{task_name} has no {split} examples that fit {dict(lengths)} (an example that does not fit "
+                       "is dropped, never cut)")
     # Longest prompts first: batches of similar lengths waste little encoder work on padding.
     order = np.argsort([-len(e["inputs"]) for e in examples], kind="stable")
     import jax
@@ -395,7 +414,8 @@ def headline_metric(kind: str) -> str:
   ranking NDCG@10 of the teacher-forced scores, rating AUC."""
   return {"retrieval": "ndcg@10", "ranking": "score/ndcg@10", "rating": "auc", "itdr_tkr": "score/ndcg@10",
           "itdr_cdr": "score/ndcg@10", "itdr_nir": "score/hr@1", "itdr_rp": "score/rmse",
-          "itdr_uap": "mean_accuracy"}.get(kind, "ndcg@10")
+          "itdr_uap": "mean_accuracy", "profile": "rougeL", "item_profile": "rougeL",
+          "collab_profile": "answer_accuracy"}.get(kind, "ndcg@10")
 
 
 def validation_metrics(kind: str) -> tuple[str, ...]:
@@ -407,7 +427,12 @@ def validation_metrics(kind: str) -> tuple[str, ...]:
           "rating": ("auc",), "itdr_tkr": lists, "itdr_cdr": lists, "itdr_nir": ("generated/hr@1", "score/hr@1"),
           "itdr_rp": tuple(f"{how}/{m}" for how in ("generated", "score") for m in ("rmse", "mae")),
           "itdr_uap": ("mean_accuracy", "age_group_accuracy", "gender_accuracy", "occupation_accuracy",
-                       "age_rmse")}.get(kind, ())
+                       "age_rmse"),
+          "profile": TEXT_METRICS, "item_profile": TEXT_METRICS,
+          "collab_profile": ("answer_accuracy", *(f"profile_{m}" for m in TEXT_METRICS))}.get(kind, ())
+
+
+TEXT_METRICS = ("bleu1", "bleu2", "rouge1", "rouge2", "rougeL")
 
 
 def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[int] = None,

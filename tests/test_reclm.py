@@ -245,3 +245,23 @@ def test_register_dataset_with_reclm(collab_data):
   assert rt.registry.task_info("collab_collab_profile").config.reclm     # what run.json records
   with pytest.raises(ValueError, match="reclm=True and itdr=True"):
     rt.register_dataset(path, config=rt.TaskConfig(reclm=True, itdr=True))
+
+
+def test_profile_tasks_are_evaluated_as_generated_text(collab_data):
+  import jax
+  from recalign.evaluate import RecEvaluator, validation_metrics
+  from recalign.models.model import EncoderDecoderModel
+  from recalign.models.network import named_config, padded_vocab_size
+  d, path = collab_data
+  rt.register_profile_task(path, name="ev", user_embeddings=np.eye(3), neighbours=1, collab_max_items=3)
+  vocab = rt.registry.task_info("ev_profile").vocab
+  model = EncoderDecoderModel(named_config("tiny").replace(vocab_size=padded_vocab_size(vocab.vocab_size)))
+  ev = RecEvaluator(model, d, vocab, progress=False)
+  params = model.init(jax.random.PRNGKey(0))
+  for task, kind in (("ev_profile", "profile"), ("ev_collab_profile", "collab_profile"), ("ev_item_profile", "item_profile")):
+    res = ev.evaluate(params, task, "test", {"inputs": 512, "targets": 128})
+    assert set(validation_metrics(kind)) <= set(res.metrics)
+    who = {k for p in res.predictions for k in p if k in ("user", "item", "example")}
+    assert who == ({"item"} if kind == "item_profile" else {"user"} if kind == "collab_profile" else {"example"})
+  with pytest.raises(ValueError, match="ev_profile has no test examples that fit"):
+    ev.evaluate(params, "ev_profile", "test", {"inputs": 512, "targets": 16})

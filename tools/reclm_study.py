@@ -89,6 +89,8 @@ def main():
   p.add_argument("--dims", type=int, default=64)
   p.add_argument("--epochs", type=int, default=200)
   args = p.parse_args()
+  import logging
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")   # cf logs every validation
 
   from recalign.baselines import cf
   from recalign.data import PreparedData
