@@ -300,11 +300,16 @@ class RecEvaluator:
                  **self._rating_baselines(examples, truth)}
       for pr, x in zip(preds, expected):
         pr["expected_rating"] = round(float(x), 4)
-    elif kind in ("itdr_ir", "itdr_tui", "profile", "item_profile"):
+    elif kind in ("itdr_ir", "itdr_tui"):
       metrics = itdr.text_metrics(targets, texts)
-    elif kind == "collab_profile":
+    elif kind in PROFILE_KINDS:
       from recalign.tasks import reclm
-      metrics = reclm.collab_metrics(targets, texts)
+      score = reclm.collab_metrics if kind == "collab_profile" else itdr.text_metrics
+      metrics = score(targets, texts)
+      # beside it, one profile for everyone: the commonest target (of these examples: a generous baseline)
+      common = max(set(targets), key=lambda t: (targets.count(t), t))
+      metrics.update({f"constant/{k}": v for k, v in score(targets, [common] * len(targets)).items()
+                      if "rouge" in k or "bleu" in k})
     else:   # itdr_uap
       metrics = itdr.attribute_metrics(targets, texts)
       metrics.update({f"majority/{k}": v for k, v in itdr.attribute_metrics(targets, [self._majority()] * len(targets)).items()
@@ -383,7 +388,9 @@ class RecEvaluator:
     metrics, preds = finish(examples, arrays)
     metrics["examples"] = len(examples)
     protocol = {"retrieval": M.protocol_name(self.exclude_history), "ranking": "the task's candidates",
-                "rating": "P(yes) AUC"}.get(kind, "ITDR: greedy generation parsed, and scored answers")
+                "rating": "P(yes) AUC"}.get(kind, "profile: greedy generation against the teacher's text"
+                                             if kind in PROFILE_KINDS else
+                                             "ITDR: greedy generation parsed, and scored answers")
     return EvalResult(task_name, split, metrics, preds, protocol)
 
 
