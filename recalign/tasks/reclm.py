@@ -1,5 +1,8 @@
 """RecLM-style profiles (Jiang et al., "RecLM: Recommendation Instruction Tuning"): the profile format,
-"silver" teacher profiles built from the data, and the distillation task (history -> profile).
+"silver" teacher profiles built from the data, the texts of RecLM's three tasks (distillation: history ->
+profile; collaborative: history + similar users' histories + candidate -> profile ; answer: yes/no; item:
+item text + its users' profiles -> item profile; registered by `registry.register_profile_task`),
+generation, embedding and scoring of profiles.
 
 RecLM distils profiles a large LLM wrote; none can be made offline, so the teacher profiles here are
 built from the data, in RecLM's format, and are called silver throughout:
