@@ -49,17 +49,22 @@ def profile_matrix(data, variant: str, user_profiles, item_profiles, seed: int, 
   return np.concatenate([users, items]).astype(np.float32)
 
 
-def generated(args, data, split: str, exclude, results: dict) -> tuple[list[str], list[str]]:
-  """User and item profiles the profiler writes for `split` (resumable JSONL in --profiles-dir); records
-  the identity scores in `results`."""
+def load_profiler(args):
+  """(model, params, vocab) of --checkpoint, loaded once for every split."""
   from recalign.data.vocab import load_vocabulary
   from recalign.evaluate import load_model
   from recalign.models import checkpoints as ck
-  from recalign.tasks import reclm
   if not args.profiles_dir:
     raise SystemExit("--checkpoint needs --profiles-dir (where the generated profiles go)")
   vocab = load_vocabulary(ck.checkpoint_vocabulary(args.checkpoint) or Path(args.data) / "vocab")
-  model, params = load_model(args.checkpoint, vocab, size=args.size)
+  return (*load_model(args.checkpoint, vocab, size=args.size), vocab)
+
+
+def generated(args, data, split: str, exclude, results: dict, profiler) -> tuple[list[str], list[str]]:
+  """User and item profiles the profiler writes for `split` (resumable JSONL in --profiles-dir); records
+  the identity scores in `results`."""
+  from recalign.tasks import reclm
+  model, params, vocab = profiler
   d = Path(args.profiles_dir)
   users = reclm.generate_profiles(model, params, vocab, reclm.profile_prompts(data, vocab, exclude_items=exclude),
                                   d / f"users_{split}.jsonl")
@@ -98,11 +103,12 @@ def main():
   data = PreparedData.load(args.data)
   out = Path(args.out)
   results = json.loads(out.read_text()) if out.exists() else {}
+  profiler = load_profiler(args) if args.checkpoint else None
   for split in args.splits:
     cold = cf.zero_shot_items(data, 0.2, seed=0) if split == "zero_shot" else None
     exclude = () if cold is None else cold
     if args.checkpoint:
-      users_p, items_p = generated(args, data, split, exclude, results)
+      users_p, items_p = generated(args, data, split, exclude, results, profiler)
       out.parent.mkdir(parents=True, exist_ok=True)
       out.write_text(json.dumps(results, indent=2))
     else:

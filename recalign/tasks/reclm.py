@@ -58,9 +58,9 @@ def _train(data: PreparedData, u: int, exclude: frozenset = frozenset()) -> tupl
 
 
 def user_identity(data: PreparedData, u: int, exclude: frozenset = frozenset()) -> list[str]:
-  a = (data.user_attributes or [{}] * data.num_users)[u]
-  if all(a.get(k) for k in ("age", "gender", "occupation")):
-    return [f"age {itdr.age_group(a['age'])}", GENDERS.get(a["gender"], a["gender"]), a["occupation"]]
+  truth = true_identity(data, u)
+  if truth is not None:
+    return [truth["age"], truth["gender"], truth["occupation"]]
   brands = collections.Counter(data.items[i].brand for i in _train(data, u, exclude)[0] if data.items[i].brand)
   return [b for b, _ in brands.most_common(USER_SLOTS)] or ["unknown"]
 
@@ -267,17 +267,16 @@ def collab_records(data: PreparedData, users: Sequence[int], neighbours: np.ndar
   Histories are the last `max_items` training items (each user's items before the validation item);
   `exclude_items` (a zero-shot split's new items) are never shown nor drawn. Returns the records and
   the number of users without a positive / negative (skipped)."""
-  ex = np.asarray(sorted(int(i) for i in exclude_items), np.int64)
-  shown = [s[~np.isin(s, ex)][-max_items:] for s in (_train(data, u)[0] for u in range(data.num_users))]
+  ex = frozenset(int(i) for i in exclude_items)
+  train = [_train(data, u, ex)[0] for u in range(data.num_users)]
+  shown = [t[-max_items:] for t in train]
   cols: dict[str, list] = {"user": [], "label": [], "history": [], "pool": [],
                            **{f"neighbour_{j}": [] for j in range(neighbours.shape[1])}}
   skipped = {"no_positive": 0, "no_negative": 0}
   for u in users:
     u = int(u)
-    mine = _train(data, u)[0]
-    mine = mine[~np.isin(mine, ex)]
     near = np.unique(np.concatenate([shown[int(v)] for v in neighbours[u]]))
-    pools = {1: np.intersect1d(mine, near), 0: np.setdiff1d(near, data.sequences[u])}
+    pools = {1: np.intersect1d(train[u], near), 0: np.setdiff1d(near, data.sequences[u])}
     for label, pool in pools.items():
       if not len(pool):
         skipped["no_positive" if label else "no_negative"] += 1
