@@ -1,6 +1,8 @@
 """The paper's ablation at small scale: retrieval only -> + MLM -> + MLM + MIM (ReAT), and UT vs UT+AT.
 
     python tools/study.py --out runs/study --recipe compact --minutes 6 --seeds 0 1 2 --rows retrieval reat
+    python tools/study.py --out runs/study_sem --id-scheme semantic --rows retrieval reat
+    python tools/study.py --data ../shared/data/ml-100k --name ml100k --out runs/study_ml --rows retrieval reat ut ut_at
 
 Every row: a T5 (`--size`, default mini) from scratch with the demo's recipe (`recalign.demo.RECIPES`:
 its data configuration, item IDs, learning rate, dtype) and the row's mixture, trained for the same
@@ -10,6 +12,10 @@ validation users disjoint from the selection sample (beam 20, full catalogue: th
 the model's initialisation and the training data (masks, spans, negatives, order). Writes
 <out>/study.json and a Markdown table: mean ± std over seeds, and each row's NDCG@10 difference from
 the retrieval-only row with whether it exceeds the seeds' spread (|difference| > std_a + std_b).
+Rows whose mixture holds the rating task (ml-100k) are also scored by rating AUC on all test users.
+Popularity (and, with ratings, History) on the same users is written beside, as "baselines".
+`--id-scheme` replaces the recipe's item IDs (random: the paper's; collaborative; semantic). Rows with
+ranking (UT, UT + AT) take `--ranking-inputs` input tokens and proportionally fewer rows per batch.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ ROWS = {  # name -> (mixture suffix, description)
     "reat": ("reat", "retrieval + MLM + MIM (ReAT)"),
     "ut": ("ut", "UT (retrieval + ranking)"),
     "ut_at": ("ut_at", "UT + AT (+ MLM + MIM)"),
+    "rating": ("rating", "rating only"),
+    "rpat": ("rpat", "rating + MLM + MIM (RpAT)"),
 }
 KEYS = ["hr@5", "ndcg@5", "hr@10", "ndcg@10"]
 
@@ -36,6 +44,9 @@ KEYS = ["hr@5", "ndcg@5", "hr@10", "ndcg@10"]
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "amazon-beauty"))
+  p.add_argument("--name", default="beauty", help="the data set's task prefix (beauty, ml100k)")
+  p.add_argument("--id-scheme", choices=["random", "collaborative", "semantic"],
+                 help="item IDs (default: the recipe's)")
   p.add_argument("--out", default="runs/study")
   p.add_argument("--recipe", default="compact")
   p.add_argument("--rows", nargs="+", default=["retrieval", "re_mlm", "reat"], choices=sorted(ROWS))
@@ -45,44 +56,65 @@ def main():
   p.add_argument("--test-users", type=int, default=2000)
   p.add_argument("--val-users", type=int, default=500, help="validation users reported (not the selection sample)")
   p.add_argument("--kcore", type=int, default=5)
+  p.add_argument("--ranking-inputs", type=int, default=1024, help="input length of the rows with ranking")
   args = p.parse_args()
 
   import recalign.tasks as rt
+  from recalign import baselines as B
   from recalign.data import PreparedData
   from recalign.demo import RECIPES, ensure_prepared, evaluate_best, pending_runs, report_ids, train_model
   out = Path(args.out)
   base = RECIPES[args.recipe]
   # every row sees the same lengths; MIM needs room for several masked IDs in its targets
   recipe = dataclasses.replace(base, lengths={**base.lengths, "targets": max(32, base.lengths["targets"])})
-  if any(r.startswith("ut") for r in args.rows):   # ranking prompts hold 100 candidates
-    recipe = dataclasses.replace(recipe, lengths={**recipe.lengths, "inputs": 1024})
+  if args.id_scheme:
+    recipe = dataclasses.replace(recipe, data={**recipe.data, "id_scheme": args.id_scheme})
+  # ranking prompts hold 100 candidates: the rows with ranking get longer inputs and proportionally fewer
+  # rows per batch (the same tokens per step as the others)
+  long_recipe = dataclasses.replace(recipe, lengths={**recipe.lengths, "inputs": args.ranking_inputs},
+                                    batch_size=max(1, recipe.batch_size * recipe.lengths["inputs"] // args.ranking_inputs))
   scheme = recipe.data.get("id_scheme", "random")
-  data_dir = ensure_prepared(Path(args.data), out / "data" / "beauty", "beauty", args.kcore,
+  data_dir = ensure_prepared(Path(args.data), out / "data" / args.name, args.name, args.kcore,
                              id_schemes=() if scheme == "random" else (scheme,))
-  name = PreparedData.load(data_dir).name
+  data = PreparedData.load(data_dir)
+  name = data.name
   rt.register_dataset(data_dir, config=rt.TaskConfig(**recipe.data))
   results_path = out / "study.json"
   results, todo = pending_runs(results_path, args.rows, args.seeds)
   task = f"{name}_retrieval"
+  ids = {s: report_ids(task, s, args.test_users if s == "test" else args.val_users) for s in ("validation", "test")}
+  baselines_path = out / "baselines.json"
+  if not baselines_path.exists():   # on the very users the rows are scored on
+    base_rows = {f"popularity / {s}": B.popularity(data, s, example_ids=ids[s]) for s in ids}
+    if data.ratings is not None:
+      base_rows["History / test"] = B.history_rating(data, "test")
+    baselines_path.write_text(json.dumps(base_rows, indent=2))
+  print(B.format_table(json.loads(baselines_path.read_text())))
   for key, row, seed in todo:
     model_dir = out / row / f"seed{seed}"
     t0 = time.time()
-    run = train_model(data_dir, model_dir, f"{name}_{ROWS[row][0]}", task, args.minutes, args.size, seed,
-                      recipe, eval_every_minutes=args.minutes / 3)
-    m = {split: evaluate_best(model_dir, task, split, example_ids=report_ids(
-             task, split, args.test_users if split == "test" else args.val_users)).metrics
-         for split in ("validation", "test")}
+    members = rt.MIXTURES.get(ROWS[row][0], (ROWS[row][0],))
+    # the checkpoint is picked on retrieval, or on rating for the rows without retrieval
+    run = train_model(data_dir, model_dir, f"{name}_{ROWS[row][0]}",
+                      task if "retrieval" in members else f"{name}_rating", args.minutes, args.size, seed,
+                      long_recipe if "ranking" in members else recipe, eval_every_minutes=args.minutes / 3)
+    m = {split: evaluate_best(model_dir, task, split, example_ids=ids[split]).metrics if "retrieval" in members
+         else {} for split in ids}
+    if "rating" in members and data.ratings is not None:
+      m["test"]["auc"] = evaluate_best(model_dir, f"{name}_rating", "test").metrics["auc"]
     results[key] = {"row": row, "seed": seed, "mixture": f"{name}_{ROWS[row][0]}", "recipe": args.recipe,
-                    "steps": run["step"], "wall_minutes": round((time.time() - t0) / 60, 1),
-                    **{f"{s}/{k}": m[s][k] for s in m for k in KEYS}}
+                    "id_scheme": recipe.data.get("id_scheme", "random"), "steps": run["step"],
+                    "wall_minutes": round((time.time() - t0) / 60, 1),
+                    **{f"{s}/{k}": v for s in m for k, v in m[s].items() if k in KEYS + ["auc"]}}
     results_path.write_text(json.dumps(results, indent=2))
     print(key, results[key], flush=True)
   print(table(results))
 
 
 def table(results: dict) -> str:
+  auc = any("test/auc" in r for r in results.values())
   lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | val NDCG@10 | test NDCG@10 vs "
-           "retrieval only |", "|---|---|" + "---|" * (len(KEYS) + 2)]
+           "retrieval only |" + (" test rating AUC |" if auc else ""), "|---|---|" + "---|" * (len(KEYS) + 2 + auc)]
   ref = np.array([r["test/ndcg@10"] for r in results.values() if r["row"] == "retrieval"])
   for row, (_, desc) in ROWS.items():
     runs = [v for v in results.values() if v["row"] == row]
@@ -90,14 +122,17 @@ def table(results: dict) -> str:
       continue
     cells = []
     for k in [f"test/{k}" for k in KEYS] + ["validation/ndcg@10"]:
-      vals = np.array([r[k] for r in runs])
-      cells.append(f"{vals.mean():.4f} ± {vals.std():.4f}")
-    vals = np.array([r["test/ndcg@10"] for r in runs])
-    if row == "retrieval" or not len(ref):
+      vals = np.array([r[k] for r in runs if k in r])
+      cells.append(f"{vals.mean():.4f} ± {vals.std():.4f}" if len(vals) else "—")
+    vals = np.array([r["test/ndcg@10"] for r in runs if "test/ndcg@10" in r])
+    if row == "retrieval" or not len(ref) or not len(vals):
       cells.append("—")
     else:
       diff, spread = vals.mean() - ref.mean(), vals.std() + ref.std()
       cells.append(f"{diff:+.4f} ({'exceeds' if abs(diff) > spread else 'within'} spread {spread:.4f})")
+    if auc:
+      vals = np.array([r["test/auc"] for r in runs if "test/auc" in r])
+      cells.append(f"{vals.mean():.4f} ± {vals.std():.4f}" if len(vals) else "—")
     lines.append(f"| {desc} (`{runs[0]['mixture']}`) | {len(runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
