@@ -79,6 +79,7 @@ print("RESULT", json.dumps({"devices": jax.device_count(), "res": res}))
 '''
 
 
+@pytest.mark.slow   # CI keeps the two-process evaluation below and test_train's 8-device training parity
 def test_mesh_evaluation_equals_one_device(tiny_run, tmp_path):
   """8 simulated CPU devices, data-parallel and 4 x 2 data x model parallel: the same beams, scores
   and metrics as one device (retrieval, and ranking's beams and teacher-forced scores)."""

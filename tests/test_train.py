@@ -281,6 +281,7 @@ print("RESULT", json.dumps({"process": jax.process_index(), "processes": jax.pro
 '''
 
 
+@pytest.mark.slow   # CI keeps the mesh parity above and test_eval_job's two-process evaluation
 def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
   """A real multi-process run (2 processes x 2 CPU devices, gloo collectives), launched the way the
   README launches multi-node GPUs: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""

@@ -306,7 +306,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
       names.append(f"{name}_{mix}")
   _REGISTERED[name] = list(names)
   if config.reclm:
-    names += register_profile_task(data_dir, name=name, vocab=vocab, seed=config.seed, config=config)
+    names += register_profile_task(data_dir, name=name, vocab=vocab, seed=config.seed, config=config, data=data)
   return names
 
 
@@ -421,7 +421,7 @@ def register_profile_task(data_dir: str | Path, *, profiles: Optional[str | Path
                           vocab=None, seed: int = 0, max_title_tokens: int = 24, collab: bool = True,
                           items: bool = True, neighbours: int = 3, collab_max_items: int = 10,
                           user_embeddings: Optional[np.ndarray] = None, cf_epochs: int = 30,
-                          config: Optional[TaskConfig] = None) -> list[str]:
+                          config: Optional[TaskConfig] = None, data: Optional[PreparedData] = None) -> list[str]:
   """RecLM's profile tasks on a prepared data set, with the silver profiles of `recalign.tasks.reclm` as
   teacher unless `profiles` (JSONL of teacher user profiles) is given:
     `<name>_profile`         a user's training history (titles) -> the user's profile (distillation);
@@ -433,9 +433,9 @@ def register_profile_task(data_dir: str | Path, *, profiles: Optional[str | Path
   and the mixture `<name>_reclm` of them. Users (and items) are split train / validation / test (seeded),
   so evaluation profiles belong to unseen users; candidates and the users an item shows are re-drawn
   every epoch. Only training interactions are read. `config`: what run.json records (TaskConfig(reclm=True)
-  when `register_dataset` calls this)."""
+  when `register_dataset` calls this; `data`: the loaded `data_dir`, if the caller has it)."""
   from recalign.tasks import reclm
-  data = PreparedData.load(data_dir)
+  data = data or PreparedData.load(data_dir)
   name = name or data.name
   vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
   teacher = reclm.load_profiles(profiles, data) if profiles else reclm.silver_user_profiles(data)
