@@ -33,7 +33,7 @@ ROWS = {  # name -> (mixture suffix, description)
     "retrieval": ("retrieval", "retrieval only"),
     "re_mlm": ("re_mlm", "retrieval + MLM"),
     "reat": ("reat", "retrieval + MLM + MIM (ReAT)"),
-    "ut": ("ut", "UT (retrieval + ranking)"),
+    "ut": ("ut", "UT (retrieval + ranking [+ rating])"),
     "ut_at": ("ut_at", "UT + AT (+ MLM + MIM)"),
     "rating": ("rating", "rating only"),
     "rpat": ("rpat", "rating + MLM + MIM (RpAT)"),
