@@ -111,7 +111,15 @@ def main():
   print(table(results))
 
 
+def mean_std(runs: list[dict], key: str) -> str:
+  """"mean ± std" of `key` over the runs that have it; "—" for none."""
+  vals = np.array([r[key] for r in runs if key in r])
+  return f"{vals.mean():.4f} ± {vals.std():.4f}" if len(vals) else "—"
+
+
 def table(results: dict) -> str:
+  """The Markdown table of a study: per row, mean ± std over seeds, the NDCG@10 difference from
+  retrieval-only against the seeds' spread, and rating AUC when any row has it."""
   auc = any("test/auc" in r for r in results.values())
   lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | val NDCG@10 | test NDCG@10 vs "
            "retrieval only |" + (" test rating AUC |" if auc else ""), "|---|---|" + "---|" * (len(KEYS) + 2 + auc)]
@@ -120,10 +128,7 @@ def table(results: dict) -> str:
     runs = [v for v in results.values() if v["row"] == row]
     if not runs:
       continue
-    cells = []
-    for k in [f"test/{k}" for k in KEYS] + ["validation/ndcg@10"]:
-      vals = np.array([r[k] for r in runs if k in r])
-      cells.append(f"{vals.mean():.4f} ± {vals.std():.4f}" if len(vals) else "—")
+    cells = [mean_std(runs, k) for k in [f"test/{k}" for k in KEYS] + ["validation/ndcg@10"]]
     vals = np.array([r["test/ndcg@10"] for r in runs if "test/ndcg@10" in r])
     if row == "retrieval" or not len(ref) or not len(vals):
       cells.append("—")
@@ -131,8 +136,7 @@ def table(results: dict) -> str:
       diff, spread = vals.mean() - ref.mean(), vals.std() + ref.std()
       cells.append(f"{diff:+.4f} ({'exceeds' if abs(diff) > spread else 'within'} spread {spread:.4f})")
     if auc:
-      vals = np.array([r["test/auc"] for r in runs if "test/auc" in r])
-      cells.append(f"{vals.mean():.4f} ± {vals.std():.4f}" if len(vals) else "—")
+      cells.append(mean_std(runs, "test/auc"))
     lines.append(f"| {desc} (`{runs[0]['mixture']}`) | {len(runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
