@@ -65,14 +65,15 @@ def main():
   from recalign.demo import RECIPES, ensure_prepared, evaluate_best, pending_runs, report_ids, train_model
   out = Path(args.out)
   base = RECIPES[args.recipe]
-  # every row sees the same lengths; MIM needs room for several masked IDs in its targets
+  # every row sees the same target length: MIM needs room for several masked IDs
   recipe = dataclasses.replace(base, lengths={**base.lengths, "targets": max(32, base.lengths["targets"])})
   if args.id_scheme:
     recipe = dataclasses.replace(recipe, data={**recipe.data, "id_scheme": args.id_scheme})
   # ranking prompts hold 100 candidates: the rows with ranking get longer inputs and proportionally fewer
   # rows per batch (the same tokens per step as the others)
+  rows_per_batch = max(1, recipe.batch_size * recipe.lengths["inputs"] // args.ranking_inputs)
   long_recipe = dataclasses.replace(recipe, lengths={**recipe.lengths, "inputs": args.ranking_inputs},
-                                    batch_size=max(1, recipe.batch_size * recipe.lengths["inputs"] // args.ranking_inputs))
+                                    batch_size=rows_per_batch)
   scheme = recipe.data.get("id_scheme", "random")
   data_dir = ensure_prepared(Path(args.data), out / "data" / args.name, args.name, args.kcore,
                              id_schemes=() if scheme == "random" else (scheme,))
@@ -86,7 +87,7 @@ def main():
   baselines_path = out / "baselines.json"
   if not baselines_path.exists():   # on the very users the rows are scored on
     base_rows = {f"popularity / {s}": B.popularity(data, s, example_ids=ids[s]) for s in ids}
-    if data.ratings is not None:
+    if data.has_ratings:
       base_rows["History / test"] = B.history_rating(data, "test")
     baselines_path.write_text(json.dumps(base_rows, indent=2))
   print(B.format_table(json.loads(baselines_path.read_text())))
@@ -94,13 +95,14 @@ def main():
     model_dir = out / row / f"seed{seed}"
     t0 = time.time()
     members = rt.MIXTURES.get(ROWS[row][0], (ROWS[row][0],))
+    retrieval = "retrieval" in members
     # the checkpoint is picked on retrieval, or on rating for the rows without retrieval
-    run = train_model(data_dir, model_dir, f"{name}_{ROWS[row][0]}",
-                      task if "retrieval" in members else f"{name}_rating", args.minutes, args.size, seed,
-                      long_recipe if "ranking" in members else recipe, eval_every_minutes=args.minutes / 3)
-    m = {split: evaluate_best(model_dir, task, split, example_ids=ids[split]).metrics if "retrieval" in members
-         else {} for split in ids}
-    if "rating" in members and data.ratings is not None:
+    run = train_model(data_dir, model_dir, f"{name}_{ROWS[row][0]}", task if retrieval else f"{name}_rating",
+                      args.minutes, args.size, seed, long_recipe if "ranking" in members else recipe,
+                      eval_every_minutes=args.minutes / 3)
+    m = {split: evaluate_best(model_dir, task, split, example_ids=ids[split]).metrics if retrieval else {}
+         for split in ids}
+    if "rating" in members and data.has_ratings:
       m["test"]["auc"] = evaluate_best(model_dir, f"{name}_rating", "test").metrics["auc"]
     results[key] = {"row": row, "seed": seed, "mixture": f"{name}_{ROWS[row][0]}", "recipe": args.recipe,
                     "id_scheme": recipe.data.get("id_scheme", "random"), "steps": run["step"],
