@@ -60,7 +60,8 @@ def cmd_ids(args) -> int:
   data = PreparedData.load(args.data)
   features = np.load(args.features) if args.features else None
   t0 = time.time()
-  ids = build_ids(data, args.scheme, seed=args.seed, levels=args.levels, codebook=args.codebook, features=features)
+  ids = build_ids(data, args.scheme, seed=args.seed, levels=args.levels, codebook=args.codebook, features=features,
+                  base=args.base)
   path = ids.save(args.data)
   print(f"wrote {path} in {time.time() - t0:.1f}s; e.g. {ids.ids[0]}, {ids.ids[1]}")
   print("\n".join(format_id_stats(json.loads((Path(args.data) / "manifest.json").read_text()))))
@@ -317,9 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--json", action="store_true")
   s.set_defaults(fn=cmd_stats)
 
-  s = sub.add_parser("ids", help="build item IDs under a scheme (random, collaborative, semantic)")
+  s = sub.add_parser("ids", help="build item IDs under a scheme (random, collaborative, semantic, atomic, hybrid)")
   s.add_argument("data")
-  s.add_argument("--scheme", required=True, choices=["random", "collaborative", "semantic"])
+  s.add_argument("--scheme", required=True, choices=["random", "collaborative", "semantic", "atomic", "hybrid"],
+                 help="atomic: one vocabulary piece per item; hybrid: collaborative (or --base semantic) codes "
+                 "followed by the item's own piece (P5's CID+IID)")
+  s.add_argument("--base", default="collaborative", choices=["collaborative", "semantic"],
+                 help="hybrid: the codes before the item's own piece")
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--levels", type=int, default=3, help="semantic: residual k-means levels (+1 de-duplication code)")
   s.add_argument("--codebook", type=int, help="codes per level (default: semantic 256, collaborative 32)")

@@ -9,6 +9,12 @@ Per example, either a list of candidates (ranking: count the candidates below ea
 of excluded items (retrieval: the user's history; subtract them from `leaves_under`) marks the
 nodes that still lead to an allowed item; beams never leave them. Both cost O(list × depth).
 
+A token that is the only continuation the trie allows (the EOS closing an ID that no other ID
+extends, the one code of a single-item cluster) carries no choice and is not scored: an item's score
+is the log-likelihood of its tokens at the steps where the trie offers a choice. So a model trained
+to continue with further items after an ID (`TaskConfig(next_items=k)`) is not charged for the EOS
+it did not learn to put there.
+
 With the constraint on, the output projection is computed only for the trie's alphabet (the ID
 digits, "▁I" and EOS: 12 columns instead of 8,192) and the softmax is taken over that alphabet;
 `score_items` gives the same restricted log-likelihood by teacher forcing.
@@ -38,6 +44,11 @@ class ItemTrie:
   leaf_item: np.ndarray   # [nodes] int32 item at a leaf, else -1
   leaves_under: np.ndarray  # [nodes] int32 number of items below each node
   depth: int              # max tokens of an ID, EOS included
+
+  @property
+  def forced(self) -> np.ndarray:
+    """[nodes] bool: the node has one child, so the token after it is not a choice (not scored)."""
+    return (self.next_node >= 0).sum(1) == 1
 
   @classmethod
   def build(cls, token_seqs: Sequence[Sequence[int]], eos: int = EOS) -> "ItemTrie":
@@ -77,6 +88,12 @@ class ItemTrie:
   def for_items(cls, vocab, item_ids: Sequence[str]) -> "ItemTrie":
     return cls.build([vocab.encode(i) for i in item_ids])
 
+  def forced_tokens(self, items: np.ndarray) -> np.ndarray:
+    """[..., depth] bool: which tokens of each item's ID (EOS included) the trie forces."""
+    before = np.concatenate([np.zeros(self.item_path.shape[:1] + (1,), np.int32), self.item_path[:, :-1]], 1)
+    forced = np.append(self.forced, False)[np.minimum(before, len(self.forced))]   # padding: not forced
+    return forced[np.asarray(items)]
+
   @property
   def num_items(self) -> int:
     return len(self.item_path)
@@ -104,6 +121,7 @@ def allowed_nodes(item_path, leaves_under, candidates=None, excluded=None) -> jn
 def _constrained(model: EncoderDecoderModel, params, encoder_tokens, alphabet, next_node, item_path,
                  leaf_item, leaves_under, candidates, excluded, *, beam_size: int, depth: int,
                  full_softmax: bool):
+  forced = (next_node >= 0).sum(1) == 1                                        # [nodes]
   B, W, K = encoder_tokens.shape[0], beam_size, alphabet.shape[0]
   node_ok = allowed_nodes(item_path, leaves_under, candidates, excluded)     # [B, nodes]
   encoded = model.encode(params, encoder_tokens)
@@ -124,6 +142,7 @@ def _constrained(model: EncoderDecoderModel, params, encoder_tokens, alphabet, n
     child = next_node[node]                                                    # [B, W, K]
     valid = (child >= 0) & jnp.take_along_axis(node_ok, jnp.maximum(child, 0).reshape(B, -1), 1
                                                ).reshape(B, W, K)
+    logp = jnp.where(forced[node][..., None], 0.0, logp)     # a forced token is no choice: not scored
     cand = jnp.where(valid, score[..., None] + logp, NEG)
     # A finished beam continues only as itself (one candidate, score unchanged).
     stay = jnp.where(jnp.arange(K) == 0, score[..., None], NEG)
@@ -236,8 +255,9 @@ def beam_search(model: EncoderDecoderModel, params, encoder_tokens, *, beam_size
 
 
 @functools.partial(jax.jit, static_argnames=("model", "restrict"))
-def _score(model, params, encoder_tokens, target_tokens, alphabet, *, restrict: bool):
-  """Log-likelihood [b, c] of c target rows per example, each prompt encoded once."""
+def _score(model, params, encoder_tokens, target_tokens, alphabet, weights, *, restrict: bool):
+  """Log-likelihood [b, c] of c target rows per example (token t counted `weights[..., t]` times),
+  each prompt encoded once."""
   b, c, depth = target_tokens.shape
   flat = target_tokens.reshape(b * c, depth)
   encoded = model.encode(params, encoder_tokens)
@@ -245,20 +265,22 @@ def _score(model, params, encoder_tokens, target_tokens, alphabet, *, restrict: 
   logp = jax.nn.log_softmax(logits, -1)
   col = jnp.argmax(flat[..., None] == alphabet, -1) if restrict else flat
   tok = jnp.take_along_axis(logp, col[..., None], -1)[..., 0]
-  return jnp.sum(tok * (flat > 0), -1).reshape(b, c)
+  return jnp.sum(tok * (flat > 0) * weights.reshape(b * c, depth), -1).reshape(b, c)
 
 
 def score_items(model: EncoderDecoderModel, params, encoder_tokens: np.ndarray, items: np.ndarray,
                 trie: ItemTrie, vocab, item_ids: Sequence[str], *, restrict: bool = True) -> np.ndarray:
   """Teacher-forced log-likelihood of each candidate item [b, c] for each example (same softmax as
-  `beam_search_items` when `restrict`). Each prompt is encoded once for all its candidates."""
+  `beam_search_items` when `restrict`; tokens the trie forces are not scored, as there). Each prompt is
+  encoded once for all its candidates."""
   b, c = items.shape
   tgt = np.zeros((b, c, trie.depth), np.int32)
   for r, i in enumerate(items.reshape(-1)):
     toks = vocab.encode(item_ids[int(i)]) + [EOS]
     tgt[r // c, r % c, :len(toks)] = toks
+  weights = (~trie.forced_tokens(items)).astype(np.float32)
   out = _score(model, params, jnp.asarray(encoder_tokens), jnp.asarray(tgt), jnp.asarray(trie.alphabet),
-               restrict=restrict)
+               jnp.asarray(weights), restrict=restrict)
   return np.asarray(out)
 
 
@@ -274,7 +296,7 @@ def score_targets(model: EncoderDecoderModel, params, encoder_tokens: np.ndarray
     for j, toks in enumerate(rows):
       tgt[i, j, :len(toks) + 1] = list(toks) + [EOS]
   out = np.asarray(_score(model, params, jnp.asarray(encoder_tokens), jnp.asarray(tgt), jnp.zeros([1], jnp.int32),
-                          restrict=False))
+                          jnp.ones(tgt.shape, jnp.float32), restrict=False))
   return np.where(tgt[..., 0] > 0, out, -np.inf)   # padding rows of examples with fewer candidates
 
 

@@ -178,13 +178,16 @@ class ValidationConfig:
   """Validation during training: every `every` steps (or `every_minutes` of training) `task` (e.g.
   'beauty_retrieval') on its validation users -- a seeded sample of `examples` (default all) at `lengths`
   (default the training lengths). The best step by `selection_metric` (default the task's headline
-  metric: retrieval ndcg@10, ranking score/ndcg@10, rating auc) is kept in MODEL_DIR/best."""
+  metric: retrieval ndcg@10, ranking score/ndcg@10, rating auc) is kept in MODEL_DIR/best.
+  `patience`: stop early after that many validations in a row without a new best (as SASRec trains;
+  0: never), counted from validation_log.jsonl, so a resumed run stops where an uninterrupted one would."""
   task: Optional[str] = None
   every: int = 0
   every_minutes: Optional[float] = None
   examples: Optional[int] = None
   lengths: Optional[Mapping[str, int]] = None
   selection_metric: Optional[str] = None
+  patience: int = 0
 
   @property
   def enabled(self) -> bool:
@@ -244,6 +247,13 @@ class PeriodicValidation:
     self.log = model_dir / "validation_log.jsonl"
     self.keep_best = KeepBest(model_dir, cfg.selection_metric, is_chief)
     self.next_minute = self._next_minute()
+    best_step = (self.keep_best.best or {}).get("step", -1)   # validations since the best (a resume)
+    self.stale = sum(r["step"] > best_step for r in (paths.read_json_lines(self.log) or []))
+
+  @property
+  def exhausted(self) -> bool:
+    """Early stopping: `patience` validations in a row brought no new best."""
+    return bool(self.cfg.patience) and self.stale >= self.cfg.patience
 
   def _next_minute(self) -> float:
     every = self.cfg.every_minutes
@@ -261,7 +271,7 @@ class PeriodicValidation:
         paths.append_line(self.log, json.dumps({"step": step, "examples_seen": examples_seen, "minutes": minutes,
                                                 **val}))
       logging.info("step %d validation %s", step, val)
-      self.keep_best(step, val, params)
+      self.stale = 0 if self.keep_best(step, val, params) else self.stale + 1
     self.next_minute = self._next_minute()
 
 
@@ -483,8 +493,12 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   last = {}
   t_last, tok_last = time.perf_counter(), 0.0
   in_flight = None   # the previous step's loss: the bar advances when a step completes, not when queued
+  end = train_steps
+  if validate.exhausted and start:   # a resume of a run that already stopped early
+    print(f"{model_dir} stopped early at step {start} (patience {val_cfg.patience}): nothing to train")
+    end = start
   with mesh:
-    for step in range(start, train_steps):
+    for step in range(start, end):
       raw = next(batches)
       state, metrics = step_fn(state, to_global(raw, batch_sharding))
       tok_last += packing.real_tokens(raw) * jax.process_count()
@@ -511,16 +525,21 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                         lr=f"{metrics['learning_rate']:.2e}")
         bar.update(done - bar.n)
       validate(model, state["params"], done, examples_seen, final=done == train_steps or out_of_time)
-      mngr.save(done, args=ocp.args.StandardSave(state), force=done == train_steps or out_of_time)
-      if out_of_time:
-        logging.info("time budget spent at step %d", done)
+      stop = out_of_time or validate.exhausted
+      mngr.save(done, args=ocp.args.StandardSave(state), force=done == train_steps or stop)
+      if stop:
+        logging.info("%s at step %d", "time budget spent" if out_of_time else
+                     f"early stop: no better {val_cfg.selection_metric} in {val_cfg.patience} validations", done)
+        if is_chief and not out_of_time:
+          (model_dir / "early_stop.json").write_text(json.dumps({"step": done, "patience": val_cfg.patience,
+                                                                 "best": validate.keep_best.best}, indent=2))
         break
   mngr.wait_until_finished()
   bar.update(int(state["step"]) - bar.n)
   bar.close()
   if writer is not None:
     writer.flush()
-  if not last and start >= train_steps:   # a finished run: report its last logged step
+  if not last and start >= end:   # a finished (or early-stopped) run: report its last logged step
     last = {k: v for k, v in ((paths.read_json_lines(log_path) or [{}])[-1]).items() if k != "examples_seen"}
   return {**last, "best": validate.keep_best.best}
 

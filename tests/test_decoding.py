@@ -67,12 +67,23 @@ def test_scoring_encodes_each_prompt_once_and_equals_per_candidate_teacher_forci
       seen.append(tokens.shape), original(self, tokens, *a, **k))[1])
   got = score_items(model, params, enc, cands, trie, vocab, IDS, restrict=False)
   assert seen and all(shape[0] == len(enc) for shape in seen)     # never the [b * candidates] repeat
+  # A token is scored where the IDs offer a choice: "▁I" starts every ID (never scored); the EOS after
+  # I6 / I8 / I1050 ends IDs no other extends (not scored), after I1 / I3 / I105 it is a choice.
+  seqs = [tuple(vocab.encode(i) + [1]) for i in IDS]
+
+  def choice(seq, d):
+    return len({s[d] for s in seqs if s[:d] == seq[:d]}) > 1
+
+  assert [choice(seqs[i], len(seqs[i]) - 1) for i in (5, 7, 31, 0, 2, 30)] == [False] * 3 + [True] * 3
+  assert not any(choice(s, 0) for s in seqs)
   for r in range(len(enc)):
     for c, i in enumerate(cands[r]):
       tgt = np.array([vocab.encode(IDS[i]) + [1]])
-      want = model.score_batch(params, {"encoder_input_tokens": enc[r:r + 1], "decoder_target_tokens": tgt,
-                                        "decoder_input_tokens": shift_right(jnp.asarray(tgt))})
-      np.testing.assert_allclose(got[r, c], want[0], atol=1e-4)
+      logits = model.logits(params, {"encoder_input_tokens": enc[r:r + 1], "decoder_target_tokens": tgt,
+                                     "decoder_input_tokens": shift_right(jnp.asarray(tgt))})
+      tok = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1))[0], tgt[0][:, None], 1)[:, 0]
+      want = sum(t for d, t in enumerate(tok) if choice(seqs[i], d))
+      np.testing.assert_allclose(got[r, c], want, atol=1e-4)
 
 
 def test_evaluation_samples_users_at_random_and_the_demo_reports_users_it_did_not_select_on(tmp_path):

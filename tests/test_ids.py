@@ -50,13 +50,14 @@ def data():
   return prepare(_raw(), name="idt", kcore=0)
 
 
-SMALL = {"collaborative": dict(codebook=6), "semantic": dict(levels=2, codebook=8)}
+SMALL = {"collaborative": dict(codebook=6), "semantic": dict(levels=2, codebook=8), "atomic": {},
+         "hybrid": dict(codebook=6)}
 
 
-@pytest.mark.parametrize("scheme", ["collaborative", "semantic"])
+@pytest.mark.parametrize("scheme", ["collaborative", "semantic", "hybrid"])
 def test_ids_are_unique_deterministic_and_seeded(data, scheme):
   a = build_ids(data, scheme, seed=0, **SMALL[scheme])
-  assert len(set(a.ids)) == data.num_items and all(re.fullmatch(r"(<[a-z]_\d+>)+", i) for i in a.ids)
+  assert len(set(a.ids)) == data.num_items and all(re.fullmatch(r"(<[a-z]_\d+>)+(<item_\d+>)?", i) for i in a.ids)
   assert build_ids(data, scheme, seed=0, **SMALL[scheme]).ids == a.ids
   assert build_ids(data, scheme, seed=1, **SMALL[scheme]).ids != a.ids
   s = a.stats
@@ -79,18 +80,39 @@ def test_ids_use_training_interactions_only(data, scheme):
   assert build_ids(other, scheme, **SMALL[scheme]).ids == build_ids(data, scheme, **SMALL[scheme]).ids
 
 
+def test_atomic_and_hybrid_ids_end_with_the_items_own_piece(data):
+  """Atomic: one piece per item, carrying the word boundary; hybrid (P5's CID+IID): the collaborative
+  (or semantic) codes, then the item's own piece, which does not carry it."""
+  atomic = build_ids(data, "atomic")
+  assert atomic.ids[:3] == ["<item_0>", "<item_1>", "<item_2>"] and len(atomic.ids) == data.num_items
+  assert atomic.pieces() == [f"▁<item_{k}>" for k in range(data.num_items)]     # sorted by value
+  assert atomic.stats["mean_codes"] == 1 and atomic.stats["code_usage"] == {
+      "item": {"codes_used": data.num_items, "largest": data.num_items}}
+  for base in ("collaborative", "semantic"):
+    inner = build_ids(data, base, **SMALL[base])
+    hybrid = build_ids(data, "hybrid", base=base, **SMALL[base])
+    assert hybrid.ids == [i + f"<item_{k}>" for k, i in enumerate(inner.ids)]
+    assert hybrid.params["base"] == base
+    assert hybrid.stats["mean_codes"] == pytest.approx(inner.stats["mean_codes"] + 1, abs=1e-3)
+    pieces = hybrid.pieces()
+    assert {p for p in pieces if "item" in p} == {f"<item_{k}>" for k in range(data.num_items)}
+    assert set(pieces) - {f"<item_{k}>" for k in range(data.num_items)} == set(inner.pieces())
+  with pytest.raises(ValueError, match="collaborative or semantic"):
+    build_ids(data, "hybrid", base="random")
+
+
 def test_ids_cli_vocabulary_pieces_and_tokenisation_in_every_context(data, tmp_path, capsys):
   data.save(tmp_path / "idt")
-  for scheme in ("collaborative", "semantic"):
+  for scheme in ("collaborative", "semantic", "atomic", "hybrid"):
     assert cli.main(["ids", str(tmp_path / "idt"), "--scheme", scheme, "--codebook", "6", "--levels", "2"]) == 0
   assert cli.main(["vocab", str(tmp_path / "idt"), "--size", "300"]) == 0
   out = capsys.readouterr().out
   assert "ids semantic" in out and "consistent" in out
   manifest = json.loads((tmp_path / "idt" / "manifest.json").read_text())
-  assert set(manifest["id_schemes"]) == {"collaborative", "semantic"}
+  assert set(manifest["id_schemes"]) == {"collaborative", "semantic", "atomic", "hybrid"}
   project = load_vocabulary(tmp_path / "idt" / "vocab")
   t5_like = load_vocabulary(train_t5_like_vocab(data, tmp_path / "t5.model"))
-  for scheme in ("collaborative", "semantic"):
+  for scheme in ("collaborative", "semantic", "atomic", "hybrid"):
     ids = load_ids(tmp_path / "idt", scheme, data.num_items)
     for base in (project, t5_like):      # pieces of the project vocabulary / appended to a pretrained one
       vocab = extend(base, id_pieces(ids))
@@ -102,7 +124,7 @@ def test_ids_cli_vocabulary_pieces_and_tokenisation_in_every_context(data, tmp_p
         assert vocab.decode(vocab.encode(i)) == i
 
 
-@pytest.mark.parametrize("scheme", ["random", "collaborative", "semantic"])
+@pytest.mark.parametrize("scheme", ["random", "collaborative", "semantic", "atomic", "hybrid"])
 def test_tasks_and_constrained_decoding_under_each_scheme(data, tmp_path, scheme):
   root = tmp_path / scheme
   data.save(root)

@@ -128,6 +128,49 @@ def test_sample_counts_per_split(tiny):
   assert rt.get("tiny_retrieval").num_input_examples("train") == 6
 
 
+def test_continuations_make_every_training_item_a_target_once_with_the_items_before_it(tiny):
+  data, _ = tiny
+  for window, m in [(20, 2), (2, 2), (3, 5)]:
+    ex = sources.build_examples(data, "train", window=window, train_examples="continuations", next_items=m)
+    following = [ex.following[a:b].tolist() for a, b in zip(ex.following_splits[:-1], ex.following_splits[1:])]
+    targets = {}
+    for u, h, t, f in zip(ex.user, ex.histories(), ex.target, following):
+      train = data.train_sequence(int(u)).tolist()
+      b = train.index(int(t))
+      assert h.tolist() == train[max(0, b - (window - 1)):b] and f == train[b + 1:b + m][:len(f)]
+      assert len(f) == min(m - 1, len(train) - b - 1)
+      targets.setdefault(int(u), []).extend([int(t)] + f)
+    assert targets == {u: data.train_sequence(u).tolist()[1:] for u in range(data.num_users)}
+  with pytest.raises(ValueError, match="continuations"):
+    sources.build_examples(data, "train", next_items=3)
+
+
+def test_retrieval_continuation_targets_exact_tokens(tiny):
+  """next_items=2 with atomic IDs: u1's training items b, c, a give `b -> c a`; the targets are the IDs'
+  own pieces, which tokenise as the text; a targets budget of one ID keeps the first; evaluation asks
+  for one item. Random IDs (I1 is a prefix of I12) are refused."""
+  from recalign.data.ids import build_ids
+  data, _ = tiny
+  tiny_dir = rt.registry.task_info("tiny_retrieval").data_dir
+  build_ids(data, "atomic").save(tiny_dir)
+  cfg = rt.TaskConfig(with_titles=False, item_prefix=False, id_scheme="atomic", next_items=2)
+  rt.register_dataset(tiny_dir, name="tiny_cont", config=cfg)
+  vocab = rt.registry.task_info("tiny_cont_retrieval").vocab
+  u1 = data.users.index("u1")
+  b, c, a, d, ee = (f"<item_{int(x)}>" for x in data.sequences[u1])
+  ex = [x for x in first("tiny_cont_retrieval", n=6) if x["user"] == u1]    # one epoch
+  assert len(ex) == 1 and ex[0]["inputs_pretokenized"].decode() == f"{H} {b}; What would the user buy next?"
+  assert ex[0]["targets_pretokenized"].decode() == f"{c} {a}"
+  assert ex[0]["targets"].tolist() == vocab.encode(f"{c} {a}") + [1] == [vocab.encode(c)[0], vocab.encode(a)[0], 1]
+  short = [x for x in first("tiny_cont_retrieval", lengths={"inputs": 512, "targets": 2}, n=6) if x["user"] == u1]
+  assert short[0]["targets"].tolist() == vocab.encode(c) + [1]
+  test = {x["user"]: x for x in first("tiny_cont_retrieval", "test", n=6)}[u1]
+  assert test["targets_pretokenized"].decode() == ee
+  assert rt.get("tiny_cont_retrieval").num_input_examples("train") == 1 + 1 + 1 + 1 + 1 + 1
+  with pytest.raises(ValueError, match="prefix"):
+    rt.register_dataset(tiny_dir, name="tiny_cont_random", config=rt.TaskConfig(next_items=2))
+
+
 def test_training_samples_never_contain_validation_or_test_items(tiny):
   data, _ = tiny
   held = {u: {item_id(data.validation_target(u)), item_id(data.test_target(u))}

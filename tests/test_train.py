@@ -382,3 +382,31 @@ def test_eval_results_survive_checkpoint_rotation(tiny_dir):
   assert metrics["protocol"] == "full catalogue" and 0.0 <= metrics["ndcg@10"] <= 1.0     # ... its results kept
   (entry,) = [json.loads(x) for x in (run / "eval" / "evaluated.jsonl").read_text().splitlines()]
   assert (entry["step"], entry["task"], entry["split"], entry["output"]) == (1, "tiny_retrieval", "validation", "1")
+
+
+def test_early_stopping_on_validation_patience_survives_a_resume(tiny_dir):
+  """patience=2: validations 0.1, 0.3, 0.2, 0.25 -> the best is step 2, two without a new best stop the run
+  at step 4 (checkpoint saved, early_stop.json written) long before TRAIN_STEPS; started again, it trains
+  nothing. A run interrupted after step 3 and resumed stops at the same step."""
+  import recalign.tasks as rt
+  from recalign import train as T
+  from recalign.models.network import CONFIGS
+  rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
+  script = iter([0.1, 0.3, 0.2, 0.25, 0.9, 0.9])
+  fake = lambda model, params: {"ndcg@10": next(script)}  # noqa: E731
+  kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
+            batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False, train_steps=50,
+            validation=T.ValidationConfig(every=1, task="tiny_retrieval", patience=2))
+  model_dir = tiny_dir / "early"
+  out = T.train(model_dir=str(model_dir), validate_fn=fake, **kw)
+  assert out["step"] == 4 and out["best"]["step"] == 2
+  assert json.loads((model_dir / "early_stop.json").read_text())["step"] == 4
+  assert "4" in {p.name for p in (model_dir / "checkpoints").iterdir()}
+  again = T.train(model_dir=str(model_dir), validate_fn=fake, **kw)
+  assert again["step"] == 4 and next(script) == 0.9           # no validation ran, nothing trained
+
+  script = iter([0.1, 0.3, 0.2, 0.25, 0.9])
+  split = tiny_dir / "early_resumed"
+  T.train(model_dir=str(split), validate_fn=fake, **{**kw, "train_steps": 3})
+  resumed = T.train(model_dir=str(split), validate_fn=fake, **kw)
+  assert resumed["step"] == 4 and json.loads((split / "early_stop.json").read_text())["step"] == 4

@@ -1,18 +1,23 @@
 """Item identifiers: how an item is written in prompts, targets and the decoding trie.
 
-Three schemes, one place:
+Five schemes, one place:
   * `random` (the paper's): `I4821`, a seeded random number per item (`prepare` assigns them);
+  * `atomic` (P5's independent indexing, IID): one vocabulary piece per item, `<item_4821>`;
   * `collaborative` (P5's collaborative indexing): hierarchical spectral clustering of the item
     co-occurrence graph of the *training* sequences -- each level a code, down to clusters of at most
     `codebook` items, then the item's index in its leaf cluster, so every ID is unique;
   * `semantic` (RQ-KMeans, as OneRec / GRID): residual k-means over item feature vectors, `levels`
     codes of `codebook` entries plus a last code that tells apart the items sharing all of them.
     Features: TF-IDF of title + categories reduced by SVD (offline), or a `.npy` the user supplies
-    (e.g. sentence-encoder embeddings); items without text fall back to collaborative vectors.
+    (e.g. sentence-encoder embeddings); items without text fall back to collaborative vectors;
+  * `hybrid` (P5's CID+IID, their best): the collaborative (or, `base='semantic'`, the semantic) codes
+    followed by the item's own piece, `<a_3><b_17><c_2><item_4821>`: items bought together share a
+    prefix, and every item still has a row of its own.
 
-A code is one vocabulary piece: position p uses letter p (`<a_12><b_201><c_7><d_0>`). The first
-code's piece carries the word boundary (`▁<a_12>`), so inside `Item ID: <a_12><b_201>...` an ID is
-exactly its codes. `recalign vocab` adds the pieces to the project vocabulary; a pretrained
+A code is one vocabulary piece: position p uses letter p (`<a_12><b_201><c_7><d_0>`), an item's own
+piece is `<item_k>` (k = the item's row in items.jsonl). The first code of an ID carries the word
+boundary (`▁<a_12>`, `▁<item_7>` for atomic IDs), so inside `Item ID: <a_12><b_201>...` an ID is
+exactly its codes, and IDs written one after another (`▁<a_1><b_2> ▁<a_4>...`) split without a separator. `recalign vocab` adds the pieces to the project vocabulary; a pretrained
 vocabulary gets them as new rows after its own (`vocab.ExtendedVocabulary`).
 
 Every scheme is deterministic for a seed and built from training data only (never a validation or
@@ -33,7 +38,7 @@ import scipy.sparse as sp
 
 from recalign.data.prepare import PreparedData, item_id
 
-SCHEMES = ("random", "collaborative", "semantic")
+SCHEMES = ("random", "collaborative", "semantic", "atomic", "hybrid")
 IDS_DIR = "ids"
 
 
@@ -41,17 +46,25 @@ def code(position: int, value: int) -> str:
   return f"<{string.ascii_lowercase[position]}_{value}>"
 
 
+def item_piece(k: int) -> str:
+  return f"<item_{k}>"
+
+
 def render(codes: tuple[int, ...]) -> str:
   return "".join(code(p, v) for p, v in enumerate(codes))
 
 
-CODE = re.compile(r"<([a-z])_(\d+)>")
+CODE = re.compile(r"<([a-z]|item)_(\d+)>")
 
 
 def id_pieces(ids: list[str]) -> list[str]:
-  """Vocabulary pieces of code IDs, position by position (none for `I123` IDs)."""
-  found = sorted({(m.group(1), int(m.group(2))) for i in ids for m in CODE.finditer(i)})
-  return [("▁" if letter == "a" else "") + f"<{letter}_{v}>" for letter, v in found]
+  """Vocabulary pieces of code IDs, sorted by (code name, value); an ID's first code carries the word
+  boundary '▁' (none for `I123` IDs). Pieces of schemes built earlier keep their order."""
+  found = set()
+  for i in ids:
+    for j, m in enumerate(CODE.finditer(i)):
+      found.add((m.group(1), int(m.group(2)), j == 0))
+  return [("▁" if first else "") + f"<{name}_{v}>" for name, v, first in sorted(found)]
 
 
 @dataclasses.dataclass
@@ -251,11 +264,22 @@ def deduplicate(codes: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], in
 
 
 def build_ids(data: PreparedData, scheme: str, *, seed: int = 0, levels: int = 3, codebook: Optional[int] = None,
-              features: Optional[np.ndarray] = None) -> ItemIds:
-  """IDs of every item under `scheme`, with statistics (collisions, code usage, mean length)."""
+              features: Optional[np.ndarray] = None, base: str = "collaborative") -> ItemIds:
+  """IDs of every item under `scheme`, with statistics (collisions, code usage, mean length).
+  `base`: the codes a hybrid ID starts with (collaborative or semantic)."""
   if scheme == "random":
     ids = [item_id(k) for k in range(data.num_items)]
     return ItemIds(scheme, ids, {"mean_codes": None}, {})
+  if scheme == "atomic":
+    ids = [item_piece(k) for k in range(data.num_items)]
+    return ItemIds(scheme, ids, id_stats(ids, 0), {"pieces": "one per item"})
+  if scheme == "hybrid":
+    if base not in ("collaborative", "semantic"):
+      raise ValueError(f"a hybrid ID starts with collaborative or semantic codes, not {base!r}")
+    inner = build_ids(data, base, seed=seed, levels=levels, codebook=codebook, features=features)
+    ids = [i + item_piece(k) for k, i in enumerate(inner.ids)]
+    return ItemIds(scheme, ids, id_stats(ids, inner.stats["collisions_before_dedup"]),
+                   {"base": base, **inner.params})
   extra: dict = {}
   if scheme == "collaborative":
     codebook = codebook or 32
@@ -269,15 +293,22 @@ def build_ids(data: PreparedData, scheme: str, *, seed: int = 0, levels: int = 3
     params = {"levels": levels, "codebook": codebook, "seed": seed, **extra}
   else:
     raise ValueError(f"unknown item ID scheme {scheme!r}; known: {', '.join(SCHEMES)}")
-  lengths = np.array([len(c) for c in codes])
-  depth = int(lengths.max())
-  usage = {}
-  for p in range(depth):
-    used = {c[p] for c in codes if len(c) > p}
-    usage[string.ascii_lowercase[p]] = {"codes_used": len(used), "largest": max(used) + 1}
-  stats = {"items": len(codes), "unique": len(set(codes)) == len(codes), "mean_codes": round(float(lengths.mean()), 3),
-           "max_codes": depth, "collisions_before_dedup": collisions, "code_usage": usage}
-  return ItemIds(scheme, [render(c) for c in codes], stats, params)
+  ids = [render(c) for c in codes]
+  return ItemIds(scheme, ids, id_stats(ids, collisions), params)
+
+
+def id_stats(ids: list[str], collisions: int) -> dict:
+  """Items, uniqueness, codes per ID (mean, max) and, per code name (`a`, `b`, ..., `item`), how many
+  distinct codes are used and the largest + 1."""
+  parsed = [[(m.group(1), int(m.group(2))) for m in CODE.finditer(i)] for i in ids]
+  lengths = np.array([len(c) for c in parsed])
+  used: dict[str, set] = {}
+  for c in parsed:
+    for name, v in c:
+      used.setdefault(name, set()).add(v)
+  usage = {name: {"codes_used": len(v), "largest": max(v) + 1} for name, v in sorted(used.items())}
+  return {"items": len(ids), "unique": len(set(ids)) == len(ids), "mean_codes": round(float(lengths.mean()), 3),
+          "max_codes": int(lengths.max()), "collisions_before_dedup": collisions, "code_usage": usage}
 
 
 def format_id_stats(manifest: dict) -> list[str]:

@@ -257,11 +257,18 @@ def max_source_tokens(targets_budget: int, noise_density: float = 0.2,
 TaskFn = Callable[..., dict]
 
 
-def retrieval(ex, key, r: Renderer, fx: dict, budget: tf.Tensor) -> dict:
+def retrieval(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget) -> dict:
+  """History -> the next item's ID; a continuation example (`following`) -> the next items' IDs in order
+  (`id id id`: each ID starts with its word boundary), as many as fit the targets (the first always)."""
   hist = truncate_oldest(ex["history"], r.entry_lengths(ex["history"]),
                          budget - fixed_len(fx["history"], fx["retrieval"]))
-  return output(r.join(fx["history"].tf(), r.items(hist), fx["retrieval"].tf()),
-                r.item(ex["target"], "id"))
+  inputs = r.join(fx["history"].tf(), r.items(hist), fx["retrieval"].tf())
+  if "following" not in ex:
+    return output(inputs, r.item(ex["target"], "id"))
+  items = tf.concat([[ex["target"]], ex["following"]], 0)
+  items = items[:tf.maximum(1, keep_first(tf.gather(r.id_tok.row_lengths(), items), targets_budget))]
+  return output(inputs, (tf.gather(r.id_tok, items).flat_values,
+                         tf.strings.reduce_join(tf.gather(r.id_txt, items), separator=" ")))
 
 
 def ranking(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, log_popularity, user_items,

@@ -59,6 +59,10 @@ class TaskConfig:
   window: int = 20                      # w: items per window (history w-1 + target)
   train_examples: str = "windows"       # windows (the paper's sliding windows) or prefixes (every
                                         # training item a target, as TIGER / P5)
+  next_items: int = 1                   # retrieval training targets per example: > 1 trains on
+                                        # continuations -- after the history, the next `next_items` items
+                                        # in order, every training item a target once per epoch (several
+                                        # targets for one encoding); evaluation still asks for one item
   num_candidates: int = 100             # ranking: target + 99 popularity-sampled negatives
   mask_rate: float = 0.2                # MIM
   noise_density: float = 0.2            # MLM span corruption
@@ -247,6 +251,13 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   train_lengths = itdr.train_lengths(data, held)
   examples = {s: sources.build_examples(data, s, config.window, config.train_examples, train_lengths)
               for s in sources.SPLITS}
+  retrieval_train = examples["train"]
+  if config.next_items > 1:
+    if config.id_scheme == "random":   # `I1` is a prefix of `I12`: the item after an ID would compete with its EOS
+      raise ValueError("TaskConfig.next_items > 1 needs IDs no ID is a prefix of (id_scheme collaborative, "
+                       "semantic, atomic or hybrid), not random ones")
+    retrieval_train = sources.build_examples(data, "train", config.window, "continuations", train_lengths,
+                                             next_items=config.next_items)
   log_pop, user_items = _sampling_tables(data, train_lengths)
   user_lengths = user_items[1]
   free = data.num_items - int(user_lengths.max())
@@ -262,6 +273,8 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     task = f"{name}_{kind}"
     splits = examples if kind in REC_TASKS else {"train": examples["train"],
                                                  "validation": examples["validation"]}
+    if kind == "retrieval":
+      splits = {**splits, "train": retrieval_train}
     options = {}
     if kind in ("ranking", "bpr"):
       options.update(log_popularity=log_pop, user_items=user_items)

@@ -31,6 +31,8 @@ class Examples:
   history_splits: np.ndarray  # int64 [E + 1]
   target_rating: Optional[np.ndarray] = None
   history_rating: Optional[np.ndarray] = None
+  following: Optional[np.ndarray] = None         # int32: the items after the target (continuations)
+  following_splits: Optional[np.ndarray] = None
 
   def __len__(self) -> int:
     return len(self.user)
@@ -44,6 +46,8 @@ class Examples:
     if self.target_rating is not None:
       out["target_rating"] = self.target_rating
       out["history_rating"] = tf.RaggedTensor.from_row_splits(self.history_rating, self.history_splits)
+    if self.following is not None:
+      out["following"] = tf.RaggedTensor.from_row_splits(self.following, self.following_splits)
     return out
 
 
@@ -67,30 +71,41 @@ class Records:
     return out
 
 
-def _pack(rows: list[tuple[int, np.ndarray, int, Optional[np.ndarray], Optional[float]]]) -> Examples:
+def _flat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  splits = np.concatenate([[0], np.cumsum([len(h) for h in arrays])]).astype(np.int64)
+  return (np.concatenate(arrays).astype(np.int32) if arrays else np.zeros([0], np.int32)), splits
+
+
+def _pack(rows: list[tuple[int, np.ndarray, int, Optional[np.ndarray], Optional[float]]],
+          following: Optional[list[np.ndarray]] = None) -> Examples:
   hist = [r[1] for r in rows]
   splits = np.concatenate([[0], np.cumsum([len(h) for h in hist])]).astype(np.int64)
   with_r = rows and rows[0][3] is not None
+  more = _flat(following) if following is not None else (None, None)
   return Examples(
       user=np.array([r[0] for r in rows], np.int32),
       target=np.array([r[2] for r in rows], np.int32),
       history=np.concatenate(hist).astype(np.int32) if rows else np.zeros([0], np.int32),
       history_splits=splits,
       history_rating=np.concatenate([r[3] for r in rows]).astype(np.float32) if with_r else None,
-      target_rating=np.array([r[4] for r in rows], np.float32) if with_r else None)
+      target_rating=np.array([r[4] for r in rows], np.float32) if with_r else None,
+      following=more[0], following_splits=more[1])
 
 
-TRAIN_EXAMPLES = ("windows", "prefixes")
+TRAIN_EXAMPLES = ("windows", "prefixes", "continuations")
 
 
 def build_examples(data: PreparedData, split: str, window: int = 20, train_examples: str = "windows",
-                   train_lengths: Optional[np.ndarray] = None) -> Examples:
+                   train_lengths: Optional[np.ndarray] = None, next_items: int = 1) -> Examples:
   """Windows of `window` items; the last item of a window is the target, the rest its history.
 
   train, "windows" (the paper's): windows [i_k .. i_{k+w-1}] over the training split,
     1 <= k <= max(1, L-w+1); windows without any history (L = 1) are not examples.
   train, "prefixes": every training item after the first is a target, with the w-1 items before it
     as history (as TIGER / P5 train) -- L-1 examples per user instead of max(1, L-w+1).
+  train, "continuations": every training item after the first is a target once per epoch, `next_items`
+    at a time: the items b .. b+next_items-1 (b = 1, 1+next_items, ...) after the w-1 items before b;
+    `target` is item b, `following` the rest -- each a true next item given all before it.
   validation: the last w-1 training items -> validation item (seeded user subset). test: the last
     w-1 items up to and including the validation item -> test item (all users).
   `train_lengths`: per user, how many items training may use (default: all but the last two); the
@@ -100,13 +115,21 @@ def build_examples(data: PreparedData, split: str, window: int = 20, train_examp
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
   if train_examples not in TRAIN_EXAMPLES:
     raise ValueError(f"train_examples must be one of {TRAIN_EXAMPLES}, not {train_examples!r}")
-  rows = []
+  if next_items < 1 or (next_items > 1 and train_examples != "continuations"):
+    raise ValueError(f"next_items={next_items}: must be >= 1, and > 1 only with train_examples='continuations'")
+  rows, following = [], []
   ratings = data.ratings
   users = data.validation_users if split == "validation" else range(data.num_users)
   for u in users:
     seq = data.sequences[u]
     r = ratings[u] if ratings is not None else None
-    if split == "train":
+    if split == "train" and train_examples == "continuations":
+      n = len(seq) - 2 if train_lengths is None else int(train_lengths[u])
+      for b in range(1, n, next_items):
+        k = max(0, b - (window - 1))
+        rows.append((u, seq[k:b], int(seq[b]), None if r is None else r[k:b], None if r is None else float(r[b])))
+        following.append(np.asarray(seq[b + 1:min(b + next_items, n)]))
+    elif split == "train":
       n = len(seq) - 2 if train_lengths is None else int(train_lengths[u])
       ends = (range(2, n + 1) if train_examples == "prefixes" else
               [min(k + window, n) for k in range(max(1, n - window + 1))])
@@ -121,7 +144,7 @@ def build_examples(data: PreparedData, split: str, window: int = 20, train_examp
       start = max(0, end - (window - 1))
       rows.append((u, seq[start:end], int(seq[end]),
                    None if r is None else r[start:end], None if r is None else float(r[end])))
-  return _pack(rows)
+  return _pack(rows, following if split == "train" and train_examples == "continuations" else None)
 
 
 def mix_seed(*parts: int) -> int:
