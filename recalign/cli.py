@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -15,11 +14,6 @@ import numpy as np
 DEFAULT_SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
-def _name_from(path: Path) -> str:
-  name = path.name.lower().removeprefix("amazon-")
-  return re.sub(r"[^a-z0-9_]+", "_", name).strip("_") or "data"
-
-
 def cmd_prepare(args) -> int:
   from recalign.data import AMAZON, MOVIES, IngestReport, prepare, read_source
   from recalign.data.prepare import format_stats
@@ -28,7 +22,8 @@ def cmd_prepare(args) -> int:
   print(f"reading {source} ...", flush=True)
   domain = {"amazon": AMAZON, "movies": MOVIES}[args.domain] if args.domain else None
   raw = read_source(source, args.format, meta=args.meta, report=IngestReport(strict=args.strict), domain=domain)
-  name = args.name or _name_from(Path(args.out))
+  from recalign.data.prepare import name_from_path
+  name = args.name or name_from_path(args.out)
   data = prepare(raw, name=name, kcore=args.kcore, seed=args.seed,
                  num_validation_users=args.validation_users)
   data.save(args.out)
@@ -119,8 +114,8 @@ def cmd_demo(args) -> int:
   from recalign.demo import run_demo
   ml = Path(args.ml100k) if args.ml100k else None
   run_demo(Path(args.data), Path(args.out), minutes=args.minutes, ml100k=ml, size=args.size,
-           seed=args.seed, recipe=args.recipe, sasrec_minutes=args.sasrec_minutes, max_test=args.max_test_users,
-           exclude_history=args.exclude_history, eval_every_minutes=args.eval_every_minutes)
+           seed=args.seed, recipe=args.recipe, sasrec_epochs=args.sasrec_epochs, max_test=args.max_test_users,
+           exclude_history=args.exclude_history, eval_every_minutes=args.eval_every_minutes, name=args.name)
   return 0
 
 
@@ -399,8 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--max-length", type=int, default=64)
   s.set_defaults(fn=cmd_profiles)
 
-  s = sub.add_parser("demo", help="end-to-end demo on the shared Amazon Beauty data")
-  s.add_argument("--data", default=str(DEFAULT_SHARED / "amazon-beauty"))
+  s = sub.add_parser("demo", help="end-to-end demo on the shared Amazon Beauty data (or --data: any Amazon-style set)")
+  s.add_argument("--data", default=str(DEFAULT_SHARED / "amazon-beauty"),
+                 help="source folder of any format `recalign prepare` reads")
+  s.add_argument("--name", help="the data set's name in task names (default: from the folder, amazon-beauty -> beauty)")
   s.add_argument("--ml100k", default=str(DEFAULT_SHARED / "ml-100k"), help="'' to skip the rating part")
   s.add_argument("--out", default="runs/demo")
   s.add_argument("--minutes", type=float, default=20.0, help="training budget for Beauty (ml-100k: 1/4)")
@@ -409,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--recipe", default="compact", choices=["compact", "paper"],
                  help="compact: retrieval, ID-only history, collaborative IDs (fastest on a CPU); "
                       "paper: the paper's prompts, random IDs, ReAT")
-  s.add_argument("--sasrec-minutes", type=float, default=4.0, help="budget of each SASRec (BCE, CE)")
+  s.add_argument("--sasrec-epochs", type=int, default=200,
+                 help="at most this many epochs for each SASRec (BCE, sampled-softmax CE); both stop early")
   s.add_argument("--eval-every-minutes", type=float, help="validation during training (default: minutes / 6)")
   s.add_argument("--max-test-users", type=int, help="evaluate test on a seeded sample of N users (default: all)")
   s.add_argument("--exclude-history", action="store_true",
@@ -427,6 +425,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not getattr(args, "gin", False) and (files or bindings):
     print(f"error: {args.command} takes no --gin options", file=sys.stderr)
     return 2
+  if args.command in ("train", "eval", "baseline", "profiles", "demo", "vocab"):
+    from recalign.console import quiet_startup
+    quiet_startup()    # TensorFlow / XLA start-up lines off the console (RECALIGN_VERBOSE=1 keeps them)
   try:
     return args.fn(args, (files, bindings, paths)) if getattr(args, "gin", False) else args.fn(args)
   except (DataError, FileNotFoundError, ValueError) as e:

@@ -92,16 +92,17 @@ def test_format_table():
 
 
 def test_short_demo_end_to_end_on_tiny_data_then_cli_eval(tmp_path, capsys):
-  from recalign.demo import run_demo
+  from recalign.demo import RECIPES, run_demo
   src = write_tiny_tsv(tmp_path / "src")
   out = tmp_path / "demo"
-  res = run_demo(src, out, minutes=0.1, ml100k=None, size="tiny", sasrec_minutes=0.05, kcore=0)
+  res = run_demo(src, out, minutes=0.1, ml100k=None, size="tiny", sasrec_epochs=2, kcore=0, name="beauty")
   table = res["beauty_retrieval"]
   assert set(table) == {f"{m} / {s}" for m in ("recalign tiny compact", "popularity", "SASRec-BCE", "SASRec-CE")
                         for s in ("validation", "test")}
   assert all(0.0 <= v["ndcg@10"] <= v["hr@10"] <= 1.0 for v in table.values())
   saved = json.loads((out / "results.json").read_text())
-  assert saved["size"] == "tiny" and saved["recipe_config"]["data"]["id_scheme"] == "collaborative"
+  assert saved["size"] == "tiny" and saved["recipe_config"]["data"]["id_scheme"] == RECIPES["compact"].data["id_scheme"]
+  assert saved["sasrec"]["CE"]["loss"] == "sampled_ce" and saved["sasrec"]["BCE"]["epochs"] <= 2
   assert set(saved["test_ndcg@10_ratio"]) == {"popularity", "SASRec-BCE", "SASRec-CE"}
   assert saved["total_minutes"] > 0
   assert (out / "beauty_compact.png").stat().st_size > 1000
@@ -130,7 +131,7 @@ def test_short_demo_end_to_end_on_tiny_data_then_cli_eval(tmp_path, capsys):
 def test_demo_on_shared_beauty_and_ml100k(tmp_path):
   from recalign.demo import run_demo
   res = run_demo(shared("amazon-beauty"), tmp_path / "demo", minutes=2, ml100k=shared("ml-100k"),
-                 sasrec_minutes=0.5, max_test=500)
+                 sasrec_epochs=5, max_test=500)
   assert res["beauty_retrieval"]["popularity / test"]["hr@10"] > 0.005
   assert 0.0 < res["ml100k_rating"]["History / test"]["auc"] < 1.0
 

@@ -96,17 +96,23 @@ def test_exact_text_and_tokens_of_every_task(tiny):
 
 def test_id_only_and_compact_histories(tiny, tmp_path):
   """`with_titles=False` keeps the paper's `Item ID: ...;` entries without titles; `item_prefix=False`
-  writes the IDs alone. Tokens still equal the tokenised text."""
+  writes the IDs alone; `prompt_words=False` drops the retrieval template's words. Tokens still equal the
+  tokenised text."""
   data, vocab = tiny
   tiny_dir = rt.registry.task_info("tiny_retrieval").data_dir
   u1 = data.users.index("u1")
   b, c, a, d, ee = (item_id(int(x)) for x in data.sequences[u1])
   for name, cfg, hist in [("tiny_ids", rt.TaskConfig(with_titles=False), f"Item ID: {b}; Item ID: {c};"),
-                          ("tiny_compact", rt.TaskConfig(with_titles=False, item_prefix=False), f"{b}; {c};")]:
+                          ("tiny_compact", rt.TaskConfig(with_titles=False, item_prefix=False), f"{b}; {c};"),
+                          ("tiny_bare", rt.TaskConfig(with_titles=False, item_prefix=False, prompt_words=False),
+                           f"{b}; {c};")]:
     rt.register_dataset(tiny_dir, name=name, config=cfg)
     ex = {x["user"]: x for x in first(f"{name}_retrieval", n=6)}[u1]
-    assert ex["inputs_pretokenized"].decode() == f"{H} {hist} What would the user buy next?"
+    words = name != "tiny_bare"      # prompt_words=False: the history alone
+    assert ex["inputs_pretokenized"].decode() == (f"{H} {hist} What would the user buy next?" if words else hist)
     assert ex["inputs"].tolist() == vocab.encode(ex["inputs_pretokenized"].decode()) + [1]
+    if not words:   # other tasks keep their words (the model must tell them apart)
+      assert first(f"{name}_mim", n=6)[0]["inputs_pretokenized"].decode().startswith(H)
 
 
 def test_sample_counts_per_split(tiny):
@@ -128,27 +134,27 @@ def test_sample_counts_per_split(tiny):
   assert rt.get("tiny_retrieval").num_input_examples("train") == 6
 
 
-def test_continuations_make_every_training_item_a_target_once_with_the_items_before_it(tiny):
+def test_continuation_rows_cover_every_training_item_in_chunks(tiny):
   data, _ = tiny
   for window, m in [(20, 2), (2, 2), (3, 5)]:
     ex = sources.build_examples(data, "train", window=window, train_examples="continuations", next_items=m)
     following = [ex.following[a:b].tolist() for a, b in zip(ex.following_splits[:-1], ex.following_splits[1:])]
-    targets = {}
+    starts = {}
     for u, h, t, f in zip(ex.user, ex.histories(), ex.target, following):
       train = data.train_sequence(int(u)).tolist()
-      b = train.index(int(t))
-      assert h.tolist() == train[max(0, b - (window - 1)):b] and f == train[b + 1:b + m][:len(f)]
-      assert len(f) == min(m - 1, len(train) - b - 1)
-      targets.setdefault(int(u), []).extend([int(t)] + f)
-    assert targets == {u: data.train_sequence(u).tolist()[1:] for u in range(data.num_users)}
+      lo = train.index(int(t))
+      assert h.tolist() == train[max(0, lo - (window - 1)):lo] and f == train[lo + 1:lo + 2 * m - 1]
+      starts.setdefault(int(u), []).append(lo)
+    assert starts == {u: list(range(1, len(data.train_sequence(u)), m)) for u in range(data.num_users)}
   with pytest.raises(ValueError, match="continuations"):
     sources.build_examples(data, "train", next_items=3)
 
 
-def test_retrieval_continuation_targets_exact_tokens(tiny):
-  """next_items=2 with atomic IDs: u1's training items b, c, a give `b -> c a`; the targets are the IDs'
-  own pieces, which tokenise as the text; a targets budget of one ID keeps the first; evaluation asks
-  for one item. Random IDs (I1 is a prefix of I12) are refused."""
+def test_retrieval_continuations_redraw_the_split_point_each_epoch_with_exact_tokens(tiny):
+  """next_items=2 with atomic IDs: u1's training items b, c, a make one row; each epoch splits it at c
+  (`b -> c a`) or at a (`b c -> a`), drawn from the seed; targets are the IDs' own pieces (= the text
+  tokenised); a targets budget of one ID keeps the first; evaluation asks for one item. Random IDs (I1 is
+  a prefix of I12) are refused."""
   from recalign.data.ids import build_ids
   data, _ = tiny
   tiny_dir = rt.registry.task_info("tiny_retrieval").data_dir
@@ -158,15 +164,23 @@ def test_retrieval_continuation_targets_exact_tokens(tiny):
   vocab = rt.registry.task_info("tiny_cont_retrieval").vocab
   u1 = data.users.index("u1")
   b, c, a, d, ee = (f"<item_{int(x)}>" for x in data.sequences[u1])
-  ex = [x for x in first("tiny_cont_retrieval", n=6) if x["user"] == u1]    # one epoch
-  assert len(ex) == 1 and ex[0]["inputs_pretokenized"].decode() == f"{H} {b}; What would the user buy next?"
-  assert ex[0]["targets_pretokenized"].decode() == f"{c} {a}"
-  assert ex[0]["targets"].tolist() == vocab.encode(f"{c} {a}") + [1] == [vocab.encode(c)[0], vocab.encode(a)[0], 1]
-  short = [x for x in first("tiny_cont_retrieval", lengths={"inputs": 512, "targets": 2}, n=6) if x["user"] == u1]
-  assert short[0]["targets"].tolist() == vocab.encode(c) + [1]
+  assert rt.get("tiny_cont_retrieval").num_input_examples("train") == 6     # one chunk per user
+
+  def u1_rows(seed, lengths=LENGTHS):
+    ds = rt.get("tiny_cont_retrieval").get_dataset(lengths, split="train", shuffle=False, seed=seed)
+    return [(x["inputs_pretokenized"].decode(), x["targets_pretokenized"].decode(), tuple(x["targets"].tolist()))
+            for x in ds.take(6 * 8).as_numpy_iterator() if x["user"] == u1]    # 8 epochs
+
+  rows = u1_rows(0)
+  assert len(rows) == 8 and rows == u1_rows(0)
+  split_c = (f"{H} {b}; What would the user buy next?", f"{c} {a}", tuple(vocab.encode(f"{c} {a}") + [1]))
+  split_a = (f"{H} {b}; {c}; What would the user buy next?", a, tuple(vocab.encode(a) + [1]))
+  assert set(rows) == {split_c, split_a} and len(split_c[2]) == 3      # one piece per ID + EOS
+  assert u1_rows(1) != rows
+  short = u1_rows(0, {"inputs": 512, "targets": 2})
+  assert {r[1] for r in short} == {c, a}                                # only the first ID fits
   test = {x["user"]: x for x in first("tiny_cont_retrieval", "test", n=6)}[u1]
   assert test["targets_pretokenized"].decode() == ee
-  assert rt.get("tiny_cont_retrieval").num_input_examples("train") == 1 + 1 + 1 + 1 + 1 + 1
   with pytest.raises(ValueError, match="prefix"):
     rt.register_dataset(tiny_dir, name="tiny_cont_random", config=rt.TaskConfig(next_items=2))
 

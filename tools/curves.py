@@ -56,6 +56,19 @@ RECIPES = {
                          "lengths": {"inputs": 128, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
     "compact_collaborative": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "collaborative"},
                               "lengths": {"inputs": 128, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
+    # one piece per item (P5's IID) and collaborative codes + the item's piece (P5's CID+IID)
+    "compact_atomic": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "atomic"},
+                       "lengths": {"inputs": 96, "targets": 8}, "dropout": 0.0, "lr": 5e-3},
+    "compact_hybrid": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "hybrid"},
+                       "lengths": {"inputs": 160, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
+    # continuations: the next k items per example (k targets for one encoding), every item a target
+    "cont_atomic": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "atomic", "next_items": 10},
+                    "lengths": {"inputs": 96, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
+    "cont_collaborative": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "collaborative",
+                                    "next_items": 5}, "lengths": {"inputs": 128, "targets": 32}, "dropout": 0.0,
+                           "lr": 5e-3},
+    "cont_hybrid": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "hybrid", "next_items": 5},
+                    "lengths": {"inputs": 160, "targets": 32}, "dropout": 0.0, "lr": 5e-3},
 }
 
 
@@ -82,10 +95,11 @@ def cpu_model() -> str:
   return platform.processor() or "unknown CPU"
 
 
-def prepare_data(source: Path, out: Path, name: str) -> Path:
-  """A shared data set with random, collaborative and semantic IDs and one vocabulary for all."""
+def prepare_data(source: Path, out: Path, name: str, schemes=("collaborative", "semantic")) -> Path:
+  """A data set with random IDs, `schemes` and one vocabulary for all (atomic / hybrid IDs add a piece per
+  item to the vocabulary, and so to every run's softmax: give them a --work folder of their own)."""
   from recalign.demo import ensure_prepared
-  return ensure_prepared(source, out, name, id_schemes=("collaborative", "semantic"))
+  return ensure_prepared(source, out, name, id_schemes=tuple(schemes))
 
 
 def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int, data_dir: Path, work: Path,
@@ -205,7 +219,8 @@ def main():
     plot(args.plot, args.png, args.title)
     return
   work = Path(args.work)
-  data_dir = prepare_data(Path(args.data), work / "data" / args.name, args.name)
+  schemes = sorted({recipe(n)["data"].get("id_scheme", "random") for n in args.recipes} - {"random"})
+  data_dir = prepare_data(Path(args.data), work / "data" / args.name, args.name, schemes or ("collaborative",))
   for name in args.recipes:
     for seed in args.seeds:
       res = run(name, seed, args.minutes, args.eval_every, args.val_users, data_dir, work, Path(args.out))

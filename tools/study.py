@@ -6,10 +6,11 @@
 
 Every row: a T5 (`--size`, default mini) from scratch with the demo's recipe (`recalign.demo.RECIPES`:
 its data configuration, item IDs, learning rate, dtype) and the row's mixture, trained for the same
-`--minutes` of training (validation excluded), validated every `--minutes`/3 on the demo's 500
-selection users; the best step is evaluated on `--test-users` seeded test users and on `--val-users`
-validation users disjoint from the selection sample (beam 20, full catalogue: the paper's protocol). Seeds change
-the model's initialisation and the training data (masks, spans, negatives, order). Writes
+`--minutes` of training (validation excluded), validated every `--minutes`/3 on the demo's
+selection users (`recalign.demo.SELECTION_USERS`); the best step is evaluated on `--test-users`
+seeded test users and on `--val-users` validation users disjoint from the selection sample (beam 20,
+full catalogue: the paper's protocol). Seeds change the model's initialisation and the training data
+(masks, spans, negatives, order). Writes
 <out>/study.json and a Markdown table: mean ± std over seeds, and each row's NDCG@10 difference from
 the retrieval-only row with whether it exceeds the seeds' spread (|difference| > std_a + std_b).
 Rows whose mixture holds the rating task (ml-100k) are also scored by rating AUC on all test users.

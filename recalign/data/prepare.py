@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,13 @@ import numpy as np
 
 from recalign.data.ingest import Domain, ItemMeta, RawData, sha256_file
 from recalign.data.report import DataError
+
+
+def name_from_path(path: Path | str) -> str:
+  """A data set's name from its folder (task names are `<name>_retrieval`): `amazon-beauty` -> `beauty`,
+  `Toys_and_Games` -> `toys_and_games`, `ml-100k` -> `ml_100k`."""
+  name = Path(path).resolve().name.lower().removeprefix("amazon-").removeprefix("amazon_")
+  return re.sub(r"[^a-z0-9_]+", "_", name).strip("_") or "data"
 
 FORMAT_VERSION = 1
 MIN_INTERACTIONS = 3  # leave-one-out needs >= 1 training item besides validation and test

@@ -257,18 +257,28 @@ def max_source_tokens(targets_budget: int, noise_density: float = 0.2,
 TaskFn = Callable[..., dict]
 
 
-def retrieval(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget) -> dict:
-  """History -> the next item's ID; a continuation example (`following`) -> the next items' IDs in order
-  (`id id id`: each ID starts with its word boundary), as many as fit the targets (the first always)."""
-  hist = truncate_oldest(ex["history"], r.entry_lengths(ex["history"]),
-                         budget - fixed_len(fx["history"], fx["retrieval"]))
-  inputs = r.join(fx["history"].tf(), r.items(hist), fx["retrieval"].tf())
+def retrieval(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, window: int = 20,
+              next_items: int = 1, words: bool = True) -> dict:
+  """History -> the next item's ID. A continuation row (`following`, see `sources.build_examples`):
+  the split point b is drawn in the row's chunk each epoch, the targets are the IDs of the next
+  `next_items` items after b, in order (`id id id`: each ID starts with its word boundary), as many as
+  fit the targets (the first always), the history the `window` - 1 items before b. `words=False`: the
+  prompt is the history alone, without the template's words."""
+  history = ex["history"]
   if "following" not in ex:
-    return output(inputs, r.item(ex["target"], "id"))
-  items = tf.concat([[ex["target"]], ex["following"]], 0)
-  items = items[:tf.maximum(1, keep_first(tf.gather(r.id_tok.row_lengths(), items), targets_budget))]
-  return output(inputs, (tf.gather(r.id_tok, items).flat_values,
-                         tf.strings.reduce_join(tf.gather(r.id_txt, items), separator=" ")))
+    items = ex["target"][None]
+  else:
+    full = tf.concat([history, [ex["target"]], ex["following"]], 0)
+    span = tf.minimum(next_items, 1 + tf.size(ex["following"]))
+    b = tf.size(history) + tf.random.stateless_uniform([], key, minval=0, maxval=span, dtype=tf.int32)
+    history, items = full[tf.maximum(0, b - (window - 1)):b], full[b:b + next_items]
+    items = items[:tf.maximum(1, keep_first(tf.gather(r.id_tok.row_lengths(), items), targets_budget))]
+  frame = (fx["history"], fx["retrieval"]) if words else ()
+  hist = truncate_oldest(history, r.entry_lengths(history), budget - fixed_len(*frame))
+  inputs = r.join(fx["history"].tf(), r.items(hist), fx["retrieval"].tf()) if words else r.items(hist)
+  return output(inputs,
+                (tf.gather(r.id_tok, items).flat_values, tf.strings.reduce_join(tf.gather(r.id_txt, items),
+                                                                                separator=" ")))
 
 
 def ranking(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, log_popularity, user_items,

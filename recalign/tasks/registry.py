@@ -60,15 +60,17 @@ class TaskConfig:
   train_examples: str = "windows"       # windows (the paper's sliding windows) or prefixes (every
                                         # training item a target, as TIGER / P5)
   next_items: int = 1                   # retrieval training targets per example: > 1 trains on
-                                        # continuations -- after the history, the next `next_items` items
-                                        # in order, every training item a target once per epoch (several
-                                        # targets for one encoding); evaluation still asks for one item
+                                        # continuations -- after a split point re-drawn every epoch, the
+                                        # next `next_items` items in order (several targets for one
+                                        # encoding); evaluation still asks for one item
   num_candidates: int = 100             # ranking: target + 99 popularity-sampled negatives
   mask_rate: float = 0.2                # MIM
   noise_density: float = 0.2            # MLM span corruption
   mean_noise_span_length: float = 3.0
   with_titles: Optional[bool] = None    # None: titles when the data set has them
   item_prefix: bool = True              # "Item ID: I12, Title: ..." (the paper's); False: "I12, Title: ..."
+  prompt_words: bool = True             # False: retrieval prompts are the history alone ("I12; I7;"),
+                                        # without the template's words (shorter inputs; not the paper's)
   seed: int = 0                         # training draws when get_dataset is given no seed (the
                                         # trainer passes RANDOM_SEED): masks, negatives, spans, order
   eval_seed: int = 0                    # validation/test draws (ranking candidates): fixed, so that
@@ -280,6 +282,10 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
       options.update(log_popularity=log_pop, user_items=user_items)
     if kind == "ranking":
       options["num_candidates"] = num_candidates
+    if kind == "retrieval" and config.next_items > 1:
+      options.update(window=config.window, next_items=config.next_items)
+    if kind == "retrieval" and not config.prompt_words:
+      options["words"] = False
     if kind == "mim":
       options["mask_rate"] = config.mask_rate
     if kind == "mlm":

@@ -103,9 +103,11 @@ def build_examples(data: PreparedData, split: str, window: int = 20, train_examp
     1 <= k <= max(1, L-w+1); windows without any history (L = 1) are not examples.
   train, "prefixes": every training item after the first is a target, with the w-1 items before it
     as history (as TIGER / P5 train) -- L-1 examples per user instead of max(1, L-w+1).
-  train, "continuations": every training item after the first is a target once per epoch, `next_items`
-    at a time: the items b .. b+next_items-1 (b = 1, 1+next_items, ...) after the w-1 items before b;
-    `target` is item b, `following` the rest -- each a true next item given all before it.
+  train, "continuations": one row per chunk of `next_items` training items after the first (chunk j
+    starts at lo = 1 + j * next_items): `history` the w-1 items before lo, `target` item lo, `following`
+    the items after it up to lo + 2 * next_items - 2. The retrieval preprocessor draws the split point
+    b in [lo, lo + next_items) every epoch and trains on the next `next_items` items after the w-1 before
+    b -- each a true next item given all before it; every item is a target about once per epoch.
   validation: the last w-1 training items -> validation item (seeded user subset). test: the last
     w-1 items up to and including the validation item -> test item (all users).
   `train_lengths`: per user, how many items training may use (default: all but the last two); the
@@ -125,10 +127,11 @@ def build_examples(data: PreparedData, split: str, window: int = 20, train_examp
     r = ratings[u] if ratings is not None else None
     if split == "train" and train_examples == "continuations":
       n = len(seq) - 2 if train_lengths is None else int(train_lengths[u])
-      for b in range(1, n, next_items):
-        k = max(0, b - (window - 1))
-        rows.append((u, seq[k:b], int(seq[b]), None if r is None else r[k:b], None if r is None else float(r[b])))
-        following.append(np.asarray(seq[b + 1:min(b + next_items, n)]))
+      for lo in range(1, n, next_items):
+        k = max(0, lo - (window - 1))
+        rows.append((u, seq[k:lo], int(seq[lo]), None if r is None else r[k:lo],
+                     None if r is None else float(r[lo])))
+        following.append(np.asarray(seq[lo + 1:min(n, lo + 2 * next_items - 1)]))
     elif split == "train":
       n = len(seq) - 2 if train_lengths is None else int(train_lengths[u])
       ends = (range(2, n + 1) if train_examples == "prefixes" else
