@@ -400,15 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--name", help="the data set's name in task names (default: from the folder, amazon-beauty -> beauty)")
   s.add_argument("--ml100k", default=str(DEFAULT_SHARED / "ml-100k"), help="'' to skip the rating part")
   s.add_argument("--out", default="runs/demo")
-  s.add_argument("--minutes", type=float, default=20.0, help="training budget for Beauty (ml-100k: 1/4)")
+  s.add_argument("--minutes", type=float, default=12.0, help="training budget for the retrieval data (ml-100k: 1/4)")
   s.add_argument("--size", default="mini", help="model size (gin/models/*.gin; mini trains on a CPU)")
   s.add_argument("--seed", type=int, default=0)
-  s.add_argument("--recipe", default="compact", choices=["compact", "paper"],
-                 help="compact: retrieval, ID-only history, collaborative IDs (fastest on a CPU); "
-                      "paper: the paper's prompts, random IDs, ReAT")
+  s.add_argument("--recipe", default="bare", choices=["bare", "compact", "paper"],
+                 help="bare: retrieval, the history's collaborative IDs alone, rsqrt decay (fastest on a CPU); "
+                      "compact: the same with the template's words, constant rate; paper: the paper's prompts, "
+                      "random IDs, ReAT")
   s.add_argument("--sasrec-epochs", type=int, default=200,
                  help="at most this many epochs for each SASRec (BCE, sampled-softmax CE); both stop early")
-  s.add_argument("--eval-every-minutes", type=float, help="validation during training (default: minutes / 6)")
+  s.add_argument("--eval-every-minutes", type=float, help="validation during training (default: minutes / 8)")
   s.add_argument("--max-test-users", type=int, help="evaluate test on a seeded sample of N users (default: all)")
   s.add_argument("--exclude-history", action="store_true",
                  help="retrieval ranks the catalogue minus the user's history (default: the paper's full catalogue)")

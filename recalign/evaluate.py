@@ -45,8 +45,10 @@ class EvalResult:
   def write(self, out_dir: Path | str) -> tuple[Path, Path]:
     out_dir = paths.as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mpath = out_dir / f"metrics_{self.task}_{self.split}.json"
-    ppath = out_dir / f"predictions_{self.task}_{self.split}.jsonl"
+    # The paper's protocol keeps the plain names; the other one gets its own files (not overwritten).
+    tag = "_history_excluded" if self.protocol == M.protocol_name(True) else ""
+    mpath = out_dir / f"metrics_{self.task}_{self.split}{tag}.json"
+    ppath = out_dir / f"predictions_{self.task}_{self.split}{tag}.jsonl"
     mpath.write_text(json.dumps({"task": self.task, "split": self.split, "protocol": self.protocol,
                                  **self.metrics}, indent=2))
     ppath.write_text("".join(json.dumps(p) + "\n" for p in self.predictions))

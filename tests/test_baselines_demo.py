@@ -97,31 +97,37 @@ def test_short_demo_end_to_end_on_tiny_data_then_cli_eval(tmp_path, capsys):
   out = tmp_path / "demo"
   res = run_demo(src, out, minutes=0.1, ml100k=None, size="tiny", sasrec_epochs=2, kcore=0, name="beauty")
   table = res["beauty_retrieval"]
-  assert set(table) == {f"{m} / {s}" for m in ("recalign tiny compact", "popularity", "SASRec-BCE", "SASRec-CE")
+  assert set(table) == {f"{m} / {s}" for m in ("recalign tiny bare", "popularity", "SASRec-BCE", "SASRec-CE")
                         for s in ("validation", "test")}
   assert all(0.0 <= v["ndcg@10"] <= v["hr@10"] <= 1.0 for v in table.values())
   saved = json.loads((out / "results.json").read_text())
-  assert saved["size"] == "tiny" and saved["recipe_config"]["data"]["id_scheme"] == RECIPES["compact"].data["id_scheme"]
+  assert saved["size"] == "tiny" and saved["recipe_config"]["data"]["id_scheme"] == RECIPES["bare"].data["id_scheme"]
   assert saved["sasrec"]["CE"]["loss"] == "sampled_ce" and saved["sasrec"]["BCE"]["epochs"] <= 2
   assert set(saved["test_ndcg@10_ratio"]) == {"popularity", "SASRec-BCE", "SASRec-CE"}
   assert saved["total_minutes"] > 0
-  assert (out / "beauty_compact.png").stat().st_size > 1000
-  run = json.loads((out / "beauty_compact" / "run.json").read_text())
-  assert run["task_config"]["item_prefix"] is False and run["task_feature_lengths"]["inputs"] == 128
-  assert (out / "beauty_compact" / "best.json").exists()
+  assert (out / "beauty_bare.png").stat().st_size > 1000
+  run = json.loads((out / "beauty_bare" / "run.json").read_text())
+  assert run["task_config"]["prompt_words"] is False and run["task_feature_lengths"]["inputs"] == 96
+  assert (out / "beauty_bare" / "best.json").exists()
   import recalign.tasks as rt   # the model wrote collaborative codes; predictions name the data set's IDs
   assert all(i.startswith("<a_") for i in rt.registry.task_info("beauty_retrieval").ids)
-  best_step = json.loads((out / "beauty_compact" / "best.json").read_text())["step"]
-  results = out / "beauty_compact" / "eval" / f"best_{best_step}"     # apart from the checkpoints
+  best_step = json.loads((out / "beauty_bare" / "best.json").read_text())["step"]
+  results = out / "beauty_bare" / "eval" / f"best_{best_step}"     # apart from the checkpoints
   line = json.loads((results / "predictions_beauty_retrieval_test.jsonl").read_text().splitlines()[0])
+  # the other protocol's test files beside them, not over them
+  assert json.loads((results / "metrics_beauty_retrieval_test_history_excluded.json").read_text())["protocol"] == (
+      "history excluded") and json.loads((results / "metrics_beauty_retrieval_test.json").read_text())["protocol"] == (
+      "full catalogue")
+  assert set(saved["beauty_retrieval_test_history_excluded"]) == {"recalign tiny bare", "popularity",
+                                                                    "SASRec-BCE", "SASRec-CE"}
   assert line["target"].startswith("I") and len(line["ranked"]) == 8
   # The same checkpoint through `recalign eval` (registers the data from run.json).
-  assert cli.main(["eval", "--checkpoint", str(out / "beauty_compact" / "best"), "--task", "beauty_ut",
+  assert cli.main(["eval", "--checkpoint", str(out / "beauty_bare" / "best"), "--task", "beauty_ut",
                    "--split", "test", "--beam", "4", "--batch", "4"]) == 0
   printed = capsys.readouterr().out
   assert "beauty_retrieval" in printed and "beauty_ranking" in printed and "score/hr@1" in printed
   assert (results / "metrics_beauty_ranking_test.json").exists()
-  assert not list((out / "beauty_compact" / "best").glob("metrics_*"))
+  assert not list((out / "beauty_bare" / "best").glob("metrics_*"))
   evaluated = [json.loads(x) for x in (results.parent / "evaluated.jsonl").read_text().splitlines()]
   assert {(e["task"], e["split"], e["step"]) for e in evaluated} >= {
       ("beauty_retrieval", "test", best_step), ("beauty_ranking", "test", best_step)}
@@ -142,3 +148,10 @@ def test_format_table_blocks_for_rows_with_many_metrics():
   assert lines[0] == "itdr  (3 examples)"
   assert lines[1].split()[:4] == ["generated/m0", "0.0000", "generated/m1", "0.1000"]
   assert lines[2].split()[:2] == ["score/m0", "0.0000"]
+
+
+def test_data_set_names_come_from_the_source_folder():
+  """The demo and `recalign prepare` name a data set after its folder, whatever the category."""
+  from recalign.data.prepare import name_from_path
+  assert [name_from_path(p) for p in ("x/amazon-beauty", "Toys_and_Games", "../ml-100k", "Amazon_Sports")] == [
+      "beauty", "toys_and_games", "ml_100k", "sports"]

@@ -147,6 +147,21 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
     assert (cfg.item_prefix, cfg.with_titles, cfg.id_scheme) == (False, False, "collaborative")
     net = gin.query_parameter("%NETWORK_CONFIG").scoped_configurable_fn()
     assert net == nw.CONFIGS["mini"].replace(dtype="bfloat16", dropout_rate=0.0), files
+  # the demo's bare recipe: compact's settings, the IDs alone, rsqrt decay
+  gin.clear_config()
+  cli.parse_gin([str(gin_dir / "runs" / "cpu_bare.gin")],
+                ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'beauty_retrieval'"], [])
+  cfg = TaskConfig()
+  assert (cfg.prompt_words, cfg.item_prefix, cfg.id_scheme) == (False, False, "collaborative")
+  assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": 96, "targets": 16}
+  assert gin.query_parameter("learning_rate_schedule.decay") == "rsqrt"
+  # the accelerator recipe: continuations, early stopping on the trained retrieval task, rsqrt decay
+  gin.clear_config()
+  cli.parse_gin([str(gin_dir / "runs" / "gpu_retrieval.gin")],
+                ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'toys_retrieval'"], [])
+  val = T.ValidationConfig()
+  assert (val.task, val.patience, val.every, TaskConfig().next_items) == ("toys_retrieval", 8, 1000, 5)
+  assert gin.query_parameter("learning_rate_schedule.decay") == "rsqrt"
   # a dimension overridden as in T5X; a misspelt one is an error
   gin.clear_config()
   cli.parse_gin(scratch + [str(gin_dir / "reat.gin")],

@@ -56,6 +56,10 @@ RECIPES = {
                          "lengths": {"inputs": 128, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
     "compact_collaborative": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "collaborative"},
                               "lengths": {"inputs": 128, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
+    # the compact history without the template's words: the IDs alone (about half the input tokens)
+    "bare_collaborative": {"data": {"with_titles": False, "item_prefix": False, "prompt_words": False,
+                                    "id_scheme": "collaborative"}, "lengths": {"inputs": 96, "targets": 16},
+                           "dropout": 0.0, "lr": 5e-3},
     # one piece per item (P5's IID) and collaborative codes + the item's piece (P5's CID+IID)
     "compact_atomic": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "atomic"},
                        "lengths": {"inputs": 96, "targets": 8}, "dropout": 0.0, "lr": 5e-3},
@@ -179,7 +183,7 @@ def plot(paths: list[Path], png: Path, title: str, metric: str = "ndcg@10") -> N
 
 def markdown(paths: list[Path]) -> str:
   """One row per run: the recipe's data and settings, best validation NDCG@10 / HR@10 and when."""
-  lines = ["| data | recipe | IDs | history | lr / dropout / dtype | best val NDCG@10 (x popularity) | HR@10 | at min "
+  lines = ["| data | recipe | IDs | history | lr, decay / dropout / dtype | best val NDCG@10 (x popularity) | HR@10 | at min "
            "| examples seen | final loss |", "|---|---|---|---|---|---|---|---|---|---|"]
   for p in paths:
     r = json.loads(p.read_text())
@@ -188,9 +192,11 @@ def markdown(paths: list[Path]) -> str:
     d = c["data"]
     history = ("titles" if d.get("with_titles", True) else "IDs only") + (
         ", compact" if d.get("item_prefix") is False else "") + (", prefixes" if d.get("train_examples") == "prefixes"
-                                                                   else "")
+                                                                   else "") + (
+        ", no words" if d.get("prompt_words") is False else "") + (
+        f", next {d['next_items']} items" if d.get("next_items", 1) > 1 else "")
     lines.append(f"| {r.get('data', 'beauty')} | {r['recipe']} | {d.get('id_scheme', 'random')} | {history} | "
-                 f"{c['lr']:g} / {c['dropout']:g} / {c['dtype']} | {best['ndcg@10']:.4f} ({best['ndcg@10'] / pop:.2f}x "
+                 f"{c['lr']:g} {c.get('decay', 'constant')} / {c['dropout']:g} / {c['dtype']} | {best['ndcg@10']:.4f} ({best['ndcg@10'] / pop:.2f}x "
                  f"of {pop:.4f}) | {best['hr@10']:.3f} | {best['minutes']:.1f} | {best['examples_seen']:,} | "
                  f"{r['train'][-1]['loss']:.2f} |")
   return "\n".join(lines)
