@@ -210,15 +210,18 @@ def run_demo(source: Path, out: Path, minutes: float = 12.0, ml100k: Optional[Pa
     best = max((e for e in log if "validation_ndcg@10" in e), key=lambda e: e["validation_ndcg@10"], default=log[-1])
     results.setdefault("sasrec", {})[label] = {"loss": loss, "epochs": len(log), "best_epoch": best["epoch"],
                                                "minutes": round((time.time() - t0) / 60, 2)}
-  table = {}
-  for split in ("validation", "test"):
+
+  def scored(split: str, exclude: bool) -> dict:
+    """Every model of the table on the split's reported users under one protocol."""
     ids = report_ids(f"{name}_retrieval", split, max_test if split == "test" else None)
-    lm = evaluate_best(model_dir, f"{name}_retrieval", split, example_ids=ids, exclude_history=exclude_history)
-    table[f"recalign {size} {recipe} / {split}"] = lm.metrics
-    table[f"popularity / {split}"] = B.popularity(data, split, exclude_history=exclude_history, example_ids=ids)
+    rows = {f"recalign {size} {recipe}": evaluate_best(model_dir, f"{name}_retrieval", split, example_ids=ids,
+                                                       exclude_history=exclude).metrics,
+            "popularity": B.popularity(data, split, exclude_history=exclude, example_ids=ids)}
     for label, (m, params, _) in sasrec.items():
-      table[f"SASRec-{label} / {split}"] = evaluate_sasrec(m, params, data, split, exclude_history=exclude_history,
-                                                           example_ids=ids)
+      rows[f"SASRec-{label}"] = evaluate_sasrec(m, params, data, split, exclude_history=exclude, example_ids=ids)
+    return rows
+
+  table = {f"{k} / {split}": v for split in ("validation", "test") for k, v in scored(split, exclude_history).items()}
   results[f"{name}_retrieval"] = table
   test = {k.split(" / ")[0]: v for k, v in table.items() if k.endswith("/ test")}
   ours = test[f"recalign {size} {recipe}"]["ndcg@10"]
@@ -232,13 +235,7 @@ def run_demo(source: Path, out: Path, minutes: float = 12.0, ml100k: Optional[Pa
   # The other protocol beside it (test only; the same models and users): many sequential-recommendation
   # papers exclude the user's history, the paper ranks the full catalogue.
   other = protocol_name(not exclude_history)
-  ids = report_ids(f"{name}_retrieval", "test", max_test)
-  side = {f"recalign {size} {recipe}": evaluate_best(model_dir, f"{name}_retrieval", "test", example_ids=ids,
-                                                     exclude_history=not exclude_history).metrics,
-          "popularity": B.popularity(data, "test", exclude_history=not exclude_history, example_ids=ids)}
-  for label, (m, params, _) in sasrec.items():
-    side[f"SASRec-{label}"] = evaluate_sasrec(m, params, data, "test", exclude_history=not exclude_history,
-                                              example_ids=ids)
+  side = scored("test", not exclude_history)
   results[f"{name}_retrieval_test_{other.replace(' ', '_')}"] = side
   print(f"\n{name} retrieval, test, {other}")
   print(B.format_table(side, keys))

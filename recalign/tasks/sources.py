@@ -78,15 +78,13 @@ def _flat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def _pack(rows: list[tuple[int, np.ndarray, int, Optional[np.ndarray], Optional[float]]],
           following: Optional[list[np.ndarray]] = None) -> Examples:
-  hist = [r[1] for r in rows]
-  splits = np.concatenate([[0], np.cumsum([len(h) for h in hist])]).astype(np.int64)
+  history, splits = _flat([r[1] for r in rows])
   with_r = rows and rows[0][3] is not None
   more = _flat(following) if following is not None else (None, None)
   return Examples(
       user=np.array([r[0] for r in rows], np.int32),
       target=np.array([r[2] for r in rows], np.int32),
-      history=np.concatenate(hist).astype(np.int32) if rows else np.zeros([0], np.int32),
-      history_splits=splits,
+      history=history, history_splits=splits,
       history_rating=np.concatenate([r[3] for r in rows]).astype(np.float32) if with_r else None,
       target_rating=np.array([r[4] for r in rows], np.float32) if with_r else None,
       following=more[0], following_splits=more[1])
