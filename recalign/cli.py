@@ -205,10 +205,11 @@ def cmd_train(args, gin_args) -> int:
     gin.clear_config()
     parse_gin(DEFAULT_RUN + list(files), bindings, paths)
   from recalign import paths
+  from recalign.faults import ModelDirLock
   model_dir = paths.as_path(gin.query_parameter("%MODEL_DIR"))      # local or gs://
-  model_dir.mkdir(parents=True, exist_ok=True)
-  (model_dir / "config.gin").write_text(gin.config_str())
-  result = train_lib.train()
+  with ModelDirLock(model_dir):     # (train() takes it again) a second job must not overwrite config.gin
+    (model_dir / "config.gin").write_text(gin.config_str())
+    result = train_lib.train()
   print(json.dumps({k: v for k, v in result.items() if k != "best"}, indent=2))
   return 0
 
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   import os
   from recalign.data.report import DataError
+  from recalign.faults import Preempted, RunError
   argv = list(sys.argv[1:] if argv is None else argv)
   files, bindings, paths, rest = split_gin_args(argv)
   args = build_parser().parse_args(rest)
@@ -431,7 +433,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_startup()    # TensorFlow / XLA start-up lines off the console (RECALIGN_VERBOSE=1 keeps them)
   try:
     return args.fn(args, (files, bindings, paths)) if getattr(args, "gin", False) else args.fn(args)
-  except (DataError, FileNotFoundError, ValueError) as e:
+  except Preempted as e:   # the checkpoint is saved (training) or nothing was half-recorded (eval)
+    print(f"{e}", file=sys.stderr)
+    return e.code
+  except (DataError, FileNotFoundError, ValueError, RunError) as e:
     if os.environ.get("RECALIGN_DEBUG"):
       raise
     # Bad input or configuration: one line that names the file/field or the setting.

@@ -127,9 +127,10 @@ def selection_size(num_validation: int) -> int:
 def evaluate_best(model_dir: Path, task: str, split: str, *, example_ids=None, max_examples=None,
                   lengths: Optional[dict] = None, exclude_history: bool = False):
   """Evaluates MODEL_DIR/best (or the latest checkpoint) on one split of `task`; returns the EvalResult."""
-  from recalign.evaluate import EvalSettings, checkpoint_steps, evaluate_checkpoint
+  from recalign.evaluate import EvalSettings, evaluate_checkpoint
+  from recalign.models.checkpoints import saved_steps
   path = model_dir / "best" if (model_dir / "best").exists() else model_dir / "checkpoints" / str(
-      checkpoint_steps(model_dir)[-1])
+      saved_steps(model_dir)[-1])
   settings = EvalSettings(split=split, beam_size=20, batch_size=64, max_examples=max_examples,
                           exclude_history=exclude_history, lengths=lengths)
   return evaluate_checkpoint(path, [task], settings, example_ids=example_ids)[task]

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -21,9 +22,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from recalign import metrics as M
-from recalign import paths
+from recalign import faults, paths
 from recalign.data.prepare import PreparedData, item_id
 from recalign.decoding import EOS, ItemTrie, beam_search_items, decode_texts, generate, score_items, score_targets
+from recalign.models import checkpoints as ck
 from recalign.models.model import EncoderDecoderModel, shift_right
 from recalign.tasks import itdr
 
@@ -63,7 +65,6 @@ def eval_output_dir(checkpoint: Path | str) -> tuple[Path, Optional[Path]]:
   MODEL_DIR/eval/best_<step> (a later best is another folder); a checkpoint outside a recalign run
   (Hugging Face, T5X) -> <its folder>/../eval/<its name>.
   """
-  from recalign.models import checkpoints as ck
   checkpoint = paths.resolve(checkpoint)
   run = ck.find_run_json(checkpoint)
   if run is None:
@@ -76,7 +77,6 @@ def eval_output_dir(checkpoint: Path | str) -> tuple[Path, Optional[Path]]:
 def record_evaluation(out_dir: Path, checkpoint: Path | str, result: "EvalResult", files: Sequence[Path]) -> Path:
   """Appends one line to <eval dir>/evaluated.jsonl: which checkpoint (and step) was evaluated on what,
   the metrics, and the files written -- the record of evaluated steps."""
-  from recalign.models import checkpoints as ck
   log = out_dir.parent / "evaluated.jsonl"
   entry = {"checkpoint": str(paths.resolve(checkpoint)), "step": ck.checkpoint_step(checkpoint),
            "output": out_dir.name, "task": result.task, "split": result.split, "protocol": result.protocol,
@@ -481,7 +481,6 @@ def register_run_tasks(checkpoint: Path | str, task: str, *, data: Sequence[str]
   data_dirs -- or `data` --, vocabulary, TaskConfig); returns the evaluable members of `task`."""
   import recalign.tasks as rt
   from recalign.data.vocab import load_vocabulary
-  from recalign.models import checkpoints as ck
   info = _run_info(checkpoint)
   vocab_path = vocabulary or (info.get("vocabulary") or {}).get("path") or ck.checkpoint_vocabulary(checkpoint)
   vocab = load_vocabulary(vocab_path) if vocab_path else None
@@ -498,7 +497,6 @@ def register_run_tasks(checkpoint: Path | str, task: str, *, data: Sequence[str]
 
 
 def _run_info(checkpoint: Path | str) -> dict:
-  from recalign.models import checkpoints as ck
   run = ck.find_run_json(checkpoint)
   return json.loads(run.read_text()) if run else {}
 
@@ -507,7 +505,6 @@ def load_model(checkpoint: Path | str, vocab, *, size: Optional[str] = None, mes
   """(model, parameters) of a checkpoint (any format `load_checkpoint` reads) for `vocab`, placed on `mesh`
   (default: this process's devices)."""
   from recalign import train as T
-  from recalign.models import checkpoints as ck
   from recalign.models.network import named_config, padded_vocab_size
   loaded = ck.load_checkpoint(checkpoint)
   net = loaded.config or (named_config(size) if size else None)
@@ -551,12 +548,6 @@ def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings
   return results
 
 
-def checkpoint_steps(model_dir: Path | str) -> list[int]:
-  """Steps saved in MODEL_DIR/checkpoints (finished ones: orbax writes under a temporary name first)."""
-  root = paths.as_path(model_dir) / "checkpoints"
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
-
-
 def evaluated_steps(model_dir: Path | str, task: str, split: str, protocol: str) -> set[int]:
   entries = paths.read_json_lines(paths.as_path(model_dir) / "eval" / "evaluated.jsonl")
   return {e["step"] for e in entries if (e["task"], e["split"], e["protocol"]) == (task, split, protocol)
@@ -585,21 +576,27 @@ def evaluate_run(model_dir: Path | str, members: Sequence[str], settings: EvalSe
     raise ValueError(f"{model_dir}/run.json records no train_steps: give the step to wait for (--until-step)")
   protocol = M.protocol_name(settings.exclude_history)
   done: dict[int, dict[str, EvalResult]] = {}
+  damaged: set[int] = set()
   while True:
-    saved = checkpoint_steps(model_dir)
+    saved = ck.saved_steps(model_dir)
     todo = {"all": saved, "latest": saved[-1:], "specific": [s for s in steps if s in saved]}[mode]
     skip = set.intersection(*(evaluated_steps(model_dir, m, settings.split, protocol) for m in members))
-    for step in [s for s in todo if s not in skip and s not in done]:
+    for step in [s for s in todo if s not in skip and s not in done and s not in damaged]:
       try:
         done[step] = evaluate_checkpoint(model_dir / "checkpoints" / str(step), members, settings, mesh=mesh,
                                          progress=progress)
       except FileNotFoundError:   # rotated away by the training job between listing and reading
         logging.warning("%s: checkpoint %d disappeared before it was evaluated", model_dir, step)
         continue
+      except faults.CheckpointDamaged as e:   # said, not retried; the job goes on with the next one
+        logging.error("%s", e)
+        print(f"error: {e} (not evaluated)", file=sys.stderr, flush=True)
+        damaged.add(step)
+        continue
       if tensorboard:
         _eval_summaries(model_dir, step, done[step])
-    finished = not wait or (until is not None and (until in done or until in skip)) or (
-        mode == "specific" and all(s in done or s in skip for s in steps))
+    finished = not wait or (until is not None and until in set(done) | skip | damaged) or (
+        mode == "specific" and all(s in done or s in skip or s in damaged for s in steps))
     if finished:
       return done
     sleep(poll_seconds)
@@ -635,8 +632,11 @@ def eval_job(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str =
   members = register_run_tasks(path, mixture_or_task_name, data=data_dirs, vocabulary=vocabulary)
   print(f"protocol: {M.protocol_name(exclude_history)} (retrieval); split: {split}")
   if (path / "run.json").exists() and (path / "checkpoints").is_dir():
-    done = evaluate_run(path, members, settings, mode=restore_mode or ("specific" if steps else "all"),
-                        steps=steps, wait=wait, until_step=until_step, poll_seconds=poll_seconds)
+    # SIGTERM / Ctrl-C: stop now (exit status faults.PREEMPTED_EXIT_CODE); a checkpoint being evaluated is
+    # not recorded in evaluated.jsonl, so the job started again evaluates it and goes on
+    with faults.PreemptionWatcher("the eval job", immediate=True):
+      done = evaluate_run(path, members, settings, mode=restore_mode or ("specific" if steps else "all"),
+                          steps=steps, wait=wait, until_step=until_step, poll_seconds=poll_seconds)
     print(f"evaluated steps {sorted(done) or 'none (all already evaluated: see eval/evaluated.jsonl)'}")
     return {f"{name} @ {step}": r.metrics for step, res in sorted(done.items()) for name, r in res.items()}
   results = evaluate_checkpoint(path, members, settings, size=size, output_dir=output_dir)

@@ -224,11 +224,26 @@ def _restore_numpy(path: Path) -> dict:
   shardings fails on another topology (another process count, a host without its devices)."""
   import jax
   import orbax.checkpoint as ocp
+  from recalign.faults import CheckpointDamaged
   ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(str(paths.resolve(path)))
-  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-  args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(str(paths.resolve(path)), args=ocp.args.PyTreeRestore(restore_args=args))
+  try:
+    meta = ckptr.metadata(str(paths.resolve(path)))
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(str(paths.resolve(path)), args=ocp.args.PyTreeRestore(restore_args=args))
+  except FileNotFoundError:
+    raise
+  except Exception as e:   # tensorstore reports a truncated or missing array file as a bare Exception
+    raise CheckpointDamaged(f"checkpoint {path} cannot be read, it may be damaged (a crash while saving, a "
+                            f"truncated file): {first_line(e)}") from e
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """An exception as one short line (tensorstore's messages run to pages of spec)."""
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  if len(text) > limit:   # the cause (e.g. "File too large [os_error_code='27']") is at the end
+    text = f"{text[:limit - 120]} ... {text[-120:]}"
+  return f"{type(e).__name__}: {text}"
 
 
 def _to_numpy(tree):
@@ -339,6 +354,17 @@ def load_checkpoint(path: paths.PathLike) -> Checkpoint:
   step = checkpoint_step(path)
   config = T5Config.from_dict(run["network_config"]) if "network_config" in run else None
   return Checkpoint(_to_numpy(restored[key]), fmt, config, step, model_dir)
+
+
+def saved_steps(model_dir: paths.PathLike) -> list[int]:
+  """Steps of MODEL_DIR/checkpoints that are complete: orbax writes under a temporary name and renames
+  (local disks) or marks a finished step with commit_success.txt (object stores); a step still being
+  written is neither, so an eval job polling MODEL_DIR never reads it."""
+  from orbax.checkpoint import step as ocp_step
+  root = paths.as_path(model_dir) / "checkpoints"
+  if not root.exists():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and ocp_step.is_checkpoint_finalized(p))
 
 
 def checkpoint_step(path: paths.PathLike) -> Optional[int]:

@@ -565,3 +565,43 @@ def get(name: str):
           "no recalign data set is registered: call recalign.tasks.register_dataset(DIR), or list it in "
           "gin's DATA_DIRS (recalign train) / --data (recalign eval)")
   raise ValueError(f"unknown task or mixture {name!r}; {hint}")
+
+
+_LENGTHS_CHECKED: set = set()
+
+
+def check_feature_lengths(task_or_mixture, lengths: Mapping[str, int], *, examples: int = 32) -> None:
+  """TASK_FEATURE_LENGTHS too short for a task's examples are an error before training: each member's first
+  `examples` training examples are built (untrimmed) at these lengths. None left (a task that drops
+  examples it cannot fit, e.g. MIM with no room for a masked item; training would wait forever for one),
+  or most of them with targets / inputs that seqio would cut: an error naming the task, the feature and
+  what it needs; a few cut: a warning."""
+  for task in getattr(task_or_mixture, "tasks", None) or [task_or_mixture]:
+    key = (task.name, tuple(sorted(lengths.items())))
+    if key in _LENGTHS_CHECKED:
+      continue
+    ds = task.source.get_dataset("train", shuffle=False).take(examples)
+    with seqio.utils.map_seed_manager(0):   # the task's preprocessors without seqio's final trim
+      for fn in task.preprocessors:
+        if fn is not seqio.preprocessors.append_eos_after_trim:
+          ds = seqio.utils.add_kwargs_to_transform(fn, sequence_length=dict(lengths),
+                                                   output_features=task.output_features)(ds)
+    try:
+      built = list(ds.as_numpy_iterator())
+    except tf.errors.InvalidArgumentError as e:   # a task's own assertion (ranking's candidates)
+      raise ValueError(f"{task.name}: {e.message.split('[')[1].rstrip('] ') if '[' in e.message else e.message}") from None
+    if not built:
+      raise ValueError(f"TASK_FEATURE_LENGTHS['inputs']={lengths['inputs']} (or 'targets'={lengths['targets']}) is too "
+                       f"short for {task.name}: none of its first {examples} training examples fits; raise it")
+    for feature in ("targets", "inputs"):
+      eos = int(task.output_features[feature].add_eos)
+      need = max(len(e[feature]) for e in built) + eos
+      cut = sum(len(e[feature]) + eos > lengths[feature] for e in built)
+      message = (f"TASK_FEATURE_LENGTHS['{feature}']={lengths[feature]} is too short for {task.name}: {cut} of its "
+                 f"first {len(built)} training examples need up to {need} tokens and would be cut")
+      if cut > len(built) // 2:      # most cut: a mistake; a few long texts cut: as seqio / T5X always did
+        raise ValueError(message)
+      if cut:
+        logging.warning("%s", message)
+        print(f"warning: {message}", flush=True)
+    _LENGTHS_CHECKED.add(key)

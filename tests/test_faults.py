@@ -1,0 +1,261 @@
+"""Faults a TPU / GPU VM user meets, injected: preemption (SIGTERM), non-finite steps, two writers on one
+MODEL_DIR, damaged checkpoints, a full disk, an unwritable MODEL_DIR, values no run can use, and an eval
+job stopped while it waits (README: Reliability)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, prepare_tiny
+
+STEPS = 24
+# A training run in its own process (so it can be signalled, killed or limited). argv: DATA MODEL_DIR STEPS EXTRA
+SCRIPT = r'''
+import json, resource, signal, sys
+if len(sys.argv) > 5:   # a disk that refuses files over this many bytes (what a full disk does to a save)
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[5]),) * 2)
+import recalign.tasks as rt
+from recalign import faults
+from recalign import train as T
+from recalign.models.network import CONFIGS
+data, model_dir, steps, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+rt.register_dataset(data, config=rt.TaskConfig(num_candidates=3))
+checkpoint = {k: extra.pop(k) for k in ("every", "restore_fallback") if k in extra}
+if checkpoint:
+  extra["checkpoint"] = T.CheckpointConfig(**checkpoint)
+try:
+  out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_retrieval",
+                task_feature_lengths={"inputs": 128, "targets": 16}, train_steps=steps, batch_size=4,
+                network_config=CONFIGS["tiny"].replace(dropout_rate=0.1), log_every=1, progress=False,
+                schedule=T.learning_rate_schedule(base=1e-2, warmup_steps=5), **extra)
+except faults.RunError as e:
+  print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+  sys.exit(2)
+print(json.dumps({"loss": out["loss"]}))
+'''
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("faults")
+  prepare_tiny(root)
+  (root / "run.py").write_text(SCRIPT)
+  return root
+
+
+def command(root: Path, model_dir: Path, steps: int = STEPS, file_size_limit: int = 0, **extra) -> list[str]:
+  return [sys.executable, str(root / "run.py"), str(root / "tiny"), str(model_dir), str(steps), json.dumps(extra),
+          *([str(file_size_limit)] if file_size_limit else [])]
+
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
+
+
+def losses(model_dir: Path) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in map(json.loads, (model_dir / "train_log.jsonl").read_text().splitlines())}
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None and (
+      not path.exists() or len(path.read_text().splitlines()) < n):
+    time.sleep(0.01)
+  assert proc.poll() is None, "the run ended before the fault could be injected"
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+  """The losses of an uninterrupted run."""
+  subprocess.run(command(root, root / "ref"), env=ENV, check=True, capture_output=True)
+  return losses(root / "ref")
+
+
+def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(root, reference):
+  from recalign.faults import PREEMPTED_EXIT_CODE
+  from recalign.models.checkpoints import saved_steps
+  run = root / "preempted"    # CheckpointConfig.every left at 1000: only step 1 would be saved without SIGTERM
+  proc = subprocess.Popen(command(root, run), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for_lines(run / "train_log.jsonl", 8, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
+  k = max(losses(run))
+  assert 8 <= k < STEPS and saved_steps(run) == [1, k]          # the checkpoint of the step it stopped at
+  assert "saving a checkpoint" in err
+  subprocess.run(command(root, run), env=ENV, check=True, capture_output=True)
+  assert losses(run) == reference                                   # nothing lost, nothing different
+
+
+def test_a_non_finite_step_is_never_applied_nor_saved(root):
+  """A learning rate that turns NaN from step 4 on (as LEARNING_RATE=1e12 does after a few steps): 'stop'
+  names the step and the last good checkpoint; 'skip' counts the steps and keeps the last good state."""
+  import jax.numpy as jnp
+  import recalign.tasks as rt
+  from recalign import faults
+  from recalign import train as T
+  from recalign.models import checkpoints as ck
+  from recalign.models.network import CONFIGS
+  rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
+  nan_from_4 = lambda s: jnp.where(s >= 3, jnp.nan, 1e-3)  # noqa: E731  (step index 3 = the 4th step)
+  kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
+            batch_size=4, network_config=CONFIGS["tiny"], log_every=3, progress=False, schedule=nan_from_4,
+            optimizer=T.make_optimizer(nan_from_4, name="adamw"), checkpoint=T.CheckpointConfig(every=3, keep=5))
+  stopped = root / "nan_stop"
+  with pytest.raises(faults.NonFiniteError, match=r"step 4: .*not finite.*last good checkpoint is step 3"):
+    T.train(model_dir=str(stopped), train_steps=8, **kw)
+  assert ck.saved_steps(stopped) == [1, 3]
+  assert all(np.isfinite(v).all() for v in ck.flatten(ck.load_params(stopped / "checkpoints" / "3")).values())
+
+  skipped = root / "nan_skip"
+  out = T.train(model_dir=str(skipped), train_steps=6, on_nonfinite="skip", **kw)
+  assert out["skipped_steps"] == 3 and out["step"] == 6
+  at3, at6 = (ck.flatten(ck.load_params(skipped / "checkpoints" / str(s))) for s in (3, 6))
+  assert all(np.array_equal(at3[k], at6[k]) for k in at3)          # steps 4-6 changed nothing
+  with pytest.raises(ValueError, match="on_nonfinite must be 'stop' or 'skip'"):
+    T.train(model_dir=str(root / "nan_bad"), train_steps=6, on_nonfinite="ignore", **kw)
+
+
+def test_a_second_trainer_on_a_model_dir_is_refused_until_the_first_is_gone(root):
+  import recalign.tasks as rt
+  from recalign import faults
+  from recalign import train as T
+  from recalign.models.network import CONFIGS
+  rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
+  run = root / "shared_dir"
+  proc = subprocess.Popen(command(root, run, steps=5000), env=ENV, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  wait_for_lines(run / "train_log.jsonl", 2, proc)
+  kw = dict(model_dir=str(run), mixture_or_task_name="tiny_retrieval", batch_size=4, progress=False,
+            task_feature_lengths={"inputs": 128, "targets": 16}, network_config=CONFIGS["tiny"])
+  try:
+    with pytest.raises(faults.ModelDirBusy, match=rf"being written by another training job, pid {proc.pid} on "):
+      T.train(train_steps=5000, **kw)
+    lines = len((run / "train_log.jsonl").read_text().splitlines())
+  finally:
+    proc.kill()    # a crash: the kernel drops its lock
+    proc.wait()
+  assert lines >= 2 and json.loads((run / "train.lock").read_text())["pid"] == proc.pid
+  from recalign.models.checkpoints import saved_steps
+  last = (saved_steps(run) or [0])[-1]     # (the kill may have come before its first save completed)
+  out = T.train(train_steps=last + 1, **kw)                  # the lock of the killed job is not stuck
+  assert out["step"] == last + 1 and json.loads((run / "train.lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_lease_on_an_object_store_is_refused_while_fresh_and_taken_over_when_stale(tmp_path):
+  from recalign import faults
+  lease = tmp_path / "train.lock"
+  other = {"host": "vm-7", "pid": 4242, "since": "2026-12-01T00:00:00+0000", "token": "theirs"}
+  lease.write_text(json.dumps({**other, "heartbeat": time.time()}))
+  with pytest.raises(faults.ModelDirBusy, match="pid 4242 on vm-7"):
+    faults.ModelDirLock(tmp_path, remote=True).acquire()
+  lease.write_text(json.dumps({**other, "heartbeat": time.time() - 600}))    # its job died 10 minutes ago
+  lock = faults.ModelDirLock(tmp_path, remote=True, heartbeat_s=0.05).acquire()
+  first = json.loads(lease.read_text())
+  assert first["pid"] == os.getpid()
+  time.sleep(0.3)
+  assert json.loads(lease.read_text())["heartbeat"] > first["heartbeat"]      # renewed while held
+  lock.release()
+  assert not lease.exists()
+
+
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_used_only_on_request(root, reference):
+  import shutil
+  from recalign import faults
+  from recalign.models import checkpoints as ck
+  run = root / "damaged"
+  shutil.copytree(root / "ref", run)     # checkpoints 1 and 24 (the last step)
+  for step in (1, 24):
+    assert (run / "checkpoints" / str(step)).is_dir()
+  biggest = max((run / "checkpoints" / "24").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+  with open(biggest, "r+b") as f:        # a crash mid-write: the newest checkpoint's largest file cut in half
+    f.truncate(biggest.stat().st_size // 2)
+  r = subprocess.run(command(root, run, steps=STEPS + 2), env=ENV, capture_output=True, text=True)
+  err = json.loads(r.stdout.splitlines()[-1])
+  assert r.returncode == 2 and err["error"] == "CheckpointDamaged"
+  assert f"{run}/checkpoints/24 cannot be restored" in err["message"] and "start from step 1" in err["message"]
+  with pytest.raises(faults.CheckpointDamaged, match=f"{run}/checkpoints/24/default cannot be read"):
+    ck.load_checkpoint(run / "checkpoints" / "24")                # the eval job's reader says so too
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "24"]    # nothing moved without asking
+  r = subprocess.run(command(root, run, restore_fallback=True), env=ENV, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "could not be restored and were moved to" in r.stderr
+  assert [p.name.split(".")[0] for p in (run / "checkpoints_damaged").iterdir()] == ["24"]
+  assert losses(run) == reference          # steps 2-24 trained again from step 1 give the same losses
+
+
+def test_a_full_disk_fails_the_save_clearly_and_leaves_no_half_checkpoint(root):
+  from recalign.models.checkpoints import saved_steps
+  run = root / "full_disk"
+  r = subprocess.run(command(root, run, steps=4, file_size_limit=100_000), env=ENV, capture_output=True, text=True)
+  err = json.loads(r.stdout.splitlines()[-1])
+  assert r.returncode == 2 and err["error"] == "CheckpointWriteError", r.stderr[-2000:]
+  assert "File too large" in err["message"] and "newest complete checkpoint is none" in err["message"]
+  assert saved_steps(run) == []                        # the half-written step is not a checkpoint
+  subprocess.run(command(root, run, steps=4), env=ENV, check=True, capture_output=True)   # space again: it trains
+  assert saved_steps(run) == [1, 4]
+
+
+def test_an_unwritable_model_dir_and_impossible_values_are_refused_before_training(root, tmp_path):
+  import recalign.tasks as rt
+  from recalign import faults
+  from recalign import train as T
+  from recalign.models.network import CONFIGS
+  rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
+  kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
+            batch_size=4, network_config=CONFIGS["tiny"], progress=False, train_steps=2)
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(faults.CheckpointWriteError, match="a_file/run is not writable"):
+    T.train(model_dir=str(tmp_path / "a_file" / "run"), **kw)
+  bad = [({"train_steps": -5}, "TRAIN_STEPS must be a positive integer, not -5"),
+         ({"batch_size": 0}, "BATCH_SIZE must be a positive integer"),
+         ({"checkpoint": T.CheckpointConfig(every=0)}, "CheckpointConfig.every must be positive"),
+         ({"validation": T.ValidationConfig(patience=-1)}, "cannot be negative"),
+         ({"task_feature_lengths": {"inputs": 128}}, "TASK_FEATURE_LENGTHS must be"),
+         ({"mixture_or_task_name": "tiny_reat", "task_feature_lengths": {"inputs": 16, "targets": 48}},
+          r"\['inputs'\]=16 .* too short for tiny_mim: none of its first 32"),      # (it used to hang)
+         ({"task_feature_lengths": {"inputs": 128, "targets": 2}},
+          r"\['targets'\]=2 is too short for tiny_retrieval: 32 of its first 32 .* need up to 3 tokens"),
+         ({"mixture_or_task_name": "tiny_ranking", "task_feature_lengths": {"inputs": 32, "targets": 16}},
+          "tiny_ranking: ranking: the template and 3 candidate IDs do not fit"),
+         ({"mixture_or_task_name": "tiny_retrival"}, "tiny_retrival")]
+  for change, message in bad:
+    model_dir = tmp_path / "bad"
+    with pytest.raises(ValueError, match=message):
+      T.train(model_dir=str(model_dir), **{**kw, **change})
+    assert not (model_dir / "train_log.jsonl").exists() and not (model_dir / "checkpoints").exists()
+
+
+def test_batch_not_divisible_by_the_data_parallel_devices_is_refused_by_name(root):
+  code = (f"import recalign.tasks as rt, jax; from recalign import train as T; from recalign.models.network import "
+          f"CONFIGS; rt.register_dataset({str(root / 'tiny')!r}); T.train(model_dir={str(root / 'par')!r}, "
+          "mixture_or_task_name='tiny_retrieval', task_feature_lengths={'inputs': 128, 'targets': 16}, "
+          "train_steps=2, batch_size=12, network_config=CONFIGS['tiny'], progress=False)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                     env=dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert r.returncode != 0 and "BATCH_SIZE=12 is not divisible by the 8 data-parallel devices" in r.stderr
+
+
+def test_the_eval_job_stops_cleanly_on_sigterm_while_it_waits(root, reference):
+  from recalign.faults import PREEMPTED_EXIT_CODE
+  code = "import sys; from recalign.cli import main; sys.exit(main(sys.argv[1:]))"
+  proc = subprocess.Popen([sys.executable, "-c", code, "eval", "--checkpoint", str(root / "ref"), "--task",
+                           "tiny_retrieval", "--data", str(root / "tiny"), "--split", "validation", "--beam", "2", "--batch", "4", "--wait",
+                           "--until-step", "1000", "--poll-seconds", "600"],
+                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300      # both saved steps evaluated, then it sleeps until step 1000 appears
+  while time.time() < deadline and proc.poll() is None and len(list((root / "ref" / "eval").glob("*/metrics_*"))) < 2:
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.communicate()[1][-2000:]
+  time.sleep(1)
+  t = time.time()
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == PREEMPTED_EXIT_CODE and time.time() - t < 30, err[-2000:]
+  assert "the eval job stopped" in err
