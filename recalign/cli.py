@@ -185,6 +185,49 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], paths: Sequence[str
 DEFAULT_RUN = ["recalign/gin/models/small.gin", "recalign/gin/runs/from_scratch.gin"]
 
 
+def _binds_a_run() -> bool:
+  """Whether the parsed gin files (or what they include) bind the run: train.model_dir, as every runs/*.gin."""
+  import gin
+  try:
+    gin.query_parameter("train.model_dir")
+    return True
+  except ValueError:
+    return False
+
+
+def parse_train_config(files: Sequence[str], bindings: Sequence[str], paths: Sequence[str]) -> list[str]:
+  """Parses `recalign train`'s gin; returns the run files added. Files that define no run (a mixture file,
+  a model file, both) get the from-scratch run first, as T5X's example files are composed, and it is said;
+  the user's files and bindings still override it."""
+  import gin
+  try:
+    parse_gin(files, bindings, paths)
+    if _binds_a_run():
+      return []
+  except ValueError as e:   # a model file's macros (DROPOUT_RATE, ...) are set by run files
+    if "No bindings specified for" not in str(e) or any("model_dir" in _read_gin(f) for f in files):
+      raise
+  gin.clear_config()
+  try:
+    parse_gin(DEFAULT_RUN + list(files), bindings, paths)
+  except ValueError as e:
+    raise ValueError(f"{e}\nThe gin files given define no run and {' + '.join(DEFAULT_RUN)} do not complete them: "
+                     "add a run file, e.g. --gin_file=gin/runs/from_scratch.gin (or gin/runs/finetune.gin)") from None
+  return list(DEFAULT_RUN)
+
+
+def _read_gin(path: str) -> str:
+  try:
+    return Path(path).read_text()
+  except OSError:   # a package resource (recalign/gin/...): found by gin, not here
+    from importlib import resources
+    parts = Path(path).parts
+    try:
+      return resources.files(".".join(parts[:-1])).joinpath(parts[-1]).read_text()
+    except (ModuleNotFoundError, FileNotFoundError, OSError):
+      return ""
+
+
 def cmd_train(args, gin_args) -> int:
   import gin
   from recalign import train as train_lib
@@ -192,18 +235,12 @@ def cmd_train(args, gin_args) -> int:
   if not files:
     print("error: give at least one --gin_file (e.g. gin/reat.gin)", file=sys.stderr)
     return 2
-  import importlib
-  importlib.import_module("recalign.evaluate")  # train() imports it: its configurables must exist before gin locks
   for module in args.module:
     __import__(module)  # user modules that register their own seqio tasks / mixtures
-  parse_gin(files, bindings, paths)
-  try:
-    gin.query_parameter("train.model_dir")
-  except ValueError:  # a mixture file alone: train from scratch, as T5X's example files do
-    print(f"recalign train: no run file given; adding {' and '.join(DEFAULT_RUN)} "
+  added = parse_train_config(files, bindings, paths)
+  if added:
+    print(f"recalign train: no run file given; adding {' and '.join(added)} "
           "(give gin/runs/finetune.gin to fine-tune)", file=sys.stderr)
-    gin.clear_config()
-    parse_gin(DEFAULT_RUN + list(files), bindings, paths)
   from recalign import paths
   from recalign.faults import ModelDirLock
   model_dir = paths.as_path(gin.query_parameter("%MODEL_DIR"))      # local or gs://
@@ -234,7 +271,8 @@ def cmd_eval(args, gin_args) -> int:
            "until_step": args.until_step, "poll_seconds": args.poll_seconds, "beam_size": args.beam,
            "batch_size": args.batch, "max_examples": args.max_examples,
            "exclude_history": args.exclude_history or None, "task_feature_lengths": _lengths(args.lengths, {}) or None,
-           "data_dirs": args.data, "vocabulary": args.vocabulary, "size": args.size, "output_dir": args.output_dir}
+           "data_dirs": args.data, "vocabulary": args.vocabulary, "size": args.size, "output_dir": args.output_dir,
+           "model_parallel": args.model_parallel}
   given = {k: v for k, v in given.items() if v is not None}
   for required, flag in (("checkpoint_path", "--checkpoint"), ("mixture_or_task_name", "--task")):
     if required not in given and not files:
@@ -253,7 +291,7 @@ def cmd_baseline(args) -> int:
   candidates = None
   if args.name != "history" and (Path(args.data) / "vocab").exists():
     import recalign.tasks as rt
-    from recalign.evaluate import task_examples
+    from recalign.evaluator import task_examples
     rt.register_dataset(args.data)
     exs = task_examples(f"{data.name}_ranking", args.split, {"inputs": 4096, "targets": 64})
     candidates = np.stack([e["candidates"] for e in exs])
@@ -361,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="retrieval ranks the catalogue minus the user's history (default: the paper's full catalogue)")
   s.add_argument("--vocabulary", help="SentencePiece model (default: the run's, from run.json, or the "
                  "checkpoint's own spiece.model)")
+  s.add_argument("--model-parallel", type=int, help="split parameters over N devices as training does (T5X's "
+                 "logical-axis rules; for xl / xxl checkpoints too large for one device); default 1")
   s.add_argument("--size", help="model size of a T5X checkpoint (it records no config), e.g. base")
   s.add_argument("--output-dir", help="where metrics and predictions go (default: MODEL_DIR/eval/<step>, "
                  "MODEL_DIR/eval/best_<step> for MODEL_DIR/best; <folder>/../eval/<name> outside a recalign run)")

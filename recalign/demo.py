@@ -141,7 +141,7 @@ def report_ids(task: str, split: str, max_examples: Optional[int] = None):
   the selection sample), test users all or a seeded sample."""
   import numpy as np
   import recalign.tasks as rt
-  from recalign.evaluate import sample_example_ids
+  from recalign.evaluator import sample_example_ids
   n = rt.get(task).num_input_examples(split)
   ids = np.arange(n)
   if split == "validation":   # the same seeded sample train() validates on (evaluate.task_examples)

@@ -1,6 +1,6 @@
-"""Evaluation of a model on a task's validation / test split: retrieval (constrained beam search
-over the catalogue), ranking (beams over the 100 candidates, and teacher-forced scoring of every
-candidate), rating (AUC of P(yes)). Writes a metrics JSON and per-user predictions JSONL.
+"""The eval job (T5X's eval.py): a checkpoint, or every checkpoint of a run -- even while it trains --
+scored by `recalign.evaluator` on registered tasks; metrics JSON, per-user predictions JSONL and a line
+of MODEL_DIR/eval/evaluated.jsonl per evaluation.
 
     recalign eval --checkpoint RUN/best --task beauty_retrieval --split test
 """
@@ -8,7 +8,6 @@ candidate), rating (AUC of P(yes)). Writes a metrics JSON and per-user predictio
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import sys
@@ -17,45 +16,15 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import gin
-import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from recalign import faults, partitioning, paths
 from recalign import metrics as M
-from recalign import faults, paths
-from recalign.data.prepare import PreparedData, item_id
-from recalign.decoding import EOS, ItemTrie, beam_search_items, decode_texts, generate, score_items, score_targets
+from recalign.data.prepare import PreparedData
+from recalign.evaluator import EVALUABLE, EvalResult, RecEvaluator
 from recalign.models import checkpoints as ck
-from recalign.models.model import EncoderDecoderModel, shift_right
-from recalign.tasks import itdr
-
-REC_KINDS = ("retrieval", "ranking", "rating")
-ITDR_KINDS = tuple(f"itdr_{k}" for k in itdr.KINDS + itdr.TEXT_KINDS)
-PROFILE_KINDS = ("profile", "collab_profile", "item_profile")   # RecLM's: generated text, scored as text
-GENERATED_KINDS = ITDR_KINDS + PROFILE_KINDS
-EVALUABLE = REC_KINDS + GENERATED_KINDS
-
-
-@dataclasses.dataclass
-class EvalResult:
-  task: str
-  split: str
-  metrics: dict
-  predictions: list[dict]
-  protocol: str = ""          # retrieval: "full catalogue" (the paper's) or "history excluded"
-
-  def write(self, out_dir: Path | str) -> tuple[Path, Path]:
-    out_dir = paths.as_path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # The paper's protocol keeps the plain names; the other one gets its own files (not overwritten).
-    tag = "_history_excluded" if self.protocol == M.protocol_name(True) else ""
-    mpath = out_dir / f"metrics_{self.task}_{self.split}{tag}.json"
-    ppath = out_dir / f"predictions_{self.task}_{self.split}{tag}.jsonl"
-    mpath.write_text(json.dumps({"task": self.task, "split": self.split, "protocol": self.protocol,
-                                 **self.metrics}, indent=2))
-    ppath.write_text("".join(json.dumps(p) + "\n" for p in self.predictions))
-    return mpath, ppath
-
+from recalign.models.model import EncoderDecoderModel
+from recalign.run_record import RunRecord
 
 def eval_output_dir(checkpoint: Path | str) -> tuple[Path, Optional[Path]]:
   """(where results of evaluating `checkpoint` go, the run's MODEL_DIR or None).
@@ -85,382 +54,6 @@ def record_evaluation(out_dir: Path, checkpoint: Path | str, result: "EvalResult
   paths.append_line(log, json.dumps(entry))
   return log
 
-
-def sample_example_ids(num_examples: int, max_examples: Optional[int], seed: int = 0) -> Optional[np.ndarray]:
-  """A seeded random sample of `max_examples` example ids (users, for evaluation), sorted; None for all.
-  A sample, not the first N: users are in file order, which is rarely random."""
-  if not max_examples or max_examples >= num_examples:
-    return None
-  return np.sort(np.random.default_rng(seed).choice(num_examples, max_examples, replace=False))
-
-
-def task_examples(task_name: str, split: str, lengths: dict, max_examples: Optional[int] = None, *,
-                  example_ids: Optional[np.ndarray] = None, seed: int = 0) -> list[dict]:
-  """A task's rendered examples of a split: all, `example_ids`, or a seeded sample of `max_examples`."""
-  import tensorflow as tf
-  import recalign.tasks as rt
-  task = rt.get(task_name)
-  ds = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1)
-  if example_ids is None:
-    example_ids = sample_example_ids(task.num_input_examples(split), max_examples, seed)
-  if example_ids is not None:
-    keep = np.zeros(task.num_input_examples(split), bool)
-    keep[np.asarray(example_ids, np.int64)] = True
-    keep = tf.constant(keep)
-    ds = ds.filter(lambda x: tf.gather(keep, x["example_id"]))
-  return list(ds.as_numpy_iterator())
-
-
-def pad_inputs(examples: list[dict], bucket: int = 64) -> np.ndarray:
-  """Right-padded inputs; the width rounds up to a multiple of `bucket` to bound recompilations."""
-  width = -(-max(len(e["inputs"]) for e in examples) // bucket) * bucket
-  out = np.zeros((len(examples), width), np.int32)
-  for i, e in enumerate(examples):
-    out[i, :len(e["inputs"])] = e["inputs"]
-  return out
-
-
-def _batches(examples: list[dict], batch_size: int, desc: str, progress: bool):
-  bar = tqdm(total=len(examples), desc=desc, disable=not progress, unit="user", dynamic_ncols=True)
-  for s in range(0, len(examples), batch_size):
-    chunk = examples[s:s + batch_size]
-    if len(chunk) < batch_size:  # keep one compiled shape: pad the last batch with copies
-      chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    yield s, chunk
-    bar.update(min(batch_size, len(examples) - s))
-  bar.close()
-
-
-class RecEvaluator:
-  """Evaluates any recalign task of a prepared data set with one model: constrained beam search over
-  the catalogue, teacher-forced candidate scores, P(yes) from both answers. (seqio.Evaluator runs a
-  task's seqio metric_fns on a model's decodes and scores; this computes the paper's ranked metrics.)"""
-
-  def __init__(self, model: EncoderDecoderModel, data: PreparedData, vocab, *, beam_size: int = 20,
-               batch_size: int = 32, exclude_history: bool = False, progress: bool = True,
-               ids: Optional[Sequence[str]] = None, mesh=None):
-    """`exclude_history`: retrieval ranks the catalogue minus the user's history; by default the
-    entire catalogue, as the paper does. `ids`: the items' IDs as the tasks write them (a task's
-    `TaskInfo.ids`; default the data set's random IDs). Predictions name items by their data set ID."""
-    self.model, self.data, self.vocab = model, data, vocab
-    self.beam_size, self.batch_size, self.exclude_history = beam_size, batch_size, exclude_history
-    self.progress = progress
-    self.names = [item_id(k) for k in range(data.num_items)]
-    self.rendered = list(ids) if ids is not None else self.names
-    self.trie = ItemTrie.for_items(vocab, self.rendered)
-    # On a ('data', 'model') mesh (the trainer's): users split over 'data'; parameters placed by the
-    # caller (`recalign.train.place_params`); jit propagates both through decoding and its cache.
-    self.mesh = mesh
-    self._itdr_tables: dict[tuple, tuple] = {}   # (title tokens, eval users, seed) -> (ItemTexts, eval users)
-    if mesh is not None and batch_size % mesh.shape["data"]:
-      raise ValueError(f"batch_size={batch_size} must be divisible by the mesh's {mesh.shape['data']} data shards")
-
-  def _put(self, x: np.ndarray):
-    if self.mesh is None:
-      return x
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    return jax.device_put(x, NamedSharding(self.mesh, P("data")))
-
-  def history(self, users: np.ndarray, split: str) -> list[np.ndarray]:
-    """Items not to recommend: the user's history before the held-out item (if excluded)."""
-    return [self.data.held_out(int(u), split)[0] if self.exclude_history else [] for u in users]
-
-  # Each kind: decode (this process's examples -> arrays, one row per example) and finish (every
-  # example's arrays -> metrics and predictions). Between them, several processes gather their rows.
-
-  def decode_retrieval(self, params, examples: list[dict], split: str) -> dict[str, np.ndarray]:
-    items, scores = [], []
-    for s, chunk in _batches(examples, self.batch_size, f"retrieval/{split}", self.progress):
-      users = np.array([e["user"] for e in chunk])
-      it, sc = beam_search_items(self.model, params, self._put(pad_inputs(chunk)), self.trie,
-                                 beam_size=self.beam_size, exclude=self.history(users, split))
-      n = min(self.batch_size, len(examples) - s)
-      items.append(it[:n])
-      scores.append(sc[:n])
-    return {"items": np.concatenate(items).astype(np.int32), "scores": np.concatenate(scores).astype(np.float32)}
-
-  def finish_retrieval(self, examples: list[dict], a: dict) -> tuple[dict, list[dict]]:
-    preds = [{"user": self.data.users[int(e["user"])], "target": self.names[int(e["target_item"])],
-              "ranked": [self.names[i] for i in it if i >= 0],
-              "scores": [round(float(x), 4) for x in sc if x > -1e8]}
-             for e, it, sc in zip(examples, a["items"], a["scores"])]
-    targets = np.array([e["target_item"] for e in examples])
-    return M.ranking_metrics(a["items"], targets, ks=(5, 10)), preds
-
-  def decode_ranking(self, params, examples: list[dict], split: str) -> dict[str, np.ndarray]:
-    beams, scored = [], []
-    for s, chunk in _batches(examples, self.batch_size, f"ranking/{split}", self.progress):
-      cands = np.stack([e["candidates"] for e in chunk])
-      enc = self._put(pad_inputs(chunk))
-      items, _ = beam_search_items(self.model, params, enc, self.trie, beam_size=self.beam_size,
-                                   candidates=cands)
-      sc = score_items(self.model, params, enc, cands, self.trie, self.vocab, self.rendered)
-      n = min(self.batch_size, len(examples) - s)
-      beams.append(items[:n])
-      scored.append(M.rank_by_scores(sc, cands)[:n])
-    return {"beam": np.concatenate(beams).astype(np.int32), "scored": np.concatenate(scored).astype(np.int32)}
-
-  def finish_ranking(self, examples: list[dict], a: dict) -> tuple[dict, list[dict]]:
-    preds = [{"user": self.data.users[int(e["user"])], "target": self.names[int(e["target_item"])],
-              "beam": [self.names[i] for i in it if i >= 0], "scored": [self.names[i] for i in o[:20]]}
-             for e, it, o in zip(examples, a["beam"], a["scored"])]
-    targets = np.array([e["target_item"] for e in examples])
-    out = {f"beam/{k}": v for k, v in M.ranking_metrics(a["beam"], targets, (1, 5, 10)).items()}
-    out.update({f"score/{k}": v for k, v in M.ranking_metrics(a["scored"], targets, (1, 5, 10)).items()})
-    return out, preds
-
-  def decode_rating(self, params, examples: list[dict], split: str) -> dict[str, np.ndarray]:
-    answers = {a: self.vocab.encode(a) + [EOS] for a in ("yes", "no")}
-    width = max(len(t) for t in answers.values())
-    logp = {a: [] for a in answers}
-    for s, chunk in _batches(examples, self.batch_size, f"rating/{split}", self.progress):
-      enc = jnp.asarray(self._put(pad_inputs(chunk)))
-      for a, toks in answers.items():
-        tgt = np.zeros((len(chunk), width), np.int32)
-        tgt[:, :len(toks)] = toks
-        tgt = jnp.asarray(tgt)
-        score = self.model.score_batch(params, {"encoder_input_tokens": enc, "decoder_target_tokens": tgt,
-                                                "decoder_input_tokens": shift_right(tgt)})
-        logp[a].append(np.asarray(score)[:min(self.batch_size, len(examples) - s)])
-    return {a: np.concatenate(v).astype(np.float32) for a, v in logp.items()}
-
-  def finish_rating(self, examples: list[dict], a: dict) -> tuple[dict, list[dict]]:
-    p = M.p_yes(a["yes"], a["no"])
-    labels = np.array([e["label"] for e in examples])
-    preds = [{"user": self.data.users[int(e["user"])], "item": self.names[int(e["target_item"])],
-              "label": int(e["label"]), "p_yes": round(float(q), 5)} for e, q in zip(examples, p)]
-    return {"auc": M.auc(p, labels)}, preds
-
-  # ITDR's tasks: greedy generation, parsed as ITDR scores it, and -- where the answer is one of a few
-  # texts (TKR / CDR: each candidate as the list's first entry; NIR: each candidate; RP: each rating)
-  # -- the teacher-forced score of each: the constrained, parse-free variant. Baselines beside them.
-
-  def _choices(self, kind: str, e: dict) -> list[str]:
-    if kind in ("itdr_tkr", "itdr_cdr"):
-      return [f"1. {self.itdr_texts.titles[c]}" for c in e["candidates"]]
-    if kind == "itdr_nir":
-      return [self.itdr_texts.titles[c] for c in e["candidates"]]
-    if kind == "itdr_rp":
-      return [itdr.rating_text(r) for r in self.rating_values()]
-    return []
-
-  def rating_values(self) -> np.ndarray:
-    return np.unique(np.concatenate([r[:-2] for r in self.data.ratings]))
-
-  def decode_itdr(self, params, examples: list[dict], split: str, *, kind: str, max_length: int) -> dict[str, np.ndarray]:
-    gen, scores = [], []
-    for s, chunk in _batches(examples, self.batch_size, f"{kind}/{split}", self.progress):
-      enc = self._put(pad_inputs(chunk))
-      n = min(self.batch_size, len(examples) - s)
-      gen.append(generate(self.model, params, enc, max_length=max_length)[:n])
-      choices = [[self.vocab.encode(t) for t in self._choices(kind, e)] for e in chunk]
-      if choices[0]:
-        scores.append(score_targets(self.model, params, enc, choices)[:n])
-    out = {"generated": np.concatenate(gen).astype(np.int32)}
-    if scores:
-      out["scores"] = np.concatenate(scores).astype(np.float32)
-    return out
-
-  def finish_itdr(self, examples: list[dict], a: dict, *, kind: str) -> tuple[dict, list[dict]]:
-    texts = decode_texts(self.vocab, a["generated"])
-    targets = [e["targets_pretokenized"].decode() for e in examples]
-    preds = [{**self._who(e), "target": t, "generated": g} for e, t, g in zip(examples, targets, texts)]
-    titles = self.itdr_texts.titles
-    if kind in ("itdr_tkr", "itdr_cdr"):
-      gen_rank, score_rank, relevant, unknown = [], [], [], 0
-      for e, g, sc in zip(examples, texts, a["scores"]):
-        cands = [int(c) for c in e["candidates"]]
-        named, unk = itdr.match_titles(itdr.parse_numbered(g), [titles[c] for c in cands])
-        unknown += unk
-        gen_rank.append(itdr.complete_ranking(named, len(cands), range(len(cands))))   # then as shown
-        score_rank.append(np.argsort(-sc[:len(cands)], kind="stable").tolist())
-        relevant.append({i for i, c in enumerate(cands) if c in set(e["positives"].tolist())})
-      metrics = {**{f"generated/{k}": v for k, v in itdr.list_metrics(gen_rank, relevant).items()},
-                 **{f"score/{k}": v for k, v in itdr.list_metrics(score_rank, relevant).items()},
-                 **{f"random/{k}": v for k, v in itdr.random_list_baseline(len(examples[0]["candidates"]),
-                                                                          itdr.POSITIVES).items()},
-                 "unparsable": float(np.mean([not itdr.parse_numbered(g) for g in texts])),
-                 "unknown_titles_per_example": unknown / len(examples)}
-    elif kind == "itdr_nir":
-      gen_hit, score_hit = [], []
-      for e, g, sc in zip(examples, texts, a["scores"]):
-        cands = [int(c) for c in e["candidates"]]
-        named, _ = itdr.match_titles([g], [titles[c] for c in cands])
-        gen_hit.append(bool(named) and cands[named[0]] == int(e["target_item"]))
-        score_hit.append(cands[int(np.argmax(sc[:len(cands)]))] == int(e["target_item"]))
-      metrics = {"generated/hr@1": float(np.mean(gen_hit)), "score/hr@1": float(np.mean(score_hit)),
-                 "random/hr@1": 1.0 / len(examples[0]["candidates"])}
-    elif kind == "itdr_rp":
-      values = self.rating_values()
-      p = np.exp(a["scores"] - a["scores"].max(1, keepdims=True))
-      expected = (p / p.sum(1, keepdims=True)) @ values
-      truth = np.array([float(t) for t in targets])
-      metrics = {**{f"score/{k}": v for k, v in itdr.rating_errors(truth, expected).items()},
-                 **{f"generated/{k}": v for k, v in itdr.seqio_rating_prediction_metrics(
-                     targets, texts, scale=(float(values.min()), float(values.max()))).items()},
-                 **self._rating_baselines(examples, truth)}
-      for pr, x in zip(preds, expected):
-        pr["expected_rating"] = round(float(x), 4)
-    elif kind in ("itdr_ir", "itdr_tui"):
-      metrics = itdr.text_metrics(targets, texts)
-    elif kind in PROFILE_KINDS:
-      from recalign.tasks import reclm
-      score = reclm.collab_metrics if kind == "collab_profile" else itdr.text_metrics
-      metrics = score(targets, texts)
-      # beside it, one profile for everyone: the commonest target (of these examples: a generous baseline)
-      common = max(set(targets), key=lambda t: (targets.count(t), t))
-      metrics.update({f"constant/{k}": v for k, v in score(targets, [common] * len(targets)).items()
-                      if "rouge" in k or "bleu" in k})
-    else:   # itdr_uap
-      metrics = itdr.attribute_metrics(targets, texts)
-      metrics.update({f"majority/{k}": v for k, v in itdr.attribute_metrics(targets, [self._majority()] * len(targets)).items()
-                      if k != "unparsable"})
-      metrics["mean_accuracy"] = float(np.mean([metrics[f"{f}_accuracy"] for f in ("age_group", "gender", "occupation")]))
-    return metrics, preds
-
-  def _who(self, e: dict) -> dict:
-    """What a prediction row is about: the item (item profiles), the user, or the example."""
-    if "item" in e:
-      return {"item": self.data.source_item_ids[int(e["item"])]}
-    return {"user": self.data.users[int(e["user"])]} if "user" in e else {"example": int(e["example_id"])}
-
-  def _rating_baselines(self, examples: list[dict], truth: np.ndarray) -> dict[str, float]:
-    """RMSE / MAE of the global, user and item mean of the training ratings (the item's unseen: global)."""
-    seqs, rates = self.data.sequences, self.data.ratings
-    flat_items = np.concatenate([s[:-2] for s in seqs])
-    flat_r = np.concatenate([r[:-2] for r in rates]).astype(np.float64)
-    mean = flat_r.mean()
-    count = np.bincount(flat_items, minlength=self.data.num_items)
-    item_mean = np.where(count > 0, np.bincount(flat_items, flat_r, self.data.num_items) / np.maximum(count, 1), mean)
-    guesses = {"global_mean": np.full(len(examples), mean),
-               "user_mean": np.array([rates[int(e["user"])][:-2].mean() for e in examples]),
-               "item_mean": np.array([item_mean[int(e["target_item"])] for e in examples])}
-    return {f"{name}/{k}": v for name, g in guesses.items() for k, v in itdr.rating_errors(truth, g).items()}
-
-  def _majority(self) -> str:
-    """UAP's majority answer: the most common value of each field among the training users."""
-    held = set(np.concatenate(list(self.itdr_held.values())).tolist())
-    attrs = [a for u, a in enumerate(self.data.user_attributes) if u not in held and a]
-    def top(values):
-      v, c = np.unique(values, return_counts=True)
-      return str(v[np.argmax(c)])
-    return itdr.uap_target(top([itdr.age_group(a["age"]) for a in attrs]), top([a["gender"] for a in attrs]),
-                           top([a["occupation"] for a in attrs]))
-
-  def evaluate(self, params, task_name: str, split: str, lengths: dict,
-               max_examples: Optional[int] = None, example_ids: Optional[np.ndarray] = None) -> EvalResult:
-    """Metrics and per-user predictions on a split: all users, `example_ids`, or a seeded sample
-    of `max_examples` users. With several processes and a process-local mesh, each decodes every
-    n-th example (of the examples sorted by prompt length, so shares are balanced) on its own
-    devices; their rows are gathered, so every process returns what one process would."""
-    from recalign.tasks.registry import task_info
-    info = task_info(task_name)
-    kind = info.kind
-    if kind not in EVALUABLE:
-      raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking, rating, an ITDR or "
-                       "a profile task")
-    if kind in GENERATED_KINDS:
-      c = info.config   # built once per setting: validation calls this every few minutes
-      key = (c.itdr_max_title_tokens, c.itdr_eval_users, c.eval_seed)
-      if key not in self._itdr_tables:
-        self._itdr_tables[key] = (itdr.ItemTexts.of(self.data, self.vocab, c.itdr_max_title_tokens),
-                                  itdr.eval_users(self.data, c.itdr_eval_users, c.eval_seed))
-      self.itdr_texts, self.itdr_held = self._itdr_tables[key]
-      # short answers need short decodes (the loop runs max_length steps): a rating, a title, three fields
-      short = {"itdr_rp": 8, "itdr_nir": info.config.itdr_max_title_tokens + 8, "itdr_uap": 48}
-      decode = functools.partial(self.decode_itdr, kind=kind,
-                                 max_length=min(lengths.get("targets", 64), short.get(kind, 1 << 20)))
-      finish = functools.partial(self.finish_itdr, kind=kind)
-    else:
-      decode, finish = getattr(self, f"decode_{kind}"), getattr(self, f"finish_{kind}")
-    examples = task_examples(task_name, split, lengths, max_examples, example_ids=example_ids)
-    if not examples:
-      raise ValueError(f"{task_name} has no {split} examples that fit {dict(lengths)} (an example that does not fit "
-                       "is dropped, never cut)")
-    # Longest prompts first: batches of similar lengths waste little encoder work on padding.
-    order = np.argsort([-len(e["inputs"]) for e in examples], kind="stable")
-    import jax
-    # Processes split the users only on process-local meshes (params held per process, as
-    # evaluate_checkpoint places them); under the trainer's global mesh every process decodes all.
-    shared = self.mesh is not None and jax.process_count() > 1 and all(
-        d.process_index == jax.process_index() for d in self.mesh.devices.flat)
-    mine = order[jax.process_index()::jax.process_count()] if shared else order
-    arrays = gather_rows(decode(params, [examples[i] for i in mine], split), mine, len(examples), gather=shared)
-    metrics, preds = finish(examples, arrays)
-    metrics["examples"] = len(examples)
-    protocol = {"retrieval": M.protocol_name(self.exclude_history), "ranking": "the task's candidates",
-                "rating": "P(yes) AUC"}.get(kind, "profile: greedy generation against the teacher's text"
-                                             if kind in PROFILE_KINDS else
-                                             "ITDR: greedy generation parsed, and scored answers")
-    return EvalResult(task_name, split, metrics, preds, protocol)
-
-
-def gather_rows(local: dict[str, np.ndarray], rows: np.ndarray, total: int, *,
-                gather: bool = True) -> dict[str, np.ndarray]:
-  """Arrays whose row r belongs to example `rows[r]`, from every process -> arrays of all `total`
-  examples in example order (one process, or `gather=False`: a reorder; several: an all-gather of
-  equal-sized shares)."""
-  import jax
-  if gather and jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    width = -(-total // jax.process_count())      # shares differ by at most one row: pad to equal
-    padded = {k: np.concatenate([v, np.zeros((width - len(v),) + v.shape[1:], v.dtype)]) for k, v in local.items()}
-    idx = np.concatenate([rows, np.full(width - len(rows), -1)]).astype(np.int32)
-    every = multihost_utils.process_allgather({"rows": idx, **padded})
-    keep = every["rows"].reshape(-1) >= 0
-    rows = every["rows"].reshape(-1)[keep]
-    local = {k: np.asarray(every[k]).reshape((-1,) + padded[k].shape[1:])[keep] for k in padded}
-  out = {}
-  for k, v in local.items():
-    out[k] = np.empty((total,) + v.shape[1:], v.dtype)
-    out[k][rows] = v
-  return out
-
-
-def headline_metric(kind: str) -> str:
-  """What selects the best checkpoint of a task kind unless told otherwise: retrieval NDCG@10,
-  ranking NDCG@10 of the teacher-forced scores, rating AUC."""
-  return {"retrieval": "ndcg@10", "ranking": "score/ndcg@10", "rating": "auc", "itdr_tkr": "score/ndcg@10",
-          "itdr_cdr": "score/ndcg@10", "itdr_nir": "score/hr@1", "itdr_rp": "score/rmse",
-          "itdr_uap": "mean_accuracy", "profile": "rougeL", "item_profile": "rougeL",
-          "collab_profile": "answer_accuracy"}.get(kind, "ndcg@10")
-
-
-def validation_metrics(kind: str) -> tuple[str, ...]:
-  """The metrics the RecEvaluator reports for a task kind (what `train(selection_metric=...)` may name)."""
-  ranking = tuple(f"{m}@{k}" for k in (1, 5, 10) for m in ("hr", "ndcg"))
-  lists = tuple(f"{how}/{m}" for how in ("generated", "score") for m in ("ndcg@10", "hr@1", "p@5"))
-  return {"retrieval": ("hr@5", "ndcg@5", "hr@10", "ndcg@10"),
-          "ranking": tuple(f"{how}/{m}" for how in ("beam", "score") for m in ranking),
-          "rating": ("auc",), "itdr_tkr": lists, "itdr_cdr": lists, "itdr_nir": ("generated/hr@1", "score/hr@1"),
-          "itdr_rp": tuple(f"{how}/{m}" for how in ("generated", "score") for m in ("rmse", "mae")),
-          "itdr_uap": ("mean_accuracy", "age_group_accuracy", "gender_accuracy", "occupation_accuracy",
-                       "age_rmse"),
-          "profile": TEXT_METRICS, "item_profile": TEXT_METRICS,
-          "collab_profile": ("answer_accuracy", *(f"profile_{m}" for m in TEXT_METRICS))}.get(kind, ())
-
-
-TEXT_METRICS = ("bleu1", "bleu2", "rouge1", "rouge2", "rougeL")
-
-
-def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[int] = None,
-                     beam_size: int = 20, batch_size: int = 32, exclude_history: bool = False) -> Callable:
-  """For `train(validate_fn=...)`: validation-split metrics of `task_name` (retrieval: NDCG@10)."""
-  from recalign.tasks.registry import task_info
-  info = task_info(task_name)
-  data, vocab = PreparedData.load(info.data_dir), info.vocab
-  cache: dict = {}
-
-  def validate(model, params) -> dict:
-    if "ev" not in cache:
-      cache["ev"] = RecEvaluator(model, data, vocab, beam_size=beam_size, batch_size=batch_size, progress=False,
-                              ids=info.ids, exclude_history=exclude_history)
-    return cache["ev"].evaluate(params, task_name, "validation", lengths, max_examples).metrics
-
-  return validate
-
-
 # --------------------------------------------------------------------------------------------
 # The eval job (T5X's eval.py): a checkpoint, or every checkpoint of a run, even while it trains
 
@@ -481,12 +74,11 @@ def register_run_tasks(checkpoint: Path | str, task: str, *, data: Sequence[str]
   data_dirs -- or `data` --, vocabulary, TaskConfig); returns the evaluable members of `task`."""
   import recalign.tasks as rt
   from recalign.data.vocab import load_vocabulary
-  info = _run_info(checkpoint)
-  vocab_path = vocabulary or (info.get("vocabulary") or {}).get("path") or ck.checkpoint_vocabulary(checkpoint)
+  run = RunRecord.find(checkpoint)
+  vocab_path = vocabulary or ck.checkpoint_vocabulary(checkpoint)
   vocab = load_vocabulary(vocab_path) if vocab_path else None
-  recorded = info.get("task_config", info.get("dataset_config"))   # (runs before 2026-11-30: dataset_config)
-  config = rt.TaskConfig(**recorded) if recorded else rt.TaskConfig()
-  for d in (data or info.get("data_dirs", [])):
+  config = rt.TaskConfig(**run.task_config) if run and run.task_config else rt.TaskConfig()
+  for d in (data or (run.data_dirs if run else ())):
     rt.register_dataset(d, vocab=vocab, config=config)
   t = rt.get(task)
   members = [m.name for m in getattr(t, "tasks", [t])]
@@ -496,15 +88,9 @@ def register_run_tasks(checkpoint: Path | str, task: str, *, data: Sequence[str]
   return members
 
 
-def _run_info(checkpoint: Path | str) -> dict:
-  run = ck.find_run_json(checkpoint)
-  return json.loads(run.read_text()) if run else {}
-
-
 def load_model(checkpoint: Path | str, vocab, *, size: Optional[str] = None, mesh=None):
   """(model, parameters) of a checkpoint (any format `load_checkpoint` reads) for `vocab`, placed on `mesh`
   (default: this process's devices)."""
-  from recalign import train as T
   from recalign.models.network import named_config, padded_vocab_size
   loaded = ck.load_checkpoint(checkpoint)
   net = loaded.config or (named_config(size) if size else None)
@@ -513,8 +99,8 @@ def load_model(checkpoint: Path | str, vocab, *, size: Optional[str] = None, mes
                      "model size (--size)")
   rows = padded_vocab_size(vocab.vocab_size)
   model = EncoderDecoderModel(net.replace(vocab_size=rows))
-  mesh = mesh if mesh is not None else T.make_mesh(local=True)
-  return model, T.place_params(model, ck.fit_vocabulary(loaded.params, checkpoint, vocab, rows), mesh)
+  mesh = mesh if mesh is not None else partitioning.make_mesh(local=True)
+  return model, partitioning.place_params(model, ck.fit_vocabulary(loaded.params, checkpoint, vocab, rows), mesh)
 
 
 def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings: EvalSettings = EvalSettings(), *,
@@ -527,11 +113,11 @@ def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings
   (multi-host) each evaluate their share of users and gather, and process 0 writes the files.
   Users: all, a seeded sample of `settings.max_examples`, or `example_ids`."""
   import recalign.tasks as rt
-  from recalign import train as T
   import jax
-  mesh = mesh if mesh is not None else T.make_mesh(local=True)   # processes evaluate their own users
+  mesh = mesh if mesh is not None else partitioning.make_mesh(local=True)   # processes evaluate their own users
   model, params = load_model(checkpoint, rt.registry.task_info(members[0]).vocab, size=size, mesh=mesh)
-  lengths = dict(settings.lengths or _run_info(checkpoint).get("task_feature_lengths")
+  run = RunRecord.find(checkpoint)
+  lengths = dict(settings.lengths or (run.task_feature_lengths if run else None)
                  or {"inputs": 1024, "targets": 64})
   out_dir = paths.as_path(output_dir) if output_dir else eval_output_dir(checkpoint)[0]
   results = {}
@@ -571,7 +157,8 @@ def evaluate_run(model_dir: Path | str, members: Sequence[str], settings: EvalSe
   if mode == "specific" and not steps:
     raise ValueError("restore mode 'specific' needs the steps to evaluate")
   model_dir = paths.as_path(model_dir)
-  until = until_step or _run_info(model_dir).get("train_steps")
+  run = RunRecord.read(model_dir)
+  until = until_step or (run.train_steps if run else None)
   if wait and not until:
     raise ValueError(f"{model_dir}/run.json records no train_steps: give the step to wait for (--until-step)")
   protocol = M.protocol_name(settings.exclude_history)
@@ -621,24 +208,27 @@ def eval_job(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str =
              beam_size: int = 20, batch_size: int = 32, max_examples: Optional[int] = None,
              exclude_history: bool = False, task_feature_lengths: Optional[dict] = None,
              data_dirs: Sequence[str] = (), vocabulary: Optional[str] = None, size: Optional[str] = None,
-             output_dir: Optional[str] = None) -> dict[str, dict]:
+             output_dir: Optional[str] = None, model_parallel: int = 1) -> dict[str, dict]:
   """`recalign eval` (flags, or gin: gin/eval.gin's CHECKPOINT_PATH, MIXTURE_OR_TASK_NAME, EVAL_SPLIT).
   A MODEL_DIR runs the eval job over its checkpoints (`evaluate_run`); anything else is one checkpoint
-  (`evaluate_checkpoint`). Returns {row name: metrics}."""
+  (`evaluate_checkpoint`). `model_parallel` (MODEL_PARALLEL, --model-parallel): the trainer's ('data', 'model')
+  mesh over this process's devices, parameters placed by the same logical-axis rules. Returns {row name: metrics}."""
   path = paths.as_path(checkpoint_path)
   settings = EvalSettings(split=split, beam_size=beam_size, batch_size=batch_size, max_examples=max_examples,
                           exclude_history=exclude_history,
                           lengths=dict(task_feature_lengths) if task_feature_lengths else None)
   members = register_run_tasks(path, mixture_or_task_name, data=data_dirs, vocabulary=vocabulary)
+  mesh = partitioning.make_mesh(model_parallel, local=True)   # processes evaluate their own users
   print(f"protocol: {M.protocol_name(exclude_history)} (retrieval); split: {split}")
   if (path / "run.json").exists() and (path / "checkpoints").is_dir():
     # SIGTERM / Ctrl-C: stop now (exit status faults.PREEMPTED_EXIT_CODE); a checkpoint being evaluated is
     # not recorded in evaluated.jsonl, so the job started again evaluates it and goes on
     with faults.PreemptionWatcher("the eval job", immediate=True):
       done = evaluate_run(path, members, settings, mode=restore_mode or ("specific" if steps else "all"),
-                          steps=steps, wait=wait, until_step=until_step, poll_seconds=poll_seconds)
+                          steps=steps, wait=wait, until_step=until_step, poll_seconds=poll_seconds,
+                          mesh=mesh)
     print(f"evaluated steps {sorted(done) or 'none (all already evaluated: see eval/evaluated.jsonl)'}")
     return {f"{name} @ {step}": r.metrics for step, res in sorted(done.items()) for name, r in res.items()}
-  results = evaluate_checkpoint(path, members, settings, size=size, output_dir=output_dir)
+  results = evaluate_checkpoint(path, members, settings, size=size, output_dir=output_dir, mesh=mesh)
   print(f"wrote {output_dir or eval_output_dir(path)[0]}")
   return {name: r.metrics for name, r in results.items()}

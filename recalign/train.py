@@ -23,7 +23,6 @@ import functools
 import itertools
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import linen as nn
@@ -40,16 +38,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from recalign import metrics as M
+from recalign.evaluator import headline_metric, make_validate_fn, validation_metrics
 from recalign import faults, paths
+from recalign.run_record import RunRecord
+from recalign.partitioning import make_mesh, maybe_initialize_distributed, param_shardings, to_global
 from recalign.models import checkpoints as ck
 from recalign.models.model import EncoderDecoderModel
 from recalign.models.network import T5Config, padded_vocab_size
 from recalign.tasks import packing
-
-# T5X's standard logical-axis rules: model parallelism splits MLP, heads and the vocabulary.
-LOGICAL_AXIS_RULES = (("batch", "data"), ("vocab", "model"), ("embed", None), ("mlp", "model"),
-                      ("heads", "model"), ("kv", None), ("joined_kv", "model"), ("relpos_buckets", None))
-
 
 # --------------------------------------------------------------------------------------------
 # Optimiser
@@ -85,49 +81,6 @@ def make_optimizer(schedule: optax.Schedule, name: str = "adafactor", weight_dec
 
 
 # --------------------------------------------------------------------------------------------
-# Partitioning
-
-
-def make_mesh(model_parallel: int = 1, num_devices: Optional[int] = None, *, local: bool = False) -> Mesh:
-  """A ('data', 'model') mesh over all devices (`local`: this process's own, as evaluation uses)."""
-  devices = np.array((jax.local_devices() if local else jax.devices())[:num_devices])
-  if len(devices) % model_parallel:
-    raise ValueError(f"{len(devices)} devices cannot be split into model-parallel groups of {model_parallel}")
-  return Mesh(devices.reshape(-1, model_parallel), ("data", "model"))
-
-
-def param_shardings(model: EncoderDecoderModel, mesh: Mesh):
-  """Each parameter's NamedSharding under LOGICAL_AXIS_RULES (as training places them)."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
-  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_AXIS_RULES)
-
-
-def place_params(model: EncoderDecoderModel, params, mesh: Mesh):
-  """Parameters (numpy or jax) onto the mesh, sharded as in training: evaluation of xl / xxl with
-  model_parallel > 1 never holds a whole copy on one device."""
-  return jax.device_put(params, param_shardings(model, mesh))   # numpy leaves are sliced on the host
-
-
-def maybe_initialize_distributed() -> None:
-  """Multi-host (TPU VM pod slice, multi-node GPU): one process per host, started identically.
-
-  On TPU VMs, SLURM and Open MPI `jax.distributed.initialize()` finds everything itself
-  (RECALIGN_MULTIHOST=1 asks for it). Elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process
-  0), JAX_NUM_PROCESSES and JAX_PROCESS_ID; jax reads only the first, so the other two are passed here.
-  """
-  if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("RECALIGN_MULTIHOST")):
-    return
-  kwargs = {}
-  for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-    if os.environ.get(var):
-      try:
-        kwargs[arg] = int(os.environ[var])
-      except ValueError:
-        raise ValueError(f"{var}={os.environ[var]!r} is not an integer") from None
-  jax.distributed.initialize(**kwargs)
-
-
-# --------------------------------------------------------------------------------------------
 # Input
 
 
@@ -154,10 +107,6 @@ def input_batches(task, lengths: Mapping[str, int], batch_size: int, *, seed: in
   ds = ds.batch(batch_size // n_proc, drop_remainder=True)
   ds = ds.skip(start_step).prefetch(tf.data.AUTOTUNE)  # resume: the stream depends only on (seed, step)
   return ds.as_numpy_iterator()
-
-
-def to_global(batch: dict, sharding: NamedSharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,7 +519,6 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     model = EncoderDecoderModel(network_config.replace(vocab_size=padded_vocab_size(vocab.vocab_size)),
                                 z_loss=z_loss, label_smoothing=label_smoothing, loss_normalize=loss_normalizing_factor)
     if val_cfg.selection_metric is None:   # the validation task's headline metric
-      from recalign.evaluate import headline_metric
       kind = rt.registry.task_info(val_cfg.task).kind if val_cfg.task else "retrieval"
       val_cfg = dataclasses.replace(val_cfg, selection_metric=headline_metric(kind))
     _check_settings(val_cfg, validate_fn, model_dir, vocab, batch_size, gradient_accumulation_steps)
@@ -580,14 +528,11 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
                        + (f" x {gradient_accumulation_steps} accumulation steps" if gradient_accumulation_steps > 1
                           else "") + f" ({jax.device_count()} devices, model_parallel={model_parallel})")
     if is_chief:  # what `recalign eval` needs to rebuild the model and its tasks next to its checkpoints
-      (model_dir / "run.json").write_text(json.dumps({
-          "network_config": dataclasses.asdict(model.config), "mixture_or_task_name": mixture_or_task_name,
-          "task_feature_lengths": dict(task_feature_lengths), "train_steps": train_steps,
-          "vocabulary": vocabulary_record(vocab),
-          "data_dirs": [str(paths.resolve(d)) for d in data_dirs],
-          "task_config": dataclasses.asdict(rt.registry.task_info(members[0]).config)}, indent=2))
+      RunRecord(network_config=dataclasses.asdict(model.config), mixture_or_task_name=mixture_or_task_name,
+                task_feature_lengths=dict(task_feature_lengths), train_steps=train_steps,
+                vocabulary=vocabulary_record(vocab), data_dirs=tuple(str(paths.resolve(d)) for d in data_dirs),
+                task_config=dataclasses.asdict(rt.registry.task_info(members[0]).config)).write(model_dir)
     if validate_fn is None and val_cfg.enabled:
-      from recalign.evaluate import make_validate_fn
       validate_fn = make_validate_fn(val_cfg.task, dict(val_cfg.lengths or task_feature_lengths),
                                      max_examples=val_cfg.examples)
 
@@ -703,8 +648,10 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
 def _check_values(*, train_steps: int, batch_size: int, accum: int, log_every: int, checkpoint: CheckpointConfig,
                   validation: ValidationConfig, on_nonfinite: str, lengths: Mapping[str, int]) -> None:
   """Values no run can use, refused before anything is read or compiled, with the setting's name."""
-  checks = [(isinstance(train_steps, int) and train_steps > 0, f"TRAIN_STEPS must be a positive integer, not {train_steps!r}"),
-            (isinstance(batch_size, int) and batch_size > 0, f"BATCH_SIZE must be a positive integer, not {batch_size!r}"),
+  checks = [(isinstance(train_steps, int) and train_steps > 0,
+             f"TRAIN_STEPS must be a positive integer, not {train_steps!r}"),
+            (isinstance(batch_size, int) and batch_size > 0,
+             f"BATCH_SIZE must be a positive integer, not {batch_size!r}"),
             (isinstance(accum, int) and accum > 0,
              f"gradient_accumulation_steps must be a positive integer, not {accum!r}"),
             (log_every > 0, f"train.log_every must be positive, not {log_every!r}"),
@@ -733,7 +680,6 @@ def _check_settings(val: ValidationConfig, validate_fn, model_dir: paths.PathLik
     raise ValueError("validation every / every_minutes is set but ValidationConfig.task is not: name the task to "
                      "validate on (e.g. ValidationConfig.task = 'beauty_retrieval')")
   if val.task and validate_fn is None:
-    from recalign.evaluate import validation_metrics
     produced = validation_metrics(rt.registry.task_info(val.task).kind)
     if val.selection_metric not in produced:
       raise ValueError(f"selection_metric={val.selection_metric!r} is not reported by {val.task} "
@@ -742,9 +688,9 @@ def _check_settings(val: ValidationConfig, validate_fn, model_dir: paths.PathLik
     raise ValueError("ValidationConfig.every_minutes needs one process (hosts' clocks would disagree); use every")
   if batch_size % accum:
     raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by gradient_accumulation_steps={accum}")
-  previous = paths.read_json(model_dir / "run.json")
-  if previous and previous.get("vocabulary") and previous["vocabulary"]["sha256"] != vocabulary_record(vocab)["sha256"]:
-    raise ValueError(f"{model_dir} was trained with {previous['vocabulary']['path']}, not "
+  previous = RunRecord.read(model_dir)
+  if previous and previous.vocabulary and previous.vocabulary["sha256"] != vocabulary_record(vocab)["sha256"]:
+    raise ValueError(f"{model_dir} was trained with {previous.vocabulary['path']}, not "
                      f"{describe(vocab)}: use another MODEL_DIR")
 
 

@@ -89,7 +89,7 @@ def test_scoring_encodes_each_prompt_once_and_equals_per_candidate_teacher_forci
 def test_evaluation_samples_users_at_random_and_the_demo_reports_users_it_did_not_select_on(tmp_path):
   import recalign.tasks as rt
   from recalign.demo import report_ids, selection_size
-  from recalign.evaluate import sample_example_ids, task_examples
+  from recalign.evaluator import sample_example_ids, task_examples
   synthetic_dataset(tmp_path, "samp", users=400)
   lengths = {"inputs": 128, "targets": 16}
   first = task_examples("samp_retrieval", "test", lengths, 50)
@@ -173,7 +173,7 @@ def test_auc_equals_pairwise_definition():
 
 def test_evaluator_end_to_end_on_tiny_tasks(tmp_path):
   import recalign.tasks as rt
-  from recalign.evaluate import RecEvaluator
+  from recalign.evaluator import RecEvaluator
   data = prepare(read_source(write_tiny_tsv(tmp_path / "src")), name="evtiny", kcore=0)
   data.save(tmp_path / "evtiny")
   train_vocabulary(data, tmp_path / "evtiny" / "vocab", vocab_size=300)

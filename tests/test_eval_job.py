@@ -65,24 +65,30 @@ MESH = r'''
 import json, sys
 import jax
 from recalign import evaluate as E
-from recalign import train as T
+from recalign import partitioning
 run, out = sys.argv[1], sys.argv[2]
 members = E.register_run_tasks(run, "tiny_ut")
 settings = E.EvalSettings(split="test", beam_size=4, batch_size=8)
 res = {}
-meshes = {"one": T.make_mesh(1, num_devices=1), "data8": T.make_mesh(1), "data4_model2": T.make_mesh(2)}
+meshes = {"one": partitioning.make_mesh(1, num_devices=1), "data8": partitioning.make_mesh(1),
+          "data4_model2": partitioning.make_mesh(2)}
 for name, mesh in meshes.items():
   r = E.evaluate_checkpoint(run + "/checkpoints/3", members, settings, mesh=mesh, output_dir=out + "/" + name,
                             progress=False)
   res[name] = {k: {"metrics": v.metrics, "predictions": v.predictions} for k, v in r.items()}
+from recalign import cli   # the eval job as a user runs it, on the trainer's 4 x 2 mesh
+assert cli.main(["eval", "--checkpoint", run + "/checkpoints/3", "--task", "tiny_ut", "--split", "test", "--beam", "4",
+                 "--batch", "8", "--model-parallel", "2", "--output-dir", out + "/cli"]) == 0
+res["cli_model2"] = {k: {"metrics": json.load(open(f"{out}/cli/metrics_{k}_test.json"))} for k in res["one"]}
 print("RESULT", json.dumps({"devices": jax.device_count(), "res": res}))
 '''
 
 
 @pytest.mark.slow   # CI keeps the two-process evaluation below and test_train's 8-device training parity
 def test_mesh_evaluation_equals_one_device(tiny_run, tmp_path):
-  """8 simulated CPU devices, data-parallel and 4 x 2 data x model parallel: the same beams, scores
-  and metrics as one device (retrieval, and ranking's beams and teacher-forced scores)."""
+  """8 simulated CPU devices, data-parallel and 4 x 2 data x model parallel (also through `recalign eval
+  --model-parallel 2`): the same beams, scores and metrics as one device (retrieval, and ranking's beams
+  and teacher-forced scores)."""
   import os
   root, _ = tiny_run
   script = tmp_path / "mesh.py"
@@ -96,11 +102,11 @@ def test_mesh_evaluation_equals_one_device(tiny_run, tmp_path):
   assert out["devices"] == 8
   one = out["res"]["one"]
   assert set(one) >= {"tiny_retrieval", "tiny_ranking"}
-  for name in ("data8", "data4_model2"):
+  for name in ("data8", "data4_model2", "cli_model2"):
     for task, r in out["res"][name].items():
       for k, v in one[task]["metrics"].items():
         assert r["metrics"][k] == pytest.approx(v, abs=1e-6), (name, task, k)
-      for p, q in zip(r["predictions"], one[task]["predictions"]):
+      for p, q in zip(r.get("predictions", []), one[task]["predictions"]):
         assert {k: v for k, v in p.items() if k != "scores"} == {k: v for k, v in q.items() if k != "scores"}
         assert p.get("scores", []) == pytest.approx(q.get("scores", []), abs=2e-3)
 
@@ -109,9 +115,9 @@ MULTI = r'''
 import json, sys
 import jax
 from recalign import evaluate as E
-from recalign import train as T
+from recalign import partitioning
 run, out = sys.argv[1], sys.argv[2]
-T.maybe_initialize_distributed()
+partitioning.maybe_initialize_distributed()
 members = E.register_run_tasks(run, "tiny_ut")
 res = E.evaluate_checkpoint(run + "/checkpoints/3", members, E.EvalSettings(split="test", beam_size=4, batch_size=2),
                             output_dir=out, progress=False)

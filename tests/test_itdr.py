@@ -243,7 +243,7 @@ def test_cross_domain_task(tmp_path):
 
 def test_evaluator_reports_itdr_metrics_beside_baselines(shop):
   import jax
-  from recalign.evaluate import RecEvaluator
+  from recalign.evaluator import RecEvaluator
   from recalign.models.model import EncoderDecoderModel
   from recalign.models.network import named_config, padded_vocab_size
   data, _ = shop

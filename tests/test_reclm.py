@@ -249,7 +249,7 @@ def test_register_dataset_with_reclm(collab_data):
 
 def test_profile_tasks_are_evaluated_as_generated_text(collab_data):
   import jax
-  from recalign.evaluate import RecEvaluator, validation_metrics
+  from recalign.evaluator import RecEvaluator, validation_metrics
   from recalign.models.model import EncoderDecoderModel
   from recalign.models.network import named_config, padded_vocab_size
   d, path = collab_data

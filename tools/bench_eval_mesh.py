@@ -27,13 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 def worker(args) -> None:
   import jax
   from recalign import evaluate as E
-  from recalign import train as T
+  from recalign import partitioning
   import recalign.tasks as rt
   rt.register_dataset(args.data)
   task = f"{Path(args.data).name}_retrieval"
   settings = E.EvalSettings(split="test", beam_size=20, batch_size=args.batch, max_examples=args.users,
                             lengths={"inputs": 512, "targets": 32})
-  mesh = T.make_mesh(args.model_parallel)
+  mesh = partitioning.make_mesh(args.model_parallel)
   E.evaluate_checkpoint(args.ckpt, [task], settings, mesh=mesh, output_dir=Path(args.out) / "warm", progress=False)
   t0 = time.perf_counter()
   res = E.evaluate_checkpoint(args.ckpt, [task], settings, mesh=mesh, output_dir=Path(args.out) / "run",

@@ -111,7 +111,7 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
   import recalign.tasks as rt
   from recalign import baselines as B
   from recalign import train as T
-  from recalign.evaluate import sample_example_ids
+  from recalign.evaluator import sample_example_ids
   r = recipe(name)
   model_dir = work / "models" / f"{data_dir.name}_{name}_seed{seed}"
   path = out / "runs" / f"{data_dir.name}_{name}_seed{seed}.json"

@@ -170,7 +170,7 @@ def train_sasrec(data: PreparedData, cfg: SASRecConfig = SASRecConfig(), progres
 
   val_ids = None
   if cfg.validation_users:
-    from recalign.evaluate import sample_example_ids
+    from recalign.evaluator import sample_example_ids
     val_ids = sample_example_ids(len(data.validation_users), cfg.validation_users, seed=cfg.seed)
   log, best, best_params, stale = [], -1.0, params, 0
   key = jax.random.PRNGKey(cfg.seed + 1)

@@ -15,6 +15,7 @@ import numpy as np
 
 from recalign import paths
 from recalign.models.network import T5Config
+from recalign.run_record import FILE as RUN_FILE, RunRecord, find_model_dir
 
 # --------------------------------------------------------------------------------------------
 # Hugging Face
@@ -300,13 +301,8 @@ def check_compatible(params: dict, expected_shapes: dict, source: str) -> None:
 
 def find_run_json(path: paths.PathLike) -> Optional[paths.epath.Path]:
   """MODEL_DIR/run.json of a recalign checkpoint (MODEL_DIR/checkpoints/<step>, MODEL_DIR/best)."""
-  path = paths.resolve(path)
-  for p in [path, *path.parents]:
-    if paths.is_remote(path) and (str(p).endswith("://") or "://" not in str(p)):
-      break   # not above the bucket
-    if (p / "run.json").exists():
-      return p / "run.json"
-  return None
+  model_dir = find_model_dir(path)
+  return model_dir / RUN_FILE if model_dir is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,12 +344,9 @@ def load_checkpoint(path: paths.PathLike) -> Checkpoint:
   key = "params" if "params" in restored else "target"   # runs saved before 2026-11-30 used T5X's key
   if key not in restored:
     raise KeyError(f"{path}: no 'params' in the checkpoint (top-level keys: {sorted(restored)})")
-  run_json = find_run_json(path)
-  run = json.loads(run_json.read_text())
-  model_dir = run_json.parent
-  step = checkpoint_step(path)
-  config = T5Config.from_dict(run["network_config"]) if "network_config" in run else None
-  return Checkpoint(_to_numpy(restored[key]), fmt, config, step, model_dir)
+  model_dir = find_model_dir(path)
+  config = T5Config.from_dict(RunRecord.read(model_dir).network_config)
+  return Checkpoint(_to_numpy(restored[key]), fmt, config, checkpoint_step(path), model_dir)
 
 
 def saved_steps(model_dir: paths.PathLike) -> list[int]:
@@ -392,12 +385,8 @@ def checkpoint_vocabulary(path: paths.PathLike) -> Optional[paths.epath.Path]:
   for name in CHECKPOINT_VOCAB_FILES:
     if (path / name).exists():
       return path / name
-  run = find_run_json(path)
-  if run is not None:
-    recorded = json.loads(run.read_text()).get("vocabulary")
-    if recorded:
-      return paths.as_path(recorded["path"])
-  return None
+  run = RunRecord.find(path)
+  return paths.as_path(run.vocabulary["path"]) if run is not None and run.vocabulary else None
 
 
 class VocabularyMismatch(ValueError):

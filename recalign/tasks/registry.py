@@ -589,7 +589,8 @@ def check_feature_lengths(task_or_mixture, lengths: Mapping[str, int], *, exampl
     try:
       built = list(ds.as_numpy_iterator())
     except tf.errors.InvalidArgumentError as e:   # a task's own assertion (ranking's candidates)
-      raise ValueError(f"{task.name}: {e.message.split('[')[1].rstrip('] ') if '[' in e.message else e.message}") from None
+      said = e.message.split("[")[1].rstrip("] ") if "[" in e.message else e.message
+      raise ValueError(f"{task.name}: {said}") from None
     if not built:
       raise ValueError(f"TASK_FEATURE_LENGTHS['inputs']={lengths['inputs']} (or 'targets'={lengths['targets']}) is too "
                        f"short for {task.name}: none of its first {examples} training examples fits; raise it")
