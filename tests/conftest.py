@@ -9,6 +9,52 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("RECALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_configure(config):
+  """One XLA compilation cache for the session, shared with the training / eval processes the tests start
+  (they inherit the environment): dozens of tests compile the same tiny train step, and each compile costs
+  10-30 s on 2 cores. A fresh folder per session, so every program is compiled once by this suite."""
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="recalign-test-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+TRAIN_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
+
+
+def train_command(root: Path, steps: int, *runs: tuple[Path, dict]) -> list[str]:
+  """The command that trains each (model_dir, extra) of `runs` for `steps` on root/tiny (tiny_root) in a
+  process of its own, as tiny_run.train does in the test's process."""
+  import json
+  import sys
+  return [sys.executable, str(REPO / "tests" / "tiny_run.py"), str(root / "tiny"), str(steps),
+          *(a for model_dir, extra in runs for a in (str(model_dir), json.dumps(extra)))]
+
+
+def train_env(devices: int = 1, file_size: int = 0) -> dict:
+  env = dict(TRAIN_ENV)
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  if file_size:
+    env["RECALIGN_TEST_FILE_SIZE"] = str(file_size)
+  return env
+
+
+def logged_losses(model_dir: Path) -> dict[int, float]:
+  """step -> loss from train_log.jsonl (a step trained again after a resume overwrites the first value)."""
+  import json
+  return {r["step"]: r["loss"] for r in map(json.loads, (model_dir / "train_log.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+  """The hand-made data set prepared at <root>/tiny, shared by the tests that train on it."""
+  root = tmp_path_factory.mktemp("tiny_runs")
+  prepare_tiny(root)
+  return root
+
+
 def shared(name: str) -> Path:
   path = SHARED / name
   if not path.exists():

@@ -12,54 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, prepare_tiny
+from conftest import TRAIN_ENV, logged_losses as losses, train_command, train_env
+from tiny_run import train as train_tiny
 
-STEPS = 24
-# A training run in its own process (so it can be signalled, killed or limited). argv: DATA MODEL_DIR STEPS EXTRA
-SCRIPT = r'''
-import json, resource, signal, sys
-if len(sys.argv) > 5:   # a disk that refuses files over this many bytes (what a full disk does to a save)
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[5]),) * 2)
-import recalign.tasks as rt
-from recalign import faults
-from recalign import train as T
-from recalign.models.network import CONFIGS
-data, model_dir, steps, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-rt.register_dataset(data, config=rt.TaskConfig(num_candidates=3))
-checkpoint = {k: extra.pop(k) for k in ("every", "restore_fallback") if k in extra}
-if checkpoint:
-  extra["checkpoint"] = T.CheckpointConfig(**checkpoint)
-try:
-  out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_retrieval",
-                task_feature_lengths={"inputs": 128, "targets": 16}, train_steps=steps, batch_size=4,
-                network_config=CONFIGS["tiny"].replace(dropout_rate=0.1), log_every=1, progress=False,
-                schedule=T.learning_rate_schedule(base=1e-2, warmup_steps=5), **extra)
-except faults.RunError as e:
-  print(json.dumps({"error": type(e).__name__, "message": str(e)}))
-  sys.exit(2)
-print(json.dumps({"loss": out["loss"]}))
-'''
+STEPS, EVERY = 24, 4
+ENV = TRAIN_ENV
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-  root = tmp_path_factory.mktemp("faults")
-  prepare_tiny(root)
-  (root / "run.py").write_text(SCRIPT)
-  return root
-
-
-def command(root: Path, model_dir: Path, steps: int = STEPS, file_size_limit: int = 0, **extra) -> list[str]:
-  return [sys.executable, str(root / "run.py"), str(root / "tiny"), str(model_dir), str(steps), json.dumps(extra),
-          *([str(file_size_limit)] if file_size_limit else [])]
-
-
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
-
-
-def losses(model_dir: Path) -> dict[int, float]:
-  return {r["step"]: r["loss"] for r in map(json.loads, (model_dir / "train_log.jsonl").read_text().splitlines())}
+def command(root: Path, model_dir: Path, steps: int = STEPS, **extra) -> list[str]:
+  return train_command(root, steps, (model_dir, extra))
 
 
 def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -71,10 +32,35 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
 
 
 @pytest.fixture(scope="module")
+def root(tiny_root):
+  return tiny_root
+
+
+@pytest.fixture(scope="module")
 def reference(root):
-  """The losses of an uninterrupted run."""
-  subprocess.run(command(root, root / "ref"), env=ENV, check=True, capture_output=True)
+  """The losses of an uninterrupted run (checkpoints every 4 steps, the newest 3 kept). Runs interrupted in
+  a process of their own are resumed in the test's process (no second start-up): the same computation."""
+  train_tiny(root / "tiny", root / "ref", STEPS, every=EVERY)
   return losses(root / "ref")
+
+
+def test_the_loss_falls_and_a_run_killed_mid_way_resumes_to_the_same_losses(root, reference):
+  assert sorted(reference) == list(range(1, STEPS + 1))
+  first, last = (np.mean([reference[s] for s in steps]) for steps in (range(1, 6), range(STEPS - 4, STEPS + 1)))
+  assert last < 0.7 * first, (first, last)
+  run = root / "killed"
+  proc = subprocess.Popen(command(root, run, every=EVERY), env=ENV, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  log = run / "train_log.jsonl"
+  wait_for_lines(log, 11, proc)
+  proc.send_signal(signal.SIGKILL)   # a crash: no handler runs, the newest checkpoint is whatever was saved
+  proc.wait()
+  killed_at = len(log.read_text().splitlines())
+  assert killed_at < STEPS, "the run finished before it could be killed"
+  train_tiny(root / "tiny", run, STEPS, every=EVERY)
+  resumed_from = json.loads(log.read_text().splitlines()[killed_at])["step"] - 1
+  assert resumed_from > 1 and resumed_from % EVERY == 0     # from a saved checkpoint, not from scratch ...
+  assert losses(run) == reference                              # ... and every loss equals the uninterrupted run
 
 
 def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(root, reference):
@@ -89,7 +75,7 @@ def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(r
   k = max(losses(run))
   assert 8 <= k < STEPS and saved_steps(run) == [1, k]          # the checkpoint of the step it stopped at
   assert "saving a checkpoint" in err
-  subprocess.run(command(root, run), env=ENV, check=True, capture_output=True)
+  train_tiny(root / "tiny", run, STEPS)
   assert losses(run) == reference                                   # nothing lost, nothing different
 
 
@@ -123,20 +109,14 @@ def test_a_non_finite_step_is_never_applied_nor_saved(root):
 
 
 def test_a_second_trainer_on_a_model_dir_is_refused_until_the_first_is_gone(root):
-  import recalign.tasks as rt
   from recalign import faults
-  from recalign import train as T
-  from recalign.models.network import CONFIGS
-  rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
   run = root / "shared_dir"
   proc = subprocess.Popen(command(root, run, steps=5000), env=ENV, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   wait_for_lines(run / "train_log.jsonl", 2, proc)
-  kw = dict(model_dir=str(run), mixture_or_task_name="tiny_retrieval", batch_size=4, progress=False,
-            task_feature_lengths={"inputs": 128, "targets": 16}, network_config=CONFIGS["tiny"])
   try:
     with pytest.raises(faults.ModelDirBusy, match=rf"being written by another training job, pid {proc.pid} on "):
-      T.train(train_steps=5000, **kw)
+      train_tiny(root / "tiny", run, 5000)
     lines = len((run / "train_log.jsonl").read_text().splitlines())
   finally:
     proc.kill()    # a crash: the kernel drops its lock
@@ -144,7 +124,7 @@ def test_a_second_trainer_on_a_model_dir_is_refused_until_the_first_is_gone(root
   assert lines >= 2 and json.loads((run / "train.lock").read_text())["pid"] == proc.pid
   from recalign.models.checkpoints import saved_steps
   last = (saved_steps(run) or [0])[-1]     # (the kill may have come before its first save completed)
-  out = T.train(train_steps=last + 1, **kw)                  # the lock of the killed job is not stuck
+  out = train_tiny(root / "tiny", run, last + 1)            # the lock of the killed job is not stuck
   assert out["step"] == last + 1 and json.loads((run / "train.lock").read_text())["pid"] == os.getpid()
 
 
@@ -165,40 +145,38 @@ def test_a_lease_on_an_object_store_is_refused_while_fresh_and_taken_over_when_s
   assert not lease.exists()
 
 
-def test_a_damaged_checkpoint_is_named_and_the_previous_one_used_only_on_request(root, reference):
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_used_only_on_request(root, reference, capsys):
   import shutil
   from recalign import faults
   from recalign.models import checkpoints as ck
   run = root / "damaged"
-  shutil.copytree(root / "ref", run)     # checkpoints 1 and 24 (the last step)
-  for step in (1, 24):
-    assert (run / "checkpoints" / str(step)).is_dir()
+  shutil.copytree(root / "ref", run)
+  kept = ck.saved_steps(run)
+  assert kept[-2:] == [STEPS - EVERY, STEPS]
   biggest = max((run / "checkpoints" / "24").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
   with open(biggest, "r+b") as f:        # a crash mid-write: the newest checkpoint's largest file cut in half
     f.truncate(biggest.stat().st_size // 2)
-  r = subprocess.run(command(root, run, steps=STEPS + 2), env=ENV, capture_output=True, text=True)
-  err = json.loads(r.stdout.splitlines()[-1])
-  assert r.returncode == 2 and err["error"] == "CheckpointDamaged"
-  assert f"{run}/checkpoints/24 cannot be restored" in err["message"] and "start from step 1" in err["message"]
+  with pytest.raises(faults.CheckpointDamaged, match=rf"{run}/checkpoints/24 cannot be restored.*start from step 20"):
+    train_tiny(root / "tiny", run, STEPS + 2)
   with pytest.raises(faults.CheckpointDamaged, match=f"{run}/checkpoints/24/default cannot be read"):
     ck.load_checkpoint(run / "checkpoints" / "24")                # the eval job's reader says so too
-  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "24"]    # nothing moved without asking
-  r = subprocess.run(command(root, run, restore_fallback=True), env=ENV, capture_output=True, text=True)
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert "could not be restored and were moved to" in r.stderr
+  assert ck.saved_steps(run) == kept and not (run / "checkpoints_damaged").exists()   # nothing moved unasked
+  train_tiny(root / "tiny", run, STEPS, restore_fallback=True)
+  assert "could not be restored and were moved to" in capsys.readouterr().err
   assert [p.name.split(".")[0] for p in (run / "checkpoints_damaged").iterdir()] == ["24"]
-  assert losses(run) == reference          # steps 2-24 trained again from step 1 give the same losses
+  assert ck.saved_steps(run) == kept
+  assert losses(run) == reference          # steps 21-24 trained again from step 20 give the same losses
 
 
 def test_a_full_disk_fails_the_save_clearly_and_leaves_no_half_checkpoint(root):
   from recalign.models.checkpoints import saved_steps
   run = root / "full_disk"
-  r = subprocess.run(command(root, run, steps=4, file_size_limit=100_000), env=ENV, capture_output=True, text=True)
+  r = subprocess.run(command(root, run, steps=4), env=train_env(file_size=100_000), capture_output=True, text=True)
   err = json.loads(r.stdout.splitlines()[-1])
   assert r.returncode == 2 and err["error"] == "CheckpointWriteError", r.stderr[-2000:]
   assert "File too large" in err["message"] and "newest complete checkpoint is none" in err["message"]
   assert saved_steps(run) == []                        # the half-written step is not a checkpoint
-  subprocess.run(command(root, run, steps=4), env=ENV, check=True, capture_output=True)   # space again: it trains
+  train_tiny(root / "tiny", run, 4)                                           # space again: it trains
   assert saved_steps(run) == [1, 4]
 
 
@@ -243,14 +221,19 @@ def test_batch_not_divisible_by_the_data_parallel_devices_is_refused_by_name(roo
 
 
 def test_the_eval_job_stops_cleanly_on_sigterm_while_it_waits(root, reference):
+  import shutil
   from recalign.faults import PREEMPTED_EXIT_CODE
+  from recalign.models.checkpoints import saved_steps
+  run = root / "eval_waits"
+  shutil.copytree(root / "ref", run)
   code = "import sys; from recalign.cli import main; sys.exit(main(sys.argv[1:]))"
-  proc = subprocess.Popen([sys.executable, "-c", code, "eval", "--checkpoint", str(root / "ref"), "--task",
+  proc = subprocess.Popen([sys.executable, "-c", code, "eval", "--checkpoint", str(run), "--task",
                            "tiny_retrieval", "--data", str(root / "tiny"), "--split", "validation", "--beam", "2", "--batch", "4", "--wait",
                            "--until-step", "1000", "--poll-seconds", "600"],
                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300      # both saved steps evaluated, then it sleeps until step 1000 appears
-  while time.time() < deadline and proc.poll() is None and len(list((root / "ref" / "eval").glob("*/metrics_*"))) < 2:
+  deadline = time.time() + 300      # the saved steps evaluated, then it sleeps until step 1000 appears
+  while (time.time() < deadline and proc.poll() is None and
+         len(list((run / "eval").glob("*/metrics_*"))) < len(saved_steps(run))):
     time.sleep(0.2)
   assert proc.poll() is None, proc.communicate()[1][-2000:]
   time.sleep(1)

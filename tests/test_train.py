@@ -1,106 +1,26 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, prepare_tiny, run_two_processes
-
-# A training run as a separate process (so it can be killed, or see 8 simulated devices).
-SCRIPT = r'''
-import json, sys
-import gin
-import recalign.tasks as rt
-from recalign import train as T
-from recalign.models.network import CONFIGS
-# argv: DATA STEPS [MODEL_DIR, EXTRA_JSON]... -- several runs share one process (one start-up).
-data, steps, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-rt.register_dataset(data, config=rt.TaskConfig(num_candidates=3))
-gin.bind_parameter("learning_rate_schedule.warmup_steps", 5)
-gin.bind_parameter("learning_rate_schedule.base", 1e-2)
-for model_dir, extra in zip(runs[::2], runs[1::2]):
-  extra = json.loads(extra)
-  if "checkpoint_every" in extra:
-    extra["checkpoint"] = T.CheckpointConfig(every=extra.pop("checkpoint_every"))
-  out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_reat",
-                task_feature_lengths={"inputs": 128, "targets": 48}, train_steps=steps, batch_size=8,
-                network_config=CONFIGS["tiny"].replace(dropout_rate=0.1), log_every=1, progress=False,
-                **extra)
-  print(json.dumps({"loss": out["loss"]}))
-'''
+from conftest import REPO, TRAIN_ENV, logged_losses as losses, run_two_processes, train_command, train_env
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("train")
-  prepare_tiny(root)
-  (root / "run.py").write_text(SCRIPT)
-  return root
-
-
-def command(root: Path, model_dir: Path, steps: int, **extra):
-  return [sys.executable, str(root / "run.py"), str(root / "tiny"), str(steps), str(model_dir), json.dumps(extra)]
-
-
-def env(devices: int = 1):
-  e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
-  if devices > 1:
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return e
-
-
-def losses(model_dir: Path) -> dict[int, float]:
-  out = {}
-  for line in (model_dir / "train_log.jsonl").read_text().splitlines():
-    row = json.loads(line)
-    out[row["step"]] = row["loss"]   # a re-run step overwrites the killed run's value
-  return out
-
-
-def test_loss_falls_and_resume_after_kill_reproduces_losses(tiny_dir):
-  ref_dir, killed_dir = tiny_dir / "ref", tiny_dir / "killed"
-  steps = 40
-  subprocess.run(command(tiny_dir, ref_dir, steps, checkpoint_every=4), env=env(), check=True,
-                 capture_output=True)
-  ref = losses(ref_dir)
-  assert sorted(ref) == list(range(1, steps + 1))
-  first, last = sum(ref[s] for s in range(1, 6)) / 5, sum(ref[s] for s in range(steps - 4, steps + 1)) / 5
-  assert last < 0.7 * first, (first, last)
-  assert (ref_dir / "train").is_dir() and (ref_dir / "checkpoints").is_dir()
-
-  proc = subprocess.Popen(command(tiny_dir, killed_dir, steps, checkpoint_every=4), env=env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  log = killed_dir / "train_log.jsonl"
-  deadline = time.time() + 240
-  while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 11):
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = len(log.read_text().splitlines())
-  assert killed_at < steps, "the run finished before it could be killed"
-  subprocess.run(command(tiny_dir, killed_dir, steps, checkpoint_every=4), env=env(), check=True,
-                 capture_output=True)
-  resumed = losses(killed_dir)
-  assert len(log.read_text().splitlines()) > steps   # some steps were run again after the resume...
-  assert resumed == ref                                # ...and every loss equals the uninterrupted run
+def tiny_dir(tiny_root):
+  return tiny_root
 
 
 def test_data_and_model_parallel_on_8_devices_match_one_device(tiny_dir):
-  script = tiny_dir / "parallel.py"
-  script.write_text(r'''
-import json, subprocess, sys
-import jax
-assert jax.device_count() == 8, jax.device_count()
-''' + SCRIPT)
+  """The ReAT mixture trained 6 steps on 1 device, on 8 (data parallel) and on 4 x 2 (data x model): same
+  losses (one process, one start-up; the kill / resume tests are in test_faults)."""
   runs = {"one": {"num_devices": 1}, "data8": {}, "data4_model2": {"model_parallel": 2}}
-  args = [a for name, extra in runs.items() for a in (str(tiny_dir / f"par_{name}"), json.dumps(extra))]
-  subprocess.run([sys.executable, str(script), str(tiny_dir / "tiny"), "6", *args], env=env(8), check=True,
-                 capture_output=True)
+  r = subprocess.run(train_command(tiny_dir, 6, *((tiny_dir / f"par_{name}", extra) for name, extra in runs.items())),
+                     env=train_env(8), check=True, capture_output=True, text=True)
+  assert [json.loads(x)["devices"] for x in r.stdout.splitlines()[-3:]] == [8, 8, 8]
   results = {name: losses(tiny_dir / f"par_{name}") for name in runs}
+  assert sorted(results["one"]) == list(range(1, 7))
   for name in ("data8", "data4_model2"):
     for step, loss in results["one"].items():
       assert results[name][step] == pytest.approx(loss, rel=2e-4, abs=2e-4), (name, step)
@@ -370,7 +290,7 @@ def test_recalign_train_cli_runs_in_a_fresh_process(tiny_dir):
           "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}", "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=4",
           f"--gin.MODEL_DIR='{model_dir}'", "--gin.TaskConfig.num_candidates=3", "--gin.CheckpointConfig.every=1"]
   code = "import sys; from recalign.cli import main; sys.exit(main(sys.argv[1:]))"
-  r = subprocess.run([sys.executable, "-c", code, *argv], env=env(), capture_output=True, text=True, timeout=600)
+  r = subprocess.run([sys.executable, "-c", code, *argv], env=TRAIN_ENV, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   assert json.loads((model_dir / "run.json").read_text())["mixture_or_task_name"] == "tiny_retrieval"
   assert (model_dir / "checkpoints" / "1").exists()

@@ -60,6 +60,11 @@ RECIPES = {
     "bare_collaborative": {"data": {"with_titles": False, "item_prefix": False, "prompt_words": False,
                                     "id_scheme": "collaborative"}, "lengths": {"inputs": 96, "targets": 16},
                            "dropout": 0.0, "lr": 5e-3},
+    # the bare history with every training position a target (SASRec's supervision: 131k targets an epoch
+    # on Beauty where the windows give 37.5k)
+    "bare_prefixes": {"data": {"with_titles": False, "item_prefix": False, "prompt_words": False,
+                               "id_scheme": "collaborative", "train_examples": "prefixes"},
+                      "lengths": {"inputs": 96, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
     # one piece per item (P5's IID) and collaborative codes + the item's piece (P5's CID+IID)
     "compact_atomic": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "atomic"},
                        "lengths": {"inputs": 96, "targets": 8}, "dropout": 0.0, "lr": 5e-3},

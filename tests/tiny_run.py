@@ -1,0 +1,45 @@
+"""One tiny training run (the ReAT mixture of the hand-made data set, tiny T5), the same in a test's process and
+as a script in a process of its own that a test kills, signals, limits or gives 8 simulated devices:
+
+    python tests/tiny_run.py DATA STEPS [MODEL_DIR EXTRA_JSON]...    (several runs share one start-up)
+
+EXTRA_JSON holds train() keywords and CheckpointConfig fields. RECALIGN_TEST_FILE_SIZE=n: a disk that
+refuses files over n bytes (what a full disk does to a save). A faults.RunError prints {"error", "message"}
+and exits 2; a finished run prints {"loss", "devices"}."""
+import json
+import os
+import sys
+
+
+def train(data, model_dir, steps: int, **extra) -> dict:
+  import recalign.tasks as rt
+  from recalign import train as T
+  from recalign.models.network import CONFIGS
+  rt.register_dataset(data, config=rt.TaskConfig(num_candidates=3))
+  checkpoint = {k: extra.pop(k) for k in ("every", "keep", "restore_fallback") if k in extra}
+  kw = dict(mixture_or_task_name="tiny_reat", task_feature_lengths={"inputs": 128, "targets": 48}, batch_size=8,
+            network_config=CONFIGS["tiny"].replace(dropout_rate=0.1), log_every=1, progress=False,
+            schedule=T.learning_rate_schedule(base=1e-2, warmup_steps=5), checkpoint=T.CheckpointConfig(**checkpoint))
+  return T.train(model_dir=str(model_dir), train_steps=steps, **{**kw, **extra})
+
+
+def main(argv: list[str]) -> None:
+  if os.environ.get("RECALIGN_TEST_FILE_SIZE"):
+    import resource
+    import signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(os.environ["RECALIGN_TEST_FILE_SIZE"]),) * 2)
+  import jax
+  from recalign import faults
+  data, steps, runs = argv[0], int(argv[1]), argv[2:]
+  for model_dir, extra in zip(runs[::2], runs[1::2]):
+    try:
+      out = train(data, model_dir, steps, **json.loads(extra))
+    except faults.RunError as e:
+      print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+      sys.exit(2)
+    print(json.dumps({"loss": out["loss"], "devices": jax.device_count()}))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
