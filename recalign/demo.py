@@ -87,6 +87,7 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
   """Trains for `minutes` of training (validation excluded) or `steps`, validating every `eval_every_minutes`."""
   import recalign.tasks as rt
   from recalign import train as T
+  from recalign import trainer
   from recalign.models.network import named_config
   from recalign.data import PreparedData
   config = rt.TaskConfig(**recipe.data)
@@ -95,14 +96,14 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
     validation_examples = selection_size(len(PreparedData.load(data_dir).validation_users))
   if recipe.decay == "linear" and not steps:
     raise ValueError("a linear decay needs a budget in steps (the number of steps of a minutes budget is unknown)")
-  schedule = T.learning_rate_schedule(base=recipe.learning_rate, warmup_steps=recipe.warmup_steps,
+  schedule = trainer.learning_rate_schedule(base=recipe.learning_rate, warmup_steps=recipe.warmup_steps,
                                       decay=recipe.decay, total_steps=steps or 0)
   out = T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=recipe.lengths,
                 train_steps=steps or 10 ** 7, batch_size=recipe.batch_size,
                 network_config=named_config(size).replace(dropout_rate=recipe.dropout, dtype=recipe.dtype),
                 data_dirs=[str(data_dir)], task_config=config, random_seed=seed, log_every=25,
-                schedule=schedule, optimizer=T.make_optimizer(schedule),
-                validation=T.ValidationConfig(task=validation_task, every_minutes=eval_every_minutes,
+                schedule=schedule, optimizer=trainer.make_optimizer(schedule),
+                validation=trainer.ValidationConfig(task=validation_task, every_minutes=eval_every_minutes,
                                               examples=validation_examples),
                 train_minutes_budget=minutes)
   print(f"[demo] trained {mixture} for {out['step']} steps in {(time.time() - t0) / 60:.1f} min")

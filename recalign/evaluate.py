@@ -78,8 +78,8 @@ def register_run_tasks(checkpoint: Path | str, task: str, *, data: Sequence[str]
   vocab_path = vocabulary or ck.checkpoint_vocabulary(checkpoint)
   vocab = load_vocabulary(vocab_path) if vocab_path else None
   config = rt.TaskConfig(**run.task_config) if run and run.task_config else rt.TaskConfig()
-  for d in (data or (run.data_dirs if run else ())):
-    rt.register_dataset(d, vocab=vocab, config=config)
+  for d in (data or (run.data_dirs if run else ())):   # the run's record is what its checkpoint needs
+    rt.register_dataset(d, vocab=vocab, config=config, replace=True)
   t = rt.get(task)
   members = [m.name for m in getattr(t, "tasks", [t])]
   members = [m for m in members if rt.registry.task_info(m).kind in EVALUABLE]

@@ -47,6 +47,15 @@ def logged_losses(model_dir: Path) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in map(json.loads, (model_dir / "train_log.jsonl").read_text().splitlines())}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_registry():
+  """Every test module registers its data sets afresh (several prepare their own "tiny" in their own folder,
+  and a name registered again from another folder is an error, as in seqio)."""
+  import recalign.tasks as rt
+  rt.unregister()
+  yield
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
   """The hand-made data set prepared at <root>/tiny, shared by the tests that train on it."""

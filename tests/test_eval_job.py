@@ -14,13 +14,14 @@ def tiny_run(tmp_path_factory):
   """A tiny prepared data set and a 3-step run with a checkpoint at every step (3 kept)."""
   import recalign.tasks as rt
   from recalign import train as T
+  from recalign import trainer
   from recalign.models.network import CONFIGS
   root = tmp_path_factory.mktemp("evaljob")
   prepare_tiny(root)
   kw = dict(model_dir=str(root / "run"), mixture_or_task_name="tiny_retrieval", data_dirs=[str(root / "tiny")],
             task_config=rt.TaskConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
             batch_size=4, network_config=CONFIGS["tiny"], progress=False,
-            checkpoint=T.CheckpointConfig(every=1, keep=3))
+            checkpoint=trainer.CheckpointConfig(every=1, keep=3))
   T.train(train_steps=3, **kw)
   return root, kw
 

@@ -86,13 +86,14 @@ def test_a_non_finite_step_is_never_applied_nor_saved(root):
   import recalign.tasks as rt
   from recalign import faults
   from recalign import train as T
+  from recalign import trainer
   from recalign.models import checkpoints as ck
   from recalign.models.network import CONFIGS
   rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
   nan_from_4 = lambda s: jnp.where(s >= 3, jnp.nan, 1e-3)  # noqa: E731  (step index 3 = the 4th step)
   kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
             batch_size=4, network_config=CONFIGS["tiny"], log_every=3, progress=False, schedule=nan_from_4,
-            optimizer=T.make_optimizer(nan_from_4, name="adamw"), checkpoint=T.CheckpointConfig(every=3, keep=5))
+            optimizer=trainer.make_optimizer(nan_from_4, name="adamw"), checkpoint=trainer.CheckpointConfig(every=3, keep=5))
   stopped = root / "nan_stop"
   with pytest.raises(faults.NonFiniteError, match=r"step 4: .*not finite.*last good checkpoint is step 3"):
     T.train(model_dir=str(stopped), train_steps=8, **kw)
@@ -184,6 +185,7 @@ def test_an_unwritable_model_dir_and_impossible_values_are_refused_before_traini
   import recalign.tasks as rt
   from recalign import faults
   from recalign import train as T
+  from recalign import trainer
   from recalign.models.network import CONFIGS
   rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
   kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
@@ -193,8 +195,8 @@ def test_an_unwritable_model_dir_and_impossible_values_are_refused_before_traini
     T.train(model_dir=str(tmp_path / "a_file" / "run"), **kw)
   bad = [({"train_steps": -5}, "TRAIN_STEPS must be a positive integer, not -5"),
          ({"batch_size": 0}, "BATCH_SIZE must be a positive integer"),
-         ({"checkpoint": T.CheckpointConfig(every=0)}, "CheckpointConfig.every must be positive"),
-         ({"validation": T.ValidationConfig(patience=-1)}, "cannot be negative"),
+         ({"checkpoint": trainer.CheckpointConfig(every=0)}, "CheckpointConfig.every must be positive"),
+         ({"validation": trainer.ValidationConfig(patience=-1)}, "cannot be negative"),
          ({"task_feature_lengths": {"inputs": 128}}, "TASK_FEATURE_LENGTHS must be"),
          ({"mixture_or_task_name": "tiny_reat", "task_feature_lengths": {"inputs": 16, "targets": 48}},
           r"\['inputs'\]=16 .* too short for tiny_mim: none of its first 32"),      # (it used to hang)

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -471,3 +472,27 @@ def test_preprocessors_are_partials_with_checked_options(tiny):
     pp.make_preprocessor("ranking", tables, None, task_name="x", num_candidate=3)
   with pytest.raises(TypeError, match="retrieval task takes no option mask_rate"):
     pp.make_preprocessor("retrieval", tables, None, task_name="x", mask_rate=0.2)
+
+
+def test_a_name_registered_again_is_the_same_or_refused_unless_replaced(tiny, tmp_path):
+  """As seqio's registries: the same folder, vocabulary and config again is a no-op (the same task objects,
+  nothing rebuilt); another config, folder or a rewritten folder is an error naming what differs."""
+  tiny_dir = rt.registry.task_info("tiny_retrieval").data_dir
+  task = rt.get("tiny_retrieval")
+  names = rt.register_dataset(tiny_dir, config=rt.TaskConfig(num_candidates=3))
+  assert "tiny_reat" in names and rt.get("tiny_retrieval") is task
+  with pytest.raises(ValueError, match=r"'tiny' is already registered, with another TaskConfig \(window=20 -> 5\)"
+                                       r".*replace=True"):
+    rt.register_dataset(tiny_dir, config=rt.TaskConfig(num_candidates=3, window=5))
+  assert rt.get("tiny_retrieval") is task                       # the refused call changed nothing
+  copy = prepare_tiny(tmp_path)
+  with pytest.raises(ValueError, match=re.escape(f"another folder ({tiny_dir}, now {copy})")):
+    rt.register_dataset(copy, config=rt.TaskConfig(num_candidates=3))
+  import os
+  manifest = Path(tiny_dir) / "manifest.json"
+  os.utime(manifest, ns=(manifest.stat().st_atime_ns, manifest.stat().st_mtime_ns + 10**9))   # prepared again
+  with pytest.raises(ValueError, match="another preparation .* was rewritten since"):
+    rt.register_dataset(tiny_dir, config=rt.TaskConfig(num_candidates=3))
+  rt.register_dataset(tiny_dir, config=rt.TaskConfig(num_candidates=3, window=5), replace=True)
+  assert rt.registry.task_info("tiny_retrieval").config.window == 5 and rt.get("tiny_retrieval") is not task
+  rt.register_dataset(tiny_dir, config=rt.TaskConfig(num_candidates=3), replace=True)    # as the module had it

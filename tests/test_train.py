@@ -31,7 +31,7 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
   configs are package resources: package-qualified includes resolve from any working directory."""
   import gin
   from recalign import cli
-  from recalign import train as T
+  from recalign import trainer
   from recalign.models import network as nw
   from recalign.tasks import TaskConfig
   monkeypatch.chdir(tmp_path)
@@ -49,7 +49,7 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
     cli.parse_gin(scratch + [str(gin_dir / f"{f}.gin")],
                   ["MODEL_DIR = '/tmp/x'", "BATCH_SIZE = 4", "ValidationConfig.every = 7",
                    "make_optimizer.name = 'adamw'"], [])
-    assert T.ValidationConfig().every == 7 and gin.query_parameter("make_optimizer.name") == "adamw"
+    assert trainer.ValidationConfig().every == 7 and gin.query_parameter("make_optimizer.name") == "adamw"
     assert gin.query_parameter("%MODEL_DIR") == "/tmp/x" and gin.query_parameter("%BATCH_SIZE") == 4
     assert gin.query_parameter("%MIXTURE_OR_TASK_NAME").endswith(mixture)
     assert gin.query_parameter("%LEARNING_RATE") == 1e-3 and gin.query_parameter("%WARMUP_STEPS") == 1000
@@ -79,7 +79,7 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
   gin.clear_config()
   cli.parse_gin([str(gin_dir / "runs" / "gpu_retrieval.gin")],
                 ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'toys_retrieval'"], [])
-  val = T.ValidationConfig()
+  val = trainer.ValidationConfig()
   assert (val.task, val.patience, val.every, TaskConfig().next_items) == ("toys_retrieval", 8, 1000, 5)
   assert gin.query_parameter("learning_rate_schedule.decay") == "rsqrt"
   # a dimension overridden as in T5X; a misspelt one is an error
@@ -163,6 +163,7 @@ def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss
   import recalign.tasks as rt
   from conftest import train_t5_like_vocab
   from recalign import train as T
+  from recalign import trainer
   from recalign.data import PreparedData
   from recalign.data.vocab import load_vocabulary
   from recalign.models import checkpoints as ck
@@ -186,7 +187,7 @@ def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss
   assert run["vocabulary"]["path"] == str((hf_dir / "spiece.model").resolve())
   task_vocab = rt.registry.get_vocabulary(rt.get("tiny_reat"))
   assert task_vocab.sp_model == t5_vocab.sp_model and task_vocab.vocab_size == t5_vocab.vocab_size
-  batch = next(T.input_batches(rt.get("tiny_reat"), lengths, 8, seed=0, pack=False))
+  batch = next(trainer.input_batches(rt.get("tiny_reat"), lengths, 8, seed=0, pack=False))
   assert batch["encoder_input_tokens"].max() >= 100          # ids from the T5-like model, not cut
   with torch.no_grad():
     enc = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
@@ -202,6 +203,7 @@ import jax
 import gin
 import recalign.tasks as rt
 from recalign import train as T
+from recalign import trainer
 from recalign.models.network import CONFIGS
 data, model_dir = sys.argv[1], sys.argv[2]
 rt.register_dataset(data, config=rt.TaskConfig(num_candidates=3))
@@ -210,7 +212,7 @@ gin.bind_parameter("learning_rate_schedule.base", 1e-2)
 out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_reat",
               task_feature_lengths={"inputs": 128, "targets": 48}, train_steps=12, batch_size=8,
               network_config=CONFIGS["tiny"].replace(dropout_rate=0.0), log_every=1, progress=False,
-              checkpoint=T.CheckpointConfig(every=6))
+              checkpoint=trainer.CheckpointConfig(every=6))
 print("RESULT", json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                             "devices": jax.device_count(), "loss": out["loss"]}))
 '''
@@ -224,7 +226,8 @@ def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
   import numpy as np
 
   import recalign.tasks as rt
-  from recalign import train as T
+  from flax import linen as nn
+  from recalign import trainer
   from recalign.models.model import EncoderDecoderModel
   from recalign.models.network import CONFIGS, padded_vocab_size
 
@@ -246,11 +249,11 @@ def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
     with pytest.MonkeyPatch.context() as mp:
       mp.setattr(jax, "process_count", lambda: 2)
       mp.setattr(jax, "process_index", lambda pid=pid: pid)
-      local.append(next(T.input_batches(task, lengths, 8, seed=0, pack=True)))
+      local.append(next(trainer.input_batches(task, lengths, 8, seed=0, pack=True)))
   batch = {k: np.concatenate([local[0][k], local[1][k]]) for k in local[0]}
   vocab = rt.registry.get_vocabulary(task)
   model = EncoderDecoderModel(CONFIGS["tiny"].replace(dropout_rate=0.0, vocab_size=padded_vocab_size(vocab.vocab_size)))
-  params = T.nn.unbox(model.init(jax.random.PRNGKey(0)))
+  params = nn.unbox(model.init(jax.random.PRNGKey(0)))
   expected = float(model.loss_fn(params, batch)[0])
   assert logged[1] == pytest.approx(expected, rel=1e-4)
   # and the two shards are different data
@@ -260,19 +263,20 @@ def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
 def test_settings_that_would_fail_after_training_are_errors_before_the_first_step(tiny_dir, capsys):
   import recalign.tasks as rt
   from recalign import train as T
+  from recalign import trainer
   from recalign.models.network import CONFIGS
   rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
   kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
             batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False)
   with pytest.raises(ValueError, match="ValidationConfig.task is not"):
-    T.train(model_dir=str(tiny_dir / "no_val"), train_steps=2, validation=T.ValidationConfig(every=1), **kw)
+    T.train(model_dir=str(tiny_dir / "no_val"), train_steps=2, validation=trainer.ValidationConfig(every=1), **kw)
   with pytest.raises(ValueError, match=r"'ndcg@10' is not reported by tiny_ranking.*score/ndcg@10"):
     T.train(model_dir=str(tiny_dir / "bad_metric"), train_steps=2,
-            validation=T.ValidationConfig(every=1, task="tiny_ranking", selection_metric="ndcg@10"), **kw)
+            validation=trainer.ValidationConfig(every=1, task="tiny_ranking", selection_metric="ndcg@10"), **kw)
   assert not any((tiny_dir / "bad_metric" / f).exists() for f in ("train_log.jsonl", "run.json"))
   # Without a selection metric, the task's headline one: rating selects by AUC (the demo's RpAT run).
   out = T.train(model_dir=str(tiny_dir / "rating_val"), train_steps=1,
-                validation=T.ValidationConfig(every=1, task="tiny_rating"), **kw)
+                validation=trainer.ValidationConfig(every=1, task="tiny_rating"), **kw)
   assert out["best"]["selection_metric"] == "auc" and 0.0 <= out["best"]["metrics"]["auc"] <= 1.0
   # A finished run, started again: says so and reports its last step instead of returning nothing.
   first = T.train(model_dir=str(tiny_dir / "done"), train_steps=2, **kw)
@@ -301,13 +305,14 @@ def test_eval_results_survive_checkpoint_rotation(tiny_dir):
   import recalign.tasks as rt
   from recalign import cli
   from recalign import train as T
+  from recalign import trainer
   from recalign.models.network import CONFIGS
   rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
   run = tiny_dir / "rotate"
   kw = dict(model_dir=str(run), mixture_or_task_name="tiny_retrieval", data_dirs=[str(tiny_dir / "tiny")],
             task_config=rt.TaskConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
             batch_size=4, network_config=CONFIGS["tiny"], progress=False,
-            checkpoint=T.CheckpointConfig(every=1, keep=1))
+            checkpoint=trainer.CheckpointConfig(every=1, keep=1))
   T.train(train_steps=1, **kw)
   assert cli.main(["eval", "--checkpoint", str(run / "checkpoints" / "1"), "--task", "tiny_retrieval",
                    "--split", "validation", "--beam", "2", "--batch", "4"]) == 0
@@ -325,13 +330,14 @@ def test_early_stopping_on_validation_patience_survives_a_resume(tiny_dir):
   nothing. A run interrupted after step 3 and resumed stops at the same step."""
   import recalign.tasks as rt
   from recalign import train as T
+  from recalign import trainer
   from recalign.models.network import CONFIGS
   rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
   script = iter([0.1, 0.3, 0.2, 0.25, 0.9, 0.9])
   fake = lambda model, params: {"ndcg@10": next(script)}  # noqa: E731
   kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
             batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False, train_steps=50,
-            validation=T.ValidationConfig(every=1, task="tiny_retrieval", patience=2))
+            validation=trainer.ValidationConfig(every=1, task="tiny_retrieval", patience=2))
   model_dir = tiny_dir / "early"
   out = T.train(model_dir=str(model_dir), validate_fn=fake, **kw)
   assert out["step"] == 4 and out["best"]["step"] == 2

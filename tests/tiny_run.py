@@ -14,12 +14,13 @@ import sys
 def train(data, model_dir, steps: int, **extra) -> dict:
   import recalign.tasks as rt
   from recalign import train as T
+  from recalign import trainer
   from recalign.models.network import CONFIGS
   rt.register_dataset(data, config=rt.TaskConfig(num_candidates=3))
   checkpoint = {k: extra.pop(k) for k in ("every", "keep", "restore_fallback") if k in extra}
   kw = dict(mixture_or_task_name="tiny_reat", task_feature_lengths={"inputs": 128, "targets": 48}, batch_size=8,
             network_config=CONFIGS["tiny"].replace(dropout_rate=0.1), log_every=1, progress=False,
-            schedule=T.learning_rate_schedule(base=1e-2, warmup_steps=5), checkpoint=T.CheckpointConfig(**checkpoint))
+            schedule=trainer.learning_rate_schedule(base=1e-2, warmup_steps=5), checkpoint=trainer.CheckpointConfig(**checkpoint))
   return T.train(model_dir=str(model_dir), train_steps=steps, **{**kw, **extra})
 
 

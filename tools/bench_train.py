@@ -29,7 +29,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import recalign.tasks as rt  # noqa: E402
-from recalign import train as T  # noqa: E402
+from recalign import trainer  # noqa: E402
+from flax import linen as nn  # noqa: E402
 from recalign.demo import ensure_prepared  # noqa: E402
 from recalign.models import checkpoints as ck  # noqa: E402
 from recalign.models import network as nw  # noqa: E402
@@ -49,8 +50,8 @@ def next_fit_batches(task, lengths, batch_size):
 
 def run_recalign(task, cfg, lengths, batch_size, steps, pack):
   model = EncoderDecoderModel(cfg)
-  params = jax.tree_util.tree_map(jnp.asarray, T.nn.unbox(model.init(jax.random.PRNGKey(0))))
-  tx = T.make_optimizer(T.learning_rate_schedule(1e-3, 0), name="adafactor")
+  params = jax.tree_util.tree_map(jnp.asarray, nn.unbox(model.init(jax.random.PRNGKey(0))))
+  tx = trainer.make_optimizer(trainer.learning_rate_schedule(1e-3, 0), name="adafactor")
   opt = tx.init(params)
 
   @jax.jit
@@ -60,7 +61,7 @@ def run_recalign(task, cfg, lengths, batch_size, steps, pack):
     return optax.apply_updates(params, upd), opt, m["loss"]
 
   it = (next_fit_batches(task, lengths, batch_size) if pack == "next-fit"
-        else T.input_batches(task, lengths, batch_size, seed=0, pack=pack == "first-fit"))
+        else trainer.input_batches(task, lengths, batch_size, seed=0, pack=pack == "first-fit"))
   batches = [next(it) for _ in range(steps + 1)]
   params, opt, loss = step(params, opt, batches[0])  # compile
   jax.block_until_ready(loss)

@@ -65,15 +65,16 @@ print("RESULT", json.dumps({"s_per_step": (time.perf_counter() - t) / steps, "lo
 CHILD = r'''
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np, optax
-from recalign import train as T
+from flax import linen as nn
+from recalign import trainer
 from recalign.models.model import EncoderDecoderModel
 from recalign.models.network import CONFIGS
 size, dtype = sys.argv[1], sys.argv[6]
 batch, li, lt, steps = (int(x) for x in sys.argv[2:6])
 cfg = CONFIGS[size].replace(vocab_size=8192, dtype=dtype, dropout_rate=0.0)
 model = EncoderDecoderModel(cfg)
-params = jax.tree_util.tree_map(jnp.asarray, T.nn.unbox(model.init(jax.random.PRNGKey(0))))
-tx = T.make_optimizer(T.learning_rate_schedule(1e-3, 0), name="adafactor")
+params = jax.tree_util.tree_map(jnp.asarray, nn.unbox(model.init(jax.random.PRNGKey(0))))
+tx = trainer.make_optimizer(trainer.learning_rate_schedule(1e-3, 0), name="adafactor")
 opt = tx.init(params)
 rng = np.random.default_rng(0)
 tgt = rng.integers(3, 8000, (batch, lt)).astype(np.int32)

@@ -31,20 +31,22 @@ def run(name: str, seed: int, data_dir: Path, work: Path, args) -> dict:
   import curves
   import recalign.tasks as rt
   from recalign import train as T
+  from recalign import trainer
   from recalign.demo import evaluate_best
   r = curves.recipe(name)
   config = rt.TaskConfig(**r["data"])
+  rt.register_dataset(data_dir, config=config, replace=True)   # one process may train several recipes
   model_dir = work / "models" / f"{data_dir.name}_{name}_seed{seed}"
-  schedule = T.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"],
+  schedule = trainer.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"],
                                       total_steps=args.max_steps)
   t0 = time.time()
   out = T.train(model_dir=str(model_dir), mixture_or_task_name=f"{data_dir.name}_{r['mixture']}",
                 task_feature_lengths=r["lengths"], train_steps=args.max_steps, batch_size=r["batch"],
                 network_config=curves.network_config(r["size"]).replace(dropout_rate=r["dropout"], dtype=r["dtype"]),
                 data_dirs=[str(data_dir)], task_config=config, random_seed=seed, schedule=schedule,
-                optimizer=T.make_optimizer(schedule, name=r["optimizer"]), loss_normalizing_factor=r["loss"],
-                checkpoint=T.CheckpointConfig(every=args.every, keep=2), log_every=50,
-                validation=T.ValidationConfig(task=f"{data_dir.name}_retrieval", examples=args.val_users,
+                optimizer=trainer.make_optimizer(schedule, name=r["optimizer"]), loss_normalizing_factor=r["loss"],
+                checkpoint=trainer.CheckpointConfig(every=args.every, keep=2), log_every=50,
+                validation=trainer.ValidationConfig(task=f"{data_dir.name}_retrieval", examples=args.val_users,
                                               every=args.every, patience=args.patience))
   log = [json.loads(x) for x in (model_dir / "train_log.jsonl").read_text().splitlines()]
   test = {p: evaluate_best(model_dir, f"{data_dir.name}_retrieval", "test", exclude_history=ex).metrics

@@ -116,6 +116,7 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
   import recalign.tasks as rt
   from recalign import baselines as B
   from recalign import train as T
+  from recalign import trainer
   from recalign.evaluator import sample_example_ids
   r = recipe(name)
   model_dir = work / "models" / f"{data_dir.name}_{name}_seed{seed}"
@@ -126,19 +127,19 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
     import shutil
     shutil.rmtree(model_dir)
   config = rt.TaskConfig(**r["data"])
-  rt.register_dataset(data_dir, config=config)
+  rt.register_dataset(data_dir, config=config, replace=True)   # one process trains several recipes
   from recalign.data import PreparedData
   data = PreparedData.load(data_dir)
   mixture = f"{data.name}_{r['mixture']}"
-  schedule = T.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"],
+  schedule = trainer.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"],
                                       total_steps=10 ** 7)
   t0 = time.time()
   T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=r["lengths"],
           train_steps=10 ** 7, batch_size=r["batch"], network_config=network_config(r["size"]).replace(
               dropout_rate=r["dropout"], dtype=r["dtype"]), data_dirs=[str(data_dir)], task_config=config,
-          random_seed=seed, schedule=schedule, optimizer=T.make_optimizer(schedule, name=r["optimizer"]),
-          loss_normalizing_factor=r["loss"], checkpoint=T.CheckpointConfig(every=10 ** 6), log_every=25,
-          validation=T.ValidationConfig(task=f"{data.name}_retrieval", examples=val_users, every_minutes=eval_every),
+          random_seed=seed, schedule=schedule, optimizer=trainer.make_optimizer(schedule, name=r["optimizer"]),
+          loss_normalizing_factor=r["loss"], checkpoint=trainer.CheckpointConfig(every=10 ** 6), log_every=25,
+          validation=trainer.ValidationConfig(task=f"{data.name}_retrieval", examples=val_users, every_minutes=eval_every),
           train_minutes_budget=minutes, progress=True)
   wall = (time.time() - t0) / 60
   read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731

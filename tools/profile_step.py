@@ -41,19 +41,20 @@ def profile(name: str, data_dir: Path, steps: int) -> dict:
   import jax.numpy as jnp
   import curves
   import recalign.tasks as rt
-  from recalign import train as T
+  from flax import linen as nn
+  from recalign import trainer
   from recalign.models.model import EncoderDecoderModel, compute_loss
   from recalign.models.network import padded_vocab_size
   from recalign.tasks import packing
   r = curves.recipe(name)
-  rt.register_dataset(data_dir, config=rt.TaskConfig(**r["data"]))
+  rt.register_dataset(data_dir, config=rt.TaskConfig(**r["data"]), replace=True)
   task = rt.get(f"{data_dir.name}_{r['mixture']}")
   vocab = rt.registry.get_vocabulary(task)
   cfg = curves.network_config(r["size"]).replace(dropout_rate=r["dropout"], dtype=r["dtype"],
                                                  vocab_size=padded_vocab_size(vocab.vocab_size))
   model = EncoderDecoderModel(cfg)
   lengths = r["lengths"]
-  batches = T.input_batches(task, lengths, r["batch"], seed=0, pack=True)
+  batches = trainer.input_batches(task, lengths, r["batch"], seed=0, pack=True)
   next(batches)                                                   # tf.data start-up
   t = time.perf_counter()
   held = [next(batches) for _ in range(steps)]
@@ -63,12 +64,12 @@ def profile(name: str, data_dir: Path, steps: int) -> dict:
   next_items = r["data"].get("next_items", 1)
   items_per_target = targets / max(examples, 1)                   # target tokens per example, without EOS
 
-  sched = T.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"])
-  tx = T.make_optimizer(sched, name=r["optimizer"])
-  params = T.nn.unbox(model.init(jax.random.PRNGKey(0)))
+  sched = trainer.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"])
+  tx = trainer.make_optimizer(sched, name=r["optimizer"])
+  params = nn.unbox(model.init(jax.random.PRNGKey(0)))
   state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
   batch = jax.tree_util.tree_map(jnp.asarray, held[0])
-  step = jax.jit(functools.partial(T.train_step, model=model, tx=tx, schedule=sched, accum=1,
+  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, schedule=sched, accum=1,
                                    dropout_key=jax.random.PRNGKey(1)))
   encode = jax.jit(lambda p, b: model.encode(p, b["encoder_input_tokens"]))
   loss = jax.jit(lambda p, b: model.loss_fn(p, b)[0])

@@ -80,7 +80,7 @@ def main():
                              id_schemes=() if scheme == "random" else (scheme,))
   data = PreparedData.load(data_dir)
   name = data.name
-  rt.register_dataset(data_dir, config=rt.TaskConfig(**recipe.data))
+  rt.register_dataset(data_dir, config=rt.TaskConfig(**recipe.data), replace=True)   # rows differ in config
   results_path = out / "study.json"
   results, todo = pending_runs(results_path, args.rows, args.seeds)
   task = f"{name}_retrieval"

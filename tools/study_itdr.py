@@ -51,7 +51,7 @@ def main():
   recipe = Recipe("", {"itdr": True, "num_candidates": 20}, {"inputs": 512, "targets": 128}, batch_size=32,
                   learning_rate=2e-3, warmup_steps=100, dropout=0.1, dtype="bfloat16")
   data_dir = ensure_prepared(Path(args.data), out / "data" / "ml100k", "ml100k")
-  rt.register_dataset(data_dir, config=rt.TaskConfig(**recipe.data))
+  rt.register_dataset(data_dir, config=rt.TaskConfig(**recipe.data), replace=True)   # rows differ in config
   path = out / "study_itdr.json"
   results, todo = pending_runs(path, args.rows, args.seeds)
   for key, row, seed in todo:

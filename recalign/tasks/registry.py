@@ -31,7 +31,7 @@ from recalign import metrics as M
 from recalign.data.prepare import PreparedData, item_id
 from recalign.data.report import DataError
 from recalign.data.ids import id_pieces, load_ids
-from recalign.data.vocab import extend, load_vocabulary
+from recalign.data.vocab import describe, extend, load_vocabulary, same_vocabulary
 from recalign.tasks import itdr
 from recalign.tasks import preprocessors as pp
 from recalign.tasks import sources
@@ -49,6 +49,7 @@ MIXTURES = {
 }
 
 _REGISTERED: dict[str, list[str]] = {}  # data set name -> its registered tasks and mixtures
+_SOURCES: dict[str, dict] = {}          # data set name -> what it was registered from (register_dataset)
 
 
 @gin.configurable
@@ -225,23 +226,35 @@ def task_info(name: str) -> TaskInfo:
 
 
 def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=None,
-                     config: TaskConfig = TaskConfig()) -> list[str]:
+                     config: TaskConfig = TaskConfig(), replace: bool = False) -> list[str]:
   """Registers every task and mixture of a prepared data set; returns their names.
 
   `vocab`: a seqio vocabulary, or None for the data set's own `vocab/spm.model`.
-  Registering the same name again replaces the earlier registration.
+  As seqio's registries: registering a name again from the same folder (unchanged on disk), vocabulary
+  and `config` returns the names already registered; anything else is an error unless `replace=True`,
+  which replaces everything the name had.
   """
   if config.reclm and config.itdr:   # the profile tasks read every item before the validation item
     raise ValueError("TaskConfig: reclm=True and itdr=True cannot be combined (the profile tasks would show "
                      "ITDR's held-out items); register them in separate runs")
   data = PreparedData.load(data_dir)
   name = name or data.name
-  for old in _REGISTERED.pop(name, []):  # re-registering replaces everything the name had
-    _remove(old)
+  vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
+  source = {"data_dir": str(Path(data_dir).resolve()), "prepared": _prepared_stamp(data_dir), "vocab": vocab,
+            "config": config}
+  if name in _REGISTERED:
+    differ = _differences(_SOURCES[name], source)
+    if not differ:
+      return list(_REGISTERED[name])
+    if not replace:
+      raise ValueError(f"data set {name!r} is already registered, with another {'; '.join(differ)}: register it "
+                       f"under another name (register_dataset(..., name=...)), or pass replace=True to replace "
+                       f"its tasks and mixtures on purpose")
+  unregister(name)   # replacing removes everything the name had
   ids = load_ids(data_dir, config.id_scheme, data.num_items)
   # Code IDs need their pieces: the project's vocabulary has them (`recalign vocab`), another one
   # (a pretrained T5's) gets them appended as new ids after its own.
-  vocab = extend(vocab or load_vocabulary(Path(data_dir) / "vocab"), id_pieces(ids))
+  vocab = extend(vocab, id_pieces(ids))
   with_titles = data.has_titles if config.with_titles is None else config.with_titles
   tables = pp.ItemTables(data, vocab, with_titles=with_titles, ids=ids, item_prefix=config.item_prefix)
   info = functools.partial(TaskInfo, data_dir=str(Path(data_dir).resolve()), vocab=vocab, ids=tuple(ids),
@@ -323,10 +336,41 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                                                               if f"{name}_{m}" in names] + itdr_tasks)):
       _register_mixture(f"{name}_{mix}", members)
       names.append(f"{name}_{mix}")
-  _REGISTERED[name] = list(names)
   if config.reclm:
     names += register_profile_task(data_dir, name=name, vocab=vocab, seed=config.seed, config=config, data=data)
+  _REGISTERED[name], _SOURCES[name] = list(names), source
   return names
+
+
+def unregister(name: Optional[str] = None) -> None:
+  """Removes the tasks and mixtures register_dataset registered for data set `name` (all, if None)."""
+  for n in ([name] if name else list(_REGISTERED)):
+    for old in _REGISTERED.pop(n, []):
+      _remove(old)
+    _SOURCES.pop(n, None)
+
+
+def _prepared_stamp(data_dir: str | Path) -> tuple:
+  """Changes when `recalign prepare` (or `recalign ids` / `vocab`) rewrites the folder."""
+  files = [Path(data_dir) / f for f in ("manifest.json", "items.jsonl")]
+  files += sorted(Path(data_dir).glob("ids/*")) + sorted(Path(data_dir).glob("vocab/*"))
+  return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+  out = []
+  if old["data_dir"] != new["data_dir"]:
+    out.append(f"folder ({old['data_dir']}, now {new['data_dir']})")
+  elif old["prepared"] != new["prepared"]:
+    out.append(f"preparation ({new['data_dir']} was rewritten since)")
+  if not same_vocabulary(old["vocab"], new["vocab"]):
+    out.append(f"vocabulary ({describe(old['vocab'])}, now {describe(new['vocab'])})")
+  if old["config"] != new["config"]:
+    changed = [f"{f.name}={getattr(old['config'], f.name)!r} -> {getattr(new['config'], f.name)!r}"
+               for f in dataclasses.fields(new["config"])
+               if getattr(old["config"], f.name) != getattr(new["config"], f.name)]
+    out.append(f"TaskConfig ({', '.join(changed)})")
+  return out
 
 
 def _sampling_tables(data: PreparedData, train_lengths: np.ndarray):
