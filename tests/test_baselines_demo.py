@@ -92,7 +92,8 @@ def test_format_table():
 
 
 def test_short_demo_end_to_end_on_tiny_data_then_cli_eval(tmp_path, capsys):
-  from recalign.demo import RECIPES, run_demo
+  from recalign.demo import run_demo
+  from recalign.experiments import RECIPES
   src = write_tiny_tsv(tmp_path / "src")
   out = tmp_path / "demo"
   res = run_demo(src, out, minutes=0.1, ml100k=None, size="tiny", sasrec_epochs=2, kcore=0, name="beauty")

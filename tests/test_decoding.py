@@ -88,7 +88,7 @@ def test_scoring_encodes_each_prompt_once_and_equals_per_candidate_teacher_forci
 
 def test_evaluation_samples_users_at_random_and_the_demo_reports_users_it_did_not_select_on(tmp_path):
   import recalign.tasks as rt
-  from recalign.demo import report_ids, selection_size
+  from recalign.experiments import report_ids, selection_size
   from recalign.evaluator import sample_example_ids, task_examples
   synthetic_dataset(tmp_path, "samp", users=400)
   lengths = {"inputs": 128, "targets": 16}

@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import recalign.tasks as rt  # noqa: E402
 from recalign.data import PreparedData  # noqa: E402
-from recalign.demo import ensure_prepared  # noqa: E402
+from recalign.experiments import ensure_prepared  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

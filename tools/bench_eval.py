@@ -32,7 +32,7 @@ from flax import linen as nn  # noqa: E402
 import recalign.tasks as rt  # noqa: E402
 from recalign.data import PreparedData, item_id  # noqa: E402
 from recalign.data.vocab import load_vocabulary  # noqa: E402
-from recalign.demo import ensure_prepared  # noqa: E402
+from recalign.experiments import ensure_prepared  # noqa: E402
 from recalign.decoding import ItemTrie, beam_search_items  # noqa: E402
 from recalign.evaluate import pad_inputs, task_examples  # noqa: E402
 from recalign.models import checkpoints as ck  # noqa: E402

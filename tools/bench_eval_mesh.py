@@ -62,7 +62,7 @@ def main():
   import jax
   from flax import linen as nn
   from recalign.data.vocab import load_vocabulary
-  from recalign.demo import ensure_prepared
+  from recalign.experiments import ensure_prepared
   from recalign.models import checkpoints as ck
   from recalign.models.model import EncoderDecoderModel
   from recalign.models.network import named_config, padded_vocab_size

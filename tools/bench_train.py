@@ -31,7 +31,7 @@ import transformers  # noqa: E402
 import recalign.tasks as rt  # noqa: E402
 from recalign import trainer  # noqa: E402
 from flax import linen as nn  # noqa: E402
-from recalign.demo import ensure_prepared  # noqa: E402
+from recalign.experiments import ensure_prepared  # noqa: E402
 from recalign.models import checkpoints as ck  # noqa: E402
 from recalign.models import network as nw  # noqa: E402
 from recalign.models.model import EncoderDecoderModel  # noqa: E402

@@ -32,7 +32,7 @@ def run(name: str, seed: int, data_dir: Path, work: Path, args) -> dict:
   import recalign.tasks as rt
   from recalign import train as T
   from recalign import trainer
-  from recalign.demo import evaluate_best
+  from recalign.experiments import evaluate_best
   r = curves.recipe(name)
   config = rt.TaskConfig(**r["data"])
   rt.register_dataset(data_dir, config=config, replace=True)   # one process may train several recipes

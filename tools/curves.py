@@ -107,7 +107,7 @@ def cpu_model() -> str:
 def prepare_data(source: Path, out: Path, name: str, schemes=("collaborative", "semantic")) -> Path:
   """A data set with random IDs, `schemes` and one vocabulary for all (atomic / hybrid IDs add a piece per
   item to the vocabulary, and so to every run's softmax: give them a --work folder of their own)."""
-  from recalign.demo import ensure_prepared
+  from recalign.experiments import ensure_prepared
   return ensure_prepared(source, out, name, id_schemes=tuple(schemes))
 
 

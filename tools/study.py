@@ -4,10 +4,10 @@
     python tools/study.py --out runs/study_sem --id-scheme semantic --rows retrieval reat
     python tools/study.py --data ../shared/data/ml-100k --name ml100k --out runs/study_ml --rows retrieval reat ut ut_at
 
-Every row: a T5 (`--size`, default mini) from scratch with the demo's recipe (`recalign.demo.RECIPES`:
+Every row: a T5 (`--size`, default mini) from scratch with the demo's recipe (`recalign.experiments.RECIPES`:
 its data configuration, item IDs, learning rate, dtype) and the row's mixture, trained for the same
 `--minutes` of training (validation excluded), validated every `--minutes`/3 on the demo's
-selection users (`recalign.demo.SELECTION_USERS`); the best step is evaluated on `--test-users`
+selection users (`recalign.experiments.SELECTION_USERS`); the best step is evaluated on `--test-users`
 seeded test users and on `--val-users` validation users disjoint from the selection sample (beam 20,
 full catalogue: the paper's protocol). Seeds change the model's initialisation and the training data
 (masks, spans, negatives, order). Writes
@@ -63,7 +63,7 @@ def main():
   import recalign.tasks as rt
   from recalign import baselines as B
   from recalign.data import PreparedData
-  from recalign.demo import RECIPES, ensure_prepared, evaluate_best, pending_runs, report_ids, train_model
+  from recalign.experiments import RECIPES, ensure_prepared, evaluate_best, pending_runs, report_ids, train_model
   out = Path(args.out)
   base = RECIPES[args.recipe]
   # every row sees the same target length: MIM needs room for several masked IDs

@@ -46,7 +46,7 @@ def main():
   args = p.parse_args()
 
   import recalign.tasks as rt
-  from recalign.demo import Recipe, ensure_prepared, evaluate_best, pending_runs, train_model
+  from recalign.experiments import Recipe, ensure_prepared, evaluate_best, pending_runs, train_model
   out = Path(args.out)
   recipe = Recipe("", {"itdr": True, "num_candidates": 20}, {"inputs": 512, "targets": 128}, batch_size=32,
                   learning_rate=2e-3, warmup_steps=100, dropout=0.1, dtype="bfloat16")
