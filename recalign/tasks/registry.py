@@ -240,10 +240,10 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   data = PreparedData.load(data_dir)
   name = name or data.name
   vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
-  source = {"data_dir": str(Path(data_dir).resolve()), "prepared": _prepared_stamp(data_dir), "vocab": vocab,
+  origin = {"data_dir": str(Path(data_dir).resolve()), "prepared": _prepared_stamp(data_dir), "vocab": vocab,
             "config": config}
   if name in _REGISTERED:
-    differ = _differences(_SOURCES[name], source)
+    differ = _differences(_SOURCES[name], origin)
     if not differ:
       return list(_REGISTERED[name])
     if not replace:
@@ -338,7 +338,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
       names.append(f"{name}_{mix}")
   if config.reclm:
     names += register_profile_task(data_dir, name=name, vocab=vocab, seed=config.seed, config=config, data=data)
-  _REGISTERED[name], _SOURCES[name] = list(names), source
+  _REGISTERED[name], _SOURCES[name] = list(names), origin
   return names
 
 
