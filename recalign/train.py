@@ -132,8 +132,8 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
 
     # 1. vocabulary and tasks
     run_vocab = resolve_vocabulary(vocabulary, initial_checkpoint_path)
-    for d in data_dirs:
-      rt.register_dataset(d, vocab=run_vocab, config=task_config or rt.TaskConfig())
+    for d in data_dirs:   # as this run needs them (and run.json records): an earlier registration is replaced
+      rt.register_dataset(d, vocab=run_vocab, config=task_config or rt.TaskConfig(), replace=True)
     task = rt.get(mixture_or_task_name)
     vocab = get_vocabulary(task)
     if run_vocab is not None and not same_vocabulary(getattr(vocab, "base", vocab), run_vocab):

@@ -265,7 +265,7 @@ def test_evaluator_reports_itdr_metrics_beside_baselines(shop):
 
 
 def test_keep_best_lower_is_better_for_errors(tmp_path):
-  from recalign.train import KeepBest
+  from recalign.trainer import KeepBest
   kb = KeepBest(tmp_path, "score/rmse", True)
   params = {"w": np.zeros(2, np.float32)}
   assert kb(1, {"score/rmse": 1.2}, params)

@@ -35,7 +35,6 @@ def run(name: str, seed: int, data_dir: Path, work: Path, args) -> dict:
   from recalign.experiments import evaluate_best
   r = curves.recipe(name)
   config = rt.TaskConfig(**r["data"])
-  rt.register_dataset(data_dir, config=config, replace=True)   # one process may train several recipes
   model_dir = work / "models" / f"{data_dir.name}_{name}_seed{seed}"
   schedule = trainer.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"],
                                       total_steps=args.max_steps)

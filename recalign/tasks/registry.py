@@ -240,13 +240,16 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   data = PreparedData.load(data_dir)
   name = name or data.name
   vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
-  origin = {"data_dir": str(Path(data_dir).resolve()), "prepared": _prepared_stamp(data_dir), "vocab": vocab,
+  origin = {"data_dir": str(Path(data_dir).resolve()), "prepared": _prepared_stamp(data_dir, config.id_scheme),
+            "vocab": vocab,
             "config": config}
   if name in _REGISTERED:
     differ = _differences(_SOURCES[name], origin)
     if not differ:
       return list(_REGISTERED[name])
-    if not replace:
+    if replace:
+      logging.warning("%s: replacing its registration (another %s)", name, "; ".join(differ))
+    else:
       raise ValueError(f"data set {name!r} is already registered, with another {'; '.join(differ)}: register it "
                        f"under another name (register_dataset(..., name=...)), or pass replace=True to replace "
                        f"its tasks and mixtures on purpose")
@@ -350,10 +353,11 @@ def unregister(name: Optional[str] = None) -> None:
     _SOURCES.pop(n, None)
 
 
-def _prepared_stamp(data_dir: str | Path) -> tuple:
-  """Changes when `recalign prepare` (or `recalign ids` / `vocab`) rewrites the folder."""
-  files = [Path(data_dir) / f for f in ("manifest.json", "items.jsonl")]
-  files += sorted(Path(data_dir).glob("ids/*")) + sorted(Path(data_dir).glob("vocab/*"))
+def _prepared_stamp(data_dir: str | Path, id_scheme: str) -> tuple:
+  """Changes when `recalign prepare`, `recalign vocab` or `recalign ids` (for the scheme in use) rewrites
+  what the tasks are built from (another scheme's IDs added to the folder change nothing)."""
+  files = [Path(data_dir) / f for f in ("manifest.json", "items.jsonl", f"ids/{id_scheme}.json")]
+  files += sorted(Path(data_dir).glob("vocab/*"))
   return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
 
 
