@@ -13,9 +13,10 @@ def tiny_dir(tiny_root):
 
 
 def test_data_and_model_parallel_on_8_devices_match_one_device(tiny_dir):
-  """The ReAT mixture trained 6 steps on 1 device, on 8 (data parallel) and on 4 x 2 (data x model): same
-  losses (one process, one start-up; the kill / resume tests are in test_faults)."""
-  runs = {"one": {"num_devices": 1}, "data8": {}, "data4_model2": {"model_parallel": 2}}
+  """Retrieval trained 6 steps on 1 device, on 8 (data parallel) and on 4 x 2 (data x model): same losses
+  (one process, one start-up; the kill / resume tests are in test_faults)."""
+  task = {"mixture_or_task_name": "tiny_retrieval", "task_feature_lengths": {"inputs": 128, "targets": 16}}
+  runs = {"one": {"num_devices": 1, **task}, "data8": task, "data4_model2": {"model_parallel": 2, **task}}
   r = subprocess.run(train_command(tiny_dir, 6, *((tiny_dir / f"par_{name}", extra) for name, extra in runs.items())),
                      env=train_env(8), check=True, capture_output=True, text=True)
   assert [json.loads(x)["devices"] for x in r.stdout.splitlines()[-3:]] == [8, 8, 8]
