@@ -85,7 +85,7 @@ print("RESULT", json.dumps({"devices": jax.device_count(), "res": res}))
 '''
 
 
-@pytest.mark.slow   # CI keeps the two-process evaluation below and test_train's 8-device training parity
+@pytest.mark.slow   # with the two-process evaluation below; CI keeps test_train's 8-device training parity
 def test_mesh_evaluation_equals_one_device(tiny_run, tmp_path):
   """8 simulated CPU devices, data-parallel and 4 x 2 data x model parallel (also through `recalign eval
   --model-parallel 2`): the same beams, scores and metrics as one device (retrieval, and ranking's beams
@@ -127,6 +127,7 @@ print("RESULT", json.dumps({"process": jax.process_index(), "processes": jax.pro
 '''
 
 
+@pytest.mark.slow   # two JAX processes; CI keeps test_train's 8-device training parity
 def test_two_processes_evaluate_their_shares_and_equal_one_process(tiny_run, tmp_path):
   """2 processes x 2 CPU devices (launched as the README launches multi-host jobs): each decodes half
   of the users; both return the single-process metrics, and process 0 alone writes the same files."""

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, prepare_tiny
 
 SCRIPT = r'''
@@ -76,6 +78,7 @@ finally:
 '''
 
 
+@pytest.mark.slow   # a storage emulator, a training and an eval job: the gs:// path end to end
 def test_model_dir_on_cloud_storage_emulator(tmp_path):
   prepare_tiny(tmp_path)
   (tmp_path / "remote.py").write_text(SCRIPT)

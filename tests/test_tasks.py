@@ -1,5 +1,4 @@
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,7 +310,8 @@ def test_beauty_has_no_rating_task_and_renders_real_titles(beauty):
     first("beauty_ranking", "test", {"inputs": 256, "targets": 16})
 
 
-@pytest.mark.parametrize("lengths", [(320, 64), (1024, 64), (512, 128)])
+@pytest.mark.parametrize("lengths", [(320, 64), pytest.param((1024, 64), marks=pytest.mark.slow),
+                                     pytest.param((512, 128), marks=pytest.mark.slow)])
 def test_targets_are_never_cut_on_the_beauty_training_stream(beauty, lengths):
   """MIM, BPR and item QA budget inputs and targets together: over the first 2,000 training examples
   every target decodes to its rendered text in full (seqio's trim would cut it otherwise)."""
@@ -474,25 +474,27 @@ def test_preprocessors_are_partials_with_checked_options(tiny):
     pp.make_preprocessor("retrieval", tables, None, task_name="x", mask_rate=0.2)
 
 
-def test_a_name_registered_again_is_the_same_or_refused_unless_replaced(tiny, tmp_path):
+def test_a_name_registered_again_is_the_same_or_refused_unless_replaced(tmp_path):
   """As seqio's registries: the same folder, vocabulary and config again is a no-op (the same task objects,
   nothing rebuilt); another config, folder or a rewritten folder is an error naming what differs."""
-  tiny_dir = rt.registry.task_info("tiny_retrieval").data_dir
-  task = rt.get("tiny_retrieval")
-  names = rt.register_dataset(tiny_dir, config=rt.TaskConfig(num_candidates=3))
-  assert "tiny_reat" in names and rt.get("tiny_retrieval") is task
-  with pytest.raises(ValueError, match=r"'tiny' is already registered, with another TaskConfig \(window=20 -> 5\)"
-                                       r".*replace=True"):
-    rt.register_dataset(tiny_dir, config=rt.TaskConfig(num_candidates=3, window=5))
-  assert rt.get("tiny_retrieval") is task                       # the refused call changed nothing
-  copy = prepare_tiny(tmp_path)
-  with pytest.raises(ValueError, match=re.escape(f"another folder ({tiny_dir}, now {copy})")):
-    rt.register_dataset(copy, config=rt.TaskConfig(num_candidates=3))
   import os
-  manifest = Path(tiny_dir) / "manifest.json"
+  first, other = prepare_tiny(tmp_path / "a", name="again"), prepare_tiny(tmp_path / "b", name="again")
+  names = rt.register_dataset(first, config=rt.TaskConfig(num_candidates=3))
+  task = rt.get("again_retrieval")
+  assert rt.register_dataset(first, config=rt.TaskConfig(num_candidates=3)) == names and "again_reat" in names
+  assert rt.get("again_retrieval") is task
+  with pytest.raises(ValueError, match=r"'again' is already registered, with another TaskConfig \(window=20 -> 5\)"
+                                       r".*replace=True"):
+    rt.register_dataset(first, config=rt.TaskConfig(num_candidates=3, window=5))
+  assert rt.get("again_retrieval") is task                      # the refused call changed nothing
+  with pytest.raises(ValueError, match=re.escape(f"another folder ({first}, now {other})")):
+    rt.register_dataset(other, config=rt.TaskConfig(num_candidates=3))
+  manifest = first / "manifest.json"
   os.utime(manifest, ns=(manifest.stat().st_atime_ns, manifest.stat().st_mtime_ns + 10**9))   # prepared again
   with pytest.raises(ValueError, match="another preparation .* was rewritten since"):
-    rt.register_dataset(tiny_dir, config=rt.TaskConfig(num_candidates=3))
-  rt.register_dataset(tiny_dir, config=rt.TaskConfig(num_candidates=3, window=5), replace=True)
-  assert rt.registry.task_info("tiny_retrieval").config.window == 5 and rt.get("tiny_retrieval") is not task
-  rt.register_dataset(tiny_dir, config=rt.TaskConfig(num_candidates=3), replace=True)    # as the module had it
+    rt.register_dataset(first, config=rt.TaskConfig(num_candidates=3))
+  rt.register_dataset(first, config=rt.TaskConfig(num_candidates=3, window=5), replace=True)
+  assert rt.registry.task_info("again_retrieval").config.window == 5 and rt.get("again_retrieval") is not task
+  rt.unregister("again")
+  with pytest.raises(ValueError, match="again_retrieval"):
+    rt.get("again_retrieval")

@@ -13,18 +13,17 @@ def tiny_dir(tiny_root):
 
 
 def test_data_and_model_parallel_on_8_devices_match_one_device(tiny_dir):
-  """Retrieval trained 6 steps on 1 device, on 8 (data parallel) and on 4 x 2 (data x model): same losses
-  (one process, one start-up; the kill / resume tests are in test_faults)."""
+  """Retrieval trained 6 steps on 1 device and on 8 as 4 x 2 (data x model parallel): the same losses (one
+  process, one start-up; the kill / resume tests are in test_faults)."""
   task = {"mixture_or_task_name": "tiny_retrieval", "task_feature_lengths": {"inputs": 128, "targets": 16}}
-  runs = {"one": {"num_devices": 1, **task}, "data8": task, "data4_model2": {"model_parallel": 2, **task}}
+  runs = {"one": {"num_devices": 1, **task}, "data4_model2": {"model_parallel": 2, **task}}
   r = subprocess.run(train_command(tiny_dir, 6, *((tiny_dir / f"par_{name}", extra) for name, extra in runs.items())),
                      env=train_env(8), check=True, capture_output=True, text=True)
-  assert [json.loads(x)["devices"] for x in r.stdout.splitlines()[-3:]] == [8, 8, 8]
+  assert [json.loads(x)["devices"] for x in r.stdout.splitlines()[-2:]] == [8, 8]
   results = {name: losses(tiny_dir / f"par_{name}") for name in runs}
   assert sorted(results["one"]) == list(range(1, 7))
-  for name in ("data8", "data4_model2"):
-    for step, loss in results["one"].items():
-      assert results[name][step] == pytest.approx(loss, rel=2e-4, abs=2e-4), (name, step)
+  for step, loss in results["one"].items():
+    assert results["data4_model2"][step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step
 
 
 def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
@@ -196,6 +195,7 @@ def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss
     loss = hf(input_ids=enc, attention_mask=enc > 0, labels=torch.where(tgt > 0, tgt, -100)).loss.item()
   assert out["loss"] == pytest.approx(loss, rel=1e-4)
   assert np.isfinite(loss)
+  rt.unregister("tiny")   # registered on the checkpoint's vocabulary: the next tests register their own
 
 
 MULTI = r'''
