@@ -94,7 +94,7 @@ def input_batches(task, lengths: Mapping[str, int], batch_size: int, *, seed: in
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints and validation settings
+# Checkpoints, validation and the loop's actions
 
 
 @gin.configurable
@@ -402,6 +402,7 @@ def train_step(state: dict, batch: dict, *, model: EncoderDecoderModel, tx: opta
 
 
 # --------------------------------------------------------------------------------------------
+# Files beside the checkpoints: the best parameters, TensorBoard summaries
 
 
 def save_params(path, params) -> None:
