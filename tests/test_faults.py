@@ -67,6 +67,7 @@ def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(r
   assert sorted(reference) == list(range(1, STEPS + 1))         # the reference run learns
   first, last = (np.mean([reference[s] for s in steps]) for steps in (range(1, 6), range(STEPS - 4, STEPS + 1)))
   assert last < 0.7 * first, (first, last)
+  assert (root / "ref" / "train").is_dir() and (root / "ref" / "checkpoints").is_dir()   # TensorBoard, orbax
   run = root / "preempted"    # CheckpointConfig.every left at 1000: only step 1 would be saved without SIGTERM
   proc = subprocess.Popen(command(root, run), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   wait_for_lines(run / "train_log.jsonl", 8, proc)
@@ -222,7 +223,7 @@ def test_batch_not_divisible_by_the_data_parallel_devices_is_refused_by_name(roo
           "mixture_or_task_name='tiny_retrieval', task_feature_lengths={'inputs': 128, 'targets': 16}, "
           "train_steps=2, batch_size=12, network_config=CONFIGS['tiny'], progress=False)")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                     env=dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                     env=train_env(8))
   assert r.returncode != 0 and "BATCH_SIZE=12 is not divisible by the 8 data-parallel devices" in r.stderr
 
 

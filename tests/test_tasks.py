@@ -474,14 +474,16 @@ def test_preprocessors_are_partials_with_checked_options(tiny):
     pp.make_preprocessor("retrieval", tables, None, task_name="x", mask_rate=0.2)
 
 
-def test_a_name_registered_again_is_the_same_or_refused_unless_replaced(tmp_path):
+def test_a_name_registered_again_is_the_same_or_refused_unless_replaced(tmp_path, monkeypatch):
   """As seqio's registries: the same folder, vocabulary and config again is a no-op (the same task objects,
   nothing rebuilt); another config, folder or a rewritten folder is an error naming what differs."""
   import os
   first, other = prepare_tiny(tmp_path / "a", name="again"), prepare_tiny(tmp_path / "b", name="again")
   names = rt.register_dataset(first, config=rt.TaskConfig(num_candidates=3))
   task = rt.get("again_retrieval")
-  assert rt.register_dataset(first, config=rt.TaskConfig(num_candidates=3)) == names and "again_reat" in names
+  with monkeypatch.context() as m:      # the same registration again decides without loading the data
+    m.setattr(PreparedData, "load", classmethod(lambda cls, path: pytest.fail("loaded the data again")))
+    assert rt.register_dataset(first, config=rt.TaskConfig(num_candidates=3)) == names and "again_reat" in names
   assert rt.get("again_retrieval") is task
   with pytest.raises(ValueError, match=r"'again' is already registered, with another TaskConfig \(window=20 -> 5\)"
                                        r".*replace=True"):

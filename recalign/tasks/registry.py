@@ -237,13 +237,11 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   if config.reclm and config.itdr:   # the profile tasks read every item before the validation item
     raise ValueError("TaskConfig: reclm=True and itdr=True cannot be combined (the profile tasks would show "
                      "ITDR's held-out items); register them in separate runs")
-  data = PreparedData.load(data_dir)
-  name = name or data.name
-  vocab = vocab or load_vocabulary(Path(data_dir) / "vocab")
-  origin = {"data_dir": str(Path(data_dir).resolve()), "prepared": _prepared_stamp(data_dir, config.id_scheme),
-            "vocab": vocab,
-            "config": config}
-  if name in _REGISTERED:
+  manifest = Path(data_dir) / "manifest.json"   # (a folder without one: PreparedData.load below says so)
+  name = name or (json.loads(manifest.read_text())["name"] if manifest.exists() else None)
+  origin = None
+  if name in _SOURCES:   # decided before the data are loaded: registering the same again costs nothing
+    origin = _origin(data_dir, vocab, config)
     differ = _differences(_SOURCES[name], origin)
     if not differ:
       return list(_REGISTERED[name])
@@ -254,6 +252,9 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                        f"under another name (register_dataset(..., name=...)), or pass replace=True to replace "
                        f"its tasks and mixtures on purpose")
   unregister(name)   # replacing removes everything the name had
+  data = PreparedData.load(data_dir)
+  origin = origin or _origin(data_dir, vocab, config)
+  vocab = origin["vocab"]
   ids = load_ids(data_dir, config.id_scheme, data.num_items)
   # Code IDs need their pieces: the project's vocabulary has them (`recalign vocab`), another one
   # (a pretrained T5's) gets them appended as new ids after its own.
@@ -351,6 +352,12 @@ def unregister(name: Optional[str] = None) -> None:
     for old in _REGISTERED.pop(n, []):
       _remove(old)
     _SOURCES.pop(n, None)
+
+
+def _origin(data_dir: str | Path, vocab, config: TaskConfig) -> dict:
+  """What a data set is registered from: folder, its preparation stamp, vocabulary, TaskConfig."""
+  return {"data_dir": str(Path(data_dir).resolve()), "prepared": _prepared_stamp(data_dir, config.id_scheme),
+          "vocab": vocab or load_vocabulary(Path(data_dir) / "vocab"), "config": config}
 
 
 def _prepared_stamp(data_dir: str | Path, id_scheme: str) -> tuple:
