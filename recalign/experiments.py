@@ -86,10 +86,10 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
     raise ValueError("a linear decay needs a budget in steps (the number of steps of a minutes budget is unknown)")
   schedule = trainer.learning_rate_schedule(base=recipe.learning_rate, warmup_steps=recipe.warmup_steps,
                                       decay=recipe.decay, total_steps=steps or 0)
-  out = T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=recipe.lengths,
-                train_steps=steps or 10 ** 7, batch_size=recipe.batch_size,
-                network_config=named_config(size).replace(dropout_rate=recipe.dropout, dtype=recipe.dtype),
-                data_dirs=[str(data_dir)], task_config=config, random_seed=seed, log_every=25,
+  out = T.train(model_dir=str(model_dir), train_steps=steps or 10 ** 7, random_seed=seed, log_every=25,
+                dataset=trainer.DatasetConfig(mixture, recipe.lengths, recipe.batch_size, data_dirs=[str(data_dir)],
+                                              task_config=config),
+                model=trainer.ModelConfig(named_config(size).replace(dropout_rate=recipe.dropout, dtype=recipe.dtype)),
                 schedule=schedule, optimizer=trainer.make_optimizer(schedule),
                 validation=trainer.ValidationConfig(task=validation_task, every_minutes=eval_every_minutes,
                                               examples=validation_examples),

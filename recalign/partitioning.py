@@ -5,9 +5,11 @@ by logical-axis rules (model parallelism splits MLP, heads and the vocabulary), 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
+import gin
 import jax
 import numpy as np
 from flax import linen as nn
@@ -26,6 +28,19 @@ def make_mesh(model_parallel: int = 1, num_devices: Optional[int] = None, *, loc
   if len(devices) % model_parallel:
     raise ValueError(f"{len(devices)} devices cannot be split into model-parallel groups of {model_parallel}")
   return Mesh(devices.reshape(-1, model_parallel), ("data", "model"))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig:
+  """How a run lays out its devices (T5X's partitioner settings): `model_parallel` devices share each
+  parameter (MODEL_PARALLEL, the same macro `recalign eval` reads), the rest split the batch; `num_devices`
+  uses only the first N (None: all)."""
+  model_parallel: int = 1
+  num_devices: Optional[int] = None
+
+  def mesh(self, *, local: bool = False) -> Mesh:
+    return make_mesh(self.model_parallel, self.num_devices, local=local)
 
 
 def param_shardings(model: EncoderDecoderModel, mesh: Mesh):

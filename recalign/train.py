@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional
 
 import gin
 import jax
@@ -33,17 +33,18 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+import recalign.tasks as rt
 from recalign import faults, paths
 from recalign.evaluator import headline_metric, make_validate_fn, validation_metrics
 from recalign.models import checkpoints as ck
 from recalign.models.model import EncoderDecoderModel
-from recalign.models.network import T5Config, padded_vocab_size
-from recalign.partitioning import make_mesh, maybe_initialize_distributed, to_global
+from recalign.models.network import padded_vocab_size
+from recalign.partitioning import PartitionConfig, maybe_initialize_distributed, to_global
 from recalign.run_record import RunRecord
-from recalign.tasks import packing
-from recalign.trainer import (CheckpointConfig, NonFiniteSteps, PeriodicValidation, Saver, TrainClock,
-                              ValidationConfig, checkpoint_manager, initial_state, input_batches,
-                              learning_rate_schedule, make_optimizer, summary_writer, train_step, write_summaries)
+from recalign.trainer import (CheckpointConfig, DatasetConfig, ModelConfig, NonFiniteSteps, PeriodicValidation,
+                              Saver, TaskProbes, TrainClock, TrainLog, ValidationConfig, checkpoint_manager,
+                              initial_state, input_batches, learning_rate_schedule, make_optimizer, summary_writer,
+                              train_step)
 
 def resolve_vocabulary(vocabulary: Optional[str], initial_checkpoint_path: Optional[str]):
   """VOCABULARY: None (each data set's own vocab/spm.model), 'checkpoint' (the SentencePiece model of
@@ -74,32 +75,20 @@ def vocabulary_record(vocab) -> dict:
 
 
 @gin.configurable(denylist=["validate_fn", "optimizer", "schedule"])
-def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
-          task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
-          batch_size: int = gin.REQUIRED, network_config: T5Config = gin.REQUIRED,
-          data_dirs: Sequence[str] = (), initial_checkpoint_path: Optional[str] = None,
-          vocabulary: Optional[str] = None, vocabulary_mismatch: str = "error", task_config=None,
-          random_seed: int = 0, pack: bool = True, gradient_accumulation_steps: int = 1, model_parallel: int = 1,
-          num_devices: Optional[int] = None, z_loss: float = 1e-4, label_smoothing: float = 0.0,
-          loss_normalizing_factor="NUM_REAL_TARGET_TOKENS", checkpoint: Optional[CheckpointConfig] = None,
-          validation: Optional[ValidationConfig] = None, log_every: int = 10,
-          optimizer: Optional[optax.GradientTransformation] = None, schedule: Optional[optax.Schedule] = None,
-          validate_fn: Optional[Callable[[EncoderDecoderModel, dict], dict]] = None,
+def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRED, model: ModelConfig = gin.REQUIRED,
+          train_steps: int = gin.REQUIRED, partitioning: Optional[PartitionConfig] = None,
+          checkpoint: Optional[CheckpointConfig] = None, validation: Optional[ValidationConfig] = None,
+          random_seed: int = 0, gradient_accumulation_steps: int = 1, log_every: int = 10,
           time_budget_s: Optional[float] = None, train_minutes_budget: Optional[float] = None,
-          tensorboard: bool = True, progress: bool = True, on_nonfinite: str = "stop") -> dict:
-  """Trains and returns the last step's metrics (plus the best validation metrics, if any).
+          on_nonfinite: str = "stop", tensorboard: bool = True, progress: bool = True,
+          optimizer: Optional[optax.GradientTransformation] = None, schedule: Optional[optax.Schedule] = None,
+          validate_fn: Optional[Callable[[EncoderDecoderModel, dict], dict]] = None) -> dict:
+  """Trains `model` on `dataset` for `train_steps` steps in MODEL_DIR and returns the last step's metrics
+  (plus the best validation metrics, if any).
 
-  `loss_normalizing_factor` (as T5X): "NUM_REAL_TARGET_TOKENS" (mean over target tokens, so tasks with
-  long targets such as MIM dominate a mixture's loss), "AVERAGE_PER_SEQUENCE" (every example weighs
-  the same), a constant, or None.
-  `task_config`: how DATA_DIRS are registered (`recalign.tasks.TaskConfig`: window, ID scheme,
-  titles, ...), recorded in run.json for `recalign eval`.
-  `vocabulary` (VOCABULARY): the tasks' vocabulary -- None for each data set's own, 'checkpoint' for
-  the initial checkpoint's own SentencePiece model (fine-tuning T5 / FLAN-T5), or a path. It is
-  recorded in run.json; an initial checkpoint trained with another vocabulary is an error unless
-  `vocabulary_mismatch='resize'`.
-  `checkpoint` / `validation`: `CheckpointConfig` / `ValidationConfig` (gin-configurable; defaults when
-  None). `validate_fn(model, params) -> metrics` replaces the built-in validation of `validation.task`.
+  `dataset` / `model` / `partitioning` / `checkpoint` / `validation`: `DatasetConfig`, `ModelConfig`,
+  `PartitionConfig`, `CheckpointConfig`, `ValidationConfig` (gin-configurable; None: defaults).
+  `validate_fn(model, params) -> metrics` replaces the built-in validation of `validation.task`.
   `schedule` / `optimizer`: optax objects to use instead of gin's `learning_rate_schedule` /
   `make_optimizer` (the logged learning rate is `schedule`'s).
   train_log.jsonl and validation_log.jsonl record examples seen and minutes of training (validation
@@ -113,54 +102,33 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
   `faults.NonFiniteError` naming the step and the last good checkpoint ("stop") or is skipped and
   counted in train_log.jsonl ("skip"); a failed save raises `faults.CheckpointWriteError`.
   """
-  import recalign.tasks as rt
-  from recalign.data.vocab import describe, same_vocabulary
-  from recalign.tasks.registry import get_vocabulary
   maybe_initialize_distributed()
-  ckpt_cfg = checkpoint or CheckpointConfig()
-  val_cfg = validation or ValidationConfig()
+  ckpt_cfg, val_cfg = checkpoint or CheckpointConfig(), validation or ValidationConfig()
   model_dir = paths.as_path(model_dir)     # local, or gs:// (any etils.epath scheme)
   is_chief = jax.process_index() == 0
-  _check_values(train_steps=train_steps, batch_size=batch_size, accum=gradient_accumulation_steps,
-                log_every=log_every, checkpoint=ckpt_cfg, validation=val_cfg, on_nonfinite=on_nonfinite,
-                lengths=task_feature_lengths)
+  _check_values(train_steps=train_steps, dataset=dataset, accum=gradient_accumulation_steps, log_every=log_every,
+                checkpoint=ckpt_cfg, validation=val_cfg, on_nonfinite=on_nonfinite)
   # one training job per MODEL_DIR (the chief holds the lock); its first write, so an unwritable
   # MODEL_DIR fails here
   if not is_chief:
     model_dir.mkdir(parents=True, exist_ok=True)
   with faults.ModelDirLock(model_dir) if is_chief else contextlib.nullcontext():
 
-    # 1. vocabulary and tasks
-    run_vocab = resolve_vocabulary(vocabulary, initial_checkpoint_path)
-    for d in data_dirs:   # as this run needs them (and run.json records): an earlier registration is replaced
-      rt.register_dataset(d, vocab=run_vocab, config=task_config or rt.TaskConfig(), replace=True)
-    task = rt.get(mixture_or_task_name)
-    vocab = get_vocabulary(task)
-    if run_vocab is not None and not same_vocabulary(getattr(vocab, "base", vocab), run_vocab):
-      raise ValueError(f"{mixture_or_task_name} is registered with {describe(vocab)}, but VOCABULARY is "
-                       f"{describe(run_vocab)}: register it with that vocabulary (or list its data in DATA_DIRS)")
-    members = [t.name for t in getattr(task, "tasks", [task])]
-    rt.registry.check_feature_lengths(task, task_feature_lengths)
-
-    # 2. model, and the settings that would only fail (or do nothing) after steps of training
-    model = EncoderDecoderModel(network_config.replace(vocab_size=padded_vocab_size(vocab.vocab_size)),
-                                z_loss=z_loss, label_smoothing=label_smoothing, loss_normalize=loss_normalizing_factor)
+    # 1. tasks and vocabulary; 2. model, and the settings that would only fail (or do nothing) after steps
+    task, vocab = register_tasks(dataset, model)
+    net = EncoderDecoderModel(model.network.replace(vocab_size=padded_vocab_size(vocab.vocab_size)),
+                              z_loss=model.z_loss, label_smoothing=model.label_smoothing,
+                              loss_normalize=model.loss_normalizing_factor)
     if val_cfg.selection_metric is None:   # the validation task's headline metric
       kind = rt.registry.task_info(val_cfg.task).kind if val_cfg.task else "retrieval"
       val_cfg = dataclasses.replace(val_cfg, selection_metric=headline_metric(kind))
     _check_settings(val_cfg, validate_fn, model_dir, vocab)
-    mesh = make_mesh(model_parallel, num_devices)
-    if batch_size % (mesh.shape["data"] * gradient_accumulation_steps):
-      raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by the {mesh.shape['data']} data-parallel devices"
-                       + (f" x {gradient_accumulation_steps} accumulation steps" if gradient_accumulation_steps > 1
-                          else "") + f" ({jax.device_count()} devices, model_parallel={model_parallel})")
+    mesh = (partitioning or PartitionConfig()).mesh()
+    _check_batch(dataset.batch_size, mesh, gradient_accumulation_steps)
     if is_chief:  # what `recalign eval` needs to rebuild the model and its tasks next to its checkpoints
-      RunRecord(network_config=dataclasses.asdict(model.config), mixture_or_task_name=mixture_or_task_name,
-                task_feature_lengths=dict(task_feature_lengths), train_steps=train_steps,
-                vocabulary=vocabulary_record(vocab), data_dirs=tuple(str(paths.resolve(d)) for d in data_dirs),
-                task_config=dataclasses.asdict(rt.registry.task_info(members[0]).config)).write(model_dir)
+      run_record(net, dataset, train_steps, vocab, task).write(model_dir)
     if validate_fn is None and val_cfg.enabled:
-      validate_fn = make_validate_fn(val_cfg.task, dict(val_cfg.lengths or task_feature_lengths),
+      validate_fn = make_validate_fn(val_cfg.task, dict(val_cfg.lengths or dataset.task_feature_lengths),
                                      max_examples=val_cfg.examples)
 
     # 3. partitioning and 4. state
@@ -170,93 +138,68 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     tx = optimizer or make_optimizer(schedule)
     mngr = checkpoint_manager(model_dir, ckpt_cfg)
     state, state_sharding, origin = initial_state(
-        model, tx, mesh, mngr, seed=random_seed, initial_checkpoint_path=initial_checkpoint_path, vocab=vocab,
-        vocabulary_mismatch=vocabulary_mismatch, restore_fallback=ckpt_cfg.restore_fallback)
+        net, tx, mesh, mngr, seed=random_seed, initial_checkpoint_path=model.initial_checkpoint_path, vocab=vocab,
+        vocabulary_mismatch=model.vocabulary_mismatch, restore_fallback=ckpt_cfg.restore_fallback)
     logging.info("%s: starting from %s", model_dir, origin)
     start = int(state["step"])
     if start >= train_steps:
       logging.warning("%s is already trained to step %d (TRAIN_STEPS=%d): nothing to do; raise TRAIN_STEPS to "
                       "continue", model_dir, start, train_steps)
       print(f"{model_dir} is already at step {start} >= TRAIN_STEPS={train_steps}: nothing to train")
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+    step_fn = jax.jit(functools.partial(train_step, model=net, tx=tx, schedule=schedule,
                                         accum=gradient_accumulation_steps,
                                         dropout_key=jax.random.PRNGKey(random_seed + 1)),
                       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                       donate_argnums=0)
-    eval_loss = jax.jit(lambda p, b: model.loss_fn(p, b)[1])
 
-    # 5. input (+ fixed probe batches, one per mixture member, for per-task losses)
-    lengths = dict(task_feature_lengths)
-    batches = input_batches(task, lengths, batch_size, seed=random_seed, pack=pack, start_step=start)
-    probes = {}
-    if len(members) > 1:
-      for name in members:
-        probes[name] = next(input_batches(rt.get(name), lengths, min(batch_size, 32) // jax.process_count()
-                                          * jax.process_count(), seed=random_seed + 7, pack=False))
-
-    # 6. loop
+    # 5. input, and the loop's actions
+    lengths = dict(dataset.task_feature_lengths)
+    batches = input_batches(task, lengths, dataset.batch_size, seed=random_seed, pack=dataset.pack, start_step=start)
     writer = summary_writer(model_dir / "train") if is_chief and tensorboard else None
-    log_path = model_dir / "train_log.jsonl"
-    logged = (paths.read_json_lines(log_path) or [{}])[-1] if start else {}
-    examples_seen = logged.get("examples_seen", 0)    # (carried over a resume, as the training minutes)
-    clock = TrainClock(logged.get("minutes", 0.0))
-    validate = PeriodicValidation(val_cfg, validate_fn, model_dir, writer, is_chief, clock)
-    nonfinite = NonFiniteSteps(on_nonfinite, logged.get("skipped_steps", 0), mngr)
-    saver = Saver(mngr, model_dir)
     budget_min = time_budget_s / 60 if time_budget_s else train_minutes_budget
     bar = tqdm(total=None if budget_min else train_steps, initial=start,  # a time budget: no step total
                desc="train" if not budget_min else f"train ({budget_min:.0f} min budget)",
                disable=not (progress and is_chief), dynamic_ncols=True)
-    last = {}
-    t_last, tok_last = time.perf_counter(), 0.0
-    in_flight = None   # the previous step's metrics: the bar advances when a step completes, not when queued
+    log = TrainLog(model_dir, log_every, writer, is_chief, bar, resumed=bool(start), probes=TaskProbes(
+        net, getattr(task, "tasks", [task]), lengths, dataset.batch_size, random_seed, batch_sharding))
+    clock = TrainClock(log.previous.get("minutes", 0.0))
+    validate = PeriodicValidation(val_cfg, validate_fn, model_dir, writer, is_chief, clock)
+    nonfinite = NonFiniteSteps(on_nonfinite, log.previous.get("skipped_steps", 0), mngr)
+    saver = Saver(mngr, model_dir)
+
+    def out_of_time() -> bool:
+      return ((time_budget_s is not None and time.perf_counter() - t_start > time_budget_s)
+              or (train_minutes_budget is not None and clock.minutes() > train_minutes_budget))
+
+    # 6. loop
     end = train_steps
-    preempted = False
     if validate.exhausted and start:   # a resume of a run that already stopped early
       print(f"{model_dir} stopped early at step {start} (patience {val_cfg.patience}): nothing to train")
       end = start
+    preempted = False
+    in_flight = None   # the previous step's metrics: the bar advances when a step completes, not when queued
     with mesh, faults.PreemptionWatcher() as preemption:
       for step in range(start, end):
         raw = next(batches)
         state, metrics = step_fn(state, to_global(raw, batch_sharding))
-        tok_last += packing.real_tokens(raw) * jax.process_count()
-        examples_seen += packing.num_examples(raw) * jax.process_count()
+        log.count(raw)
         done = step + 1
         if in_flight is not None:  # one step stays queued behind this wait, so the device never idles
           nonfinite.check(*in_flight)
           bar.update(done - 1 - bar.n)
         in_flight = (done, metrics)
-        preempted = preemption.requested(done)
-        out_of_time = ((time_budget_s is not None and time.perf_counter() - t_start > time_budget_s)
-                       or (train_minutes_budget is not None and clock.minutes() > train_minutes_budget))
-        final = done == train_steps or out_of_time or preempted
-        if done % log_every == 0 or final:
+        preempted, spent = preemption.requested(done), out_of_time()
+        final = done == train_steps or spent or preempted
+        if log.due(done, final):
           nonfinite.check(done, metrics)
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-          now = time.perf_counter()
-          metrics["useful_tokens_per_s"] = tok_last / (now - t_last)
-          t_last, tok_last = now, 0.0
-          last = {"step": done, "examples_seen": examples_seen, "minutes": clock.minutes(), **metrics,
-                  **({"skipped_steps": nonfinite.skipped} if nonfinite.skipped else {})}
-          for name, probe in probes.items():  # every process takes part in the jitted call
-            last[f"task_loss/{name}"] = float(eval_loss(state["params"], to_global(probe, batch_sharding))["loss"])
-          if is_chief:
-            paths.append_line(log_path, json.dumps(last))
-            write_summaries(writer, done, last)
-          bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['useful_tokens_per_s']:.0f}",
-                          lr=f"{metrics['learning_rate']:.2e}")
-          bar.update(done - bar.n)
+          log(done, metrics, state["params"], minutes=clock.minutes(), skipped=nonfinite.skipped)
         if validate.due(done, final) or saver.due(done, final or validate.exhausted):
           nonfinite.check(done, in_flight[1])   # what is validated or saved is known to be finite
-        validate(model, state["params"], done, examples_seen, final=final)
-        stop = out_of_time or validate.exhausted or preempted
+        validate(net, state["params"], done, log.examples_seen, final=final)
+        stop = spent or validate.exhausted or preempted
         saver.save(done, state, force=done == train_steps or stop)
         if stop:
-          logging.info("%s at step %d", "preempted" if preempted else "time budget spent" if out_of_time else
-                       f"early stop: no better {val_cfg.selection_metric} in {val_cfg.patience} validations", done)
-          if is_chief and validate.exhausted and not out_of_time and not preempted:
-            (model_dir / "early_stop.json").write_text(json.dumps({"step": done, "patience": val_cfg.patience,
-                                                                   "best": validate.keep_best.best}, indent=2))
+          _stopped(model_dir, done, is_chief, preempted, spent, validate)
           break
     saver.finish()
     bar.update(int(state["step"]) - bar.n)
@@ -266,19 +209,60 @@ def train(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQU
     if preempted:
       raise faults.Preempted(f"preempted: checkpoint saved at step {int(state['step'])} in {model_dir}/checkpoints; "
                              "start the same command again to resume from it")
+    last = log.last
     if not last and start >= end:   # a finished (or early-stopped) run: report its last logged step
-      last = {k: v for k, v in ((paths.read_json_lines(log_path) or [{}])[-1]).items() if k != "examples_seen"}
+      last = {k: v for k, v in log.previous.items() if k != "examples_seen"}
     return {**last, "best": validate.keep_best.best}
 
 
+def register_tasks(dataset: DatasetConfig, model: ModelConfig):
+  """(task or mixture, its vocabulary): DATA_DIRS registered as this run needs them (and run.json records
+  them; an earlier registration is replaced), in the run's VOCABULARY when one is set."""
+  from recalign.data.vocab import describe, same_vocabulary
+  run_vocab = resolve_vocabulary(model.vocabulary, model.initial_checkpoint_path)
+  for d in dataset.data_dirs:
+    rt.register_dataset(d, vocab=run_vocab, config=dataset.task_config or rt.TaskConfig(), replace=True)
+  task = rt.get(dataset.mixture_or_task_name)
+  vocab = rt.registry.get_vocabulary(task)
+  if run_vocab is not None and not same_vocabulary(getattr(vocab, "base", vocab), run_vocab):
+    raise ValueError(f"{dataset.mixture_or_task_name} is registered with {describe(vocab)}, but VOCABULARY is "
+                     f"{describe(run_vocab)}: register it with that vocabulary (or list its data in DATA_DIRS)")
+  rt.registry.check_feature_lengths(task, dataset.task_feature_lengths)
+  return task, vocab
 
-def _check_values(*, train_steps: int, batch_size: int, accum: int, log_every: int, checkpoint: CheckpointConfig,
-                  validation: ValidationConfig, on_nonfinite: str, lengths: Mapping[str, int]) -> None:
+
+def run_record(model: EncoderDecoderModel, dataset: DatasetConfig, train_steps: int, vocab, task) -> RunRecord:
+  """What `recalign eval` needs to rebuild the model and its tasks next to the checkpoints."""
+  first = getattr(task, "tasks", [task])[0].name
+  return RunRecord(network_config=dataclasses.asdict(model.config), mixture_or_task_name=dataset.mixture_or_task_name,
+                   task_feature_lengths=dict(dataset.task_feature_lengths), train_steps=train_steps,
+                   vocabulary=vocabulary_record(vocab), data_dirs=tuple(str(paths.resolve(d)) for d in dataset.data_dirs),
+                   task_config=dataclasses.asdict(rt.registry.task_info(first).config))
+
+
+def _stopped(model_dir, step: int, is_chief: bool, preempted: bool, spent: bool, validate: PeriodicValidation):
+  """Says why the loop stopped before TRAIN_STEPS; an early stop leaves early_stop.json."""
+  logging.info("%s at step %d", "preempted" if preempted else "time budget spent" if spent else
+               f"early stop: no better {validate.cfg.selection_metric} in {validate.cfg.patience} validations", step)
+  if is_chief and validate.exhausted and not spent and not preempted:
+    (model_dir / "early_stop.json").write_text(json.dumps({"step": step, "patience": validate.cfg.patience,
+                                                           "best": validate.keep_best.best}, indent=2))
+
+
+def _check_batch(batch_size: int, mesh, accum: int) -> None:
+  if batch_size % (mesh.shape["data"] * accum):
+    raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by the {mesh.shape['data']} data-parallel devices"
+                     + (f" x {accum} accumulation steps" if accum > 1 else "")
+                     + f" ({jax.device_count()} devices, model_parallel={mesh.shape['model']})")
+
+
+def _check_values(*, train_steps: int, dataset: DatasetConfig, accum: int, log_every: int,
+                  checkpoint: CheckpointConfig, validation: ValidationConfig, on_nonfinite: str) -> None:
   """Values no run can use, refused before anything is read or compiled, with the setting's name."""
   checks = [(isinstance(train_steps, int) and train_steps > 0,
              f"TRAIN_STEPS must be a positive integer, not {train_steps!r}"),
-            (isinstance(batch_size, int) and batch_size > 0,
-             f"BATCH_SIZE must be a positive integer, not {batch_size!r}"),
+            (isinstance(dataset.batch_size, int) and dataset.batch_size > 0,
+             f"BATCH_SIZE must be a positive integer, not {dataset.batch_size!r}"),
             (isinstance(accum, int) and accum > 0,
              f"gradient_accumulation_steps must be a positive integer, not {accum!r}"),
             (log_every > 0, f"train.log_every must be positive, not {log_every!r}"),
@@ -293,6 +277,7 @@ def _check_values(*, train_steps: int, batch_size: int, accum: int, log_every: i
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
+  lengths = dataset.task_feature_lengths
   if set(lengths) != {"inputs", "targets"} or not all(isinstance(v, int) and v > 0 for v in lengths.values()):
     raise ValueError(f"TASK_FEATURE_LENGTHS must be {{'inputs': n, 'targets': m}} with positive integers, not "
                      f"{dict(lengths)!r}")
@@ -300,7 +285,6 @@ def _check_values(*, train_steps: int, batch_size: int, accum: int, log_every: i
 
 def _check_settings(val: ValidationConfig, validate_fn, model_dir: paths.PathLike, vocab) -> None:
   """Settings that would fail (or silently do nothing) after steps of training are errors now."""
-  import recalign.tasks as rt
   from recalign.data.vocab import describe
   if val.enabled and validate_fn is None and not val.task:
     raise ValueError("validation every / every_minutes is set but ValidationConfig.task is not: name the task to "

@@ -28,8 +28,49 @@ from recalign import faults, paths
 from recalign import metrics as M
 from recalign.models import checkpoints as ck
 from recalign.models.model import EncoderDecoderModel
-from recalign.partitioning import param_shardings
+from recalign.models.network import T5Config
+from recalign.partitioning import param_shardings, to_global
 from recalign.tasks import packing
+
+# --------------------------------------------------------------------------------------------
+# What a run trains (T5X's utils.DatasetConfig and model settings)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """What is trained on: a registered task or mixture at `task_feature_lengths`, in global batches of
+  `batch_size` examples, packed first-fit (`pack`) or padded. `data_dirs`: prepared data sets registered
+  for this run with `task_config` (`recalign.tasks.TaskConfig`: window, ID scheme, titles, ...), replacing
+  an earlier registration of the same names; both are recorded in run.json for `recalign eval`."""
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  batch_size: int
+  data_dirs: Sequence[str] = ()
+  task_config: Optional[object] = None   # a recalign.tasks.TaskConfig (None: its defaults)
+  pack: bool = True
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model trained: the network (`T5Config`, a model file's NETWORK_CONFIG; its vocabulary size is the
+  tasks'), where its parameters start, and its loss.
+
+  `initial_checkpoint_path`: a recalign run, a T5X or a Hugging Face checkpoint (None: random init).
+  `vocabulary` (VOCABULARY): None for each data set's own vocab/spm.model, 'checkpoint' for the initial
+  checkpoint's own SentencePiece model (fine-tuning T5 / FLAN-T5), or a path; recorded in run.json. An
+  initial checkpoint trained with another vocabulary is an error unless `vocabulary_mismatch='resize'`.
+  `loss_normalizing_factor` (as T5X): "NUM_REAL_TARGET_TOKENS" (mean over target tokens, so tasks with long
+  targets such as MIM dominate a mixture's loss), "AVERAGE_PER_SEQUENCE" (every example weighs the same),
+  a constant, or None."""
+  network: T5Config
+  initial_checkpoint_path: Optional[str] = None
+  vocabulary: Optional[str] = None
+  vocabulary_mismatch: str = "error"
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+  loss_normalizing_factor: object = "NUM_REAL_TARGET_TOKENS"
 
 # --------------------------------------------------------------------------------------------
 # Optimiser
@@ -171,6 +212,57 @@ class TrainClock:
     t = time.perf_counter()
     yield
     self.t0 += time.perf_counter() - t
+
+
+class TrainLog:
+  """The logging action: every `every` steps (and the last) the step's metrics -- loss, accuracy, learning
+  rate, useful tokens/s, examples seen, minutes of training, the mixture members' probe losses -- go to
+  train_log.jsonl, TensorBoard and the progress bar. Examples seen and minutes carry over a resume."""
+
+  def __init__(self, model_dir, every: int, writer, is_chief: bool, bar, probes: "TaskProbes", resumed: bool):
+    self.path, self.every, self.writer, self.is_chief, self.bar, self.probes = (
+        model_dir / "train_log.jsonl", every, writer, is_chief, bar, probes)
+    self.previous = (paths.read_json_lines(self.path) or [{}])[-1] if resumed else {}
+    self.examples_seen = self.previous.get("examples_seen", 0)
+    self.last: dict = {}
+    self.t_last, self.tokens = time.perf_counter(), 0.0
+
+  def count(self, raw: Mapping) -> None:
+    """A batch trained on (this process's share of it)."""
+    self.tokens += packing.real_tokens(raw) * jax.process_count()
+    self.examples_seen += packing.num_examples(raw) * jax.process_count()
+
+  def due(self, step: int, final: bool) -> bool:
+    return step % self.every == 0 or final
+
+  def __call__(self, step: int, metrics: Mapping[str, jax.Array], params, *, minutes: float, skipped: int) -> None:
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+    now = time.perf_counter()
+    metrics["useful_tokens_per_s"] = self.tokens / (now - self.t_last)
+    self.t_last, self.tokens = now, 0.0
+    self.last = {"step": step, "examples_seen": self.examples_seen, "minutes": minutes, **metrics,
+                 **({"skipped_steps": skipped} if skipped else {}), **self.probes(params)}
+    if self.is_chief:
+      paths.append_line(self.path, json.dumps(self.last))
+      write_summaries(self.writer, step, self.last)
+    self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['useful_tokens_per_s']:.0f}",
+                         lr=f"{metrics['learning_rate']:.2e}")
+    self.bar.update(step - self.bar.n)
+
+
+class TaskProbes:
+  """A mixture's per-task losses: each member's loss on a fixed batch of its own examples (seed + 7),
+  logged beside the mixture's loss. A single task has none."""
+
+  def __init__(self, model: EncoderDecoderModel, members: Sequence, lengths: Mapping[str, int], batch_size: int,
+               seed: int, sharding: NamedSharding):
+    per = min(batch_size, 32) // jax.process_count() * jax.process_count()
+    self.batches = {t.name: to_global(next(input_batches(t, lengths, per, seed=seed + 7, pack=False)), sharding)
+                    for t in members} if len(members) > 1 else {}
+    self.loss = jax.jit(lambda p, b: model.loss_fn(p, b)[1]["loss"])
+
+  def __call__(self, params) -> dict[str, float]:   # every process takes part in the jitted call
+    return {f"task_loss/{name}": float(self.loss(params, batch)) for name, batch in self.batches.items()}
 
 
 class PeriodicValidation:

@@ -18,9 +18,9 @@ def tiny_run(tmp_path_factory):
   from recalign.models.network import CONFIGS
   root = tmp_path_factory.mktemp("evaljob")
   prepare_tiny(root)
-  kw = dict(model_dir=str(root / "run"), mixture_or_task_name="tiny_retrieval", data_dirs=[str(root / "tiny")],
-            task_config=rt.TaskConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
-            batch_size=4, network_config=CONFIGS["tiny"], progress=False,
+  kw = dict(model_dir=str(root / "run"), progress=False, model=trainer.ModelConfig(CONFIGS["tiny"]),
+            dataset=trainer.DatasetConfig("tiny_retrieval", {"inputs": 128, "targets": 16}, 4,
+                                          data_dirs=[str(root / "tiny")], task_config=rt.TaskConfig(num_candidates=3)),
             checkpoint=trainer.CheckpointConfig(every=1, keep=3))
   T.train(train_steps=3, **kw)
   return root, kw

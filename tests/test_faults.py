@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import TRAIN_ENV, logged_losses as losses, train_command, train_env
-from tiny_run import train as train_tiny
+from tiny_run import configs, train as train_tiny
 
 STEPS, EVERY = 24, 4
 ENV = TRAIN_ENV
@@ -93,9 +93,9 @@ def test_a_non_finite_step_is_never_applied_nor_saved(root):
   from recalign.models.network import CONFIGS
   rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
   nan_from_4 = lambda s: jnp.where(s >= 3, jnp.nan, 1e-3)  # noqa: E731  (step index 3 = the 4th step)
-  kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
-            batch_size=4, network_config=CONFIGS["tiny"], log_every=3, progress=False, schedule=nan_from_4,
-            optimizer=trainer.make_optimizer(nan_from_4, name="adamw"), checkpoint=trainer.CheckpointConfig(every=3, keep=5))
+  kw = configs(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
+               batch_size=4, network_config=CONFIGS["tiny"], log_every=3, progress=False, schedule=nan_from_4,
+               optimizer=trainer.make_optimizer(nan_from_4, name="adamw"), every=3, keep=5)
   stopped = root / "nan_stop"
   with pytest.raises(faults.NonFiniteError, match=r"step 4: .*not finite.*last good checkpoint is step 3"):
     T.train(model_dir=str(stopped), train_steps=8, **kw)
@@ -197,10 +197,10 @@ def test_an_unwritable_model_dir_and_impossible_values_are_refused_before_traini
             batch_size=4, network_config=CONFIGS["tiny"], progress=False, train_steps=2)
   (tmp_path / "a_file").write_text("")
   with pytest.raises(faults.CheckpointWriteError, match="a_file/run is not writable"):
-    T.train(model_dir=str(tmp_path / "a_file" / "run"), **kw)
+    T.train(model_dir=str(tmp_path / "a_file" / "run"), **configs(**kw))
   bad = [({"train_steps": -5}, "TRAIN_STEPS must be a positive integer, not -5"),
          ({"batch_size": 0}, "BATCH_SIZE must be a positive integer"),
-         ({"checkpoint": trainer.CheckpointConfig(every=0)}, "CheckpointConfig.every must be positive"),
+         ({"every": 0}, "CheckpointConfig.every must be positive"),
          ({"validation": trainer.ValidationConfig(patience=-1)}, "cannot be negative"),
          ({"task_feature_lengths": {"inputs": 128}}, "TASK_FEATURE_LENGTHS must be"),
          ({"mixture_or_task_name": "tiny_reat", "task_feature_lengths": {"inputs": 16, "targets": 48}},
@@ -213,15 +213,15 @@ def test_an_unwritable_model_dir_and_impossible_values_are_refused_before_traini
   for change, message in bad:
     model_dir = tmp_path / "bad"
     with pytest.raises(ValueError, match=message):
-      T.train(model_dir=str(model_dir), **{**kw, **change})
+      T.train(model_dir=str(model_dir), **configs(**{**kw, **change}))
     assert not (model_dir / "train_log.jsonl").exists() and not (model_dir / "checkpoints").exists()
 
 
 def test_batch_not_divisible_by_the_data_parallel_devices_is_refused_by_name(root):
-  code = (f"import recalign.tasks as rt, jax; from recalign import train as T; from recalign.models.network import "
-          f"CONFIGS; rt.register_dataset({str(root / 'tiny')!r}); T.train(model_dir={str(root / 'par')!r}, "
-          "mixture_or_task_name='tiny_retrieval', task_feature_lengths={'inputs': 128, 'targets': 16}, "
-          "train_steps=2, batch_size=12, network_config=CONFIGS['tiny'], progress=False)")
+  code = (f"import recalign.tasks as rt, jax; from recalign import train as T, trainer; from recalign.models.network "
+          f"import CONFIGS; rt.register_dataset({str(root / 'tiny')!r}); T.train(model_dir={str(root / 'par')!r}, "
+          "dataset=trainer.DatasetConfig('tiny_retrieval', {'inputs': 128, 'targets': 16}, 12), "
+          "model=trainer.ModelConfig(CONFIGS['tiny']), train_steps=2, progress=False)")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                      env=train_env(8))
   assert r.returncode != 0 and "BATCH_SIZE=12 is not divisible by the 8 data-parallel devices" in r.stderr

@@ -154,6 +154,7 @@ def test_finetuning_a_pretrained_vocabulary_appends_id_pieces_as_new_rows(data, 
   import torch
   import transformers
   from recalign import train as T
+  from recalign import trainer
   from recalign.models import checkpoints as ck
   data.save(tmp_path / "d")
   build_ids(data, "semantic", levels=2, codebook=64).save(tmp_path / "d")     # ~130 pieces: rows must grow
@@ -165,11 +166,11 @@ def test_finetuning_a_pretrained_vocabulary_appends_id_pieces_as_new_rows(data, 
       vocab_size=rows, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
       tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0)).save_pretrained(hf_dir)
   before = ck.load_params(hf_dir)
-  T.train(model_dir=str(tmp_path / "ft"), mixture_or_task_name="idt_reat",
-          task_feature_lengths={"inputs": 256, "targets": 64}, train_steps=1, batch_size=4,
-          network_config=ck.config_from_hf(json.loads((hf_dir / "config.json").read_text())),
-          data_dirs=[str(tmp_path / "d")], initial_checkpoint_path=str(hf_dir), vocabulary="checkpoint",
-          task_config=rt.TaskConfig(num_candidates=10, id_scheme="semantic"), progress=False)
+  T.train(model_dir=str(tmp_path / "ft"), train_steps=1, progress=False,
+          dataset=trainer.DatasetConfig("idt_reat", {"inputs": 256, "targets": 64}, 4, data_dirs=[str(tmp_path / "d")],
+                                        task_config=rt.TaskConfig(num_candidates=10, id_scheme="semantic")),
+          model=trainer.ModelConfig(ck.config_from_hf(json.loads((hf_dir / "config.json").read_text())),
+                                    initial_checkpoint_path=str(hf_dir), vocabulary="checkpoint"))
   vocab = rt.registry.task_info("idt_retrieval").vocab
   assert vocab.base.sp_model == t5.sp_model and vocab.vocab_size == t5.vocab_size + len(vocab.pieces)
   assert vocab.encode("<extra_id_0>") == t5.encode("<extra_id_0>")           # sentinels unchanged

@@ -45,9 +45,9 @@ try:
   from recalign import trainer
   from recalign.models.network import CONFIGS
   data, run = sys.argv[1], "gs://bkt/runs/tiny"
-  kw = dict(model_dir=run, mixture_or_task_name="tiny_retrieval", data_dirs=[data],
-            task_config=rt.TaskConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
-            batch_size=4, network_config=CONFIGS["tiny"], progress=False, tensorboard=False, log_every=1,
+  kw = dict(model_dir=run, model=trainer.ModelConfig(CONFIGS["tiny"]), progress=False, tensorboard=False, log_every=1,
+            dataset=trainer.DatasetConfig("tiny_retrieval", {"inputs": 128, "targets": 16}, 4, data_dirs=[data],
+                                          task_config=rt.TaskConfig(num_candidates=3)),
             checkpoint=trainer.CheckpointConfig(every=1, keep=2))
   first = T.train(train_steps=2, **kw)
   resumed = T.train(train_steps=3, **kw)          # resumes from gs://.../checkpoints/2

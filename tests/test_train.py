@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from conftest import REPO, TRAIN_ENV, logged_losses as losses, run_two_processes, train_command, train_env
+from tiny_run import configs
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +134,9 @@ def test_initial_checkpoint_vocabulary_is_checked_and_resized_only_when_asked(ti
   common = dict(mixture_or_task_name="tiny_reat", task_feature_lengths={"inputs": 128, "targets": 48},
                 train_steps=1, batch_size=8, network_config=CONFIGS["tiny"], progress=False)
   with pytest.raises(ck.VocabularyMismatch, match=r"hf was trained with .*640 .*tiny/vocab/spm.model \(400 ids\)"):
-    T.train(model_dir=str(tmp_path / "x"), initial_checkpoint_path=str(tmp_path / "hf"), **common)
-  T.train(model_dir=str(tmp_path / "a"), initial_checkpoint_path=str(tmp_path / "hf"),
-          vocabulary_mismatch="resize", **common)
+    T.train(**configs(model_dir=str(tmp_path / "x"), initial_checkpoint_path=str(tmp_path / "hf"), **common))
+  T.train(**configs(model_dir=str(tmp_path / "a"), initial_checkpoint_path=str(tmp_path / "hf"),
+                    vocabulary_mismatch="resize", **common))
   got = ck.flatten(ck.load_params(tmp_path / "a" / "checkpoints" / "1"))
   want = ck.flatten(ck.resize_vocab(params, 512))
   assert set(got) == set(want)
@@ -144,13 +145,13 @@ def test_initial_checkpoint_vocabulary_is_checked_and_resized_only_when_asked(ti
   run = json.loads((tmp_path / "a" / "run.json").read_text())
   assert run["vocabulary"]["path"] == str((tiny_dir / "tiny" / "vocab" / "spm.model").resolve())
   # A recalign checkpoint as INITIAL_CHECKPOINT_PATH: its run.json names the same vocabulary, no resize.
-  T.train(model_dir=str(tmp_path / "b"), initial_checkpoint_path=str(tmp_path / "a" / "checkpoints" / "1"),
-          **common)
+  T.train(**configs(model_dir=str(tmp_path / "b"), initial_checkpoint_path=str(tmp_path / "a" / "checkpoints" / "1"),
+                    **common))
   again = ck.flatten(ck.load_params(tmp_path / "b" / "checkpoints" / "1"))
   np.testing.assert_allclose(again["token_embedder/embedding"], want["token_embedder/embedding"], atol=1e-6)
   with pytest.raises(ValueError, match="do not match the model config"):
-    T.train(model_dir=str(tmp_path / "c"), initial_checkpoint_path=str(tmp_path / "a" / "checkpoints" / "1"),
-            **{**common, "network_config": CONFIGS["tiny"].replace(mlp_dim=32)})
+    T.train(**configs(model_dir=str(tmp_path / "c"), initial_checkpoint_path=str(tmp_path / "a" / "checkpoints" / "1"),
+                      **{**common, "network_config": CONFIGS["tiny"].replace(mlp_dim=32)}))
 
 
 def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss(tiny_dir, tmp_path):
@@ -178,11 +179,10 @@ def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss
       tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
   hf.save_pretrained(hf_dir)
   lengths = {"inputs": 128, "targets": 48}
-  out = T.train(model_dir=str(tmp_path / "ft"), mixture_or_task_name="tiny_reat", task_feature_lengths=lengths,
-                train_steps=1, batch_size=8, network_config=ck.config_from_hf(json.loads((hf_dir / "config.json")
-                                                                                         .read_text())),
-                data_dirs=[str(tiny_dir / "tiny")], initial_checkpoint_path=str(hf_dir), vocabulary="checkpoint",
-                pack=False, z_loss=0.0, progress=False)
+  out = T.train(model_dir=str(tmp_path / "ft"), train_steps=1, progress=False,
+                dataset=trainer.DatasetConfig("tiny_reat", lengths, 8, data_dirs=[str(tiny_dir / "tiny")], pack=False),
+                model=trainer.ModelConfig(ck.config_from_hf(json.loads((hf_dir / "config.json").read_text())),
+                                          initial_checkpoint_path=str(hf_dir), vocabulary="checkpoint", z_loss=0.0))
   run = json.loads((tmp_path / "ft" / "run.json").read_text())
   assert run["vocabulary"]["path"] == str((hf_dir / "spiece.model").resolve())
   task_vocab = rt.registry.get_vocabulary(rt.get("tiny_reat"))
@@ -210,9 +210,9 @@ data, model_dir = sys.argv[1], sys.argv[2]
 rt.register_dataset(data, config=rt.TaskConfig(num_candidates=3))
 gin.bind_parameter("learning_rate_schedule.warmup_steps", 5)
 gin.bind_parameter("learning_rate_schedule.base", 1e-2)
-out = T.train(model_dir=model_dir, mixture_or_task_name="tiny_reat",
-              task_feature_lengths={"inputs": 128, "targets": 48}, train_steps=12, batch_size=8,
-              network_config=CONFIGS["tiny"].replace(dropout_rate=0.0), log_every=1, progress=False,
+out = T.train(model_dir=model_dir, train_steps=12, log_every=1, progress=False,
+              dataset=trainer.DatasetConfig("tiny_reat", {"inputs": 128, "targets": 48}, 8),
+              model=trainer.ModelConfig(CONFIGS["tiny"].replace(dropout_rate=0.0)),
               checkpoint=trainer.CheckpointConfig(every=6))
 print("RESULT", json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                             "devices": jax.device_count(), "loss": out["loss"]}))
@@ -267,8 +267,8 @@ def test_settings_that_would_fail_after_training_are_errors_before_the_first_ste
   from recalign import trainer
   from recalign.models.network import CONFIGS
   rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
-  kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
-            batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False)
+  kw = configs(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
+               batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False)
   with pytest.raises(ValueError, match="ValidationConfig.task is not"):
     T.train(model_dir=str(tiny_dir / "no_val"), train_steps=2, validation=trainer.ValidationConfig(every=1), **kw)
   with pytest.raises(ValueError, match=r"'ndcg@10' is not reported by tiny_ranking.*score/ndcg@10"):
@@ -306,14 +306,12 @@ def test_eval_results_survive_checkpoint_rotation(tiny_dir):
   import recalign.tasks as rt
   from recalign import cli
   from recalign import train as T
-  from recalign import trainer
   from recalign.models.network import CONFIGS
   rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
   run = tiny_dir / "rotate"
-  kw = dict(model_dir=str(run), mixture_or_task_name="tiny_retrieval", data_dirs=[str(tiny_dir / "tiny")],
-            task_config=rt.TaskConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
-            batch_size=4, network_config=CONFIGS["tiny"], progress=False,
-            checkpoint=trainer.CheckpointConfig(every=1, keep=1))
+  kw = configs(model_dir=str(run), mixture_or_task_name="tiny_retrieval", data_dirs=[str(tiny_dir / "tiny")],
+               task_config=rt.TaskConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
+               batch_size=4, network_config=CONFIGS["tiny"], progress=False, every=1, keep=1)
   T.train(train_steps=1, **kw)
   assert cli.main(["eval", "--checkpoint", str(run / "checkpoints" / "1"), "--task", "tiny_retrieval",
                    "--split", "validation", "--beam", "2", "--batch", "4"]) == 0
@@ -336,8 +334,8 @@ def test_early_stopping_on_validation_patience_survives_a_resume(tiny_dir):
   rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
   script = iter([0.1, 0.3, 0.2, 0.25, 0.9, 0.9])
   fake = lambda model, params: {"ndcg@10": next(script)}  # noqa: E731
-  kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
-            batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False, train_steps=50,
+  kw = configs(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
+               batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False, train_steps=50,
             validation=trainer.ValidationConfig(every=1, task="tiny_retrieval", patience=2))
   model_dir = tiny_dir / "early"
   out = T.train(model_dir=str(model_dir), validate_fn=fake, **kw)

@@ -3,12 +3,26 @@ as a script in a process of its own that a test kills, signals, limits or gives 
 
     python tests/tiny_run.py DATA STEPS [MODEL_DIR EXTRA_JSON]...    (several runs share one start-up)
 
-EXTRA_JSON holds train() keywords and CheckpointConfig fields. RECALIGN_TEST_FILE_SIZE=n: a disk that
+EXTRA_JSON holds train() keywords and fields of its config objects (`configs`). RECALIGN_TEST_FILE_SIZE=n: a disk that
 refuses files over n bytes (what a full disk does to a save). A faults.RunError prints {"error", "message"}
 and exits 2; a finished run prints {"loss", "devices"}."""
 import json
 import os
 import sys
+
+
+def configs(**flat) -> dict:
+  """train() keywords from flat ones, as tests write them: DatasetConfig, ModelConfig (`network_config` is its
+  `network`), CheckpointConfig and PartitionConfig fields gathered into those objects; the rest passed on."""
+  from recalign import partitioning, trainer
+  flat = {("network" if k == "network_config" else k): v for k, v in flat.items()}
+  out = {}
+  for key, cls in (("dataset", trainer.DatasetConfig), ("model", trainer.ModelConfig),
+                   ("checkpoint", trainer.CheckpointConfig), ("partitioning", partitioning.PartitionConfig)):
+    fields = {k: flat.pop(k) for k in cls.__dataclass_fields__ if k in flat}
+    if fields:
+      out[key] = cls(**fields)
+  return {**out, **flat}
 
 
 def train(data, model_dir, steps: int, **extra) -> dict:
@@ -17,11 +31,10 @@ def train(data, model_dir, steps: int, **extra) -> dict:
   from recalign import trainer
   from recalign.models.network import CONFIGS
   rt.register_dataset(data, config=rt.TaskConfig(num_candidates=3))
-  checkpoint = {k: extra.pop(k) for k in ("every", "keep", "restore_fallback") if k in extra}
   kw = dict(mixture_or_task_name="tiny_reat", task_feature_lengths={"inputs": 128, "targets": 48}, batch_size=8,
             network_config=CONFIGS["tiny"].replace(dropout_rate=0.1), log_every=1, progress=False,
-            schedule=trainer.learning_rate_schedule(base=1e-2, warmup_steps=5), checkpoint=trainer.CheckpointConfig(**checkpoint))
-  return T.train(model_dir=str(model_dir), train_steps=steps, **{**kw, **extra})
+            schedule=trainer.learning_rate_schedule(base=1e-2, warmup_steps=5))
+  return T.train(model_dir=str(model_dir), train_steps=steps, **configs(**{**kw, **extra}))
 
 
 def main(argv: list[str]) -> None:

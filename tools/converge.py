@@ -39,11 +39,9 @@ def run(name: str, seed: int, data_dir: Path, work: Path, args) -> dict:
   schedule = trainer.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"],
                                       total_steps=args.max_steps)
   t0 = time.time()
-  out = T.train(model_dir=str(model_dir), mixture_or_task_name=f"{data_dir.name}_{r['mixture']}",
-                task_feature_lengths=r["lengths"], train_steps=args.max_steps, batch_size=r["batch"],
-                network_config=curves.network_config(r["size"]).replace(dropout_rate=r["dropout"], dtype=r["dtype"]),
-                data_dirs=[str(data_dir)], task_config=config, random_seed=seed, schedule=schedule,
-                optimizer=trainer.make_optimizer(schedule, name=r["optimizer"]), loss_normalizing_factor=r["loss"],
+  out = T.train(model_dir=str(model_dir), train_steps=args.max_steps, random_seed=seed, schedule=schedule,
+                dataset=curves.dataset_config(r, f"{data_dir.name}_{r['mixture']}", data_dir, config),
+                model=curves.model_config(r), optimizer=trainer.make_optimizer(schedule, name=r["optimizer"]),
                 checkpoint=trainer.CheckpointConfig(every=args.every, keep=2), log_every=50,
                 validation=trainer.ValidationConfig(task=f"{data_dir.name}_retrieval", examples=args.val_users,
                                               every=args.every, patience=args.patience))

@@ -97,6 +97,17 @@ def network_config(size):
   return CONFIGS[size]
 
 
+def dataset_config(r: dict, mixture: str, data_dir, task_config):
+  from recalign.trainer import DatasetConfig
+  return DatasetConfig(mixture, r["lengths"], r["batch"], data_dirs=[str(data_dir)], task_config=task_config)
+
+
+def model_config(r: dict):
+  from recalign.trainer import ModelConfig
+  return ModelConfig(network_config(r["size"]).replace(dropout_rate=r["dropout"], dtype=r["dtype"]),
+                     loss_normalizing_factor=r["loss"])
+
+
 def cpu_model() -> str:
   for line in Path("/proc/cpuinfo").read_text().splitlines():
     if line.startswith("model name"):
@@ -134,11 +145,9 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
   schedule = trainer.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"],
                                       total_steps=10 ** 7)
   t0 = time.time()
-  T.train(model_dir=str(model_dir), mixture_or_task_name=mixture, task_feature_lengths=r["lengths"],
-          train_steps=10 ** 7, batch_size=r["batch"], network_config=network_config(r["size"]).replace(
-              dropout_rate=r["dropout"], dtype=r["dtype"]), data_dirs=[str(data_dir)], task_config=config,
-          random_seed=seed, schedule=schedule, optimizer=trainer.make_optimizer(schedule, name=r["optimizer"]),
-          loss_normalizing_factor=r["loss"], checkpoint=trainer.CheckpointConfig(every=10 ** 6), log_every=25,
+  T.train(model_dir=str(model_dir), train_steps=10 ** 7, dataset=dataset_config(r, mixture, data_dir, config),
+          model=model_config(r), random_seed=seed, schedule=schedule,
+          optimizer=trainer.make_optimizer(schedule, name=r["optimizer"]), checkpoint=trainer.CheckpointConfig(every=10 ** 6), log_every=25,
           validation=trainer.ValidationConfig(task=f"{data.name}_retrieval", examples=val_users, every_minutes=eval_every),
           train_minutes_budget=minutes, progress=True)
   wall = (time.time() - t0) / 60

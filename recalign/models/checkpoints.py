@@ -429,4 +429,4 @@ def fit_vocabulary(params: dict, source: str | Path, task_vocab, rows: int, mism
       f"{source} was trained with {theirs} ({have} embedding rows), but the tasks use {describe(task_vocab)} "
       f"({rows} rows): its embeddings would be used for unrelated tokens. Set VOCABULARY to the "
       "checkpoint's SentencePiece model (gin/runs/finetune.gin uses VOCABULARY = 'checkpoint'), or ask for "
-      "--gin.train.vocabulary_mismatch=\"'resize'\" to cut/grow the rows (only between recalign runs).")
+      "--gin.ModelConfig.vocabulary_mismatch=\"'resize'\" to cut/grow the rows (only between recalign runs).")
