@@ -1,6 +1,8 @@
-"""The evaluator: a model's metrics on a task's validation / test split, one method pair per task kind --
-retrieval (constrained beam search over the catalogue), ranking (beams over the candidates, and
-teacher-forced scoring of every candidate), rating (AUC of P(yes)), ITDR and RecLM's generated text.
+"""The evaluator: a model's metrics on a task's validation / test split. What each task kind means is one
+`KindSpec` in `KINDS` -- how its examples are decoded, how the decodes become metrics and predictions, which
+metrics it reports, which one selects checkpoints, and its protocol: retrieval (constrained beam search over
+the catalogue), ranking (beams over the candidates, and teacher-forced scoring of every candidate), rating
+(AUC of P(yes)), ITDR's sub-tasks and RecLM's profiles (generated text). Adding a kind adds one entry.
 Used by training (periodic validation, `make_validate_fn`) and by the eval job (`recalign.evaluate`);
 it knows nothing of either.
 """
@@ -8,7 +10,6 @@ it knows nothing of either.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -23,13 +24,6 @@ from recalign.data.prepare import PreparedData, item_id
 from recalign.decoding import EOS, ItemTrie, beam_search_items, decode_texts, generate, score_items, score_targets
 from recalign.models.model import EncoderDecoderModel, shift_right
 from recalign.tasks import itdr
-
-REC_KINDS = ("retrieval", "ranking", "rating")
-ITDR_KINDS = tuple(f"itdr_{k}" for k in itdr.KINDS + itdr.TEXT_KINDS)
-PROFILE_KINDS = ("profile", "collab_profile", "item_profile")   # RecLM's: generated text, scored as text
-GENERATED_KINDS = ITDR_KINDS + PROFILE_KINDS
-EVALUABLE = REC_KINDS + GENERATED_KINDS
-
 
 @dataclasses.dataclass
 class EvalResult:
@@ -131,8 +125,8 @@ class RecEvaluator:
     """Items not to recommend: the user's history before the held-out item (if excluded)."""
     return [self.data.held_out(int(u), split)[0] if self.exclude_history else [] for u in users]
 
-  # Each kind: decode (this process's examples -> arrays, one row per example) and finish (every
-  # example's arrays -> metrics and predictions). Between them, several processes gather their rows.
+  # The paper's kinds: decode (this process's examples -> arrays, one row per example) and finish (every
+  # example's arrays -> metrics and predictions), as KINDS names them. Between them, processes gather rows.
 
   def decode_retrieval(self, params, examples: list[dict], split: str) -> dict[str, np.ndarray]:
     items, scores = [], []
@@ -227,62 +221,13 @@ class RecEvaluator:
       out["scores"] = np.concatenate(scores).astype(np.float32)
     return out
 
-  def finish_itdr(self, examples: list[dict], a: dict, *, kind: str) -> tuple[dict, list[dict]]:
+  def finish_generated(self, examples: list[dict], a: dict, *, score: Callable) -> tuple[dict, list[dict]]:
+    """Generated text: `score(evaluator, examples, arrays, texts, targets, predictions) -> metrics` (it may
+    add to the prediction rows)."""
     texts = decode_texts(self.vocab, a["generated"])
     targets = [e["targets_pretokenized"].decode() for e in examples]
     preds = [{**self._who(e), "target": t, "generated": g} for e, t, g in zip(examples, targets, texts)]
-    titles = self.itdr_texts.titles
-    if kind in ("itdr_tkr", "itdr_cdr"):
-      gen_rank, score_rank, relevant, unknown = [], [], [], 0
-      for e, g, sc in zip(examples, texts, a["scores"]):
-        cands = [int(c) for c in e["candidates"]]
-        named, unk = itdr.match_titles(itdr.parse_numbered(g), [titles[c] for c in cands])
-        unknown += unk
-        gen_rank.append(itdr.complete_ranking(named, len(cands), range(len(cands))))   # then as shown
-        score_rank.append(np.argsort(-sc[:len(cands)], kind="stable").tolist())
-        relevant.append({i for i, c in enumerate(cands) if c in set(e["positives"].tolist())})
-      metrics = {**{f"generated/{k}": v for k, v in itdr.list_metrics(gen_rank, relevant).items()},
-                 **{f"score/{k}": v for k, v in itdr.list_metrics(score_rank, relevant).items()},
-                 **{f"random/{k}": v for k, v in itdr.random_list_baseline(len(examples[0]["candidates"]),
-                                                                          itdr.POSITIVES).items()},
-                 "unparsable": float(np.mean([not itdr.parse_numbered(g) for g in texts])),
-                 "unknown_titles_per_example": unknown / len(examples)}
-    elif kind == "itdr_nir":
-      gen_hit, score_hit = [], []
-      for e, g, sc in zip(examples, texts, a["scores"]):
-        cands = [int(c) for c in e["candidates"]]
-        named, _ = itdr.match_titles([g], [titles[c] for c in cands])
-        gen_hit.append(bool(named) and cands[named[0]] == int(e["target_item"]))
-        score_hit.append(cands[int(np.argmax(sc[:len(cands)]))] == int(e["target_item"]))
-      metrics = {"generated/hr@1": float(np.mean(gen_hit)), "score/hr@1": float(np.mean(score_hit)),
-                 "random/hr@1": 1.0 / len(examples[0]["candidates"])}
-    elif kind == "itdr_rp":
-      values = self.rating_values()
-      p = np.exp(a["scores"] - a["scores"].max(1, keepdims=True))
-      expected = (p / p.sum(1, keepdims=True)) @ values
-      truth = np.array([float(t) for t in targets])
-      metrics = {**{f"score/{k}": v for k, v in itdr.rating_errors(truth, expected).items()},
-                 **{f"generated/{k}": v for k, v in itdr.seqio_rating_prediction_metrics(
-                     targets, texts, scale=(float(values.min()), float(values.max()))).items()},
-                 **self._rating_baselines(examples, truth)}
-      for pr, x in zip(preds, expected):
-        pr["expected_rating"] = round(float(x), 4)
-    elif kind in ("itdr_ir", "itdr_tui"):
-      metrics = itdr.text_metrics(targets, texts)
-    elif kind in PROFILE_KINDS:
-      from recalign.tasks import reclm
-      score = reclm.collab_metrics if kind == "collab_profile" else itdr.text_metrics
-      metrics = score(targets, texts)
-      # beside it, one profile for everyone: the commonest target (of these examples: a generous baseline)
-      common = max(set(targets), key=lambda t: (targets.count(t), t))
-      metrics.update({f"constant/{k}": v for k, v in score(targets, [common] * len(targets)).items()
-                      if "rouge" in k or "bleu" in k})
-    else:   # itdr_uap
-      metrics = itdr.attribute_metrics(targets, texts)
-      metrics.update({f"majority/{k}": v for k, v in itdr.attribute_metrics(targets, [self._majority()] * len(targets)).items()
-                      if k != "unparsable"})
-      metrics["mean_accuracy"] = float(np.mean([metrics[f"{f}_accuracy"] for f in ("age_group", "gender", "occupation")]))
-    return metrics, preds
+    return score(self, examples, a, texts, targets, preds), preds
 
   def _who(self, e: dict) -> dict:
     """What a prediction row is about: the item (item profiles), the user, or the example."""
@@ -321,24 +266,17 @@ class RecEvaluator:
     devices; their rows are gathered, so every process returns what one process would."""
     from recalign.tasks.registry import task_info
     info = task_info(task_name)
-    kind = info.kind
-    if kind not in EVALUABLE:
-      raise ValueError(f"{task_name}: {kind} is an auxiliary task; evaluate retrieval, ranking, rating, an ITDR or "
-                       "a profile task")
-    if kind in GENERATED_KINDS:
+    if info.kind not in KINDS:
+      raise ValueError(f"{task_name}: {info.kind} is an auxiliary task; evaluate retrieval, ranking, rating, an ITDR "
+                       "or a profile task")
+    spec = KINDS[info.kind]
+    if spec.generated:
       c = info.config   # built once per setting: validation calls this every few minutes
       key = (c.itdr_max_title_tokens, c.itdr_eval_users, c.eval_seed)
       if key not in self._itdr_tables:
         self._itdr_tables[key] = (itdr.ItemTexts.of(self.data, self.vocab, c.itdr_max_title_tokens),
                                   itdr.eval_users(self.data, c.itdr_eval_users, c.eval_seed))
       self.itdr_texts, self.itdr_held = self._itdr_tables[key]
-      # short answers need short decodes (the loop runs max_length steps): a rating, a title, three fields
-      short = {"itdr_rp": 8, "itdr_nir": info.config.itdr_max_title_tokens + 8, "itdr_uap": 48}
-      decode = functools.partial(self.decode_itdr, kind=kind,
-                                 max_length=min(lengths.get("targets", 64), short.get(kind, 1 << 20)))
-      finish = functools.partial(self.finish_itdr, kind=kind)
-    else:
-      decode, finish = getattr(self, f"decode_{kind}"), getattr(self, f"finish_{kind}")
     examples = task_examples(task_name, split, lengths, max_examples, example_ids=example_ids)
     if not examples:
       raise ValueError(f"{task_name} has no {split} examples that fit {dict(lengths)} (an example that does not fit "
@@ -351,13 +289,11 @@ class RecEvaluator:
     shared = self.mesh is not None and jax.process_count() > 1 and all(
         d.process_index == jax.process_index() for d in self.mesh.devices.flat)
     mine = order[jax.process_index()::jax.process_count()] if shared else order
-    arrays = gather_rows(decode(params, [examples[i] for i in mine], split), mine, len(examples), gather=shared)
-    metrics, preds = finish(examples, arrays)
+    arrays = gather_rows(spec.decode(self, params, [examples[i] for i in mine], split, info, lengths), mine,
+                         len(examples), gather=shared)
+    metrics, preds = spec.finish(self, examples, arrays)
     metrics["examples"] = len(examples)
-    protocol = {"retrieval": M.protocol_name(self.exclude_history), "ranking": "the task's candidates",
-                "rating": "P(yes) AUC"}.get(kind, "profile: greedy generation against the teacher's text"
-                                             if kind in PROFILE_KINDS else
-                                             "ITDR: greedy generation parsed, and scored answers")
+    protocol = M.protocol_name(self.exclude_history) if info.kind == "retrieval" else spec.protocol
     return EvalResult(task_name, split, metrics, preds, protocol)
 
 
@@ -383,30 +319,158 @@ def gather_rows(local: dict[str, np.ndarray], rows: np.ndarray, total: int, *,
   return out
 
 
-def headline_metric(kind: str) -> str:
-  """What selects the best checkpoint of a task kind unless told otherwise: retrieval NDCG@10,
-  ranking NDCG@10 of the teacher-forced scores, rating AUC."""
-  return {"retrieval": "ndcg@10", "ranking": "score/ndcg@10", "rating": "auc", "itdr_tkr": "score/ndcg@10",
-          "itdr_cdr": "score/ndcg@10", "itdr_nir": "score/hr@1", "itdr_rp": "score/rmse",
-          "itdr_uap": "mean_accuracy", "profile": "rougeL", "item_profile": "rougeL",
-          "collab_profile": "answer_accuracy"}.get(kind, "ndcg@10")
+# --------------------------------------------------------------------------------------------
+# Task kinds: what evaluating each one means
 
 
-def validation_metrics(kind: str) -> tuple[str, ...]:
-  """The metrics the RecEvaluator reports for a task kind (what `train(selection_metric=...)` may name)."""
-  ranking = tuple(f"{m}@{k}" for k in (1, 5, 10) for m in ("hr", "ndcg"))
-  lists = tuple(f"{how}/{m}" for how in ("generated", "score") for m in ("ndcg@10", "hr@1", "p@5"))
-  return {"retrieval": ("hr@5", "ndcg@5", "hr@10", "ndcg@10"),
-          "ranking": tuple(f"{how}/{m}" for how in ("beam", "score") for m in ranking),
-          "rating": ("auc",), "itdr_tkr": lists, "itdr_cdr": lists, "itdr_nir": ("generated/hr@1", "score/hr@1"),
-          "itdr_rp": tuple(f"{how}/{m}" for how in ("generated", "score") for m in ("rmse", "mae")),
-          "itdr_uap": ("mean_accuracy", "age_group_accuracy", "gender_accuracy", "occupation_accuracy",
-                       "age_rmse"),
-          "profile": TEXT_METRICS, "item_profile": TEXT_METRICS,
-          "collab_profile": ("answer_accuracy", *(f"profile_{m}" for m in TEXT_METRICS))}.get(kind, ())
+@dataclasses.dataclass(frozen=True)
+class KindSpec:
+  """One task kind's evaluation. `decode(evaluator, params, examples, split, info, lengths)`: this process's
+  examples -> arrays, one row per example (processes gather their rows between the two steps);
+  `finish(evaluator, examples, arrays)` -> (metrics, prediction rows); `metrics`: what it reports (what
+  ValidationConfig.selection_metric may name); `headline`: what selects the best checkpoint unless told
+  otherwise; `protocol`: how its metrics files name the protocol. The seqio metric functions its tasks
+  carry (`recalign.tasks.registry`) call the same metric code (`recalign.metrics`, `itdr`)."""
+  decode: Callable[..., dict]
+  finish: Callable[..., tuple[dict, list]]
+  metrics: tuple[str, ...]
+  headline: str
+  protocol: str
+  generated: bool = False   # greedy generation of text (ITDR, profiles): needs the item texts
+
+
+def _rec(kind: str) -> dict:
+  """The paper's kinds: RecEvaluator's decode_<kind> / finish_<kind>."""
+  return dict(decode=lambda ev, params, examples, split, info, lengths: getattr(ev, f"decode_{kind}")(
+      params, examples, split), finish=lambda ev, examples, a: getattr(ev, f"finish_{kind}")(examples, a))
+
+
+def _generated(score: Callable, max_length: Optional[Callable] = None) -> dict:
+  """Greedy generation scored by `score`; `max_length(task_config)`: short answers need short decodes (the
+  loop runs max_length steps) -- a rating, a title, three fields."""
+  def decode(ev, params, examples, split, info, lengths):
+    cap = max_length(info.config) if max_length else 1 << 20
+    return ev.decode_itdr(params, examples, split, kind=info.kind, max_length=min(lengths.get("targets", 64), cap))
+  return dict(decode=decode, finish=lambda ev, examples, a: ev.finish_generated(examples, a, score=score),
+              generated=True)
+
+
+def _score_list(ev, examples, a, texts, targets, preds) -> dict:
+  """TKR / CDR: the generated numbered list parsed and matched to the candidates' titles, and the
+  candidates ranked by the teacher-forced score of each as the list's first entry; random beside them."""
+  titles = ev.itdr_texts.titles
+  gen_rank, score_rank, relevant, unknown = [], [], [], 0
+  for e, g, sc in zip(examples, texts, a["scores"]):
+    cands = [int(c) for c in e["candidates"]]
+    named, unk = itdr.match_titles(itdr.parse_numbered(g), [titles[c] for c in cands])
+    unknown += unk
+    gen_rank.append(itdr.complete_ranking(named, len(cands), range(len(cands))))   # then as shown
+    score_rank.append(np.argsort(-sc[:len(cands)], kind="stable").tolist())
+    relevant.append({i for i, c in enumerate(cands) if c in set(e["positives"].tolist())})
+  return {**{f"generated/{k}": v for k, v in itdr.list_metrics(gen_rank, relevant).items()},
+          **{f"score/{k}": v for k, v in itdr.list_metrics(score_rank, relevant).items()},
+          **{f"random/{k}": v for k, v in itdr.random_list_baseline(len(examples[0]["candidates"]),
+                                                                   itdr.POSITIVES).items()},
+          "unparsable": float(np.mean([not itdr.parse_numbered(g) for g in texts])),
+          "unknown_titles_per_example": unknown / len(examples)}
+
+
+def _score_nir(ev, examples, a, texts, targets, preds) -> dict:
+  """NIR: the generated title matched to a candidate, and the best-scored candidate; random beside them."""
+  titles = ev.itdr_texts.titles
+  gen_hit, score_hit = [], []
+  for e, g, sc in zip(examples, texts, a["scores"]):
+    cands = [int(c) for c in e["candidates"]]
+    named, _ = itdr.match_titles([g], [titles[c] for c in cands])
+    gen_hit.append(bool(named) and cands[named[0]] == int(e["target_item"]))
+    score_hit.append(cands[int(np.argmax(sc[:len(cands)]))] == int(e["target_item"]))
+  return {"generated/hr@1": float(np.mean(gen_hit)), "score/hr@1": float(np.mean(score_hit)),
+          "random/hr@1": 1.0 / len(examples[0]["candidates"])}
+
+
+def _score_rp(ev, examples, a, texts, targets, preds) -> dict:
+  """RP: the generated rating parsed, and the expected rating under the scores of every rating text;
+  the global, user and item means beside them."""
+  values = ev.rating_values()
+  p = np.exp(a["scores"] - a["scores"].max(1, keepdims=True))
+  expected = (p / p.sum(1, keepdims=True)) @ values
+  truth = np.array([float(t) for t in targets])
+  for pr, x in zip(preds, expected):
+    pr["expected_rating"] = round(float(x), 4)
+  return {**{f"score/{k}": v for k, v in itdr.rating_errors(truth, expected).items()},
+          **{f"generated/{k}": v for k, v in itdr.seqio_rating_prediction_metrics(
+              targets, texts, scale=(float(values.min()), float(values.max()))).items()},
+          **ev._rating_baselines(examples, truth)}
+
+
+def _score_text(ev, examples, a, texts, targets, preds) -> dict:
+  return itdr.text_metrics(targets, texts)
+
+
+def _score_profile(collab: bool) -> Callable:
+  def score_profile(ev, examples, a, texts, targets, preds) -> dict:
+    """RecLM's profiles as text (collaborative ones: the answer's accuracy too); beside them one profile for
+    everyone, the commonest target (of these examples: a generous baseline)."""
+    from recalign.tasks import reclm
+    score = reclm.collab_metrics if collab else itdr.text_metrics
+    metrics = score(targets, texts)
+    common = max(set(targets), key=lambda t: (targets.count(t), t))
+    metrics.update({f"constant/{k}": v for k, v in score(targets, [common] * len(targets)).items()
+                    if "rouge" in k or "bleu" in k})
+    return metrics
+  return score_profile
+
+
+def _score_uap(ev, examples, a, texts, targets, preds) -> dict:
+  """UAP: each attribute's accuracy (age's RMSE), and the training users' majority answer beside it."""
+  metrics = itdr.attribute_metrics(targets, texts)
+  metrics.update({f"majority/{k}": v for k, v in itdr.attribute_metrics(targets, [ev._majority()] * len(targets)).items()
+                  if k != "unparsable"})
+  metrics["mean_accuracy"] = float(np.mean([metrics[f"{f}_accuracy"] for f in ("age_group", "gender", "occupation")]))
+  return metrics
 
 
 TEXT_METRICS = ("bleu1", "bleu2", "rouge1", "rouge2", "rougeL")
+_RANKED = tuple(f"{m}@{k}" for k in (1, 5, 10) for m in ("hr", "ndcg"))
+_LISTS = tuple(f"{how}/{m}" for how in ("generated", "score") for m in ("ndcg@10", "hr@1", "p@5"))
+_ITDR = "ITDR: greedy generation parsed, and scored answers"
+_PROFILE = "profile: greedy generation against the teacher's text"
+
+KINDS: dict[str, KindSpec] = {
+    "retrieval": KindSpec(**_rec("retrieval"), metrics=("hr@5", "ndcg@5", "hr@10", "ndcg@10"), headline="ndcg@10",
+                          protocol=M.FULL_CATALOGUE),   # (or history excluded, as the evaluator is set)
+    "ranking": KindSpec(**_rec("ranking"), metrics=tuple(f"{how}/{m}" for how in ("beam", "score") for m in _RANKED),
+                        headline="score/ndcg@10", protocol="the task's candidates"),
+    "rating": KindSpec(**_rec("rating"), metrics=("auc",), headline="auc", protocol="P(yes) AUC"),
+    "itdr_tkr": KindSpec(**_generated(_score_list), metrics=_LISTS, headline="score/ndcg@10", protocol=_ITDR),
+    "itdr_cdr": KindSpec(**_generated(_score_list), metrics=_LISTS, headline="score/ndcg@10", protocol=_ITDR),
+    "itdr_nir": KindSpec(**_generated(_score_nir, lambda c: c.itdr_max_title_tokens + 8),
+                         metrics=("generated/hr@1", "score/hr@1"), headline="score/hr@1", protocol=_ITDR),
+    "itdr_rp": KindSpec(**_generated(_score_rp, lambda c: 8), headline="score/rmse", protocol=_ITDR,
+                        metrics=tuple(f"{how}/{m}" for how in ("generated", "score") for m in ("rmse", "mae"))),
+    "itdr_uap": KindSpec(**_generated(_score_uap, lambda c: 48), headline="mean_accuracy", protocol=_ITDR,
+                         metrics=("mean_accuracy", "age_group_accuracy", "gender_accuracy", "occupation_accuracy",
+                                  "age_rmse")),
+    "itdr_ir": KindSpec(**_generated(_score_text), metrics=TEXT_METRICS, headline="rougeL", protocol=_ITDR),
+    "itdr_tui": KindSpec(**_generated(_score_text), metrics=TEXT_METRICS, headline="rougeL", protocol=_ITDR),
+    "profile": KindSpec(**_generated(_score_profile(False)), metrics=TEXT_METRICS, headline="rougeL",
+                        protocol=_PROFILE),
+    "item_profile": KindSpec(**_generated(_score_profile(False)), metrics=TEXT_METRICS, headline="rougeL",
+                             protocol=_PROFILE),
+    "collab_profile": KindSpec(**_generated(_score_profile(True)), headline="answer_accuracy", protocol=_PROFILE,
+                               metrics=("answer_accuracy", *(f"profile_{m}" for m in TEXT_METRICS))),
+}
+EVALUABLE = tuple(KINDS)
+
+
+def headline_metric(kind: str) -> str:
+  """What selects the best checkpoint of a task kind unless told otherwise (KindSpec.headline)."""
+  return KINDS[kind].headline if kind in KINDS else "ndcg@10"
+
+
+def validation_metrics(kind: str) -> tuple[str, ...]:
+  """The metrics the RecEvaluator reports for a task kind (what ValidationConfig.selection_metric may name)."""
+  return KINDS[kind].metrics if kind in KINDS else ()
 
 
 def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[int] = None,

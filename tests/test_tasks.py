@@ -500,3 +500,52 @@ def test_a_name_registered_again_is_the_same_or_refused_unless_replaced(tmp_path
   rt.unregister("again")
   with pytest.raises(ValueError, match="again_retrieval"):
     rt.get("again_retrieval")
+
+
+def test_seqio_metric_fns_and_recalign_eval_cannot_disagree(tiny):
+  """The same decodes scored by the metric_fns the tasks carry (what seqio.Evaluator / T5X apply) and by
+  RecEvaluator's finish step (what `recalign eval` applies): the same numbers, for retrieval (all beams),
+  ranking (the scored candidates) and rating (a model whose mass is on "yes" / "no")."""
+  from recalign.evaluator import KINDS, RecEvaluator
+  data, vocab = tiny
+  ev = RecEvaluator(None, data, vocab)
+  rng = np.random.default_rng(3)
+  n = 40
+  examples = [{"user": u % data.num_users, "target_item": int(rng.integers(data.num_items))} for u in range(n)]
+  targets = np.array([e["target_item"] for e in examples])
+  ranked = np.stack([rng.permutation(data.num_items)[:10] for _ in range(n)]).astype(np.int32)   # (a small catalogue)
+  ranked[::3, 2] = targets[::3]                                     # some hits at rank 3, some anywhere / none
+  ranked[1::3] = np.where(ranked[1::3] == targets[1::3, None], ranked[1::3, ::-1], ranked[1::3])
+  ours, _ = KINDS["retrieval"].finish(ev, examples, {"items": ranked, "scores": np.zeros(ranked.shape, np.float32)})
+  theirs = rt.get("tiny_retrieval").metric_fns[0]([item_id(t) for t in targets],
+                                                  [[item_id(i) for i in row] for row in ranked])
+  common = [k for k in KINDS["retrieval"].metrics if k in theirs]
+  assert "ndcg@5" in common and 0 < ours["hr@5"] < 1
+  assert {k: ours[k] for k in common} == pytest.approx({k: theirs[k] for k in common})
+  cands = np.stack([np.r_[t, rng.permutation(np.setdiff1d(np.arange(data.num_items), [t]))[:4]] for t in targets])
+  scored = M.rank_by_scores(rng.normal(size=cands.shape), cands)
+  ours, _ = KINDS["ranking"].finish(ev, [{**e, "candidates": c} for e, c in zip(examples, cands)],
+                                    {"beam": scored, "scored": scored})
+  theirs = rt.get("tiny_ranking").metric_fns[0]([item_id(t) for t in targets], [[item_id(i) for i in r] for r in scored])
+  assert 0 < theirs["ndcg@5"] < 1
+  assert {k: ours[f"score/{k}"] for k in theirs} == pytest.approx(theirs)     # (@10: beyond 5 candidates)
+  labels = rng.integers(0, 2, n)
+  labels[:2] = (0, 1)
+  p = rng.uniform(0.05, 0.95, n)
+  ours, _ = KINDS["rating"].finish(ev, [{**e, "label": y} for e, y in zip(examples, labels)],
+                                   {"yes": np.log(p), "no": np.log1p(-p)})
+  theirs = rt.get("tiny_rating").metric_fns[0](["yes" if y else "no" for y in labels],
+                                               np.where(labels == 1, np.log(p), np.log1p(-p)))
+  assert ours["auc"] == pytest.approx(theirs["auc"]) and 0 < ours["auc"] < 1
+
+
+def test_every_evaluable_kind_has_one_spec_whose_headline_it_reports():
+  """Adding a task kind is one KindSpec: what the registry registers and the evaluator can score agree."""
+  from recalign.evaluator import KINDS
+  from recalign.tasks import itdr
+  registered = {"retrieval", "ranking", "rating", *(f"itdr_{k}" for k in itdr.KINDS + itdr.TEXT_KINDS),
+                "profile", "collab_profile", "item_profile"}
+  assert set(KINDS) == registered
+  for kind, spec in KINDS.items():
+    assert spec.headline in spec.metrics, kind
+    assert spec.generated == (kind not in ("retrieval", "ranking", "rating")), kind
