@@ -27,13 +27,48 @@ from recalign.experiments import (DEFAULT_RECIPE, RECIPES, ensure_prepared, eval
                                   train_model)
 
 
+def _sasrecs(data, seed: int, epochs: int, exclude_history: bool) -> tuple[dict, dict]:
+  """SASRec-BCE and SASRec-CE (sampled softmax, the strongest CE variant that converges in minutes), both
+  budgeted in epochs and stopped early on validation NDCG@10, so the bar does not depend on the machine's
+  speed: ({label: (model, params, log)}, {label: what trained})."""
+  from recalign.baselines.sasrec import SASRecConfig, train_sasrec
+  models, summary = {}, {}
+  for label, loss in (("BCE", "bce"), ("CE", "sampled_ce")):
+    t0 = time.time()
+    models[label] = train_sasrec(data, SASRecConfig(seed=seed, loss=loss, epochs=epochs,
+                                                    exclude_history=exclude_history))
+    log = models[label][2]
+    best = max((e for e in log if "validation_ndcg@10" in e), key=lambda e: e["validation_ndcg@10"], default=log[-1])
+    summary[label] = {"loss": loss, "epochs": len(log), "best_epoch": best["epoch"],
+                      "minutes": round((time.time() - t0) / 60, 2)}
+  return models, summary
+
+
+def _ml100k_rating(source: Path, out: Path, minutes: float, size: str, seed: int) -> dict:
+  """RpAT on ml-100k for `minutes`, its rating AUC beside History's."""
+  from recalign import baselines as B
+  from recalign.data import PreparedData
+  ml_dir = ensure_prepared(source, out / "data" / "ml100k", "ml100k", id_schemes=())
+  ml_model = out / "ml100k_rpat"
+  train_model(ml_dir, ml_model, "ml100k_rpat", "ml100k_rating", minutes, size, seed)
+  plot(ml_model, out / "ml100k_rpat.png", f"T5 {size} from scratch on RpAT (ml-100k)")
+  ml = PreparedData.load(ml_dir)
+  table = {}
+  for split in ("validation", "test"):
+    table[f"recalign {size} RpAT / {split}"] = evaluate_best(ml_model, "ml100k_rating", split).metrics
+    table[f"History / {split}"] = B.history_rating(ml, split)
+  print("\nml-100k rating")
+  print(B.format_table(table, ["auc"]))
+  return table
+
+
 def run_demo(source: Path, out: Path, minutes: float = 12.0, ml100k: Optional[Path] = None,
              size: str = "mini", seed: int = 0, recipe: str = DEFAULT_RECIPE, sasrec_epochs: int = 200,
              max_test: Optional[int] = None, kcore: int = 5, exclude_history: bool = False,
              eval_every_minutes: Optional[float] = None, name: Optional[str] = None) -> dict:
   """The demo on any Amazon-style data set (`source`; named after its folder unless `name` is given)."""
   from recalign import baselines as B
-  from recalign.baselines.sasrec import SASRecConfig, evaluate_sasrec, train_sasrec
+  from recalign.baselines.sasrec import evaluate_sasrec
   from recalign.data import PreparedData
   from recalign.data.prepare import name_from_path
   from recalign.metrics import protocol_name
@@ -57,15 +92,7 @@ def run_demo(source: Path, out: Path, minutes: float = 12.0, ml100k: Optional[Pa
   # Both SASRecs budgeted in epochs and stopped early on validation NDCG@10, so the bar does not depend
   # on the machine's speed; CE is the sampled softmax, the strongest CE variant that converges in minutes.
   print("[demo] baselines: popularity, SASRec-BCE, SASRec-CE (sampled softmax), early-stopped")
-  sasrec = {}
-  for label, loss in (("BCE", "bce"), ("CE", "sampled_ce")):
-    t0 = time.time()
-    sasrec[label] = train_sasrec(data, SASRecConfig(seed=seed, loss=loss, epochs=sasrec_epochs,
-                                                    exclude_history=exclude_history))
-    log = sasrec[label][2]
-    best = max((e for e in log if "validation_ndcg@10" in e), key=lambda e: e["validation_ndcg@10"], default=log[-1])
-    results.setdefault("sasrec", {})[label] = {"loss": loss, "epochs": len(log), "best_epoch": best["epoch"],
-                                               "minutes": round((time.time() - t0) / 60, 2)}
+  sasrec, results["sasrec"] = _sasrecs(data, seed, sasrec_epochs, exclude_history)
 
   def scored(split: str, exclude: bool) -> dict:
     """Every model of the table on the split's reported users under one protocol."""
@@ -97,18 +124,7 @@ def run_demo(source: Path, out: Path, minutes: float = 12.0, ml100k: Optional[Pa
   print(B.format_table(side, keys))
 
   if ml100k is not None and ml100k.exists():
-    ml_dir = ensure_prepared(ml100k, out / "data" / "ml100k", "ml100k", id_schemes=())
-    ml_model = out / "ml100k_rpat"
-    train_model(ml_dir, ml_model, "ml100k_rpat", "ml100k_rating", minutes / 4, size, seed)
-    plot(ml_model, out / "ml100k_rpat.png", f"T5 {size} from scratch on RpAT (ml-100k)")
-    ml = PreparedData.load(ml_dir)
-    rt_table = {}
-    for split in ("validation", "test"):
-      rt_table[f"recalign {size} RpAT / {split}"] = evaluate_best(ml_model, "ml100k_rating", split).metrics
-      rt_table[f"History / {split}"] = B.history_rating(ml, split)
-    results["ml100k_rating"] = rt_table
-    print("\nml-100k rating")
-    print(B.format_table(rt_table, ["auc"]))
+    results["ml100k_rating"] = _ml100k_rating(ml100k, out, minutes / 4, size, seed)
   results["total_minutes"] = round((time.time() - t_start) / 60, 1)
   (out / "results.json").write_text(json.dumps(results, indent=2))
   print(f"\n[demo] {results['total_minutes']} minutes in all; wrote {out / 'results.json'} and plots "

@@ -193,26 +193,7 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
   if report.rows and row_skips > report.rows / 2:
     warnings.append(f"most rows were skipped: {row_skips} of {report.rows}; {report.dominant_skip()}")
     logging.warning("%s: %s", raw.source_files[0] if raw.source_files else name, warnings[-1])
-  seqs: dict[str, list] = {}
-  for user, inter in raw.sequences.items():
-    seen, kept = set(), []
-    # Stable sort: interactions with equal timestamps keep their file order.
-    ordered = sorted(inter, key=lambda x: x.timestamp if x.timestamp is not None else 0.0)
-    for x in ordered:
-      if x.item in seen:
-        report.repair("duplicate_user_item_dropped")  # keep the earliest interaction only
-        continue
-      seen.add(x.item)
-      kept.append(x)
-    seqs[user] = kept
-  before_users, before_inter = len(seqs), sum(map(len, seqs.values()))
-  seqs = kcore_filter(seqs, kcore)
-  report.skipped["users_removed_by_kcore"] += before_users - len(seqs)
-  report.skipped["interactions_removed_by_kcore"] += before_inter - sum(map(len, seqs.values()))
-  short = [u for u, s in seqs.items() if len(s) < min_interactions]
-  for u in short:
-    del seqs[u]
-  report.skipped[f"users_with_fewer_than_{min_interactions}_interactions"] += len(short)
+  seqs = _filtered(_chronological(raw, report), kcore, min_interactions, report)
   if not seqs:
     why = (f"{row_skips} of {report.rows} rows were skipped ({report.dominant_skip()})" if row_skips else
            f"k-core {kcore} and at least {min_interactions} interactions per user removed everyone")
@@ -253,8 +234,49 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
   n_val = min(num_validation_users, len(users))
   validation_users = np.sort(val_rng.choice(len(users), n_val, replace=False)).astype(np.int32)
 
+  manifest = _manifest(raw, name=name, seed=seed, kcore=kcore, min_interactions=min_interactions, items=items,
+                       sequences=sequences, timestamps=timestamps, ratings=ratings, attributes=attributes,
+                       n_val=n_val, warnings=warnings)
+  return PreparedData(name, raw.domain, items, by_index, users, sequences, timestamps, ratings,
+                      validation_users, manifest, attributes)
+
+
+def _chronological(raw: RawData, report) -> dict[str, list]:
+  """Each user's interactions in time order (stable: equal timestamps keep their file order), a repeated
+  item kept at its earliest interaction only (counted)."""
+  seqs: dict[str, list] = {}
+  for user, inter in raw.sequences.items():
+    seen, kept = set(), []
+    for x in sorted(inter, key=lambda x: x.timestamp if x.timestamp is not None else 0.0):
+      if x.item in seen:
+        report.repair("duplicate_user_item_dropped")
+        continue
+      seen.add(x.item)
+      kept.append(x)
+    seqs[user] = kept
+  return seqs
+
+
+def _filtered(seqs: dict[str, list], kcore: int, min_interactions: int, report) -> dict[str, list]:
+  """k-core, then users with at least `min_interactions` (leave-one-out needs 3); removals counted."""
+  before_users, before_inter = len(seqs), sum(map(len, seqs.values()))
+  seqs = kcore_filter(seqs, kcore)
+  report.skipped["users_removed_by_kcore"] += before_users - len(seqs)
+  report.skipped["interactions_removed_by_kcore"] += before_inter - sum(map(len, seqs.values()))
+  short = [u for u, s in seqs.items() if len(s) < min_interactions]
+  for u in short:
+    del seqs[u]
+  report.skipped[f"users_with_fewer_than_{min_interactions}_interactions"] += len(short)
+  return seqs
+
+
+def _manifest(raw: RawData, *, name: str, seed: int, kcore: int, min_interactions: int, items, sequences,
+              timestamps, ratings, attributes, n_val: int, warnings: list[str]) -> dict:
+  """manifest.json: how the data set was made (source files and hashes, settings), its counts and fields,
+  and every skip and repair."""
   lengths = np.array([len(s) for s in sequences])
-  manifest = {
+  report = raw.report
+  return {
       "format_version": FORMAT_VERSION,
       "name": name,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -267,20 +289,18 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
       "order": "timestamps" if timestamps is not None else "file order (the source has no timestamps)",
       "warnings": warnings,
       "counts": {
-          "users": len(users), "items": len(items), "interactions": int(lengths.sum()),
+          "users": len(sequences), "items": len(items), "interactions": int(lengths.sum()),
           "train_interactions": int((lengths - 2).sum()),
-          "validation_users": n_val, "test_users": len(users),
+          "validation_users": n_val, "test_users": len(sequences),
           "sequence_length": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 3),
                               "max": int(lengths.max())},
-          "density": float(lengths.sum()) / (len(users) * len(items)),
+          "density": float(lengths.sum()) / (len(sequences) * len(items)),
       },
       "fields": {"title": sum(1 for m in items if m.title), "brand": sum(1 for m in items if m.brand),
                  "price": sum(1 for m in items if m.price),
                  "categories": sum(1 for m in items if m.categories)},
       "report": report.to_json(),
   }
-  return PreparedData(name, raw.domain, items, by_index, users, sequences, timestamps, ratings,
-                      validation_users, manifest, attributes)
 
 
 def format_stats(manifest: dict) -> str:

@@ -20,7 +20,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import gin
 import numpy as np
@@ -268,24 +268,9 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   # ITDR's list tasks hold out their evaluation users' last 5 items: from every task's training samples
   held = itdr.eval_users(data, config.itdr_eval_users, config.eval_seed) if config.itdr else {}
   train_lengths = itdr.train_lengths(data, held)
-  examples = {s: sources.build_examples(data, s, config.window, config.train_examples, train_lengths)
-              for s in sources.SPLITS}
-  retrieval_train = examples["train"]
-  if config.next_items > 1:
-    if config.id_scheme == "random":   # `I1` is a prefix of `I12`: the item after an ID would compete with its EOS
-      raise ValueError("TaskConfig.next_items > 1 needs IDs no ID is a prefix of (id_scheme collaborative, "
-                       "semantic, atomic or hybrid), not random ones")
-    retrieval_train = sources.build_examples(data, "train", config.window, "continuations", train_lengths,
-                                             next_items=config.next_items)
+  examples, retrieval_train = _examples(data, config, train_lengths)
   log_pop, user_items = _sampling_tables(data, train_lengths)
-  user_lengths = user_items[1]
-  free = data.num_items - int(user_lengths.max())
-  num_candidates = config.num_candidates
-  if num_candidates - 1 > free:  # a small catalogue: as many negatives as every user can have
-    num_candidates = free + 1
-    logging.warning("%s: ranking uses %d candidates instead of %d: the heaviest user leaves only %d "
-                    "items to sample negatives from", name, num_candidates, config.num_candidates, free)
-
+  num_candidates = _num_candidates(name, data, config, user_items)
   kinds = ["retrieval", "ranking", "mim", "mlm", "bpr"] + (["rating"] if data.has_ratings else [])
   names = []
   for kind in kinds:
@@ -294,20 +279,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                                                  "validation": examples["validation"]}
     if kind == "retrieval":
       splits = {**splits, "train": retrieval_train}
-    options = {}
-    if kind in ("ranking", "bpr"):
-      options.update(log_popularity=log_pop, user_items=user_items)
-    if kind == "ranking":
-      options["num_candidates"] = num_candidates
-    if kind == "retrieval" and config.next_items > 1:
-      options.update(window=config.window, next_items=config.next_items)
-    if kind == "retrieval" and not config.prompt_words:
-      options["words"] = False
-    if kind == "mim":
-      options["mask_rate"] = config.mask_rate
-    if kind == "mlm":
-      options.update(window_size=config.window, noise_density=config.noise_density,
-                     mean_noise_span_length=config.mean_noise_span_length)
+    options = _task_options(kind, config, log_pop=log_pop, user_items=user_items, num_candidates=num_candidates)
     pre = pp.make_preprocessor(kind, tables, templates, task_name=task, **options)
     source = RecDataSource(splits, seed=config.seed, eval_seed=config.eval_seed, salt=pp.salt(task))
     _register_task(task, source, [pre, seqio.preprocessors.append_eos_after_trim], vocab, _METRICS.get(kind, ()))
@@ -323,15 +295,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     _TASKS[task] = info("item_qa")
     names.append(task)
 
-  for mix, members in MIXTURES.items():
-    present = [f"{name}_{m}" for m in members if f"{name}_{m}" in names]
-    if members[0] not in kinds:
-      continue  # RpAT needs ratings
-    if len(present) < len(members):
-      logging.info("%s_%s without the rating task: %s has no ratings", name, mix, name)
-    _register_mixture(f"{name}_{mix}", present)
-    names.append(f"{name}_{mix}")
-
+  names += _register_mixtures(name, names, kinds)
   if config.itdr:
     itdr_tasks = _register_itdr(data, name, vocab, config, held, train_lengths, info,
                                 _itdr_sampling(log_pop, user_items, config))
@@ -344,6 +308,60 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     names += register_profile_task(data_dir, name=name, vocab=vocab, seed=config.seed, config=config, data=data)
   _REGISTERED[name], _SOURCES[name] = list(names), origin
   return names
+
+
+def _examples(data: PreparedData, config: TaskConfig, train_lengths) -> tuple[dict, Any]:
+  """Every split's examples (windows or prefixes, TaskConfig.train_examples) and retrieval's training ones
+  (with next_items > 1: continuations of several items)."""
+  examples = {s: sources.build_examples(data, s, config.window, config.train_examples, train_lengths)
+              for s in sources.SPLITS}
+  if config.next_items <= 1:
+    return examples, examples["train"]
+  if config.id_scheme == "random":   # `I1` is a prefix of `I12`: the item after an ID would compete with its EOS
+    raise ValueError("TaskConfig.next_items > 1 needs IDs no ID is a prefix of (id_scheme collaborative, "
+                     "semantic, atomic or hybrid), not random ones")
+  return examples, sources.build_examples(data, "train", config.window, "continuations", train_lengths,
+                                          next_items=config.next_items)
+
+
+def _num_candidates(name: str, data: PreparedData, config: TaskConfig, user_items) -> int:
+  """Ranking's candidates: as configured, or as many negatives as every user can have (a small catalogue)."""
+  free = data.num_items - int(user_items[1].max())
+  if config.num_candidates - 1 <= free:
+    return config.num_candidates
+  logging.warning("%s: ranking uses %d candidates instead of %d: the heaviest user leaves only %d "
+                  "items to sample negatives from", name, free + 1, config.num_candidates, free)
+  return free + 1
+
+
+def _task_options(kind: str, config: TaskConfig, **tables) -> dict:
+  """The preprocessor settings of one kind of task (`make_preprocessor`'s keywords) from the TaskConfig."""
+  if kind in ("ranking", "bpr"):
+    return {"log_popularity": tables["log_pop"], "user_items": tables["user_items"],
+            **({"num_candidates": tables["num_candidates"]} if kind == "ranking" else {})}
+  if kind == "retrieval":
+    return {**({"window": config.window, "next_items": config.next_items} if config.next_items > 1 else {}),
+            **({} if config.prompt_words else {"words": False})}
+  if kind == "mim":
+    return {"mask_rate": config.mask_rate}
+  if kind == "mlm":
+    return {"window_size": config.window, "noise_density": config.noise_density,
+            "mean_noise_span_length": config.mean_noise_span_length}
+  return {}
+
+
+def _register_mixtures(name: str, names: Sequence[str], kinds: Sequence[str]) -> list[str]:
+  """The paper's mixtures (MIXTURES) of the tasks registered; RpAT only with ratings."""
+  added = []
+  for mix, members in MIXTURES.items():
+    present = [f"{name}_{m}" for m in members if f"{name}_{m}" in names]
+    if members[0] not in kinds:
+      continue  # RpAT needs ratings
+    if len(present) < len(members):
+      logging.info("%s_%s without the rating task: %s has no ratings", name, mix, name)
+    _register_mixture(f"{name}_{mix}", present)
+    added.append(f"{name}_{mix}")
+  return added
 
 
 def unregister(name: Optional[str] = None) -> None:
