@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from recalign.experiments import (DEFAULT_RECIPE, RECIPES, ensure_prepared, evaluate_best, plot, report_ids,
-                                  train_model)
+from recalign.experiments import (DEFAULT_RECIPE, RECIPES, dataset_config, ensure_prepared, evaluate_best, plot,
+                                  report_ids, train_model)
 
 
 def _sasrecs(data, seed: int, epochs: int, exclude_history: bool) -> tuple[dict, dict]:
@@ -79,10 +79,11 @@ def run_demo(source: Path, out: Path, minutes: float = 12.0, ml100k: Optional[Pa
   name = name or name_from_path(source)
   results: dict = {"data": name, "recipe": recipe, "recipe_config": dataclasses.asdict(r), "minutes": minutes,
                    "size": size, "seed": seed, "protocol": protocol}
+  scheme = dataset_config(r).task_config.id_scheme
   if recipe != "paper":
-    print(f"[demo] recipe {recipe}: {r.mixture}, {r.data} -- not the paper's prompts "
+    print(f"[demo] recipe {recipe}: {r.mixture}, {r.run_file} -- not the paper's prompts "
           "(recalign demo --recipe paper for those)")
-  schemes = tuple(x for x in ("collaborative", "semantic", "atomic", "hybrid") if r.data.get("id_scheme") == x)
+  schemes = () if scheme == "random" else (scheme,)
   data_dir = ensure_prepared(source, out / "data" / name, name, kcore, id_schemes=schemes)
   data = PreparedData.load(data_dir)
   model_dir = out / f"{name}_{recipe}"

@@ -5,39 +5,54 @@ result files, the validation users that pick a checkpoint and the ones reported,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Optional
-
-DEMO_LENGTHS = {"inputs": 320, "targets": 64}
-
+from typing import Optional, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  mixture: str              # the mixture's suffix: reat -> beauty_reat, retrieval -> beauty_retrieval
-  data: dict                # TaskConfig fields
-  lengths: dict
-  batch_size: int = 32
-  learning_rate: float = 2e-3
-  warmup_steps: int = 300
-  dropout: float = 0.1
-  dtype: str = "float32"
-  decay: str = "constant"   # learning_rate_schedule: constant, rsqrt (no total needed) or linear
+  """A named recipe: a gin run file shipped in the package -- the very file a user passes to `recalign train
+  --gin_file=...` -- the mixture it trains (a suffix: reat -> beauty_reat) and gin bindings on top of it
+  (as --gin.NAME=value would give them)."""
+  run_file: str
+  mixture: str
+  bindings: tuple[str, ...] = ()
+
+  def bind(self, *bindings: str) -> "Recipe":
+    return dataclasses.replace(self, bindings=self.bindings + tuple(bindings))
 
 
 RECIPES = {
-    "paper": Recipe("reat", {}, DEMO_LENGTHS),
-    "compact": Recipe("retrieval", {"with_titles": False, "item_prefix": False, "id_scheme": "collaborative"},
-                      {"inputs": 128, "targets": 16}, batch_size=64, learning_rate=5e-3, warmup_steps=50,
-                      dropout=0.0, dtype="bfloat16"),
-    "bare": Recipe("retrieval", {"with_titles": False, "item_prefix": False, "prompt_words": False,
-                                 "id_scheme": "collaborative"},
-                   {"inputs": 96, "targets": 16}, batch_size=64, learning_rate=5e-3, warmup_steps=50,
-                   dropout=0.0, dtype="bfloat16", decay="rsqrt"),
+    "paper": Recipe("recalign/gin/runs/cpu_paper.gin", "reat"),
+    "compact": Recipe("recalign/gin/runs/cpu_compact.gin", "retrieval"),
+    "bare": Recipe("recalign/gin/runs/cpu_bare.gin", "retrieval"),
 }
 DEFAULT_RECIPE = "bare"
+
+
+@contextlib.contextmanager
+def recipe_config(recipe: Recipe, bindings: Sequence[str] = ()):
+  """gin holds `recipe` (its run file, its bindings, then `bindings`) and nothing else inside the block,
+  and nothing after it. The run's own macros (MODEL_DIR, MIXTURE_OR_TASK_NAME) get placeholders when
+  `bindings` do not set them, so the recipe's settings can be read before a run (`dataset_config`)."""
+  import gin
+  placeholders = ["MODEL_DIR = '/nonexistent'", "MIXTURE_OR_TASK_NAME = 'unset'"]
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings([recipe.run_file], [*placeholders, *recipe.bindings, *bindings])
+    yield
+  finally:
+    gin.clear_config()
+
+
+def dataset_config(recipe: Recipe, bindings: Sequence[str] = ()):
+  """The recipe's `trainer.DatasetConfig` (lengths, batch size, TaskConfig) as its gin file makes it."""
+  from recalign import trainer
+  with recipe_config(recipe, bindings):
+    return trainer.DatasetConfig()
 
 
 def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
@@ -70,30 +85,29 @@ def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
 
 
 def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: Optional[str], minutes: Optional[float],
-                size: str, seed: int, recipe: Recipe = RECIPES["paper"], eval_every_minutes: Optional[float] = None,
-                validation_examples: Optional[int] = None, steps: Optional[int] = None) -> dict:
-  """Trains for `minutes` of training (validation excluded) or `steps`, validating every `eval_every_minutes`."""
-  import recalign.tasks as rt
+                size: Optional[str], seed: int, recipe: Recipe = RECIPES["paper"],
+                eval_every_minutes: Optional[float] = None, validation_examples: Optional[int] = None,
+                steps: Optional[int] = None, extra: Sequence[str] = ()) -> dict:
+  """Trains `recipe` through gin, as `recalign train` does (MODEL_DIR/config.gin is the file to run it again
+  with), for `minutes` of training (validation excluded) or `steps`, validating every `eval_every_minutes`;
+  `size`: a model size other than the recipe's (MODEL_SIZE); `extra`: gin bindings applied last."""
+  import gin
   from recalign import train as T
-  from recalign import trainer
-  from recalign.models.network import named_config
   from recalign.data import PreparedData
-  config = rt.TaskConfig(**recipe.data)
   t0 = time.time()
   if validation_examples is None and eval_every_minutes:
     validation_examples = selection_size(len(PreparedData.load(data_dir).validation_users))
-  if recipe.decay == "linear" and not steps:
-    raise ValueError("a linear decay needs a budget in steps (the number of steps of a minutes budget is unknown)")
-  schedule = trainer.learning_rate_schedule(base=recipe.learning_rate, warmup_steps=recipe.warmup_steps,
-                                      decay=recipe.decay, total_steps=steps or 0)
-  out = T.train(model_dir=str(model_dir), train_steps=steps or 10 ** 7, random_seed=seed, log_every=25,
-                dataset=trainer.DatasetConfig(mixture, recipe.lengths, recipe.batch_size, data_dirs=[str(data_dir)],
-                                              task_config=config),
-                model=trainer.ModelConfig(named_config(size).replace(dropout_rate=recipe.dropout, dtype=recipe.dtype)),
-                schedule=schedule, optimizer=trainer.make_optimizer(schedule),
-                validation=trainer.ValidationConfig(task=validation_task, every_minutes=eval_every_minutes,
-                                              examples=validation_examples),
-                train_minutes_budget=minutes)
+  with recipe_config(recipe, [
+      f"MODEL_DIR = {str(model_dir)!r}", f"DATA_DIRS = [{str(data_dir)!r}]", f"MIXTURE_OR_TASK_NAME = {mixture!r}",
+      f"RANDOM_SEED = {seed}", f"TRAIN_STEPS = {steps or 10 ** 7}", "train.log_every = 25",
+      f"train.train_minutes_budget = {minutes!r}", f"ValidationConfig.task = {validation_task!r}",
+      f"ValidationConfig.every_minutes = {eval_every_minutes!r}", f"ValidationConfig.examples = {validation_examples!r}",
+      *([f"MODEL_SIZE = {size!r}"] if size else []), *extra]):
+    if gin.query_parameter("learning_rate_schedule.decay") == "linear" and not steps:
+      raise ValueError("a linear decay needs a budget in steps (the number of steps of a minutes budget is unknown)")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.gin").write_text(gin.config_str())
+    out = T.train()
   print(f"[recalign] trained {mixture} for {out['step']} steps in {(time.time() - t0) / 60:.1f} min")
   return out
 

@@ -102,13 +102,15 @@ def test_short_demo_end_to_end_on_tiny_data_then_cli_eval(tmp_path, capsys):
                         for s in ("validation", "test")}
   assert all(0.0 <= v["ndcg@10"] <= v["hr@10"] <= 1.0 for v in table.values())
   saved = json.loads((out / "results.json").read_text())
-  assert saved["size"] == "tiny" and saved["recipe_config"]["data"]["id_scheme"] == RECIPES["bare"].data["id_scheme"]
+  assert saved["size"] == "tiny" and saved["recipe_config"]["run_file"] == RECIPES["bare"].run_file
   assert saved["sasrec"]["CE"]["loss"] == "sampled_ce" and saved["sasrec"]["BCE"]["epochs"] <= 2
   assert set(saved["test_ndcg@10_ratio"]) == {"popularity", "SASRec-BCE", "SASRec-CE"}
   assert saved["total_minutes"] > 0
   assert (out / "beauty_bare.png").stat().st_size > 1000
   run = json.loads((out / "beauty_bare" / "run.json").read_text())
   assert run["task_config"]["prompt_words"] is False and run["task_feature_lengths"]["inputs"] == 96
+  config = (out / "beauty_bare" / "config.gin").read_text()     # the recipe's gin, as `recalign train` takes it
+  assert "MODEL_SIZE = 'tiny'" in config and "decay = 'rsqrt'" in config
   assert (out / "beauty_bare" / "best.json").exists()
   import recalign.tasks as rt   # the model wrote collaborative codes; predictions name the data set's IDs
   assert all(i.startswith("<a_") for i in rt.registry.task_info("beauty_retrieval").ids)

@@ -40,3 +40,42 @@ def test_study_table_means_spreads_and_rating_auc():
   # without any AUC, no AUC column
   plain = study.table({k: v for k, v in results.items() if k.startswith("retrieval")}).splitlines()
   assert not plain[0].endswith("AUC |") and plain[1].count("---") == 8
+
+
+def test_every_curves_recipe_is_the_gin_run_it_trains():
+  """tools/curves.py's recipes (and their @k=v variants) train through gin (`gin_recipe`: from_scratch.gin +
+  bindings, written to MODEL_DIR/config.gin): what gin builds is exactly what the recipe says -- data, lengths,
+  batch, network, loss, optimiser and the learning rate at every phase of its schedule."""
+  import sys
+  import gin
+  import recalign.tasks as rt
+  from recalign import experiments as E
+  from recalign import trainer
+  sys.path.insert(0, str(REPO / "tools"))
+  import curves
+  names = [*curves.RECIPES, "bare_prefixes@dropout=0.1", "prefixes_semantic@lr=1e-3,batch=128,decay=linear",
+           'compact_random@size={"num_encoder_layers":2}']   # (one key: variants split at commas)
+  for name in names:
+    r = curves.recipe(name)
+    with E.recipe_config(curves.gin_recipe(r), ["DATA_DIRS = ['/d']", "MIXTURE_OR_TASK_NAME = 'm'"]):
+      ds, mc = trainer.DatasetConfig(), trainer.ModelConfig()
+      schedule, optimizer = trainer.learning_rate_schedule(total_steps=200), gin.query_parameter("make_optimizer.name")
+    want = trainer.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"], total_steps=200)
+    assert ds.task_config == rt.TaskConfig(**r["data"]), name
+    assert (dict(ds.task_feature_lengths), ds.batch_size, mc.loss_normalizing_factor, optimizer) == (
+        r["lengths"], r["batch"], r["loss"], r["optimizer"]), name
+    assert mc.network == curves.network_config(r["size"]).replace(dropout_rate=r["dropout"], dtype=r["dtype"]), name
+    assert [float(schedule(s)) for s in (0, 25, 49, 50, 120, 199)] == [float(want(s)) for s in (0, 25, 49, 50, 120, 199)]
+  assert mc.network.num_encoder_layers == 2     # the size dict reached the network
+
+
+def test_the_demo_recipes_are_the_shipped_run_files():
+  """`recalign demo --recipe bare` trains gin/runs/cpu_bare.gin, the file the README gives `recalign train`."""
+  from recalign import experiments as E
+  bare = E.dataset_config(E.RECIPES["bare"])
+  assert E.RECIPES["bare"].run_file == "recalign/gin/runs/cpu_bare.gin"
+  assert (dict(bare.task_feature_lengths), bare.batch_size, bare.task_config.id_scheme,
+          bare.task_config.prompt_words) == ({"inputs": 96, "targets": 16}, 64, "collaborative", False)
+  paper = E.dataset_config(E.RECIPES["paper"])
+  assert (paper.task_config.id_scheme, paper.task_config.with_titles, E.RECIPES["paper"].mixture) == (
+      "random", None, "reat")

@@ -30,21 +30,14 @@ PROTOCOLS = {"full catalogue": False, "history excluded": True}
 def run(name: str, seed: int, data_dir: Path, work: Path, args) -> dict:
   import curves
   import recalign.tasks as rt
-  from recalign import train as T
-  from recalign import trainer
-  from recalign.experiments import evaluate_best
+  from recalign.experiments import evaluate_best, train_model
   r = curves.recipe(name)
-  config = rt.TaskConfig(**r["data"])
   model_dir = work / "models" / f"{data_dir.name}_{name}_seed{seed}"
-  schedule = trainer.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"],
-                                      total_steps=args.max_steps)
   t0 = time.time()
-  out = T.train(model_dir=str(model_dir), train_steps=args.max_steps, random_seed=seed, schedule=schedule,
-                dataset=curves.dataset_config(r, f"{data_dir.name}_{r['mixture']}", data_dir, config),
-                model=curves.model_config(r), optimizer=trainer.make_optimizer(schedule, name=r["optimizer"]),
-                checkpoint=trainer.CheckpointConfig(every=args.every, keep=2), log_every=50,
-                validation=trainer.ValidationConfig(task=f"{data_dir.name}_retrieval", examples=args.val_users,
-                                              every=args.every, patience=args.patience))
+  out = train_model(data_dir, model_dir, f"{data_dir.name}_{r['mixture']}", f"{data_dir.name}_retrieval", None,
+                    None, seed, curves.gin_recipe(r), steps=args.max_steps, validation_examples=args.val_users,
+                    extra=[f"ValidationConfig.every = {args.every}", f"ValidationConfig.patience = {args.patience}",
+                           f"CheckpointConfig.every = {args.every}", "CheckpointConfig.keep = 2", "train.log_every = 50"])
   log = [json.loads(x) for x in (model_dir / "train_log.jsonl").read_text().splitlines()]
   test = {p: evaluate_best(model_dir, f"{data_dir.name}_retrieval", "test", exclude_history=ex).metrics
           for p, ex in PROTOCOLS.items()}

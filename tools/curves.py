@@ -5,7 +5,9 @@ and against examples seen, for named recipes, each on the same budget.
     python tools/curves.py --plot docs/curves/runs/*.json --png docs/curves/ids.png --title "item IDs"
 
 A recipe fixes the data (item ID scheme, titles or not, the paper's windows or every prefix), the
-mixture, the model size, lengths, batch, learning rate and loss normalisation. Every run trains from
+mixture, the model size, lengths, batch, learning rate and loss normalisation; it trains as gin
+(`gin_recipe`: gin/runs/from_scratch.gin + bindings), and MODEL_DIR/config.gin is the file that
+`recalign train --gin_file=...` runs again. Every run trains from
 scratch for `--minutes` (validation excluded), validates every `--eval-every` minutes on a seeded
 sample of `--val-users` validation users (constrained beam search, width 20, full catalogue: the
 paper's protocol) and writes <out>/runs/<recipe>_seed<k>.json: the recipe, the command, the machine,
@@ -97,15 +99,22 @@ def network_config(size):
   return CONFIGS[size]
 
 
-def dataset_config(r: dict, mixture: str, data_dir, task_config):
-  from recalign.trainer import DatasetConfig
-  return DatasetConfig(mixture, r["lengths"], r["batch"], data_dirs=[str(data_dir)], task_config=task_config)
-
-
-def model_config(r: dict):
-  from recalign.trainer import ModelConfig
-  return ModelConfig(network_config(r["size"]).replace(dropout_rate=r["dropout"], dtype=r["dtype"]),
-                     loss_normalizing_factor=r["loss"])
+def gin_recipe(r: dict):
+  """The recipe as gin: `recalign/gin/runs/from_scratch.gin` with the recipe's settings as bindings -- the
+  run a user repeats with `recalign train --gin_file=MODEL_DIR/config.gin` (every run writes it)."""
+  from recalign.experiments import Recipe
+  size = r["size"] if isinstance(r["size"], str) else "mini"
+  dims = {} if isinstance(r["size"], str) else r["size"]
+  data = dict(r["data"])
+  scheme = data.pop("id_scheme", "random")
+  return Recipe("recalign/gin/runs/from_scratch.gin", r["mixture"], (
+      "include 'recalign/gin/models/t5_1_1.gin'", f"MODEL_SIZE = {size!r}",
+      *(f"network.named_config.{k} = {v!r}" for k, v in dims.items()),
+      f"TASK_FEATURE_LENGTHS = {r['lengths']!r}", f"BATCH_SIZE = {r['batch']}", f"LEARNING_RATE = {r['lr']!r}",
+      f"WARMUP_STEPS = {r['warmup']}", f"learning_rate_schedule.decay = {r['decay']!r}",
+      f"LOSS_NORMALIZING_FACTOR = {r['loss']!r}", f"DROPOUT_RATE = {r['dropout']!r}",
+      f"ACTIVATION_DTYPE = {r['dtype']!r}", f"make_optimizer.name = {r['optimizer']!r}", f"ITEM_IDS = {scheme!r}",
+      *(f"TaskConfig.{k} = {v!r}" for k, v in data.items())))
 
 
 def cpu_model() -> str:
@@ -124,10 +133,7 @@ def prepare_data(source: Path, out: Path, name: str, schemes=("collaborative", "
 
 def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int, data_dir: Path, work: Path,
         out: Path) -> dict:
-  import recalign.tasks as rt
   from recalign import baselines as B
-  from recalign import train as T
-  from recalign import trainer
   from recalign.evaluator import sample_example_ids
   r = recipe(name)
   model_dir = work / "models" / f"{data_dir.name}_{name}_seed{seed}"
@@ -137,19 +143,13 @@ def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int,
   if model_dir.exists():
     import shutil
     shutil.rmtree(model_dir)
-  config = rt.TaskConfig(**r["data"])
-  rt.register_dataset(data_dir, config=config, replace=True)   # one process trains several recipes
   from recalign.data import PreparedData
+  from recalign.experiments import train_model
   data = PreparedData.load(data_dir)
-  mixture = f"{data.name}_{r['mixture']}"
-  schedule = trainer.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"],
-                                      total_steps=10 ** 7)
   t0 = time.time()
-  T.train(model_dir=str(model_dir), train_steps=10 ** 7, dataset=dataset_config(r, mixture, data_dir, config),
-          model=model_config(r), random_seed=seed, schedule=schedule,
-          optimizer=trainer.make_optimizer(schedule, name=r["optimizer"]), checkpoint=trainer.CheckpointConfig(every=10 ** 6), log_every=25,
-          validation=trainer.ValidationConfig(task=f"{data.name}_retrieval", examples=val_users, every_minutes=eval_every),
-          train_minutes_budget=minutes, progress=True)
+  train_model(data_dir, model_dir, f"{data.name}_{r['mixture']}", f"{data.name}_retrieval", minutes, None, seed,
+              gin_recipe(r), eval_every_minutes=eval_every, validation_examples=val_users,
+              extra=["CheckpointConfig.every = 1000000"])
   wall = (time.time() - t0) / 60
   read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
   ids = sample_example_ids(len(data.validation_users), val_users)

@@ -22,7 +22,6 @@ ranking (UT, UT + AT) take `--ranking-inputs` input tokens and proportionally fe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -63,24 +62,26 @@ def main():
   import recalign.tasks as rt
   from recalign import baselines as B
   from recalign.data import PreparedData
-  from recalign.experiments import RECIPES, ensure_prepared, evaluate_best, pending_runs, report_ids, train_model
+  from recalign.experiments import (RECIPES, dataset_config, ensure_prepared, evaluate_best, pending_runs, report_ids,
+                                    train_model)
   out = Path(args.out)
-  base = RECIPES[args.recipe]
+  base = dataset_config(RECIPES[args.recipe])
+  lengths = {**base.task_feature_lengths, "targets": max(32, base.task_feature_lengths["targets"])}
   # every row sees the same target length: MIM needs room for several masked IDs
-  recipe = dataclasses.replace(base, lengths={**base.lengths, "targets": max(32, base.lengths["targets"])})
-  if args.id_scheme:
-    recipe = dataclasses.replace(recipe, data={**recipe.data, "id_scheme": args.id_scheme})
+  recipe = RECIPES[args.recipe].bind(f"TASK_FEATURE_LENGTHS = {lengths}",
+                                     *([f"ITEM_IDS = {args.id_scheme!r}"] if args.id_scheme else []))
   # ranking prompts hold 100 candidates: the rows with ranking get longer inputs and proportionally fewer
   # rows per batch (the same tokens per step as the others)
-  rows_per_batch = max(1, recipe.batch_size * recipe.lengths["inputs"] // args.ranking_inputs)
-  long_recipe = dataclasses.replace(recipe, lengths={**recipe.lengths, "inputs": args.ranking_inputs},
-                                    batch_size=rows_per_batch)
-  scheme = recipe.data.get("id_scheme", "random")
+  rows_per_batch = max(1, base.batch_size * lengths["inputs"] // args.ranking_inputs)
+  long_recipe = recipe.bind(f"TASK_FEATURE_LENGTHS = {({**lengths, 'inputs': args.ranking_inputs})}",
+                            f"BATCH_SIZE = {rows_per_batch}")
+  task_config = dataset_config(recipe).task_config
+  scheme = task_config.id_scheme
   data_dir = ensure_prepared(Path(args.data), out / "data" / args.name, args.name, args.kcore,
                              id_schemes=() if scheme == "random" else (scheme,))
   data = PreparedData.load(data_dir)
   name = data.name
-  rt.register_dataset(data_dir, config=rt.TaskConfig(**recipe.data), replace=True)   # rows differ in config
+  rt.register_dataset(data_dir, config=task_config, replace=True)   # rows differ in config
   results_path = out / "study.json"
   results, todo = pending_runs(results_path, args.rows, args.seeds)
   task = f"{name}_retrieval"
@@ -106,7 +107,7 @@ def main():
     if "rating" in members and data.has_ratings:
       m["test"]["auc"] = evaluate_best(model_dir, f"{name}_rating", "test").metrics["auc"]
     results[key] = {"row": row, "seed": seed, "mixture": f"{name}_{ROWS[row][0]}", "recipe": args.recipe,
-                    "id_scheme": recipe.data.get("id_scheme", "random"), "steps": run["step"],
+                    "id_scheme": scheme, "steps": run["step"],
                     "wall_minutes": round((time.time() - t0) / 60, 1),
                     **{f"{s}/{k}": v for s in m for k, v in m[s].items() if k in KEYS + ["auc"]}}
     results_path.write_text(json.dumps(results, indent=2))

@@ -46,12 +46,13 @@ def main():
   args = p.parse_args()
 
   import recalign.tasks as rt
-  from recalign.experiments import Recipe, ensure_prepared, evaluate_best, pending_runs, train_model
+  from recalign.experiments import RECIPES, dataset_config, ensure_prepared, evaluate_best, pending_runs, train_model
   out = Path(args.out)
-  recipe = Recipe("", {"itdr": True, "num_candidates": 20}, {"inputs": 512, "targets": 128}, batch_size=32,
-                  learning_rate=2e-3, warmup_steps=100, dropout=0.1, dtype="bfloat16")
+  recipe = RECIPES["paper"].bind("TaskConfig.itdr = True", "TaskConfig.num_candidates = 20",
+                                 "TASK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 128}", "WARMUP_STEPS = 100",
+                                 "ACTIVATION_DTYPE = 'bfloat16'")
   data_dir = ensure_prepared(Path(args.data), out / "data" / "ml100k", "ml100k")
-  rt.register_dataset(data_dir, config=rt.TaskConfig(**recipe.data), replace=True)   # rows differ in config
+  rt.register_dataset(data_dir, config=dataset_config(recipe).task_config, replace=True)   # rows differ in config
   path = out / "study_itdr.json"
   results, todo = pending_runs(path, args.rows, args.seeds)
   for key, row, seed in todo:
