@@ -94,6 +94,7 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
   import gin
   from recalign import train as T
   from recalign.data import PreparedData
+  from recalign.faults import ModelDirLock
   t0 = time.time()
   if validation_examples is None and eval_every_minutes:
     validation_examples = selection_size(len(PreparedData.load(data_dir).validation_users))
@@ -106,8 +107,9 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
     if gin.query_parameter("learning_rate_schedule.decay") == "linear" and not steps:
       raise ValueError("a linear decay needs a budget in steps (the number of steps of a minutes budget is unknown)")
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.gin").write_text(gin.config_str())
-    out = T.train()
+    with ModelDirLock(model_dir):   # (train() takes it again) as the CLI: a second job must not overwrite config.gin
+      (model_dir / "config.gin").write_text(gin.config_str())
+      out = T.train()
   print(f"[recalign] trained {mixture} for {out['step']} steps in {(time.time() - t0) / 60:.1f} min")
   return out
 
