@@ -160,8 +160,7 @@ def run_two_processes(script: Path, args: list[str], devices: int = 2, timeout: 
     port = s.getsockname()[1]
   procs = []
   for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=str(REPO),
-               TF_CPP_MIN_LOG_LEVEL="3", JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+    env = dict(train_env(devices), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid))
     procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))

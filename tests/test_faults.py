@@ -19,8 +19,8 @@ STEPS, EVERY = 24, 4
 ENV = TRAIN_ENV
 
 
-def command(root: Path, model_dir: Path, steps: int = STEPS, **extra) -> list[str]:
-  return train_command(root, steps, (model_dir, extra))
+def command(tiny_root: Path, model_dir: Path, steps: int = STEPS, **extra) -> list[str]:
+  return train_command(tiny_root, steps, (model_dir, extra))
 
 
 def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -32,22 +32,17 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
 
 
 @pytest.fixture(scope="module")
-def root(tiny_root):
-  return tiny_root
-
-
-@pytest.fixture(scope="module")
-def reference(root):
+def reference(tiny_root):
   """The losses of an uninterrupted run (checkpoints every 4 steps, the newest 3 kept). Runs interrupted in
   a process of their own are resumed in the test's process (no second start-up): the same computation."""
-  train_tiny(root / "tiny", root / "ref", STEPS, every=EVERY)
-  return losses(root / "ref")
+  train_tiny(tiny_root / "tiny", tiny_root / "ref", STEPS, every=EVERY)
+  return losses(tiny_root / "ref")
 
 
 @pytest.mark.slow   # CI keeps the SIGTERM test below: the same resume, from a checkpoint the signal forced
-def test_a_run_killed_mid_way_resumes_to_the_same_losses(root, reference):
-  run = root / "killed"
-  proc = subprocess.Popen(command(root, run, every=EVERY), env=ENV, stdout=subprocess.DEVNULL,
+def test_a_run_killed_mid_way_resumes_to_the_same_losses(tiny_root, reference):
+  run = tiny_root / "killed"
+  proc = subprocess.Popen(command(tiny_root, run, every=EVERY), env=ENV, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   log = run / "train_log.jsonl"
   wait_for_lines(log, 11, proc)
@@ -55,21 +50,21 @@ def test_a_run_killed_mid_way_resumes_to_the_same_losses(root, reference):
   proc.wait()
   killed_at = len(log.read_text().splitlines())
   assert killed_at < STEPS, "the run finished before it could be killed"
-  train_tiny(root / "tiny", run, STEPS, every=EVERY)
+  train_tiny(tiny_root / "tiny", run, STEPS, every=EVERY)
   resumed_from = json.loads(log.read_text().splitlines()[killed_at])["step"] - 1
   assert resumed_from > 1 and resumed_from % EVERY == 0     # from a saved checkpoint, not from scratch ...
   assert losses(run) == reference                              # ... and every loss equals the uninterrupted run
 
 
-def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(root, reference):
+def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(tiny_root, reference):
   from recalign.faults import PREEMPTED_EXIT_CODE
   from recalign.models.checkpoints import saved_steps
   assert sorted(reference) == list(range(1, STEPS + 1))         # the reference run learns
   first, last = (np.mean([reference[s] for s in steps]) for steps in (range(1, 6), range(STEPS - 4, STEPS + 1)))
   assert last < 0.7 * first, (first, last)
-  assert (root / "ref" / "train").is_dir() and (root / "ref" / "checkpoints").is_dir()   # TensorBoard, orbax
-  run = root / "preempted"    # CheckpointConfig.every left at 1000: only step 1 would be saved without SIGTERM
-  proc = subprocess.Popen(command(root, run), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert (tiny_root / "ref" / "train").is_dir() and (tiny_root / "ref" / "checkpoints").is_dir()   # TensorBoard, orbax
+  run = tiny_root / "preempted"    # CheckpointConfig.every left at 1000: only step 1 would be saved without SIGTERM
+  proc = subprocess.Popen(command(tiny_root, run), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   wait_for_lines(run / "train_log.jsonl", 8, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
@@ -77,11 +72,11 @@ def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(r
   k = max(losses(run))
   assert 8 <= k < STEPS and saved_steps(run) == [1, k]          # the checkpoint of the step it stopped at
   assert "saving a checkpoint" in err
-  train_tiny(root / "tiny", run, STEPS)
+  train_tiny(tiny_root / "tiny", run, STEPS)
   assert losses(run) == reference                                   # nothing lost, nothing different
 
 
-def test_a_non_finite_step_is_never_applied_nor_saved(root):
+def test_a_non_finite_step_is_never_applied_nor_saved(tiny_root):
   """A learning rate that turns NaN from step 4 on (as LEARNING_RATE=1e12 does after a few steps): 'stop'
   names the step and the last good checkpoint; 'skip' counts the steps and keeps the last good state."""
   import jax.numpy as jnp
@@ -91,45 +86,45 @@ def test_a_non_finite_step_is_never_applied_nor_saved(root):
   from recalign import trainer
   from recalign.models import checkpoints as ck
   from recalign.models.network import CONFIGS
-  rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
+  rt.register_dataset(tiny_root / "tiny", config=rt.TaskConfig(num_candidates=3))
   nan_from_4 = lambda s: jnp.where(s >= 3, jnp.nan, 1e-3)  # noqa: E731  (step index 3 = the 4th step)
   kw = configs(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
                batch_size=4, network_config=CONFIGS["tiny"], log_every=3, progress=False, schedule=nan_from_4,
                optimizer=trainer.make_optimizer(nan_from_4, name="adamw"), every=3, keep=5)
-  stopped = root / "nan_stop"
+  stopped = tiny_root / "nan_stop"
   with pytest.raises(faults.NonFiniteError, match=r"step 4: .*not finite.*last good checkpoint is step 3"):
     T.train(model_dir=str(stopped), train_steps=8, **kw)
   assert ck.saved_steps(stopped) == [1, 3]
   assert all(np.isfinite(v).all() for v in ck.flatten(ck.load_params(stopped / "checkpoints" / "3")).values())
 
-  skipped = root / "nan_skip"
+  skipped = tiny_root / "nan_skip"
   out = T.train(model_dir=str(skipped), train_steps=6, on_nonfinite="skip", **kw)
   assert out["skipped_steps"] == 3 and out["step"] == 6
   at3, at6 = (ck.flatten(ck.load_params(skipped / "checkpoints" / str(s))) for s in (3, 6))
   assert all(np.array_equal(at3[k], at6[k]) for k in at3)          # steps 4-6 changed nothing
   with pytest.raises(ValueError, match="on_nonfinite must be 'stop' or 'skip'"):
-    T.train(model_dir=str(root / "nan_bad"), train_steps=6, on_nonfinite="ignore", **kw)
+    T.train(model_dir=str(tiny_root / "nan_bad"), train_steps=6, on_nonfinite="ignore", **kw)
 
 
-def test_a_second_trainer_on_a_model_dir_is_refused_until_the_first_is_gone(root, reference):
+def test_a_second_trainer_on_a_model_dir_is_refused_until_the_first_is_gone(tiny_root, reference):
   """The first job holds MODEL_DIR's lock as train() takes it (a small process: faults.ModelDirLock alone)."""
   import shutil
   from recalign import faults
-  run = root / "shared_dir"
-  shutil.copytree(root / "ref", run)
+  run = tiny_root / "shared_dir"
+  shutil.copytree(tiny_root / "ref", run)
   holder = ("import sys, time; from recalign.faults import ModelDirLock; ModelDirLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(600)")
   proc = subprocess.Popen([sys.executable, "-c", holder, str(run)], env=ENV, stdout=subprocess.PIPE, text=True)
   assert proc.stdout.readline().strip() == "held"
   try:
     with pytest.raises(faults.ModelDirBusy, match=rf"being written by another training job, pid {proc.pid} on "):
-      train_tiny(root / "tiny", run, STEPS + 1)
+      train_tiny(tiny_root / "tiny", run, STEPS + 1)
   finally:
     proc.kill()    # a crash: the kernel drops its lock
     proc.wait()
   assert json.loads((run / "train.lock").read_text())["pid"] == proc.pid
   assert max(losses(run)) == STEPS                           # the refused job trained nothing
-  out = train_tiny(root / "tiny", run, STEPS + 1)             # the lock of the killed job is not stuck
+  out = train_tiny(tiny_root / "tiny", run, STEPS + 1)             # the lock of the killed job is not stuck
   assert out["step"] == STEPS + 1 and json.loads((run / "train.lock").read_text())["pid"] == os.getpid()
 
 
@@ -150,23 +145,23 @@ def test_a_lease_on_an_object_store_is_refused_while_fresh_and_taken_over_when_s
   assert not lease.exists()
 
 
-def test_a_damaged_checkpoint_is_named_and_the_previous_one_used_only_on_request(root, reference, capsys):
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_used_only_on_request(tiny_root, reference, capsys):
   import shutil
   from recalign import faults
   from recalign.models import checkpoints as ck
-  run = root / "damaged"
-  shutil.copytree(root / "ref", run)
+  run = tiny_root / "damaged"
+  shutil.copytree(tiny_root / "ref", run)
   kept = ck.saved_steps(run)
   assert kept[-2:] == [STEPS - EVERY, STEPS]
   biggest = max((run / "checkpoints" / "24").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
   with open(biggest, "r+b") as f:        # a crash mid-write: the newest checkpoint's largest file cut in half
     f.truncate(biggest.stat().st_size // 2)
   with pytest.raises(faults.CheckpointDamaged, match=rf"{run}/checkpoints/24 cannot be restored.*start from step 20"):
-    train_tiny(root / "tiny", run, STEPS + 2)
+    train_tiny(tiny_root / "tiny", run, STEPS + 2)
   with pytest.raises(faults.CheckpointDamaged, match=f"{run}/checkpoints/24/default cannot be read"):
     ck.load_checkpoint(run / "checkpoints" / "24")                # the eval job's reader says so too
   assert ck.saved_steps(run) == kept and not (run / "checkpoints_damaged").exists()   # nothing moved unasked
-  train_tiny(root / "tiny", run, STEPS, restore_fallback=True)
+  train_tiny(tiny_root / "tiny", run, STEPS, restore_fallback=True)
   assert "could not be restored and were moved to" in capsys.readouterr().err
   assert [p.name.split(".")[0] for p in (run / "checkpoints_damaged").iterdir()] == ["24"]
   assert ck.saved_steps(run) == kept
@@ -174,25 +169,25 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_used_only_on_request
 
 
 @pytest.mark.slow   # CI keeps the other fault tests; a training process of its own with a file-size limit
-def test_a_full_disk_fails_the_save_clearly_and_leaves_no_half_checkpoint(root):
+def test_a_full_disk_fails_the_save_clearly_and_leaves_no_half_checkpoint(tiny_root):
   from recalign.models.checkpoints import saved_steps
-  run = root / "full_disk"
-  r = subprocess.run(command(root, run, steps=4), env=train_env(file_size=100_000), capture_output=True, text=True)
+  run = tiny_root / "full_disk"
+  r = subprocess.run(command(tiny_root, run, steps=4), env=train_env(file_size=100_000), capture_output=True, text=True)
   err = json.loads(r.stdout.splitlines()[-1])
   assert r.returncode == 2 and err["error"] == "CheckpointWriteError", r.stderr[-2000:]
   assert "File too large" in err["message"] and "newest complete checkpoint is none" in err["message"]
   assert saved_steps(run) == []                        # the half-written step is not a checkpoint
-  train_tiny(root / "tiny", run, 4)                                           # space again: it trains
+  train_tiny(tiny_root / "tiny", run, 4)                                           # space again: it trains
   assert saved_steps(run) == [1, 4]
 
 
-def test_an_unwritable_model_dir_and_impossible_values_are_refused_before_training(root, tmp_path):
+def test_an_unwritable_model_dir_and_impossible_values_are_refused_before_training(tiny_root, tmp_path):
   import recalign.tasks as rt
   from recalign import faults
   from recalign import train as T
   from recalign import trainer
   from recalign.models.network import CONFIGS
-  rt.register_dataset(root / "tiny", config=rt.TaskConfig(num_candidates=3))
+  rt.register_dataset(tiny_root / "tiny", config=rt.TaskConfig(num_candidates=3))
   kw = dict(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
             batch_size=4, network_config=CONFIGS["tiny"], progress=False, train_steps=2)
   (tmp_path / "a_file").write_text("")
@@ -217,9 +212,9 @@ def test_an_unwritable_model_dir_and_impossible_values_are_refused_before_traini
     assert not (model_dir / "train_log.jsonl").exists() and not (model_dir / "checkpoints").exists()
 
 
-def test_batch_not_divisible_by_the_data_parallel_devices_is_refused_by_name(root):
+def test_batch_not_divisible_by_the_data_parallel_devices_is_refused_by_name(tiny_root):
   code = (f"import recalign.tasks as rt, jax; from recalign import train as T, trainer; from recalign.models.network "
-          f"import CONFIGS; rt.register_dataset({str(root / 'tiny')!r}); T.train(model_dir={str(root / 'par')!r}, "
+          f"import CONFIGS; rt.register_dataset({str(tiny_root / 'tiny')!r}); T.train(model_dir={str(tiny_root / 'par')!r}, "
           "dataset=trainer.DatasetConfig('tiny_retrieval', {'inputs': 128, 'targets': 16}, 12), "
           "model=trainer.ModelConfig(CONFIGS['tiny']), train_steps=2, progress=False)")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -228,15 +223,15 @@ def test_batch_not_divisible_by_the_data_parallel_devices_is_refused_by_name(roo
 
 
 @pytest.mark.slow   # an eval job process; CI keeps the training job's SIGTERM test
-def test_the_eval_job_stops_cleanly_on_sigterm_while_it_waits(root, reference):
+def test_the_eval_job_stops_cleanly_on_sigterm_while_it_waits(tiny_root, reference):
   import shutil
   from recalign.faults import PREEMPTED_EXIT_CODE
   from recalign.models.checkpoints import saved_steps
-  run = root / "eval_waits"
-  shutil.copytree(root / "ref", run)
+  run = tiny_root / "eval_waits"
+  shutil.copytree(tiny_root / "ref", run)
   code = "import sys; from recalign.cli import main; sys.exit(main(sys.argv[1:]))"
   proc = subprocess.Popen([sys.executable, "-c", code, "eval", "--checkpoint", str(run), "--task",
-                           "tiny_retrieval", "--data", str(root / "tiny"), "--split", "validation", "--beam", "2", "--batch", "4", "--wait",
+                           "tiny_retrieval", "--data", str(tiny_root / "tiny"), "--split", "validation", "--beam", "2", "--batch", "4", "--wait",
                            "--until-step", "1000", "--poll-seconds", "600"],
                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300      # the saved steps evaluated, then it sleeps until step 1000 appears

@@ -8,20 +8,15 @@ from conftest import REPO, TRAIN_ENV, logged_losses as losses, run_two_processes
 from tiny_run import configs
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_root):
-  return tiny_root
-
-
-def test_data_and_model_parallel_on_8_devices_match_one_device(tiny_dir):
+def test_data_and_model_parallel_on_8_devices_match_one_device(tiny_root):
   """Retrieval trained 6 steps on 1 device and on 8 as 4 x 2 (data x model parallel): the same losses (one
   process, one start-up; the kill / resume tests are in test_faults)."""
   task = {"mixture_or_task_name": "tiny_retrieval", "task_feature_lengths": {"inputs": 128, "targets": 16}}
   runs = {"one": {"num_devices": 1, **task}, "data4_model2": {"model_parallel": 2, **task}}
-  r = subprocess.run(train_command(tiny_dir, 6, *((tiny_dir / f"par_{name}", extra) for name, extra in runs.items())),
+  r = subprocess.run(train_command(tiny_root, 6, *((tiny_root / f"par_{name}", extra) for name, extra in runs.items())),
                      env=train_env(8), check=True, capture_output=True, text=True)
   assert [json.loads(x)["devices"] for x in r.stdout.splitlines()[-2:]] == [8, 8]
-  results = {name: losses(tiny_dir / f"par_{name}") for name in runs}
+  results = {name: losses(tiny_root / f"par_{name}") for name in runs}
   assert sorted(results["one"]) == list(range(1, 7))
   for step, loss in results["one"].items():
     assert results["data4_model2"][step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step
@@ -117,7 +112,7 @@ def test_cli_splits_t5x_style_gin_flags():
   assert bindings == ["MODEL_DIR = '/tmp/r'", "TRAIN_STEPS = 5"]
 
 
-def test_initial_checkpoint_vocabulary_is_checked_and_resized_only_when_asked(tiny_dir, tmp_path):
+def test_initial_checkpoint_vocabulary_is_checked_and_resized_only_when_asked(tiny_root, tmp_path):
   """Step 0 of the warm-up has learning rate 0, so one step keeps the imported parameters exactly."""
   import jax
   import numpy as np
@@ -127,7 +122,7 @@ def test_initial_checkpoint_vocabulary_is_checked_and_resized_only_when_asked(ti
   from recalign.models import checkpoints as ck
   from recalign.models.model import EncoderDecoderModel
   from recalign.models.network import CONFIGS
-  rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
+  rt.register_dataset(tiny_root / "tiny", config=rt.TaskConfig(num_candidates=3))
   cfg = CONFIGS["tiny"].replace(vocab_size=640)          # another vocabulary than the tasks' 512 rows
   params = jax.tree_util.tree_map(np.asarray, nn.unbox(EncoderDecoderModel(cfg).init(jax.random.PRNGKey(9))))
   ck.save_hf(cfg, params, tmp_path / "hf")
@@ -143,7 +138,7 @@ def test_initial_checkpoint_vocabulary_is_checked_and_resized_only_when_asked(ti
   for k in want:
     np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
   run = json.loads((tmp_path / "a" / "run.json").read_text())
-  assert run["vocabulary"]["path"] == str((tiny_dir / "tiny" / "vocab" / "spm.model").resolve())
+  assert run["vocabulary"]["path"] == str((tiny_root / "tiny" / "vocab" / "spm.model").resolve())
   # A recalign checkpoint as INITIAL_CHECKPOINT_PATH: its run.json names the same vocabulary, no resize.
   T.train(**configs(model_dir=str(tmp_path / "b"), initial_checkpoint_path=str(tmp_path / "a" / "checkpoints" / "1"),
                     **common))
@@ -154,7 +149,7 @@ def test_initial_checkpoint_vocabulary_is_checked_and_resized_only_when_asked(ti
                       **{**common, "network_config": CONFIGS["tiny"].replace(mlp_dim=32)}))
 
 
-def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss(tiny_dir, tmp_path):
+def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss(tiny_root, tmp_path):
   """A tiny Hugging Face T5 saved with its own (T5-like) SentencePiece model: VOCABULARY='checkpoint'
   registers the tasks on that vocabulary, the embeddings are used as they are, and the loss of the
   first batch equals the loss transformers computes for the same token ids."""
@@ -170,7 +165,7 @@ def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss
   from recalign.models import checkpoints as ck
   from recalign.models.network import padded_vocab_size
   hf_dir = tmp_path / "hf"
-  train_t5_like_vocab(PreparedData.load(tiny_dir / "tiny"), hf_dir / "spiece.model")
+  train_t5_like_vocab(PreparedData.load(tiny_root / "tiny"), hf_dir / "spiece.model")
   t5_vocab = load_vocabulary(hf_dir)
   rows = padded_vocab_size(t5_vocab.vocab_size)
   torch.manual_seed(0)
@@ -180,7 +175,7 @@ def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss
   hf.save_pretrained(hf_dir)
   lengths = {"inputs": 128, "targets": 48}
   out = T.train(model_dir=str(tmp_path / "ft"), train_steps=1, progress=False,
-                dataset=trainer.DatasetConfig("tiny_reat", lengths, 8, data_dirs=[str(tiny_dir / "tiny")], pack=False),
+                dataset=trainer.DatasetConfig("tiny_reat", lengths, 8, data_dirs=[str(tiny_root / "tiny")], pack=False),
                 model=trainer.ModelConfig(ck.config_from_hf(json.loads((hf_dir / "config.json").read_text())),
                                           initial_checkpoint_path=str(hf_dir), vocabulary="checkpoint", z_loss=0.0))
   run = json.loads((tmp_path / "ft" / "run.json").read_text())
@@ -220,7 +215,7 @@ print("RESULT", json.dumps({"process": jax.process_index(), "processes": jax.pro
 
 
 @pytest.mark.slow   # CI keeps the mesh parity above and test_eval_job's two-process evaluation
-def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
+def test_two_processes_train_on_the_union_of_their_shards(tiny_root):
   """A real multi-process run (2 processes x 2 CPU devices, gloo collectives), launched the way the
   README launches multi-node GPUs: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
   import jax
@@ -232,9 +227,9 @@ def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
   from recalign.models.model import EncoderDecoderModel
   from recalign.models.network import CONFIGS, padded_vocab_size
 
-  script, model_dir = tiny_dir / "multi.py", tiny_dir / "multi"
+  script, model_dir = tiny_root / "multi.py", tiny_root / "multi"
   script.write_text(MULTI)
-  results = run_two_processes(script, [str(tiny_dir / "tiny"), str(model_dir)], timeout=600)
+  results = run_two_processes(script, [str(tiny_root / "tiny"), str(model_dir)], timeout=600)
   assert [r["process"] for r in results] == [0, 1] and results[0]["devices"] == 4
   assert results[0]["loss"] == results[1]["loss"]          # one global computation
   logged = losses(model_dir)                                 # written by process 0 only
@@ -243,7 +238,7 @@ def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
 
   # Step 1's loss is the loss of the initial parameters on the global batch = process 0's local
   # batch followed by process 1's, each packed from its own seqio shard.
-  rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
+  rt.register_dataset(tiny_root / "tiny", config=rt.TaskConfig(num_candidates=3))
   task, lengths = rt.get("tiny_reat"), {"inputs": 128, "targets": 48}
   local = []
   for pid in range(2):
@@ -261,37 +256,37 @@ def test_two_processes_train_on_the_union_of_their_shards(tiny_dir):
   assert not np.array_equal(local[0]["encoder_input_tokens"], local[1]["encoder_input_tokens"])
 
 
-def test_settings_that_would_fail_after_training_are_errors_before_the_first_step(tiny_dir, capsys):
+def test_settings_that_would_fail_after_training_are_errors_before_the_first_step(tiny_root, capsys):
   import recalign.tasks as rt
   from recalign import train as T
   from recalign import trainer
   from recalign.models.network import CONFIGS
-  rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
+  rt.register_dataset(tiny_root / "tiny", config=rt.TaskConfig(num_candidates=3))
   kw = configs(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
                batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False)
   with pytest.raises(ValueError, match="ValidationConfig.task is not"):
-    T.train(model_dir=str(tiny_dir / "no_val"), train_steps=2, validation=trainer.ValidationConfig(every=1), **kw)
+    T.train(model_dir=str(tiny_root / "no_val"), train_steps=2, validation=trainer.ValidationConfig(every=1), **kw)
   with pytest.raises(ValueError, match=r"'ndcg@10' is not reported by tiny_ranking.*score/ndcg@10"):
-    T.train(model_dir=str(tiny_dir / "bad_metric"), train_steps=2,
+    T.train(model_dir=str(tiny_root / "bad_metric"), train_steps=2,
             validation=trainer.ValidationConfig(every=1, task="tiny_ranking", selection_metric="ndcg@10"), **kw)
-  assert not any((tiny_dir / "bad_metric" / f).exists() for f in ("train_log.jsonl", "run.json"))
+  assert not any((tiny_root / "bad_metric" / f).exists() for f in ("train_log.jsonl", "run.json"))
   # Without a selection metric, the task's headline one: rating selects by AUC (the demo's RpAT run).
-  out = T.train(model_dir=str(tiny_dir / "rating_val"), train_steps=1,
+  out = T.train(model_dir=str(tiny_root / "rating_val"), train_steps=1,
                 validation=trainer.ValidationConfig(every=1, task="tiny_rating"), **kw)
   assert out["best"]["selection_metric"] == "auc" and 0.0 <= out["best"]["metrics"]["auc"] <= 1.0
   # A finished run, started again: says so and reports its last step instead of returning nothing.
-  first = T.train(model_dir=str(tiny_dir / "done"), train_steps=2, **kw)
-  again = T.train(model_dir=str(tiny_dir / "done"), train_steps=2, **kw)
+  first = T.train(model_dir=str(tiny_root / "done"), train_steps=2, **kw)
+  again = T.train(model_dir=str(tiny_root / "done"), train_steps=2, **kw)
   assert again["step"] == first["step"] == 2 and again["loss"] == pytest.approx(first["loss"])
   assert "already at step 2" in capsys.readouterr().out
 
 
-def test_recalign_train_cli_runs_in_a_fresh_process(tiny_dir):
+def test_recalign_train_cli_runs_in_a_fresh_process(tiny_root):
   """`recalign train` as a user runs it (a new process, gin locked after parsing), without validation."""
-  model_dir = tiny_dir / "cli_run"
+  model_dir = tiny_root / "cli_run"
   gin_dir = REPO / "recalign" / "gin"
   argv = ["train", f"--gin_file={gin_dir / 'models' / 'tiny.gin'}", f"--gin_file={gin_dir / 'runs' / 'from_scratch.gin'}",
-          f"--gin.DATA_DIRS=['{tiny_dir / 'tiny'}']", "--gin.MIXTURE_OR_TASK_NAME='tiny_retrieval'",
+          f"--gin.DATA_DIRS=['{tiny_root / 'tiny'}']", "--gin.MIXTURE_OR_TASK_NAME='tiny_retrieval'",
           "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}", "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=4",
           f"--gin.MODEL_DIR='{model_dir}'", "--gin.TaskConfig.num_candidates=3", "--gin.CheckpointConfig.every=1"]
   code = "import sys; from recalign.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -301,15 +296,15 @@ def test_recalign_train_cli_runs_in_a_fresh_process(tiny_dir):
   assert (model_dir / "checkpoints" / "1").exists()
 
 
-def test_eval_results_survive_checkpoint_rotation(tiny_dir):
+def test_eval_results_survive_checkpoint_rotation(tiny_root):
   """orbax deletes old checkpoints (keep=1 here); results of evaluating them live in MODEL_DIR/eval."""
   import recalign.tasks as rt
   from recalign import cli
   from recalign import train as T
   from recalign.models.network import CONFIGS
-  rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
-  run = tiny_dir / "rotate"
-  kw = configs(model_dir=str(run), mixture_or_task_name="tiny_retrieval", data_dirs=[str(tiny_dir / "tiny")],
+  rt.register_dataset(tiny_root / "tiny", config=rt.TaskConfig(num_candidates=3))
+  run = tiny_root / "rotate"
+  kw = configs(model_dir=str(run), mixture_or_task_name="tiny_retrieval", data_dirs=[str(tiny_root / "tiny")],
                task_config=rt.TaskConfig(num_candidates=3), task_feature_lengths={"inputs": 128, "targets": 16},
                batch_size=4, network_config=CONFIGS["tiny"], progress=False, every=1, keep=1)
   T.train(train_steps=1, **kw)
@@ -323,7 +318,7 @@ def test_eval_results_survive_checkpoint_rotation(tiny_dir):
   assert (entry["step"], entry["task"], entry["split"], entry["output"]) == (1, "tiny_retrieval", "validation", "1")
 
 
-def test_early_stopping_on_validation_patience_survives_a_resume(tiny_dir):
+def test_early_stopping_on_validation_patience_survives_a_resume(tiny_root):
   """patience=2: validations 0.1, 0.3, 0.2, 0.25 -> the best is step 2, two without a new best stop the run
   at step 4 (checkpoint saved, early_stop.json written) long before TRAIN_STEPS; started again, it trains
   nothing. A run interrupted after step 3 and resumed stops at the same step."""
@@ -331,13 +326,13 @@ def test_early_stopping_on_validation_patience_survives_a_resume(tiny_dir):
   from recalign import train as T
   from recalign import trainer
   from recalign.models.network import CONFIGS
-  rt.register_dataset(tiny_dir / "tiny", config=rt.TaskConfig(num_candidates=3))
+  rt.register_dataset(tiny_root / "tiny", config=rt.TaskConfig(num_candidates=3))
   script = iter([0.1, 0.3, 0.2, 0.25, 0.9, 0.9])
   fake = lambda model, params: {"ndcg@10": next(script)}  # noqa: E731
   kw = configs(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
                batch_size=4, network_config=CONFIGS["tiny"], log_every=1, progress=False, train_steps=50,
             validation=trainer.ValidationConfig(every=1, task="tiny_retrieval", patience=2))
-  model_dir = tiny_dir / "early"
+  model_dir = tiny_root / "early"
   out = T.train(model_dir=str(model_dir), validate_fn=fake, **kw)
   assert out["step"] == 4 and out["best"]["step"] == 2
   assert json.loads((model_dir / "early_stop.json").read_text())["step"] == 4
@@ -346,7 +341,7 @@ def test_early_stopping_on_validation_patience_survives_a_resume(tiny_dir):
   assert again["step"] == 4 and next(script) == 0.9           # no validation ran, nothing trained
 
   script = iter([0.1, 0.3, 0.2, 0.25, 0.9])
-  split = tiny_dir / "early_resumed"
+  split = tiny_root / "early_resumed"
   T.train(model_dir=str(split), validate_fn=fake, **{**kw, "train_steps": 3})
   resumed = T.train(model_dir=str(split), validate_fn=fake, **kw)
   assert resumed["step"] == 4 and json.loads((split / "early_stop.json").read_text())["step"] == 4
