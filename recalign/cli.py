@@ -332,13 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
 
   s = sub.add_parser("prepare", help="ingest a raw data set, k-core, leave-one-out split, random IDs")
-  s.add_argument("--source", required=True, help="amazon-tsv folder, reviews_*.json[.gz] (or its folder), "
-                 "a RecBole folder with *.inter / *.item, or a one-line-per-user sequence file (user item item ...)")
-  s.add_argument("--format", choices=["amazon-tsv", "amazon-raw", "recbole", "sequences"], help="default: detected")
-  s.add_argument("--meta", help="item metadata: amazon-raw meta_<Category>.json[.gz] (default: found beside the "
+  s.add_argument("--source", required=True, help="amazon-tsv folder, Amazon 2014 / 2018 reviews (reviews_*_5.json[.gz] "
+                 "or <Category>_5.json[.gz]) or 2023 reviews (<Category>.jsonl[.gz]) or their folder, a RecBole "
+                 "folder with *.inter / *.item, a MovieLens folder with ratings.csv, or a one-line-per-user sequence "
+                 "file (user item item ...)")
+  s.add_argument("--format", choices=["amazon-tsv", "amazon-raw", "amazon-2023", "recbole", "movielens-csv",
+                                      "sequences"], help="default: detected")
+  s.add_argument("--meta", help="item metadata: Amazon meta_<Category>.json[l][.gz] (default: found beside the "
                  "reviews); sequences: an items.tsv or a meta_*.json[.gz]")
   s.add_argument("--domain", choices=["amazon", "movies"],
-                 help="template words (default: amazon 'products ... buy'; movies for RecBole)")
+                 help="template words (default: amazon 'products ... buy'; movies for RecBole and MovieLens)")
   s.add_argument("--out", required=True, help="output folder")
   s.add_argument("--name", help="data set name used in task names (default: from --out)")
   s.add_argument("--kcore", type=int, default=5)

@@ -254,3 +254,78 @@ def test_one_line_per_user_sequence_files(tmp_path):
   assert data.manifest["order"].startswith("file order") and data.manifest["fields"]["title"] == 12
   bare = read_source(src / "sequential_data.txt", "sequences")        # the file alone, no metadata
   assert not bare.items and len(bare.sequences) == 30
+
+
+def _jsonl(path, rows, bad=()):
+  """Rows as JSON lines (gzip for .gz); `bad`: (1-based line, raw text) written in place of a row."""
+  lines = [json.dumps(r) for r in rows]
+  for n, text in bad:
+    lines.insert(n - 1, text)
+  data = ("\n".join(lines) + "\n").encode()
+  path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def test_amazon_2018_reviews_and_json_meta_with_a_category_list(tmp_path):
+  reviews = [{"reviewerID": u, "asin": i, "overall": 4.0, "unixReviewTime": t, "vote": "2", "style": {"Size:": "M"}}
+             for u, i, t in [("U1", "A", 10), ("U1", "B", 20), ("U1", "C", 30), ("U2", "B", 5), ("U2", "A", 6)]]
+  _jsonl(tmp_path / "Luxury_Beauty_5.json.gz", reviews, bad=[(3, '{"reviewerID": "U9", "asin": "Q"}')])
+  _jsonl(tmp_path / "meta_Luxury_Beauty.json.gz", [
+      {"asin": "A", "title": "Night &amp; Day Cream", "brand": "Olay", "price": "$12.99",
+       "category": ["Luxury Beauty", "Skin Care"]},
+      {"asin": "B", "title": "Serum", "category": []}])
+  raw = read_source(tmp_path)
+  assert raw.source_format == "amazon-raw" and raw.has_ratings
+  assert [x.item for x in raw.sequences["U1"]] == ["A", "B", "C"] and raw.sequences["U2"][0].timestamp == 5
+  assert raw.report.skipped["missing_field"] == 1
+  assert any("Luxury_Beauty_5.json.gz:3" in e for e in raw.report.examples["missing_field"])
+  assert raw.items["A"].categories == ("Luxury Beauty > Skin Care",) and raw.items["A"].title == "Night & Day Cream"
+  assert raw.items["A"].price == "$12.99" and raw.items["B"].categories == ()
+  assert [p.name for p in raw.source_files] == ["Luxury_Beauty_5.json.gz", "meta_Luxury_Beauty.json.gz"]
+
+
+def test_amazon_2023_parent_asins_millisecond_timestamps_and_store(tmp_path):
+  rows = [{"user_id": "AG1", "asin": "a1", "parent_asin": "P1", "rating": 5.0, "timestamp": 1588615855070},
+          {"user_id": "AG1", "asin": "a2", "parent_asin": "P2", "rating": 3.0, "timestamp": 1588615856000},
+          {"user_id": "AG2", "asin": "a3", "rating": 4.0, "timestamp": 1588615000000},             # no parent: asin
+          {"user_id": "AG2", "parent_asin": "P1", "rating": "five", "timestamp": 1588615900000},
+          {"user_id": "", "parent_asin": "P1", "rating": 1.0, "timestamp": 1}]
+  _jsonl(tmp_path / "All_Beauty.jsonl", rows, bad=[(2, "not json")])
+  _jsonl(tmp_path / "meta_All_Beauty.jsonl", [
+      {"parent_asin": "P1", "title": "Lip Balm", "store": "Burt's Bees", "price": 4.99,
+       "categories": ["Beauty", "Lips"], "main_category": "All Beauty"},
+      {"parent_asin": "P2", "title": "Comb", "store": None, "price": None, "categories": []},
+      {"title": "no id"}])
+  raw = read_source(tmp_path)
+  assert raw.source_format == "amazon-2023" and raw.has_ratings
+  assert [(x.item, x.timestamp, x.rating) for x in raw.sequences["AG1"]] == [
+      ("P1", 1588615855.07, 5.0), ("P2", 1588615856.0, 3.0)]
+  assert [x.item for x in raw.sequences["AG2"]] == ["a3"]
+  rep = raw.report
+  assert (rep.skipped["malformed_line"], rep.skipped["bad_rating"], rep.skipped["missing_field"]) == (1, 1, 2)
+  assert rep.repaired["review_without_parent_asin_uses_asin"] == 1 and rep.rows == 6
+  assert any("All_Beauty.jsonl:2" in e for e in rep.examples["malformed_line"])
+  assert any("All_Beauty.jsonl:5 [rating]" in e for e in rep.examples["bad_rating"])
+  assert raw.items["P1"].brand == "Burt's Bees" and raw.items["P1"].price == "4.99"
+  assert raw.items["P1"].categories == ("Beauty > Lips",) and raw.items["P2"].price == ""
+
+
+def test_movielens_csv_ratings_and_quoted_titles(tmp_path):
+  (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,964982703\n1,20,3.5,964981247\n"
+                                        "1,30,five,964982224\n2,10,5.0,964983000\n2,20\n")
+  (tmp_path / "movies.csv").write_text('movieId,title,genres\n10,"American President, The (1995)",Comedy|Romance\n'
+                                       "20,Heat (1995),(no genres listed)\n")
+  raw = read_source(tmp_path)
+  assert raw.source_format == "movielens-csv" and raw.has_ratings and raw.domain == MOVIES
+  assert [(x.item, x.timestamp, x.rating) for x in raw.sequences["1"]] == [("10", 964982703.0, 4.0),
+                                                                           ("20", 964981247.0, 3.5)]
+  rep = raw.report
+  assert (rep.skipped["bad_rating"], rep.skipped["malformed_line"]) == (1, 1)
+  assert any("ratings.csv:4 [rating]" in e for e in rep.examples["bad_rating"])
+  assert any("ratings.csv:6" in e for e in rep.examples["malformed_line"])
+  assert raw.items["10"].title == "American President, The (1995)" and raw.items["10"].categories == (
+      "Comedy", "Romance")
+  assert raw.items["20"].categories == ()
+  with pytest.raises(DataError, match=r"ratings\.csv:1 \[timestamp\]: missing header"):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "ratings.csv").write_text("userId,movieId,rating\n1,2,3\n")
+    read_source(tmp_path / "x")

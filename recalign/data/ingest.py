@@ -3,9 +3,16 @@
 Supported sources:
   * `amazon-tsv`: `interactions.tsv` (user_id, item_id, timestamp[, rating]) + `items.tsv`
     (item_id, title, brand, price, categories) as in `shared/data/amazon-beauty/`.
-  * `amazon-raw`: the files users download themselves, `reviews_<Category>_5.json[.gz]` (one JSON
-    object per line) and `meta_<Category>.json[.gz]` (one Python-literal dict per line, parsed
-    with `ast.literal_eval`, never `eval`).
+  * `amazon-raw`: the files users download themselves, Amazon 2014 (`reviews_<Category>_5.json[.gz]`, one
+    JSON object per line, and `meta_<Category>.json[.gz]`, one Python-literal dict per line, parsed with
+    `ast.literal_eval`, never `eval`) or Amazon 2018 (`<Category>_5.json[.gz]` with the same review fields
+    -- reviewerID, asin, overall, unixReviewTime -- and a JSON `meta_<Category>.json[.gz]` whose `category`
+    is a list of strings).
+  * `amazon-2023`: Amazon Reviews 2023 (McAuley lab), `<Category>.jsonl[.gz]` (user_id, parent_asin,
+    timestamp in milliseconds, rating) and `meta_<Category>.jsonl[.gz]` (parent_asin, title, store,
+    price, categories); items are parent ASINs, as the 2023 benchmarks use them.
+  * `movielens-csv`: MovieLens `ratings.csv` (userId, movieId, rating, timestamp: the 20M / 25M / 32M
+    layout) and optional `movies.csv` (movieId, title, genres separated by |).
   * `recbole`: RecBole atomic files `<name>.inter` / `<name>.item` (e.g. `shared/data/ml-100k/`).
   * `sequences`: one line per user, `user item item item ...` in chronological order, as P5 / S3-Rec
     style releases ship (`sequential_data.txt`, `user_sequence.txt`), with optional item metadata
@@ -322,9 +329,15 @@ def read_amazon_meta(meta: Path, report: IngestReport) -> dict[str, ItemMeta]:
         title=clean_text(str(obj.get("title", "") or ""), report),
         brand=clean_text(str(obj.get("brand", "") or ""), report),
         price="" if price in ("", None) else clean_text(str(price), report),
-        categories=tuple(clean_text(c, report) for c in _format_categories(obj.get("categories")))),
+        categories=tuple(clean_text(c, report) for c in _format_categories(
+            obj["categories"] if "categories" in obj else _category_path(obj.get("category"))))),
         meta, n, report)
   return items
+
+
+def _category_path(value) -> list:
+  """Amazon 2018's `category`: one path as a list of strings (2014's `categories` is a list of paths)."""
+  return [value] if isinstance(value, list) and value else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,8 +435,130 @@ def read_sequences(path: Path | str, meta: Optional[Path | str] = None, *,
   return RawData(sequences, items_meta, domain, "sequences", files, report, False)
 
 
-SOURCES = {"amazon-tsv": read_amazon_tsv, "amazon-raw": read_amazon_raw, "recbole": read_recbole,
-           "sequences": read_sequences}
+# ---------------------------------------------------------------------------------------------
+# Amazon Reviews 2023: <Category>.jsonl[.gz] + meta_<Category>.jsonl[.gz]
+
+
+def _json_objects(path: Path, report: IngestReport, count_rows: bool) -> Iterator[tuple[int, dict]]:
+  """(line number, object) of a JSON-lines file; lines that are not JSON objects are counted skips."""
+  for n, line in _lines(path, report):
+    report.rows += count_rows
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      report.skip("malformed_line", str(path), n, None, f"not JSON ({e.msg})")
+      continue
+    if not isinstance(obj, dict):
+      report.skip("malformed_line", str(path), n, None, "not a JSON object")
+      continue
+    yield n, obj
+
+
+def read_amazon_2023(reviews: Path | str, meta: Optional[Path | str] = None, *,
+                     report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
+  """Amazon Reviews 2023: reviews (user_id, parent_asin, timestamp in ms, rating) and optional meta
+  (parent_asin, title, store as the brand, price, categories). A review without parent_asin falls back to its
+  asin (counted as a repair)."""
+  reviews = Path(reviews)
+  report = report or IngestReport()
+  sequences: dict[str, list[Interaction]] = {}
+  for n, obj in _json_objects(reviews, report, True):
+    item = obj.get("parent_asin") or obj.get("asin")
+    if item and not obj.get("parent_asin"):
+      report.repair("review_without_parent_asin_uses_asin")
+    missing = "user_id" if not obj.get("user_id") else "parent_asin" if not item else (
+        "timestamp" if obj.get("timestamp") in (None, "") else None)
+    if missing:
+      report.skip("missing_field", str(reviews), n, missing, "missing or empty")
+      continue
+    ms = _number(obj["timestamp"], reviews, n, "timestamp", report, "bad_timestamp")
+    rating = _number(obj["rating"], reviews, n, "rating", report, "bad_rating") if "rating" in obj else None
+    if ms is None or ("rating" in obj and rating is None):
+      continue
+    sequences.setdefault(str(obj["user_id"]), []).append(Interaction(str(item), ms / 1000.0, rating))
+  has_ratings = any(x.rating is not None for seq in sequences.values() for x in seq)
+  if has_ratings and any(x.rating is None for seq in sequences.values() for x in seq):
+    raise DataError(str(reviews), None, "rating", "some reviews have a rating and others not")
+  files, items = [reviews], {}
+  if meta is not None:
+    meta = Path(meta)
+    files.append(meta)
+    for n, obj in _json_objects(meta, report, False):
+      if not obj.get("parent_asin"):
+        report.skip("missing_field", str(meta), n, "parent_asin", "missing or empty")
+        continue
+      price = obj.get("price")
+      _add_meta(items, str(obj["parent_asin"]), ItemMeta(
+          title=clean_text(str(obj.get("title") or ""), report), brand=clean_text(str(obj.get("store") or ""), report),
+          price="" if price in ("", None) else clean_text(str(price), report),
+          categories=tuple(clean_text(c, report) for c in _format_categories(_category_path(obj.get("categories"))))),
+          meta, n, report)
+  return RawData(sequences, items, domain, "amazon-2023", files, report, has_ratings)
+
+
+# ---------------------------------------------------------------------------------------------
+# MovieLens CSV: ratings.csv (+ movies.csv), the 20M / 25M / 32M layout
+
+
+def _csv_rows(path: Path, report: IngestReport, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+  """(line number, {column: value}) of a CSV file with a header (quoted fields: MovieLens titles hold commas);
+  rows with the wrong number of fields are counted skips."""
+  import csv
+  header: list[str] = []
+  for n, line in _lines(path, report):
+    try:
+      cols = next(csv.reader([line]))
+    except csv.Error as e:
+      report.skip("malformed_line", str(path), n, None, f"not CSV ({e})")
+      continue
+    if not header:
+      header = [c.strip() for c in cols]
+      missing = [f for f in required if f not in header]
+      if missing:
+        raise DataError(str(path), n, ",".join(missing), "missing header column(s)")
+      continue
+    if len(cols) != len(header):
+      report.skip("malformed_line", str(path), n, None, f"expected {len(header)} comma-separated fields, got {len(cols)}")
+      continue
+    yield n, dict(zip(header, cols))
+
+
+def read_movielens_csv(path: Path | str, *, report: Optional[IngestReport] = None,
+                       domain: Domain = MOVIES) -> RawData:
+  """`path`: the folder holding ratings.csv (userId, movieId, rating, timestamp in seconds) and, if present,
+  movies.csv (movieId, title, genres separated by '|'; '(no genres listed)' is none)."""
+  path = Path(path)
+  report = report or IngestReport()
+  ratings_path = path / "ratings.csv" if path.is_dir() else path
+  rows = []
+  for n, row in _csv_rows(ratings_path, report, ("userId", "movieId", "rating", "timestamp")):
+    got = _interaction({"user_id": row["userId"], "item_id": row["movieId"], "timestamp": row["timestamp"],
+                        "rating": row["rating"]}, ratings_path, n, report)
+    if got:
+      rows.append((n, *got))
+  sequences = _by_user(rows, ratings_path, report)
+  files, items = [ratings_path], {}
+  movies = ratings_path.parent / "movies.csv"
+  if movies.exists():
+    files.append(movies)
+    for n, row in _csv_rows(movies, report, ("movieId", "title")):
+      genres = [g for g in row.get("genres", "").split("|") if g and g != "(no genres listed)"]
+      _add_meta(items, row["movieId"].strip(), ItemMeta(
+          title=clean_text(row["title"], report), categories=tuple(clean_text(g, report) for g in genres)),
+          movies, n, report)
+  return RawData(sequences, items, domain, "movielens-csv", files, report, True)
+
+
+SOURCES = {"amazon-tsv": read_amazon_tsv, "amazon-raw": read_amazon_raw, "amazon-2023": read_amazon_2023,
+           "recbole": read_recbole, "movielens-csv": read_movielens_csv, "sequences": read_sequences}
+
+
+def _amazon_2018_reviews(path: Path) -> list[Path]:
+  return sorted(p for p in path.glob("*_5.json*") if not p.name.startswith("meta_"))
+
+
+def _amazon_2023_reviews(path: Path) -> list[Path]:
+  return sorted(p for p in path.glob("*.jsonl*") if not p.name.startswith("meta_"))
 
 
 def detect_format(path: Path) -> str:
@@ -432,16 +567,23 @@ def detect_format(path: Path) -> str:
       return "amazon-tsv"
     if list(path.glob("*.inter")):
       return "recbole"
-    if list(path.glob("reviews_*.json*")):
+    if (path / "ratings.csv").exists():
+      return "movielens-csv"
+    if list(path.glob("reviews_*.json*")) or _amazon_2018_reviews(path):
       return "amazon-raw"
+    if _amazon_2023_reviews(path):
+      return "amazon-2023"
     if any((path / n).exists() for n in SEQUENCE_FILES):
       return "sequences"
-  elif path.name.startswith("reviews_"):
+  elif path.name.startswith("reviews_") or path.name.endswith(("_5.json", "_5.json.gz")):
     return "amazon-raw"
+  elif path.name.endswith((".jsonl", ".jsonl.gz")):
+    return "amazon-2023"
+  elif path.name == "ratings.csv":
+    return "movielens-csv"
   elif path.suffix == ".txt":
     return "sequences"
-  raise DataError(str(path), None, None,
-                  "cannot tell the format; pass --format amazon-tsv|amazon-raw|recbole|sequences")
+  raise DataError(str(path), None, None, "cannot tell the format; pass --format " + "|".join(SOURCES))
 
 
 def read_source(path: Path | str, fmt: Optional[str] = None, *, meta: Optional[Path | str] = None,
@@ -455,16 +597,19 @@ def read_source(path: Path | str, fmt: Optional[str] = None, *, meta: Optional[P
   if fmt not in SOURCES:
     raise ValueError(f"unknown source format {fmt!r}; known: {sorted(SOURCES)}")
   kw = {"report": report} | ({"domain": domain} if domain else {})
-  if fmt == "amazon-raw":
+  if fmt in ("amazon-raw", "amazon-2023"):
     if path.is_dir():
-      reviews = sorted(path.glob("reviews_*.json*"))
+      reviews = (sorted(path.glob("reviews_*.json*")) or _amazon_2018_reviews(path) if fmt == "amazon-raw"
+                 else _amazon_2023_reviews(path))
       if len(reviews) != 1:
-        raise DataError(str(path), None, None, f"expected one reviews_*.json[.gz], found {len(reviews)}")
+        raise DataError(str(path), None, None, f"expected one reviews file ({fmt}), found {len(reviews)}: "
+                        f"{[p.name for p in reviews]}")
       path = reviews[0]
-      if meta is None:
-        cands = sorted(path.parent.glob("meta_*.json*"))
-        meta = cands[0] if cands else None
-    return read_amazon_raw(path, meta, **kw)
+    if meta is None:   # beside the reviews: meta_<Category>.json[l][.gz]
+      category = path.name.split(".")[0].removeprefix("reviews_").removesuffix("_5")
+      cands = sorted(path.parent.glob(f"meta_{category}.json*")) or sorted(path.parent.glob("meta_*.json*"))
+      meta = cands[0] if cands else None
+    return (read_amazon_raw if fmt == "amazon-raw" else read_amazon_2023)(path, meta, **kw)
   if fmt == "sequences":
     if meta is None and path.is_dir() and (path / "items.tsv").exists():
       meta = path / "items.tsv"
