@@ -269,21 +269,35 @@ def _format_categories(value) -> tuple[str, ...]:
   return tuple(paths)
 
 
+def _json_objects(path: Path, report: IngestReport, count_rows: bool) -> Iterator[tuple[int, dict]]:
+  """(line number, object) of a JSON-lines file; lines that are not JSON objects are counted skips."""
+  for n, line in _lines(path, report):
+    report.rows += count_rows
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      report.skip("malformed_line", str(path), n, None, f"not JSON ({e.msg})")
+      continue
+    if not isinstance(obj, dict):
+      report.skip("malformed_line", str(path), n, None, "not a JSON object")
+      continue
+    yield n, obj
+
+
+def _has_ratings(sequences: dict[str, list[Interaction]], path: Path, field: str) -> bool:
+  """Whether the reviews carry ratings: all of them, or none (a mix is an error naming the field)."""
+  rated = [x.rating is not None for seq in sequences.values() for x in seq]
+  if any(rated) and not all(rated):
+    raise DataError(str(path), None, field, "some reviews have a rating and others not")
+  return any(rated)
+
+
 def read_amazon_raw(reviews: Path | str, meta: Optional[Path | str] = None, *,
                     report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
   reviews = Path(reviews)
   report = report or IngestReport()
   sequences: dict[str, list[Interaction]] = {}
-  for n, line in _lines(reviews, report):
-    report.rows += 1
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      report.skip("malformed_line", str(reviews), n, None, f"not JSON ({e.msg})")
-      continue
-    if not isinstance(obj, dict):
-      report.skip("malformed_line", str(reviews), n, None, "not a JSON object")
-      continue
+  for n, obj in _json_objects(reviews, report, True):
     missing = [f for f in ("reviewerID", "asin", "unixReviewTime") if not obj.get(f) and obj.get(f) != 0]
     if missing:
       report.skip("missing_field", str(reviews), n, missing[0], "missing or empty")
@@ -297,9 +311,7 @@ def read_amazon_raw(reviews: Path | str, meta: Optional[Path | str] = None, *,
       if rating is None:
         continue
     sequences.setdefault(str(obj["reviewerID"]), []).append(Interaction(str(obj["asin"]), ts, rating))
-  has_ratings = any(x.rating is not None for seq in sequences.values() for x in seq)
-  if has_ratings and any(x.rating is None for seq in sequences.values() for x in seq):
-    raise DataError(str(reviews), None, "overall", "some reviews have a rating and others not")
+  has_ratings = _has_ratings(sequences, reviews, "overall")
 
   files = [reviews]
   items: dict[str, ItemMeta] = {}
@@ -439,21 +451,6 @@ def read_sequences(path: Path | str, meta: Optional[Path | str] = None, *,
 # Amazon Reviews 2023: <Category>.jsonl[.gz] + meta_<Category>.jsonl[.gz]
 
 
-def _json_objects(path: Path, report: IngestReport, count_rows: bool) -> Iterator[tuple[int, dict]]:
-  """(line number, object) of a JSON-lines file; lines that are not JSON objects are counted skips."""
-  for n, line in _lines(path, report):
-    report.rows += count_rows
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      report.skip("malformed_line", str(path), n, None, f"not JSON ({e.msg})")
-      continue
-    if not isinstance(obj, dict):
-      report.skip("malformed_line", str(path), n, None, "not a JSON object")
-      continue
-    yield n, obj
-
-
 def read_amazon_2023(reviews: Path | str, meta: Optional[Path | str] = None, *,
                      report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
   """Amazon Reviews 2023: reviews (user_id, parent_asin, timestamp in ms, rating) and optional meta
@@ -476,9 +473,7 @@ def read_amazon_2023(reviews: Path | str, meta: Optional[Path | str] = None, *,
     if ms is None or ("rating" in obj and rating is None):
       continue
     sequences.setdefault(str(obj["user_id"]), []).append(Interaction(str(item), ms / 1000.0, rating))
-  has_ratings = any(x.rating is not None for seq in sequences.values() for x in seq)
-  if has_ratings and any(x.rating is None for seq in sequences.values() for x in seq):
-    raise DataError(str(reviews), None, "rating", "some reviews have a rating and others not")
+  has_ratings = _has_ratings(sequences, reviews, "rating")
   files, items = [reviews], {}
   if meta is not None:
     meta = Path(meta)
