@@ -71,12 +71,12 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
   assert (cfg.prompt_words, cfg.item_prefix, cfg.id_scheme) == (False, False, "collaborative")
   assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": 96, "targets": 16}
   assert gin.query_parameter("learning_rate_schedule.decay") == "rsqrt"
-  # the accelerator recipe: continuations, early stopping on the trained retrieval task, rsqrt decay
+  # the accelerator recipe: every training item a target, early stopping on the trained retrieval task, rsqrt decay
   gin.clear_config()
   cli.parse_gin([str(gin_dir / "runs" / "gpu_retrieval.gin")],
                 ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'toys_retrieval'"], [])
   val = trainer.ValidationConfig()
-  assert (val.task, val.patience, val.every, TaskConfig().next_items) == ("toys_retrieval", 8, 1000, 5)
+  assert (val.task, val.patience, val.every, TaskConfig().train_examples) == ("toys_retrieval", 8, 1000, "prefixes")
   assert gin.query_parameter("learning_rate_schedule.decay") == "rsqrt"
   # a dimension overridden as in T5X; a misspelt one is an error
   gin.clear_config()
