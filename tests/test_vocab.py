@@ -60,3 +60,21 @@ def test_t5_like_vocabulary_merges_ids_in_context_and_the_check_reports_it(tiny,
       == "Item ID: I7, Title: x;"
   bad = check_item_ids(vocab, ["I7", "I\u2603"])            # a character the model does not know
   assert [f.split(":")[0] for f in bad.failures] == ["I\u2603"]
+
+
+def test_the_vocabulary_trainer_reads_a_bounded_stream(tmp_path, monkeypatch):
+  """Its input is streamed and capped at MAX_SENTENCES (catalogues of millions of items): with a cap of 3,000
+  sentences the templates and the first items fill it, and text after the cap is never read."""
+  from recalign.data import vocab as V
+  data = prepare(read_source(write_tiny_tsv(tmp_path / "src")), name="t", kcore=0)
+  read = []
+
+  def extra():
+    for k in range(10):
+      read.append(k)
+      yield f"never read {k}"
+
+  monkeypatch.setattr(V, "MAX_SENTENCES", 3000)
+  assert sum(1 for _ in V.training_text(data)) > 3000        # the templates alone are weighted 1,000 times
+  path = V.train_vocabulary(data, tmp_path / "vocab", vocab_size=200, extra_text=extra())
+  assert read == [] and path.exists()

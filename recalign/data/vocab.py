@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -24,6 +25,7 @@ from recalign.data.prepare import PreparedData, item_id
 
 NUM_EXTRA_IDS = 100
 VOCAB_FILE = "spm.model"
+MAX_SENTENCES = 2_000_000   # the vocabulary trainer's input: templates, then item texts in item-index order
 
 
 def training_text(data: PreparedData) -> Iterator[str]:
@@ -49,14 +51,16 @@ def train_vocabulary(data: PreparedData, out_dir: Path | str, *, vocab_size: int
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   model = io.BytesIO()
-  sentences = [s for s in (*training_text(data), *extra_text) if s]
+  # streamed, at most MAX_SENTENCES (SentencePiece reads no more either): memory stays bounded on catalogues
+  # of millions of items; item indices are a random permutation, so the first items are a random sample
+  sentences = itertools.islice((s for s in itertools.chain(training_text(data), extra_text) if s), MAX_SENTENCES)
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size + len(pieces),
+      sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size + len(pieces),
       model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
       pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
       split_digits=True, character_coverage=1.0, hard_vocab_limit=False,
       normalization_rule_name="nmt_nfkc", num_threads=2, user_defined_symbols=list(pieces),
-      input_sentence_size=2_000_000, shuffle_input_sentence=False, minloglevel=2)
+      input_sentence_size=MAX_SENTENCES, shuffle_input_sentence=False, minloglevel=2)
   path = out_dir / VOCAB_FILE
   path.write_bytes(model.getvalue())
   return path
