@@ -69,6 +69,27 @@ def test_ids_are_unique_deterministic_and_seeded(data, scheme):
     assert all(len(re.findall("<", i)) <= 6 for i in a.ids)
 
 
+def test_large_catalogues_cluster_in_mini_batches(data, monkeypatch):
+  """Above MINIBATCH_ABOVE rows k-means runs in mini-batches (bounded memory on millions of items); the IDs
+  are still unique and seeded. Below it (Beauty), Lloyd's k-means as before."""
+  from sklearn.cluster import MiniBatchKMeans
+  from recalign.data import ids as I
+  small = build_ids(data, "collaborative", seed=0, codebook=6)
+  used = []
+  fit = MiniBatchKMeans.fit
+  monkeypatch.setattr(MiniBatchKMeans, "fit", lambda self, x, *a, **k: used.append(len(x)) or fit(self, x, *a, **k))
+  monkeypatch.setattr(I, "MINIBATCH_ABOVE", 50)
+  got = {}
+  for scheme in ("collaborative", "semantic"):
+    got[scheme] = build_ids(data, scheme, seed=0, **SMALL[scheme]).ids
+    assert len(set(got[scheme])) == data.num_items and got[scheme] == build_ids(data, scheme, seed=0, **SMALL[scheme]).ids
+  assert used and max(used) == data.num_items and min(used) > 50    # the whole catalogue, and only big clusters
+  assert got["collaborative"] != small.ids                          # another algorithm: other clusters
+  monkeypatch.setattr(I, "MINIBATCH_ABOVE", 10 ** 9)
+  used.clear()
+  assert build_ids(data, "collaborative", seed=0, codebook=6).ids == small.ids and not used
+
+
 @pytest.mark.parametrize("scheme", ["collaborative", "semantic"])
 def test_ids_use_training_interactions_only(data, scheme):
   """Changing every user's validation and test items changes nothing: only training sequences count."""

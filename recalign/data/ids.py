@@ -160,11 +160,23 @@ def spectral_embedding(a: sp.spmatrix, k: int, seed: int) -> np.ndarray:
   return vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
 
 
+MINIBATCH_ABOVE = 100_000   # rows above which k-means runs in mini-batches (memory and time stay bounded)
+
+
+def kmeans(k: int, x: np.ndarray, *, seed: int, n_init: int):
+  """A fitted k-means of `x`: sklearn's KMeans (Lloyd) up to MINIBATCH_ABOVE rows -- what Beauty-size
+  catalogues (and every committed ID file) use -- and MiniBatchKMeans on batches of 4,096 rows above it, for
+  catalogues of millions of items."""
+  from sklearn.cluster import KMeans, MiniBatchKMeans
+  if len(x) <= MINIBATCH_ABOVE:
+    return KMeans(k, n_init=n_init, random_state=seed).fit(x)
+  return MiniBatchKMeans(k, n_init=n_init, random_state=seed, batch_size=4096).fit(x)
+
+
 def collaborative_codes(data: PreparedData, *, codebook: int = 32, max_depth: int = 6, seed: int = 0,
                         window: int = 5) -> list[tuple[int, ...]]:
   """P5-style collaborative indexing: spectral clustering into `codebook` clusters, recursively, until a
   cluster holds at most `codebook` items; the last code is the item's index in its leaf cluster."""
-  from sklearn.cluster import KMeans
   a = cooccurrence(data, window)
   codes: list[Optional[tuple[int, ...]]] = [None] * data.num_items
 
@@ -174,7 +186,7 @@ def collaborative_codes(data: PreparedData, *, codebook: int = 32, max_depth: in
         codes[i] = path + (j,)
       return
     emb = spectral_embedding(a[items][:, items], codebook, seed)
-    labels = KMeans(codebook, n_init=3, random_state=seed).fit_predict(emb)
+    labels = kmeans(codebook, emb, seed=seed, n_init=3).labels_
     if len(set(labels.tolist())) == 1:   # nothing to split on: index the items directly
       labels = np.arange(len(items)) % codebook
     for c in range(codebook):
@@ -217,12 +229,11 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def residual_kmeans(x: np.ndarray, *, levels: int = 3, codebook: int = 256, seed: int = 0) -> np.ndarray:
   """RQ-KMeans: level l clusters the residual left by levels < l. Returns codes [items, levels]."""
-  from sklearn.cluster import KMeans
   residual = np.array(x, np.float64, copy=True)
   codes = np.zeros((len(x), levels), np.int64)
   for level in range(levels):
     k = min(codebook, len(np.unique(residual.round(8), axis=0)))
-    km = KMeans(k, n_init=1, random_state=seed + level).fit(residual)
+    km = kmeans(k, residual, seed=seed + level, n_init=1)
     codes[:, level] = km.labels_
     residual -= km.cluster_centers_[km.labels_]
   return codes
