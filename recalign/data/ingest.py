@@ -138,14 +138,30 @@ def _lines(path: Path, report: IngestReport) -> Iterator[tuple[int, str]]:
         yield i, line
 
 
-def _tsv_rows(path: Path, report: IngestReport, required: tuple[str, ...],
-              header_names: Callable[[list[str], Path], list[str]] = lambda cols, p: cols
-              ) -> Iterator[tuple[int, dict[str, str]]]:
-  """(line number, {column: value}) for each well-formed row of a tab-separated file with a header;
-  rows with the wrong number of fields are counted skips."""
+def _split_csv(line: str) -> list[str]:
+  import csv
+  try:
+    return next(csv.reader([line]))      # quoted fields: MovieLens titles hold commas
+  except csv.Error as e:
+    raise ValueError(f"not CSV ({e})") from None
+
+
+_SEPARATORS = {"\t": ("tab-separated", lambda line: line.split("\t")), ",": ("comma-separated", _split_csv)}
+
+
+def _table_rows(path: Path, report: IngestReport, required: tuple[str, ...],
+                header_names: Callable[[list[str], Path], list[str]] = lambda cols, p: cols, *, sep: str = "\t"
+                ) -> Iterator[tuple[int, dict[str, str]]]:
+  """(line number, {column: value}) for each well-formed row of a tab- (or comma-) separated file with a
+  header; rows that do not parse or have the wrong number of fields are counted skips."""
+  what, split = _SEPARATORS[sep]
   header: list[str] = []
   for n, line in _lines(path, report):
-    cols = line.split("\t")
+    try:
+      cols = split(line)
+    except ValueError as e:
+      report.skip("malformed_line", str(path), n, None, str(e))
+      continue
     if not header:
       header = header_names(cols, path)
       missing = [f for f in required if f not in header]
@@ -153,8 +169,7 @@ def _tsv_rows(path: Path, report: IngestReport, required: tuple[str, ...],
         raise DataError(str(path), n, ",".join(missing), "missing header column(s)")
       continue
     if len(cols) != len(header):
-      report.skip("malformed_line", str(path), n, None,
-                  f"expected {len(header)} tab-separated fields, got {len(cols)}")
+      report.skip("malformed_line", str(path), n, None, f"expected {len(header)} {what} fields, got {len(cols)}")
       continue
     yield n, dict(zip(header, cols))
 
@@ -227,7 +242,7 @@ def read_amazon_tsv(directory: Path | str, *, report: Optional[IngestReport] = N
     if not p.exists():
       raise DataError(str(p), None, None, "file not found (amazon-tsv needs interactions.tsv and items.tsv)")
   rows, has_ratings = [], False
-  for n, row in _tsv_rows(inter_path, report, ("user_id", "item_id")):
+  for n, row in _table_rows(inter_path, report, ("user_id", "item_id")):
     has_ratings = "rating" in row
     got = _interaction(row, inter_path, n, report)
     if got:
@@ -240,7 +255,7 @@ def read_amazon_tsv(directory: Path | str, *, report: Optional[IngestReport] = N
 def read_items_tsv(items_path: Path, report: IngestReport) -> dict[str, ItemMeta]:
   """items.tsv: item_id, title, brand, price, categories (`A > B | C`); all but item_id optional."""
   items: dict[str, ItemMeta] = {}
-  for n, row in _tsv_rows(items_path, report, ("item_id",)):
+  for n, row in _table_rows(items_path, report, ("item_id",)):
     item = row["item_id"].strip()
     if not item:
       report.skip("missing_field", str(items_path), n, "item_id", "empty")
@@ -379,7 +394,7 @@ def read_recbole(path: Path | str, *, report: Optional[IngestReport] = None,
   item_path = inter_path.with_suffix(".item")
 
   rows, has_ratings = [], False
-  for n, row in _tsv_rows(inter_path, report, ("user_id", "item_id"), _atomic_header):
+  for n, row in _table_rows(inter_path, report, ("user_id", "item_id"), _atomic_header):
     has_ratings = "rating" in row
     got = _interaction(row, inter_path, n, report)
     if got:
@@ -390,7 +405,7 @@ def read_recbole(path: Path | str, *, report: Optional[IngestReport] = None,
   files = [inter_path]
   if item_path.exists():
     files.append(item_path)
-    for n, row in _tsv_rows(item_path, report, ("item_id",), _atomic_header):
+    for n, row in _table_rows(item_path, report, ("item_id",), _atomic_header):
       title = row.get("movie_title", row.get("title", ""))
       cats = row.get("class", row.get("categories", ""))
       _add_meta(items, row["item_id"], ItemMeta(
@@ -401,7 +416,7 @@ def read_recbole(path: Path | str, *, report: Optional[IngestReport] = None,
   user_path = inter_path.with_suffix(".user")
   if user_path.exists():
     files.append(user_path)
-    for n, row in _tsv_rows(user_path, report, ("user_id",), _atomic_header):
+    for n, row in _table_rows(user_path, report, ("user_id",), _atomic_header):
       user = row.pop("user_id").strip()
       if user in users:
         report.skip("duplicate_user_attributes", str(user_path), n, "user_id", f"user {user!r} listed again")
@@ -495,27 +510,8 @@ def read_amazon_2023(reviews: Path | str, meta: Optional[Path | str] = None, *,
 # MovieLens CSV: ratings.csv (+ movies.csv), the 20M / 25M / 32M layout
 
 
-def _csv_rows(path: Path, report: IngestReport, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-  """(line number, {column: value}) of a CSV file with a header (quoted fields: MovieLens titles hold commas);
-  rows with the wrong number of fields are counted skips."""
-  import csv
-  header: list[str] = []
-  for n, line in _lines(path, report):
-    try:
-      cols = next(csv.reader([line]))
-    except csv.Error as e:
-      report.skip("malformed_line", str(path), n, None, f"not CSV ({e})")
-      continue
-    if not header:
-      header = [c.strip() for c in cols]
-      missing = [f for f in required if f not in header]
-      if missing:
-        raise DataError(str(path), n, ",".join(missing), "missing header column(s)")
-      continue
-    if len(cols) != len(header):
-      report.skip("malformed_line", str(path), n, None, f"expected {len(header)} comma-separated fields, got {len(cols)}")
-      continue
-    yield n, dict(zip(header, cols))
+def _stripped(cols: list[str], path: Path) -> list[str]:
+  return [c.strip() for c in cols]
 
 
 def read_movielens_csv(path: Path | str, *, report: Optional[IngestReport] = None,
@@ -526,7 +522,7 @@ def read_movielens_csv(path: Path | str, *, report: Optional[IngestReport] = Non
   report = report or IngestReport()
   ratings_path = path / "ratings.csv" if path.is_dir() else path
   rows = []
-  for n, row in _csv_rows(ratings_path, report, ("userId", "movieId", "rating", "timestamp")):
+  for n, row in _table_rows(ratings_path, report, ("userId", "movieId", "rating", "timestamp"), _stripped, sep=","):
     got = _interaction({"user_id": row["userId"], "item_id": row["movieId"], "timestamp": row["timestamp"],
                         "rating": row["rating"]}, ratings_path, n, report)
     if got:
@@ -536,7 +532,7 @@ def read_movielens_csv(path: Path | str, *, report: Optional[IngestReport] = Non
   movies = ratings_path.parent / "movies.csv"
   if movies.exists():
     files.append(movies)
-    for n, row in _csv_rows(movies, report, ("movieId", "title")):
+    for n, row in _table_rows(movies, report, ("movieId", "title"), _stripped, sep=","):
       genres = [g for g in row.get("genres", "").split("|") if g and g != "(no genres listed)"]
       _add_meta(items, row["movieId"].strip(), ItemMeta(
           title=clean_text(row["title"], report), categories=tuple(clean_text(g, report) for g in genres)),
