@@ -26,7 +26,8 @@ def cmd_prepare(args) -> int:
   name = args.name or name_from_path(args.out)
   data = prepare(raw, name=name, kcore=args.kcore, seed=args.seed,
                  num_validation_users=args.validation_users)
-  data.save(args.out)
+  from recalign.data import tfds_data
+  tfds_data.save(data, args.out)
   print(format_stats(data.manifest))
   for kind, examples in raw.report.examples.items():
     for ex in examples:

@@ -59,7 +59,7 @@ def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
                     id_schemes: tuple[str, ...] = ()) -> Path:
   """Prepares `source` into `out` once (again when the source files change): split, random IDs, the
   `id_schemes` (built from training sequences only) and a vocabulary holding their pieces."""
-  from recalign.data import PreparedData, prepare, read_source
+  from recalign.data import PreparedData, prepare, read_source, tfds_data
   from recalign.data.ids import build_ids, scheme_pieces
   from recalign.data.ingest import sha256_file
   from recalign.data.prepare import format_stats
@@ -69,12 +69,13 @@ def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
     manifest = json.loads((out / "manifest.json").read_text())
     fresh = not all(Path(p).exists() and sha256_file(Path(p)) == h for p, h in manifest["source"]["files"].items())
   if fresh:
-    data = prepare(read_source(source), name=name, kcore=kcore)
-    data.save(out)
+    tfds_data.save(prepare(read_source(source), name=name, kcore=kcore), out)
     print(format_stats(PreparedData.load(out).manifest))
   else:
     print(f"[recalign] using prepared {out}")
   data = PreparedData.load(out)
+  if not tfds_data.directory(out).exists():   # prepared by an older recalign
+    tfds_data.write(data, out)
   missing = [s for s in id_schemes if not (out / "ids" / f"{s}.json").exists()]
   for scheme in missing:
     print(f"[recalign] building {scheme} item IDs")

@@ -138,11 +138,12 @@ def synthetic_dataset(root: Path, name: str, *, users: int = 60, items: int = 20
 
 
 def prepare_tiny(root: Path, name: str = "tiny") -> Path:
-  """The hand-made data set prepared (no k-core) under root/name, with a 300-piece vocabulary."""
-  from recalign.data import prepare, read_source
+  """The hand-made data set prepared (no k-core) under root/name (JSON lines and TFDS copy), with a 300-piece
+  vocabulary."""
+  from recalign.data import prepare, read_source, tfds_data
   from recalign.data.vocab import train_vocabulary
   data = prepare(read_source(write_tiny_tsv(root / "src")), name=name, kcore=0)
-  data.save(root / name)
+  tfds_data.save(data, root / name)
   train_vocabulary(data, root / name / "vocab", vocab_size=300)
   return root / name
 

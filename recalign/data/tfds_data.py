@@ -1,0 +1,135 @@
+"""A prepared data set as a TFDS dataset: the users' sequences as sharded TFRecord files that tasks stream.
+
+`recalign prepare` writes it beside the JSON lines (`<prepared>/tfds/recalign_prepared/<version>/`): one
+split, `users`, one record per user with the whole chronological sequence (the last item is the test
+target, the second last the validation target, as in users.jsonl), its ratings and timestamps (empty
+when the source has none), attributes (JSON) and whether it is in the seeded validation subset. The
+manifest (counts, skips, source hashes) is the dataset's metadata. The item table stays in items.jsonl:
+it grows with the catalogue, not with the interactions, and prompts need all of it anyway.
+
+Streamed tasks (`TaskConfig.streamed`) read it through `tfds.builder_from_directory`, which needs
+nothing of this module: the files, `dataset_info.json` and `features.json` are the format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from recalign.data.prepare import PreparedData
+from recalign.data.report import DataError
+
+NAME = "recalign_prepared"
+VERSION = "1.0.0"
+SPLIT = "users"
+
+
+def directory(prepared_dir: str | Path) -> Path:
+  """Where a prepared data set's TFDS files are (what `tfds.builder_from_directory` is given)."""
+  return Path(prepared_dir) / "tfds" / NAME / VERSION
+
+
+def features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      "user": tf.int32,                              # index: row of users.jsonl
+      "user_id": tfds.features.Text(),               # the source's user ID
+      "items": tfds.features.Sequence(tf.int32),     # item indices (row of items.jsonl), chronological
+      "timestamps": tfds.features.Sequence(tf.float64),
+      "ratings": tfds.features.Sequence(tf.float32),
+      "attributes": tfds.features.Text(),            # JSON object ({} when the data set has none)
+      "validation": tf.bool,                         # in the seeded validation subset
+  })
+
+
+class RecalignPrepared(tfds.core.GeneratorBasedBuilder):
+  """Writes one prepared data set (a `PreparedData`) as TFDS files; reading does not need this class."""
+
+  RELEASE_NOTES = {VERSION: "users split: sequences, timestamps, ratings, attributes, validation flag"}
+  VERSION = tfds.core.Version(VERSION)
+
+  def __init__(self, *, data: PreparedData, **kwargs):
+    self._data = data
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=f"recalign prepared data set {self._data.name!r} (leave-one-out)",
+        features=features(), metadata=tfds.core.MetadataDict(manifest=self._data.manifest))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager   # nothing to download: the data are prepared in this process
+    return {SPLIT: self._generate_examples()}
+
+  def _generate_examples(self) -> Iterator[tuple[int, dict]]:
+    d = self._data
+    val = np.zeros(d.num_users, bool)
+    val[d.validation_users] = True
+    empty = np.zeros([0])
+    for u in range(d.num_users):
+      yield u, {"user": u, "user_id": d.users[u], "items": d.sequences[u],
+                "timestamps": d.timestamps[u] if d.timestamps is not None else empty,
+                "ratings": d.ratings[u] if d.ratings is not None else empty,
+                "attributes": json.dumps(d.user_attributes[u] if d.user_attributes is not None else {}),
+                "validation": bool(val[u])}
+
+
+def write(data: PreparedData, prepared_dir: str | Path) -> Path:
+  """Writes `data` as `<prepared_dir>/tfds/...` (replacing an older copy); returns its directory."""
+  out = directory(prepared_dir)
+  if out.exists():
+    tf.io.gfile.rmtree(str(out))
+  tfds.disable_progress_bar()
+  builder = RecalignPrepared(data=data, data_dir=str(Path(prepared_dir) / "tfds"))
+  with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing dataset ..."
+    builder.download_and_prepare()
+  logging.info("wrote %s (%d users)", out, data.num_users)
+  return out
+
+
+def save(data: PreparedData, prepared_dir: str | Path) -> Path:
+  """A prepared data set's folder: the JSON lines (`PreparedData.save`) and their TFDS copy."""
+  data.save(prepared_dir)
+  write(data, prepared_dir)
+  return Path(prepared_dir)
+
+
+def reader(prepared_dir: str | Path) -> tfds.core.DatasetBuilder:
+  """The TFDS copy of a prepared folder; a clear error when there is none, or when it is not the copy of
+  the folder's users.jsonl (another preparation's: their manifests' `created` differ)."""
+  path = directory(prepared_dir)
+  if not (path / "dataset_info.json").exists():
+    raise DataError(str(path), None, None, "no TFDS copy of this prepared data set (streamed tasks read it): "
+                    "prepare it again with this version of recalign, which writes it")
+  builder = tfds.builder_from_directory(str(path))
+  mine = json.loads((Path(prepared_dir) / "manifest.json").read_text()).get("created")
+  theirs = (manifest(builder) or {}).get("created")
+  if theirs != mine:
+    raise DataError(str(path), None, "created", f"the TFDS copy is of another preparation ({theirs}) than "
+                    f"manifest.json ({mine}): prepare the data set again")
+  return builder
+
+
+def index(builder: tfds.core.DatasetBuilder, batch: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+  """(sequence length, validation flag) per user, in user order: one pass over the records, O(users) memory
+  -- what a streamed source needs to number its examples as the in-memory one does."""
+  n = builder.info.splits[SPLIT].num_examples
+  lengths, val = np.zeros(n, np.int64), np.zeros(n, bool)
+  ds = builder.as_dataset(split=SPLIT, shuffle_files=False, decoders={"user_id": tfds.decode.SkipDecoding(),
+                                                                      "attributes": tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda r: (r["user"], tf.shape(r["items"], tf.int64)[0], r["validation"]),
+              num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
+  for u, length, v in ds.as_numpy_iterator():
+    lengths[u], val[u] = length, v
+  return lengths, val
+
+
+def manifest(builder: tfds.core.DatasetBuilder) -> Optional[dict]:
+  return dict(builder.info.metadata or {}).get("manifest")
