@@ -67,7 +67,8 @@ def task_examples(task_name: str, split: str, lengths: dict, max_examples: Optio
     keep[np.asarray(example_ids, np.int64)] = True
     keep = tf.constant(keep)
     ds = ds.filter(lambda x: tf.gather(keep, x["example_id"]))
-  return list(ds.as_numpy_iterator())
+  # by example id: streamed sources read users in their files' order
+  return sorted(ds.as_numpy_iterator(), key=lambda e: int(e["example_id"]))
 
 
 def pad_inputs(examples: list[dict], bucket: int = 64) -> np.ndarray:

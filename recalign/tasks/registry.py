@@ -26,8 +26,10 @@ import gin
 import numpy as np
 import seqio
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from recalign import metrics as M
+from recalign.data import tfds_data
 from recalign.data.prepare import PreparedData, item_id
 from recalign.data.report import DataError
 from recalign.data.ids import id_pieces, load_ids
@@ -86,6 +88,9 @@ class TaskConfig:
   itdr_liked_items: int = 10            # UAP: the most recent liked items shown
   reclm: bool = False                   # also RecLM's profile tasks (<name>_profile, _collab_profile,
                                         # _item_profile; mixture <name>_reclm) with silver teacher profiles
+  streamed: bool = False                # the recommendation and auxiliary tasks' examples made as users are
+                                        # read from the prepared TFDS copy, not held in memory: the same
+                                        # examples and draws, trained in a buffered-shuffle order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,16 +128,20 @@ class _InMemorySource(seqio.DataSource):
 
 
 class RecDataSource(_InMemorySource):
-  """`sources.Examples` per split; train is an endless, epoch-tagged stream.
+  """`sources.Examples` (in memory) or `sources.StreamedExamples` (made as the users are read from the
+  prepared data set's TFDS copy) per split; train is an endless, epoch-tagged stream.
 
   Every element carries a `sample_seed` for the preprocessors' stateless draws: for `train` the
   seed `get_dataset` is given (the run's RANDOM_SEED; `seed` if none), for validation and test the
   fixed `eval_seed`; the split is folded in, so no evaluation draw repeats a training draw. `salt`
-  (the task's) makes the tasks of a mixture shuffle independently.
+  (the task's) makes the tasks of a mixture shuffle independently. Hosts shard in-memory examples
+  one in n, streamed ones by users (a slice of the TFDS split each, `tfds.even_splits`).
   """
 
-  def __init__(self, examples: Mapping[str, sources.Examples], *, seed: int, eval_seed: int, salt: int):
+  def __init__(self, examples: Mapping[str, sources.Examples | sources.StreamedExamples], *, seed: int,
+               eval_seed: int, salt: int, users=None):
     self._examples, self._seed, self._eval_seed, self._salt = dict(examples), seed, eval_seed, salt
+    self._users = users   # the TFDS builder streamed examples read (tfds_data.reader)
     super().__init__(splits=list(examples),
                      num_input_examples={k: len(v) for k, v in examples.items()})
 
@@ -140,9 +149,15 @@ class RecDataSource(_InMemorySource):
                   shard_info: Optional[seqio.ShardInfo] = None, **_) -> tf.data.Dataset:
     self._check_split(split)
     run_seed = self._seed if seed is None else seed
-    draw_seed = run_seed if split == "train" else self._eval_seed
-    ds = sources.to_dataset(self._examples[split], split=split, shuffle=shuffle,
-                            seed=sources.mix_seed(draw_seed, pp.salt(split)), salt=self._salt)
+    draw_seed = sources.mix_seed(run_seed if split == "train" else self._eval_seed, pp.salt(split))
+    ex = self._examples[split]
+    if isinstance(ex, sources.StreamedExamples):
+      part = tfds_data.SPLIT
+      if shard_info and shard_info.num_shards > 1:
+        part = tfds.even_splits(part, shard_info.num_shards)[shard_info.index]
+      users = self._users.as_dataset(split=part, shuffle_files=False)
+      return sources.stream_to_dataset(users, ex.make, split=split, shuffle=shuffle, seed=draw_seed, salt=self._salt)
+    ds = sources.to_dataset(ex, split=split, shuffle=shuffle, seed=draw_seed, salt=self._salt)
     return self._shard(ds, shard_info)
 
 
@@ -268,7 +283,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   # ITDR's list tasks hold out their evaluation users' last 5 items: from every task's training samples
   held = itdr.eval_users(data, config.itdr_eval_users, config.eval_seed) if config.itdr else {}
   train_lengths = itdr.train_lengths(data, held)
-  examples, retrieval_train = _examples(data, config, train_lengths)
+  examples, retrieval_train, users = _examples(data, data_dir, config, train_lengths)
   log_pop, user_items = _sampling_tables(data, train_lengths)
   num_candidates = _num_candidates(name, data, config, user_items)
   kinds = ["retrieval", "ranking", "mim", "mlm", "bpr"] + (["rating"] if data.has_ratings else [])
@@ -281,7 +296,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
       splits = {**splits, "train": retrieval_train}
     options = _task_options(kind, config, log_pop=log_pop, user_items=user_items, num_candidates=num_candidates)
     pre = pp.make_preprocessor(kind, tables, templates, task_name=task, **options)
-    source = RecDataSource(splits, seed=config.seed, eval_seed=config.eval_seed, salt=pp.salt(task))
+    source = RecDataSource(splits, seed=config.seed, eval_seed=config.eval_seed, salt=pp.salt(task), users=users)
     _register_task(task, source, [pre, seqio.preprocessors.append_eos_after_trim], vocab, _METRICS.get(kind, ()))
     _TASKS[task] = info(kind)
     names.append(task)
@@ -310,18 +325,22 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   return names
 
 
-def _examples(data: PreparedData, config: TaskConfig, train_lengths) -> tuple[dict, Any]:
-  """Every split's examples (windows or prefixes, TaskConfig.train_examples) and retrieval's training ones
-  (with next_items > 1: continuations of several items)."""
-  examples = {s: sources.build_examples(data, s, config.window, config.train_examples, train_lengths)
-              for s in sources.SPLITS}
+def _examples(data: PreparedData, data_dir, config: TaskConfig, train_lengths) -> tuple[dict, Any, Any]:
+  """Every split's examples (windows or prefixes, TaskConfig.train_examples), retrieval's training ones
+  (with next_items > 1: continuations of several items), and the TFDS users they stream from (None: held
+  in memory)."""
+  users = None
+  build = functools.partial(sources.build_examples, data)
+  if config.streamed:
+    users = tfds_data.reader(data_dir)
+    build = functools.partial(sources.streamed_examples, *tfds_data.index(users), with_ratings=data.has_ratings)
+  examples = {s: build(s, config.window, config.train_examples, train_lengths) for s in sources.SPLITS}
   if config.next_items <= 1:
-    return examples, examples["train"]
+    return examples, examples["train"], users
   if config.id_scheme == "random":   # `I1` is a prefix of `I12`: the item after an ID would compete with its EOS
     raise ValueError("TaskConfig.next_items > 1 needs IDs no ID is a prefix of (id_scheme collaborative, "
                      "semantic, atomic or hybrid), not random ones")
-  return examples, sources.build_examples(data, "train", config.window, "continuations", train_lengths,
-                                          next_items=config.next_items)
+  return examples, build("train", config.window, "continuations", train_lengths, next_items=config.next_items), users
 
 
 def _num_candidates(name: str, data: PreparedData, config: TaskConfig, user_items) -> int:
@@ -382,6 +401,7 @@ def _prepared_stamp(data_dir: str | Path, id_scheme: str) -> tuple:
   """Changes when `recalign prepare`, `recalign vocab` or `recalign ids` (for the scheme in use) rewrites
   what the tasks are built from (another scheme's IDs added to the folder change nothing)."""
   files = [Path(data_dir) / f for f in ("manifest.json", "items.jsonl", f"ids/{id_scheme}.json")]
+  files.append(tfds_data.directory(data_dir) / "dataset_info.json")
   files += sorted(Path(data_dir).glob("vocab/*"))
   return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
 

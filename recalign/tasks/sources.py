@@ -177,3 +177,121 @@ def to_dataset(ex: Examples | Records, *, split: str, shuffle: bool, seed: int, 
   if split == "train":
     return tf.data.Dataset.counter().flat_map(epoch_ds)
   return epoch_ds(tf.constant(0, tf.int64))
+
+
+# -- the same examples, streamed from a prepared data set's TFDS copy ------------------------------------
+
+
+def example_counts(lengths: np.ndarray, validation: np.ndarray, split: str, window: int = 20,
+                   train_examples: str = "windows", train_lengths: Optional[np.ndarray] = None,
+                   next_items: int = 1) -> np.ndarray:
+  """How many examples `build_examples` makes of each user (from sequence lengths alone): what numbers a
+  streamed user's examples as the in-memory ones are numbered (example_id = examples of the users before)."""
+  if split == "validation":
+    return validation.astype(np.int64)
+  if split == "test":
+    return np.ones(len(lengths), np.int64)
+  n = (lengths - 2 if train_lengths is None else np.asarray(train_lengths)).astype(np.int64)
+  if train_examples == "continuations":
+    return np.maximum(0, -(-(n - 1) // next_items))
+  if train_examples == "prefixes":
+    return np.maximum(0, n - 1)
+  return np.where(n >= 2, np.maximum(1, n - window + 1), 0)
+
+
+def stream_examples(users: tf.data.Dataset, split: str, *, first_ids: np.ndarray, window: int = 20,
+                    train_examples: str = "windows", train_lengths: Optional[np.ndarray] = None,
+                    next_items: int = 1, with_ratings: bool = False) -> tf.data.Dataset:
+  """`build_examples` over a stream of user records (tfds_data's `users` split): the same examples, with
+  the same fields and `example_id`s (`first_ids[u]`: the id of user u's first example), each user's made
+  when its record is read."""
+  first = tf.constant(first_ids, tf.int64)
+  limit = None if train_lengths is None else tf.constant(np.asarray(train_lengths, np.int64))
+
+  def spans(r):   # (history start, history end = target position, following end) per example
+    length = tf.shape(r["items"], tf.int64)[0]
+    if split != "train":
+      end = length - (2 if split == "validation" else 1)
+      return tf.maximum(end - (window - 1), 0)[None], end[None], end[None] + 1
+    n = length - 2 if limit is None else tf.gather(limit, r["user"])
+    if train_examples == "continuations":
+      lo = tf.range(1, n, next_items, dtype=tf.int64)
+      return tf.maximum(lo - (window - 1), 0), lo, tf.maximum(lo + 1, tf.minimum(n, lo + 2 * next_items - 1))
+    ends = (tf.range(2, n + 1, dtype=tf.int64) if train_examples == "prefixes" else
+            tf.minimum(tf.range(tf.maximum(n - window + 1, 1), dtype=tf.int64) + window, n))
+    starts = tf.maximum(ends - window, 0)
+    keep = ends - starts >= 2
+    ends, starts = ends[keep], starts[keep]
+    return starts, ends - 1, ends
+
+  def examples(r):
+    start, pos, follow = spans(r)
+    count = tf.shape(pos, tf.int64)[0]
+    window_idx = tf.ragged.range(start, pos)
+    out = {"example_id": tf.gather(first, r["user"]) + tf.range(count),
+           "user": tf.fill([count], r["user"]), "target": tf.gather(r["items"], pos),
+           "history": tf.gather(r["items"], window_idx)}
+    if with_ratings:
+      out["target_rating"] = tf.gather(r["ratings"], pos)
+      out["history_rating"] = tf.gather(r["ratings"], window_idx)
+    if split == "train" and train_examples == "continuations":
+      out["following"] = tf.gather(r["items"], tf.ragged.range(pos + 1, follow))
+    return out
+
+  if split == "validation":
+    users = users.filter(lambda r: r["validation"])
+  # a batch of examples per user, then one element per example (faster than a dataset per user)
+  return users.map(examples, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+@dataclasses.dataclass
+class StreamedExamples:
+  """One split's examples as `stream_examples` makes them from user records: only their count and every
+  user's first example id are held (O(users)), nothing per example."""
+  split: str
+  first_ids: np.ndarray
+  count: int
+  options: dict   # stream_examples' settings: window, train_examples, train_lengths, next_items, with_ratings
+
+  def __len__(self) -> int:
+    return self.count
+
+  def make(self, users: tf.data.Dataset) -> tf.data.Dataset:
+    return stream_examples(users, self.split, first_ids=self.first_ids, **self.options)
+
+
+def streamed_examples(lengths: np.ndarray, validation: np.ndarray, split: str, window: int = 20,
+                      train_examples: str = "windows", train_lengths: Optional[np.ndarray] = None,
+                      next_items: int = 1, *, with_ratings: bool = False) -> StreamedExamples:
+  """`build_examples`' examples, to be streamed: from every user's sequence length and validation flag
+  (`tfds_data.index`) alone."""
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  counts = example_counts(lengths, validation, split, window, train_examples, train_lengths, next_items)
+  first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  return StreamedExamples(split, first, int(counts.sum()), dict(
+      window=window, train_examples=train_examples, train_lengths=train_lengths, next_items=next_items,
+      with_ratings=with_ratings))
+
+
+def stream_to_dataset(users: tf.data.Dataset, make_examples, *, split: str, shuffle: bool, seed: int,
+                      salt: int = 0, user_buffer: int = 4_096, example_buffer: int = 65_536) -> tf.data.Dataset:
+  """`to_dataset` over streamed examples: every element carries `sample_seed` and `epoch`, `train` repeats
+  forever. Shuffling is buffered (users, then examples), re-drawn every epoch from `seed`, `salt` and
+  the epoch: the same examples and draws as in memory, visited in another order."""
+  base_seed = mix_seed(seed, salt) % (1 << 40)
+
+  def epoch_ds(epoch):
+    u = users
+    if shuffle:
+      u = u.shuffle(user_buffer, seed=tf.constant(base_seed, tf.int64) * 1_000_003 + epoch,
+                    reshuffle_each_iteration=False)
+    ds = make_examples(u)
+    if shuffle:
+      ds = ds.shuffle(example_buffer, seed=tf.constant(base_seed, tf.int64) * 1_000_033 + epoch,
+                      reshuffle_each_iteration=False)
+    return ds.map(lambda x: {**x, "sample_seed": tf.constant(seed, tf.int64), "epoch": epoch})
+
+  if split == "train":
+    return tf.data.Dataset.counter().flat_map(epoch_ds)
+  return epoch_ds(tf.constant(0, tf.int64))
