@@ -1,0 +1,113 @@
+"""Memory and start-up of a training input pipeline: examples held in memory vs streamed from TFDS.
+
+    python tools/bench_stream.py --interactions 1000000 [--data DIR] [--train-examples prefixes]
+
+Writes synthetic Amazon-style data (zipf item popularity, users of 5+ interactions) unless `--data` names
+an amazon-tsv folder, prepares it as `recalign prepare` does (JSON lines + TFDS copy), then, in a fresh
+process each, registers the data set's tasks (TaskConfig.streamed False / True) and pulls the retrieval
+task's training examples through seqio: seconds to the first example, examples/s after it, and the
+process's peak resident memory (ru_maxrss, TF and JAX included). Side by side in one run; name the CPU
+(`lscpu`) with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def synthetic_tsv(out: Path, interactions: int, seed: int = 0) -> Path:
+  """~`interactions` rows: users of 5 + geometric(0.1) items, item popularity zipf(1.1) over users/5 items."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  lengths = 5 + rng.geometric(0.1, size=interactions // 14)
+  lengths = lengths[np.cumsum(lengths) <= interactions]
+  items = max(1000, len(lengths) // 5)
+  weights = 1.0 / np.arange(1, items + 1) ** 1.1
+  weights /= weights.sum()
+  out.mkdir(parents=True, exist_ok=True)
+  with open(out / "interactions.tsv", "w") as f:
+    f.write("user_id\titem_id\ttimestamp\n")
+    for u, n in enumerate(lengths):
+      picks = np.unique(rng.choice(items, size=int(n) * 2, p=weights))[:n]
+      rng.shuffle(picks)
+      f.write("".join(f"u{u}\ti{i}\t{t}\n" for t, i in enumerate(picks)))
+  (out / "items.tsv").write_text("item_id\ttitle\n" + "".join(f"i{i}\tThing {i}\n" for i in range(items)))
+  return out
+
+
+def peak_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def pipeline(data: str, streamed: bool, train_examples: str, n: int) -> dict:
+  """(in a process of its own) register, then pull `n` retrieval training examples."""
+  import recalign.tasks as rt
+  t0 = time.perf_counter()
+  rt.register_dataset(data, config=rt.TaskConfig(streamed=streamed, train_examples=train_examples))
+  task = rt.get(f"{json.loads((Path(data) / 'manifest.json').read_text())['name']}_retrieval")
+  it = task.get_dataset({"inputs": 512, "targets": 16}, split="train", shuffle=True, seed=0).as_numpy_iterator()
+  t_reg = time.perf_counter() - t0
+  next(it)
+  first = time.perf_counter() - t0
+  t1 = time.perf_counter()
+  for _ in range(n):
+    next(it)
+  return {"streamed": streamed, "register_s": round(t_reg, 1), "first_example_s": round(first, 1),
+          "examples_per_s": round(n / (time.perf_counter() - t1)), "train_examples": task.num_input_examples("train"),
+          "peak_rss_gib": round(peak_gib(), 2)}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--interactions", type=int, default=1_000_000)
+  p.add_argument("--data", help="an amazon-tsv folder instead of synthetic data")
+  p.add_argument("--train-examples", default="prefixes", choices=["windows", "prefixes"])
+  p.add_argument("--examples", type=int, default=3000, help="examples pulled after the first")
+  p.add_argument("--work", help="folder for the synthetic and prepared data (default: a temporary one)")
+  p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args._child:
+    print(json.dumps(pipeline(args._child[0], args._child[1] == "1", args.train_examples, args.examples)))
+    return
+  work = Path(args.work or tempfile.mkdtemp(prefix="bench_stream_"))
+  src = Path(args.data) if args.data else synthetic_tsv(work / "src", args.interactions)
+  prepared = work / "prepared"
+  t0 = time.perf_counter()
+  out = subprocess.run([sys.executable, "-m", "recalign.cli", "prepare", "--source", str(src), "--out", str(prepared),
+                        "--name", "bench"], capture_output=True, text=True)
+  if out.returncode:
+    sys.exit(out.stdout + out.stderr)
+  print(f"prepare (JSON lines + TFDS copy): {time.perf_counter() - t0:.0f}s")
+  subprocess.run([sys.executable, "-m", "recalign.cli", "vocab", str(prepared), "--size", "2000"],
+                 check=True, capture_output=True)
+  print(next(line for line in out.stdout.splitlines() if line.startswith("interactions")))
+  rows = []
+  for streamed in (False, True):
+    res = subprocess.run([sys.executable, __file__, "--train-examples", args.train_examples, "--examples",
+                          str(args.examples), "--_child", str(prepared), "1" if streamed else "0"],
+                         capture_output=True, text=True)
+    if res.returncode:
+      sys.exit(res.stderr[-3000:])
+    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+  print(f"{'examples':10s} {'register s':>10s} {'1st example s':>14s} {'examples/s':>10s} {'peak RSS GiB':>12s}")
+  for r in rows:
+    print(f"{'streamed' if r['streamed'] else 'in memory':10s} {r['register_s']:>10} {r['first_example_s']:>14} "
+          f"{r['examples_per_s']:>10} {r['peak_rss_gib']:>12}")
+  m, s = rows
+  print(f"{m['train_examples']} {args.train_examples} training examples; streamed / in memory: peak memory "
+        f"{s['peak_rss_gib'] / m['peak_rss_gib']:.2f}x, time to the first example "
+        f"{s['first_example_s'] / m['first_example_s']:.2f}x, examples/s {s['examples_per_s'] / m['examples_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
