@@ -41,9 +41,10 @@ def features() -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
       "user": tf.int32,                              # index: row of users.jsonl
       "user_id": tfds.features.Text(),               # the source's user ID
-      "items": tfds.features.Sequence(tf.int32),     # item indices (row of items.jsonl), chronological
-      "timestamps": tfds.features.Sequence(tf.float64),
-      "ratings": tfds.features.Sequence(tf.float32),
+      # (Tensors of unknown length, not Sequences: those encode element by element, 20x slower)
+      "items": tfds.features.Tensor(shape=(None,), dtype=np.int32),   # item indices (items.jsonl rows), oldest first
+      "timestamps": tfds.features.Tensor(shape=(None,), dtype=np.float64),
+      "ratings": tfds.features.Tensor(shape=(None,), dtype=np.float32),
       "attributes": tfds.features.Text(),            # JSON object ({} when the data set has none)
       "validation": tf.bool,                         # in the seeded validation subset
   })
@@ -72,11 +73,11 @@ class RecalignPrepared(tfds.core.GeneratorBasedBuilder):
     d = self._data
     val = np.zeros(d.num_users, bool)
     val[d.validation_users] = True
-    empty = np.zeros([0])
+    empty64, empty32 = np.zeros([0], np.float64), np.zeros([0], np.float32)
     for u in range(d.num_users):
       yield u, {"user": u, "user_id": d.users[u], "items": d.sequences[u],
-                "timestamps": d.timestamps[u] if d.timestamps is not None else empty,
-                "ratings": d.ratings[u] if d.ratings is not None else empty,
+                "timestamps": d.timestamps[u] if d.timestamps is not None else empty64,
+                "ratings": d.ratings[u] if d.ratings is not None else empty32,
                 "attributes": json.dumps(d.user_attributes[u] if d.user_attributes is not None else {}),
                 "validation": bool(val[u])}
 
