@@ -35,11 +35,13 @@ def synthetic_tsv(out: Path, interactions: int, seed: int = 0) -> Path:
   weights = 1.0 / np.arange(1, items + 1) ** 1.1
   weights /= weights.sum()
   out.mkdir(parents=True, exist_ok=True)
+  draws = rng.choice(items, size=int(lengths.sum()) * 2, p=weights)   # one draw for everyone: O(items) once
+  ends = np.cumsum(lengths * 2)
   with open(out / "interactions.tsv", "w") as f:
     f.write("user_id\titem_id\ttimestamp\n")
-    for u, n in enumerate(lengths):
-      picks = np.unique(rng.choice(items, size=int(n) * 2, p=weights))[:n]
-      rng.shuffle(picks)
+    for u, (n, end) in enumerate(zip(lengths, ends)):
+      picks = draws[end - 2 * n:end]
+      picks = picks[np.sort(np.unique(picks, return_index=True)[1])][:n]   # distinct, in draw order
       f.write("".join(f"u{u}\ti{i}\t{t}\n" for t, i in enumerate(picks)))
   (out / "items.tsv").write_text("item_id\ttitle\n" + "".join(f"i{i}\tThing {i}\n" for i in range(items)))
   return out
