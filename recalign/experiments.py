@@ -85,6 +85,20 @@ def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
   return out
 
 
+def ensure_subset(data_dir: Path, fraction: float, seed: int = 0) -> Path:
+  """<data_dir>_users<pct>: a seeded fraction of a prepared data set's users (`prepare.subset_users`), with its
+  vocabulary; written once. Random item IDs only (other schemes are built from all users' sequences)."""
+  import shutil
+  from recalign.data import PreparedData, tfds_data
+  from recalign.data.prepare import subset_users
+  out = data_dir.parent / f"{data_dir.name}_users{round(fraction * 100)}"
+  if not (out / "manifest.json").exists():
+    full = PreparedData.load(data_dir)
+    tfds_data.save(subset_users(full, fraction, seed, len(full.validation_users)), out)
+    shutil.copytree(data_dir / "vocab", out / "vocab", dirs_exist_ok=True)
+  return out
+
+
 def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: Optional[str], minutes: Optional[float],
                 size: Optional[str], seed: int, recipe: Recipe = RECIPES["paper"],
                 eval_every_minutes: Optional[float] = None, validation_examples: Optional[int] = None,

@@ -79,3 +79,36 @@ def test_the_demo_recipes_are_the_shipped_run_files():
   paper = E.dataset_config(E.RECIPES["paper"])
   assert (paper.task_config.id_scheme, paper.task_config.with_titles, E.RECIPES["paper"].mixture) == (
       "random", None, "reat")
+
+
+def test_aux_share_mixture_gives_the_auxiliary_tasks_their_share(tiny_root):
+  """--aux-share 0.3: MIM + MLM take 30% of ReAT's rate together (split by their example counts), retrieval 70%."""
+  import seqio
+  import recalign.tasks as rt
+  rt.register_dataset(tiny_root / "tiny", config=rt.TaskConfig(num_candidates=3), replace=True)
+  study = load_study()
+  assert study.aux_mixture("tiny", "retrieval", 0.3) == "tiny_retrieval"      # nothing auxiliary to share
+  assert study.aux_mixture("tiny", "reat", None) == "tiny_reat"               # the paper's: by example counts
+  mix = seqio.get_mixture_or_task(study.aux_mixture("tiny", "reat", 0.3))
+  rates = {t.name: mix.get_rate(t) for t in mix.tasks}
+  assert sorted(rates) == ["tiny_mim", "tiny_mlm", "tiny_retrieval"]
+  assert abs(rates["tiny_retrieval"] - 0.7) < 1e-9 and abs(rates["tiny_mim"] + rates["tiny_mlm"] - 0.3) < 1e-9
+  n = {t: rt.get(t).num_input_examples("train") for t in ("tiny_mim", "tiny_mlm")}
+  assert abs(rates["tiny_mim"] / rates["tiny_mlm"] - n["tiny_mim"] / n["tiny_mlm"]) < 1e-9
+
+
+def test_users_subset_is_seeded_whole_and_keeps_the_catalogue(tiny_root):
+  import numpy as np
+  from recalign.data import PreparedData
+  from recalign.data.prepare import subset_users
+  full = PreparedData.load(tiny_root / "tiny")
+  half, again, other = (subset_users(full, 0.5, s, num_validation_users=2) for s in (0, 0, 1))
+  assert half.num_users == 3 and half.num_items == full.num_items and half.items == full.items
+  assert half.users == again.users and half.users != other.users
+  for u, name in enumerate(half.users):                     # whole sequences, ratings with them
+    k = full.users.index(name)
+    np.testing.assert_array_equal(half.sequences[u], full.sequences[k])
+    np.testing.assert_array_equal(half.ratings[u], full.ratings[k])
+  assert len(half.validation_users) == 2 and half.validation_users.max() < 3
+  assert half.manifest["subset"] == {"of": "tiny", "fraction": 0.5, "seed": 0, "users": 3}
+  assert half.manifest["counts"]["interactions"] == sum(len(s) for s in half.sequences)

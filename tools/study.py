@@ -17,6 +17,18 @@ Rows whose mixture holds the rating task (ml-100k) are also scored by rating AUC
 Popularity (and, with ratings, History) on the same users is written beside, as "baselines".
 `--id-scheme` replaces the recipe's item IDs (random: the paper's; collaborative; semantic). Rows with
 ranking (UT, UT + AT) take `--ranking-inputs` input tokens and proportionally fewer rows per batch.
+
+To convergence (the budget in steps, not minutes: a busy machine does not change a row's result):
+
+    python tools/study.py --out runs/study_conv --recipe compact --max-steps 8000 --every 500 --patience 6 \
+        --rows retrieval re_mlm reat --seeds 0 1 2 [--users-fraction 0.25] [--aux-share 0.3]
+
+validates every `--every` steps on the selection users, stops after `--patience` validations without a
+better NDCG@10 or at `--max-steps` (the same cap for every row), checkpoints every `--every` steps: run
+the same command again after an interruption and every row goes on where it stopped; finished rows are
+read back from <out>/study.json and the table is printed again. `--users-fraction`: a seeded subset of
+the users (the data-limited regime; random IDs). `--aux-share`: the auxiliary tasks' share of the
+examples, together (default: the paper's mixing by example counts).
 """
 
 from __future__ import annotations
@@ -57,13 +69,18 @@ def main():
   p.add_argument("--val-users", type=int, default=500, help="validation users reported (not the selection sample)")
   p.add_argument("--kcore", type=int, default=5)
   p.add_argument("--ranking-inputs", type=int, default=1024, help="input length of the rows with ranking")
+  p.add_argument("--max-steps", type=int, help="a budget in steps with early stopping (instead of --minutes)")
+  p.add_argument("--every", type=int, default=500, help="steps between validations and checkpoints (--max-steps)")
+  p.add_argument("--patience", type=int, default=6, help="validations without a new best before stopping")
+  p.add_argument("--users-fraction", type=float, default=1.0, help="a seeded subset of the users (data-limited)")
+  p.add_argument("--aux-share", type=float, help="the auxiliary tasks' share of the examples (default: by counts)")
   args = p.parse_args()
 
   import recalign.tasks as rt
   from recalign import baselines as B
   from recalign.data import PreparedData
-  from recalign.experiments import (RECIPES, dataset_config, ensure_prepared, evaluate_best, pending_runs, report_ids,
-                                    train_model)
+  from recalign.experiments import (RECIPES, dataset_config, ensure_prepared, ensure_subset, evaluate_best,
+                                    pending_runs, report_ids, selection_size, train_model)
   out = Path(args.out)
   base = dataset_config(RECIPES[args.recipe])
   lengths = {**base.task_feature_lengths, "targets": max(32, base.task_feature_lengths["targets"])}
@@ -79,6 +96,10 @@ def main():
   scheme = task_config.id_scheme
   data_dir = ensure_prepared(Path(args.data), out / "data" / args.name, args.name, args.kcore,
                              id_schemes=() if scheme == "random" else (scheme,))
+  if args.users_fraction < 1:
+    if scheme != "random":
+      raise SystemExit("--users-fraction needs random item IDs (the other schemes are built from all users)")
+    data_dir = ensure_subset(data_dir, args.users_fraction)
   data = PreparedData.load(data_dir)
   name = data.name
   rt.register_dataset(data_dir, config=task_config, replace=True)   # rows differ in config
@@ -99,20 +120,50 @@ def main():
     members = rt.MIXTURES.get(ROWS[row][0], (ROWS[row][0],))
     retrieval = "retrieval" in members
     # the checkpoint is picked on retrieval, or on rating for the rows without retrieval
-    run = train_model(data_dir, model_dir, f"{name}_{ROWS[row][0]}", task if retrieval else f"{name}_rating",
-                      args.minutes, args.size, seed, long_recipe if "ranking" in members else recipe,
-                      eval_every_minutes=args.minutes / 3)
+    mixture = aux_mixture(name, row, args.aux_share)
+    budget = (dict(minutes=None, steps=args.max_steps, validation_examples=selection_size(len(data.validation_users)),
+                   extra=[f"ValidationConfig.every = {args.every}", f"ValidationConfig.patience = {args.patience}",
+                          f"CheckpointConfig.every = {args.every}", "CheckpointConfig.keep = 2"])
+              if args.max_steps else dict(minutes=args.minutes, eval_every_minutes=args.minutes / 3))
+    run = train_model(data_dir, model_dir, mixture, task if retrieval else f"{name}_rating", size=args.size, seed=seed,
+                      recipe=long_recipe if "ranking" in members else recipe, **budget)
     m = {split: evaluate_best(model_dir, task, split, example_ids=ids[split]).metrics if retrieval else {}
          for split in ids}
     if "rating" in members and data.has_ratings:
       m["test"]["auc"] = evaluate_best(model_dir, f"{name}_rating", "test").metrics["auc"]
-    results[key] = {"row": row, "seed": seed, "mixture": f"{name}_{ROWS[row][0]}", "recipe": args.recipe,
-                    "id_scheme": scheme, "steps": run["step"],
-                    "wall_minutes": round((time.time() - t0) / 60, 1),
+    log = [json.loads(x) for x in (model_dir / "train_log.jsonl").read_text().splitlines()]
+    results[key] = {"row": row, "seed": seed, "mixture": mixture, "recipe": args.recipe,
+                    "id_scheme": scheme, "steps": run["step"], "best_step": (run.get("best") or {}).get("step"),
+                    "early_stopped": (model_dir / "early_stop.json").exists(),
+                    "examples_seen": log[-1]["examples_seen"], "training_minutes": round(log[-1]["minutes"], 1),
+                    "users_fraction": args.users_fraction, "aux_share": args.aux_share,
+                    "wall_minutes_this_sitting": round((time.time() - t0) / 60, 1),
                     **{f"{s}/{k}": v for s in m for k, v in m[s].items() if k in KEYS + ["auc"]}}
     results_path.write_text(json.dumps(results, indent=2))
     print(key, results[key], flush=True)
   print(table(results))
+
+
+def aux_mixture(name: str, row: str, share) -> str:
+  """The row's mixture; with `share`, one where its auxiliary tasks (MIM, MLM, BPR, item QA) take `share` of
+  the examples together and the others the rest, each group mixed within by example counts as the
+  paper's mixtures are (registered as <mixture>_aux<percent>)."""
+  import seqio
+  import recalign.tasks as rt
+  from recalign.tasks.registry import AUX_TASKS
+  base = f"{name}_{ROWS[row][0]}"
+  members = rt.MIXTURES.get(ROWS[row][0], (ROWS[row][0],))
+  aux = [f"{name}_{m}" for m in members if m in AUX_TASKS]
+  main = [f"{name}_{m}" for m in members if m not in AUX_TASKS]
+  if share is None or not aux:
+    return base
+  mix = f"{base}_aux{round(share * 100)}"
+  if mix not in seqio.MixtureRegistry.names():
+    count = {t: rt.get(t).num_input_examples("train") for t in aux + main}
+    rates = [(t, share * count[t] / sum(count[a] for a in aux)) for t in aux]
+    rates += [(t, (1 - share) * count[t] / sum(count[m] for m in main)) for t in main]
+    seqio.MixtureRegistry.add(mix, rates)
+  return mix
 
 
 def mean_std(runs: list[dict], key: str) -> str:

@@ -241,6 +241,30 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
                       validation_users, manifest, attributes)
 
 
+def subset_users(data: PreparedData, fraction: float, seed: int = 0,
+                 num_validation_users: int = 3000) -> PreparedData:
+  """A seeded `fraction` of the users, whole sequences kept (the data-limited regime): the same items, item
+  IDs and order of users; validation users drawn again among them as `prepare` draws them."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"fraction must be in (0, 1], not {fraction}")
+  n = max(1, round(fraction * data.num_users))
+  keep = np.sort(np.random.default_rng([seed, 2]).choice(data.num_users, n, replace=False))
+  pick = lambda xs: None if xs is None else [xs[u] for u in keep]   # noqa: E731
+  n_val = min(num_validation_users, n)
+  validation = np.sort(np.random.default_rng([seed, 1]).choice(n, n_val, replace=False)).astype(np.int32)
+  lengths = np.array([len(data.sequences[u]) for u in keep])
+  manifest = {**data.manifest, "name": data.name, "subset": {"of": data.name, "fraction": fraction, "seed": seed,
+                                                               "users": int(n)}}
+  manifest["counts"] = {**data.manifest["counts"], "users": int(n), "interactions": int(lengths.sum()),
+                        "train_interactions": int((lengths - 2).sum()), "validation_users": n_val, "test_users": int(n),
+                        "sequence_length": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 3),
+                                            "max": int(lengths.max())},
+                        "density": float(lengths.sum()) / (n * data.num_items)}
+  return dataclasses.replace(data, users=pick(data.users), sequences=pick(data.sequences),
+                             timestamps=pick(data.timestamps), ratings=pick(data.ratings), validation_users=validation,
+                             manifest=manifest, user_attributes=pick(data.user_attributes))
+
+
 def _chronological(raw: RawData, report) -> dict[str, list]:
   """Each user's interactions in time order (stable: equal timestamps keep their file order), a repeated
   item kept at its earliest interaction only (counted)."""
