@@ -12,7 +12,7 @@ import pytest
 if not os.environ.get("CI"):   # CI installs the test extra, which holds the beam extra: there, missing is a failure
   pytest.importorskip("apache_beam", reason="the beam extra: pip install -e '.[beam]'")
 
-from recalign.data import DataError, prepare, read_source  # noqa: E402
+from recalign.data import prepare, read_source  # noqa: E402
 from recalign.data import beam_prepare  # noqa: E402
 from conftest import shared, write_tiny_tsv  # noqa: E402
 
