@@ -142,6 +142,32 @@ def main():
     results_path.write_text(json.dumps(results, indent=2))
     print(key, results[key], flush=True)
   print(table(results))
+  print(f"validation curves: {plot_curves(out, results)}")
+
+
+def plot_curves(out: Path, results: dict) -> Path:
+  """<out>/validation_curves.png: every run's validation NDCG@10 against the examples it had seen (of every
+  task of its mixture), one
+  colour per row (a row that was still rising when the cap stopped it shows it)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  colours = dict(zip(ROWS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  for key, r in sorted(results.items()):
+    log = out / r["row"] / f"seed{r['seed']}" / "validation_log.jsonl"
+    if log.exists():
+      val = [json.loads(x) for x in log.read_text().splitlines()]
+      ax.plot([v["examples_seen"] for v in val], [v["ndcg@10"] for v in val], "o-", ms=3, color=colours[r["row"]],
+              label=ROWS[r["row"]][1] if r["seed"] == min(x["seed"] for x in results.values() if x["row"] == r["row"])
+              else None)
+  ax.set_xlabel("training examples seen")
+  ax.set_ylabel("validation NDCG@10 (selection users)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out / "validation_curves.png", dpi=120)
+  plt.close(fig)
+  return out / "validation_curves.png"
 
 
 def aux_mixture(name: str, row: str, share) -> str:
