@@ -147,8 +147,7 @@ def main():
 
 def plot_curves(out: Path, results: dict) -> Path:
   """<out>/validation_curves.png: every run's validation NDCG@10 against the examples it had seen (of every
-  task of its mixture), one
-  colour per row (a row that was still rising when the cap stopped it shows it)."""
+  task of its mixture), one colour per row (a row still rising when the cap stopped it shows it)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
