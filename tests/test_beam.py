@@ -57,6 +57,23 @@ def test_beam_gives_the_in_process_users(tmp_path, kcore):
   assert assert_same(write_tiny_tsv(tmp_path / "tiny"), tmp_path / "tiny_out", kcore=kcore).num_users == 6
 
 
+def test_beam_writes_the_tfds_copy_the_in_process_path_writes(tmp_path):
+  """One Beam pipeline from interactions.tsv to the TFDS copy: every record equals `tfds_data.write`'s after
+  `prepare` (so streamed tasks read the same examples from either)."""
+  import tensorflow_datasets as tfds
+  from recalign.data import tfds_data
+  src = messy_tsv(tmp_path / "src")
+  tfds_data.save(prepare(read_source(src), name="x", kcore=3, num_validation_users=10), tmp_path / "mem")
+  beam_prepare.write_tfds(src / "interactions.tsv", tmp_path / "beam", kcore=3, num_validation_users=10)
+  read = lambda d: {int(r["user"]): r for r in tfds.builder_from_directory(   # noqa: E731
+      str(tfds_data.directory(d))).as_dataset(split="users").as_numpy_iterator()}
+  mem, beam = read(tmp_path / "mem"), read(tmp_path / "beam")
+  assert sorted(mem) == sorted(beam) and len(mem) > 10
+  for u in mem:
+    for field in ("user_id", "items", "timestamps", "ratings", "attributes", "validation"):
+      np.testing.assert_array_equal(mem[u][field], beam[u][field], err_msg=f"user {u} {field}")
+
+
 def test_beam_kcore_that_has_not_converged_fails(tmp_path):
   src = messy_tsv(tmp_path / "src")
   with pytest.raises(Exception, match="raise kcore_rounds"):
