@@ -55,6 +55,21 @@ def test_tfds_copy_holds_every_user_as_prepared(tmp_path):
   assert flags.sum() == 15 and set(np.flatnonzero(flags)) == val
 
 
+def test_load_from_the_tfds_copy_is_the_prepared_data_set(tmp_path):
+  """Without users.jsonl: the same PreparedData, field by field, read from the TFDS copy."""
+  rated_dataset(tmp_path, "rated")
+  want = PreparedData.load(tmp_path / "rated")
+  (tmp_path / "rated" / "users.jsonl").unlink()
+  got = tfds_data.load(tmp_path / "rated")
+  assert (got.name, got.domain, got.items, got.source_item_ids, got.users, got.manifest, got.user_attributes) == (
+      want.name, want.domain, want.items, want.source_item_ids, want.users, want.manifest, want.user_attributes)
+  np.testing.assert_array_equal(got.validation_users, want.validation_users)
+  for u in range(want.num_users):
+    for field in ("sequences", "timestamps", "ratings"):
+      np.testing.assert_array_equal(getattr(got, field)[u], getattr(want, field)[u], err_msg=f"{field} {u}")
+      assert getattr(got, field)[u].dtype == getattr(want, field)[u].dtype
+
+
 def test_reader_says_when_the_copy_is_missing_or_of_another_preparation(tmp_path):
   data = rated_dataset(tmp_path, "rated")
   data.save(tmp_path / "json_only")      # an older recalign's folder: no TFDS copy

@@ -130,14 +130,7 @@ class PreparedData:
     if manifest.get("format_version") != FORMAT_VERSION:
       raise DataError(str(mpath), None, "format_version",
                       f"expected {FORMAT_VERSION}, got {manifest.get('format_version')}")
-    items, src = [], []
-    with open(path / "items.jsonl", encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        row = json.loads(line)
-        if row["id"] != item_id(n - 1):
-          raise DataError(str(path / "items.jsonl"), n, "id", f"expected {item_id(n - 1)}, got {row['id']}")
-        items.append(ItemMeta(row["title"], row["brand"], row["price"], tuple(row["categories"])))
-        src.append(row["source_id"])
+    items, src = load_items(path)
     users, seqs, times, rates, attrs = [], [], [], [], []
     with open(path / "users.jsonl", encoding="utf-8") as f:
       for line in f:
@@ -157,6 +150,19 @@ class PreparedData:
                ratings=rates if len(rates) == len(users) else None,
                validation_users=val, manifest=manifest,
                user_attributes=attrs if len(attrs) == len(users) else None)
+
+
+def load_items(path: Path | str) -> tuple[list[ItemMeta], list[str]]:
+  """items.jsonl of a prepared folder: (metadata, source ID) per item, row k being item k."""
+  items, src = [], []
+  with open(Path(path) / "items.jsonl", encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      row = json.loads(line)
+      if row["id"] != item_id(n - 1):
+        raise DataError(str(Path(path) / "items.jsonl"), n, "id", f"expected {item_id(n - 1)}, got {row['id']}")
+      items.append(ItemMeta(row["title"], row["brand"], row["price"], tuple(row["categories"])))
+      src.append(row["source_id"])
+  return items, src
 
 
 # ---------------------------------------------------------------------------------------------
