@@ -56,11 +56,11 @@ def test_tfds_copy_holds_every_user_as_prepared(tmp_path):
 
 
 def test_load_from_the_tfds_copy_is_the_prepared_data_set(tmp_path):
-  """Without users.jsonl: the same PreparedData, field by field, read from the TFDS copy."""
+  """Without users.jsonl, `PreparedData.load` reads the users from the TFDS copy: the same, field by field."""
   rated_dataset(tmp_path, "rated")
   want = PreparedData.load(tmp_path / "rated")
   (tmp_path / "rated" / "users.jsonl").unlink()
-  got = tfds_data.load(tmp_path / "rated")
+  got = PreparedData.load(tmp_path / "rated")
   assert (got.name, got.domain, got.items, got.source_item_ids, got.users, got.manifest, got.user_attributes) == (
       want.name, want.domain, want.items, want.source_item_ids, want.users, want.manifest, want.user_attributes)
   np.testing.assert_array_equal(got.validation_users, want.validation_users)

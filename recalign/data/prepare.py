@@ -33,6 +33,12 @@ def name_from_path(path: Path | str) -> str:
   return re.sub(r"[^a-z0-9_]+", "_", name).strip("_") or "data"
 
 FORMAT_VERSION = 1
+TFDS_NAME, TFDS_VERSION, TFDS_SPLIT = "recalign_prepared", "1.0.0", "users"   # the TFDS copy (data/tfds_data.py)
+
+
+def tfds_directory(prepared_dir: Path | str) -> Path:
+  """Where a prepared folder's TFDS copy is (what `tfds.builder_from_directory` is given)."""
+  return Path(prepared_dir) / "tfds" / TFDS_NAME / TFDS_VERSION
 MIN_INTERACTIONS = 3  # leave-one-out needs >= 1 training item besides validation and test
 
 
@@ -131,6 +137,8 @@ class PreparedData:
       raise DataError(str(mpath), None, "format_version",
                       f"expected {FORMAT_VERSION}, got {manifest.get('format_version')}")
     items, src = load_items(path)
+    if not (path / "users.jsonl").exists() and (tfds_directory(path) / "dataset_info.json").exists():
+      return cls._with_tfds_users(path, manifest, items, src)
     users, seqs, times, rates, attrs = [], [], [], [], []
     with open(path / "users.jsonl", encoding="utf-8") as f:
       for line in f:
@@ -150,6 +158,24 @@ class PreparedData:
                ratings=rates if len(rates) == len(users) else None,
                validation_users=val, manifest=manifest,
                user_attributes=attrs if len(attrs) == len(users) else None)
+
+  @classmethod
+  def _with_tfds_users(cls, path: Path, manifest: dict, items, src) -> "PreparedData":
+    """The users from the TFDS copy (a folder whose users are only there, e.g. one Beam prepared)."""
+    import tensorflow_datasets as tfds
+    builder = tfds.builder_from_directory(str(tfds_directory(path)))
+    n = builder.info.splits[TFDS_SPLIT].num_examples
+    users, seqs, times, rates, attrs = [""] * n, [None] * n, [None] * n, [None] * n, [None] * n
+    val = np.zeros(n, bool)
+    for r in builder.as_dataset(split=TFDS_SPLIT, shuffle_files=False).as_numpy_iterator():
+      u = int(r["user"])
+      users[u], seqs[u], times[u], rates[u] = r["user_id"].decode(), r["items"], r["timestamps"], r["ratings"]
+      attrs[u], val[u] = json.loads(r["attributes"]), r["validation"]
+    return cls(name=manifest["name"], domain=Domain(**manifest["domain"]), items=items, source_item_ids=src,
+               users=users, sequences=seqs, timestamps=times if manifest["has_timestamps"] else None,
+               ratings=rates if manifest["has_ratings"] else None,
+               validation_users=np.flatnonzero(val).astype(np.int32), manifest=manifest,
+               user_attributes=attrs if manifest.get("user_attributes") else None)
 
 
 def load_items(path: Path | str) -> tuple[list[ItemMeta], list[str]]:

@@ -8,7 +8,8 @@ manifest (counts, skips, source hashes) is the dataset's metadata. The item tabl
 it grows with the catalogue, not with the interactions, and prompts need all of it anyway.
 
 Streamed tasks (`TaskConfig.streamed`) read it through `tfds.builder_from_directory`, which needs
-nothing of this module: the files, `dataset_info.json` and `features.json` are the format.
+nothing of this module: the files, `dataset_info.json` and `features.json` are the format. A folder
+without users.jsonl (one Beam prepared) is loaded from it: `PreparedData.load` reads the users there.
 """
 
 from __future__ import annotations
@@ -24,18 +25,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from recalign.data.ingest import Domain
-from recalign.data.prepare import PreparedData, load_items
+from recalign.data.prepare import TFDS_NAME, TFDS_SPLIT, TFDS_VERSION, PreparedData, tfds_directory
 from recalign.data.report import DataError
 
-NAME = "recalign_prepared"
-VERSION = "1.0.0"
-SPLIT = "users"
-
-
-def directory(prepared_dir: str | Path) -> Path:
-  """Where a prepared data set's TFDS files are (what `tfds.builder_from_directory` is given)."""
-  return Path(prepared_dir) / "tfds" / NAME / VERSION
+NAME, VERSION, SPLIT = TFDS_NAME, TFDS_VERSION, TFDS_SPLIT
+directory = tfds_directory   # where a prepared folder's TFDS files are
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -136,27 +130,6 @@ def index(builder: tfds.core.DatasetBuilder, batch: int = 8_192) -> tuple[np.nda
   for u, length, v in ds.map(fields, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
     lengths[u], val[u] = length, v
   return lengths, val
-
-
-def load(prepared_dir: str | Path) -> PreparedData:
-  """A prepared data set with its users read from the TFDS copy instead of users.jsonl (which it does not
-  need): manifest.json and items.jsonl as `PreparedData.load` reads them, the users in user order."""
-  path = Path(prepared_dir)
-  builder = reader(path)
-  man = json.loads((path / "manifest.json").read_text())
-  items, src = load_items(path)
-  n = builder.info.splits[SPLIT].num_examples
-  users, seqs, times, rates, attrs = [""] * n, [None] * n, [None] * n, [None] * n, [None] * n
-  val = np.zeros(n, bool)
-  for r in builder.as_dataset(split=SPLIT, shuffle_files=False).as_numpy_iterator():
-    u = int(r["user"])
-    users[u], seqs[u], times[u], rates[u] = r["user_id"].decode(), r["items"], r["timestamps"], r["ratings"]
-    attrs[u], val[u] = json.loads(r["attributes"]), r["validation"]
-  return PreparedData(name=man["name"], domain=Domain(**man["domain"]), items=items, source_item_ids=src,
-                      users=users, sequences=seqs, timestamps=times if man["has_timestamps"] else None,
-                      ratings=rates if man["has_ratings"] else None,
-                      validation_users=np.flatnonzero(val).astype(np.int32), manifest=man,
-                      user_attributes=attrs if man.get("user_attributes") else None)
 
 
 def manifest(builder: tfds.core.DatasetBuilder) -> Optional[dict]:
