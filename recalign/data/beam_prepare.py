@@ -31,6 +31,7 @@ except ImportError as e:   # an extra: pip install -e ".[beam]"
   raise ImportError("recalign's Beam pipeline needs apache-beam: pip install 'recalign[beam]'") from e
 
 from recalign.data.ingest import _interaction, _table_rows
+from recalign.data.prepare import chronological, draw_validation_users, item_numbers
 from recalign.data.report import DataError, IngestReport
 
 NAMESPACE = "recalign.prepare"
@@ -63,15 +64,9 @@ def _chronological(user_rows, timed: bool):
     rows = kept
   if not rows:
     return
-  rows = sorted(rows, key=lambda r: (r[2] if r[2] is not None else 0.0, r[0]))
-  seen, out = set(), []
-  for _, item, ts, rating in rows:
-    if item in seen:
-      _count("duplicate_user_item_dropped")
-      continue
-    seen.add(item)
-    out.append((item, ts, rating))
-  yield user, min(r[0] for r in rows), out
+  kept, dropped = chronological(sorted(rows), item=lambda r: r[1], timestamp=lambda r: r[2])   # (file order first)
+  _count("duplicate_user_item_dropped", dropped)
+  yield user, min(r[0] for r in rows), [(item, ts, rating) for _, item, ts, rating in kept]
 
 
 def _kcore_round(user, counts: dict, k: int):
@@ -108,13 +103,8 @@ def _converged(after: int, before: int, rounds: int) -> None:
 def _numbering(first_lines: list, items: list, seed: int, num_validation_users: int) -> dict:
   """User and item numbers and the validation subset, as `prepare.prepare` draws them."""
   users = [u for _, u in sorted(first_lines)]
-  source_ids = sorted(items)
-  number = np.random.default_rng(seed).permutation(len(source_ids))
-  n_val = min(num_validation_users, len(users))
-  validation = np.random.default_rng([seed, 1]).choice(len(users), n_val, replace=False)
-  return {"user_index": {u: i for i, u in enumerate(users)},
-          "item_index": {sid: int(number[j]) for j, sid in enumerate(source_ids)},
-          "validation": set(int(v) for v in validation)}
+  return {"user_index": {u: i for i, u in enumerate(users)}, "item_index": item_numbers(items, seed),
+          "validation": set(draw_validation_users(len(users), num_validation_users, seed).tolist())}
 
 
 def _record(user, numbers: dict) -> tuple[int, dict]:

@@ -33,13 +33,13 @@ def name_from_path(path: Path | str) -> str:
   return re.sub(r"[^a-z0-9_]+", "_", name).strip("_") or "data"
 
 FORMAT_VERSION = 1
+MIN_INTERACTIONS = 3  # leave-one-out needs >= 1 training item besides validation and test
 TFDS_NAME, TFDS_VERSION, TFDS_SPLIT = "recalign_prepared", "1.0.0", "users"   # the TFDS copy (data/tfds_data.py)
 
 
 def tfds_directory(prepared_dir: Path | str) -> Path:
   """Where a prepared folder's TFDS copy is (what `tfds.builder_from_directory` is given)."""
   return Path(prepared_dir) / "tfds" / TFDS_NAME / TFDS_VERSION
-MIN_INTERACTIONS = 3  # leave-one-out needs >= 1 training item besides validation and test
 
 
 def item_id(index: int) -> str:
@@ -232,12 +232,8 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
     raise DataError(str(raw.source_files[0]) if raw.source_files else name, None, None,
                     f"no users left after filtering: {why}")
 
-  # Random IDs: sort the source IDs (so the input's row order does not matter), then permute.
-  # Numbering by first appearance would leak sequence information into the IDs (as P5's did).
   source_ids = sorted({x.item for s in seqs.values() for x in s})
-  rng = np.random.default_rng(seed)
-  number = rng.permutation(len(source_ids))  # source_ids[j] gets index number[j], i.e. ID I{number[j]+1}
-  index_of = {sid: int(number[j]) for j, sid in enumerate(source_ids)}
+  index_of = item_numbers(source_ids, seed)   # random IDs
   by_index = [""] * len(source_ids)
   for sid, k in index_of.items():
     by_index[k] = sid
@@ -262,9 +258,8 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
     missing = [u for u in users if u not in raw.user_attributes]
     report.skipped["users_without_attributes"] += len(missing)   # they get {} (no attribute task sample)
     attributes = [raw.user_attributes.get(u, {}) for u in users]
-  val_rng = np.random.default_rng([seed, 1])  # its own stream: changing one draw leaves the other
-  n_val = min(num_validation_users, len(users))
-  validation_users = np.sort(val_rng.choice(len(users), n_val, replace=False)).astype(np.int32)
+  validation_users = draw_validation_users(len(users), num_validation_users, seed)
+  n_val = len(validation_users)
 
   manifest = _manifest(raw, name=name, seed=seed, kcore=kcore, min_interactions=min_interactions, items=items,
                        sequences=sequences, timestamps=timestamps, ratings=ratings, attributes=attributes,
@@ -282,34 +277,57 @@ def subset_users(data: PreparedData, fraction: float, seed: int = 0,
   n = max(1, round(fraction * data.num_users))
   keep = np.sort(np.random.default_rng([seed, 2]).choice(data.num_users, n, replace=False))
   pick = lambda xs: None if xs is None else [xs[u] for u in keep]   # noqa: E731
-  n_val = min(num_validation_users, n)
-  validation = np.sort(np.random.default_rng([seed, 1]).choice(n, n_val, replace=False)).astype(np.int32)
-  lengths = np.array([len(data.sequences[u]) for u in keep])
+  validation = draw_validation_users(n, num_validation_users, seed)
   manifest = {**data.manifest, "name": data.name, "subset": {"of": data.name, "fraction": fraction, "seed": seed,
-                                                               "users": int(n)}}
-  manifest["counts"] = {**data.manifest["counts"], "users": int(n), "interactions": int(lengths.sum()),
-                        "train_interactions": int((lengths - 2).sum()), "validation_users": n_val, "test_users": int(n),
-                        "sequence_length": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 3),
-                                            "max": int(lengths.max())},
-                        "density": float(lengths.sum()) / (n * data.num_items)}
+                                                               "users": int(n)},
+              "counts": _counts([data.sequences[u] for u in keep], data.num_items, len(validation))}
   return dataclasses.replace(data, users=pick(data.users), sequences=pick(data.sequences),
                              timestamps=pick(data.timestamps), ratings=pick(data.ratings), validation_users=validation,
                              manifest=manifest, user_attributes=pick(data.user_attributes))
 
 
+def item_numbers(source_ids: list[str], seed: int) -> dict[str, int]:
+  """Random item indices: the sorted source IDs (the input's row order does not matter) through a seeded
+  permutation -- source_ids[j] gets index number[j], ID I{number[j]+1}. (Numbering by first appearance
+  would leak sequence information into the IDs, as P5's did.)"""
+  number = np.random.default_rng(seed).permutation(len(source_ids))
+  return {sid: int(number[j]) for j, sid in enumerate(sorted(source_ids))}
+
+
+def draw_validation_users(num_users: int, num_validation_users: int, seed: int) -> np.ndarray:
+  """The seeded validation subset (sorted user indices), from its own stream: changing one draw leaves the other."""
+  n_val = min(num_validation_users, num_users)
+  return np.sort(np.random.default_rng([seed, 1]).choice(num_users, n_val, replace=False)).astype(np.int32)
+
+
+def chronological(interactions: list, *, item, timestamp) -> tuple[list, int]:
+  """One user's interactions (in file order) in time order -- stable: equal timestamps keep their file
+  order; no timestamp sorts as 0 -- a repeated item kept at its earliest only: (kept, how many dropped)."""
+  seen, kept = set(), []
+  for x in sorted(interactions, key=lambda x: timestamp(x) if timestamp(x) is not None else 0.0):
+    if item(x) not in seen:
+      seen.add(item(x))
+      kept.append(x)
+  return kept, len(interactions) - len(kept)
+
+
+def _counts(sequences: list, num_items: int, n_val: int) -> dict:
+  """The manifest's counts of users' sequences (each the whole leave-one-out sequence)."""
+  lengths = np.array([len(s) for s in sequences])
+  return {"users": len(sequences), "items": num_items, "interactions": int(lengths.sum()),
+          "train_interactions": int((lengths - 2).sum()), "validation_users": n_val, "test_users": len(sequences),
+          "sequence_length": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 3),
+                              "max": int(lengths.max())},
+          "density": float(lengths.sum()) / (len(sequences) * num_items)}
+
+
 def _chronological(raw: RawData, report) -> dict[str, list]:
-  """Each user's interactions in time order (stable: equal timestamps keep their file order), a repeated
-  item kept at its earliest interaction only (counted)."""
+  """Each user's interactions in time order, repeated items kept at their earliest (`chronological`; counted)."""
   seqs: dict[str, list] = {}
   for user, inter in raw.sequences.items():
-    seen, kept = set(), []
-    for x in sorted(inter, key=lambda x: x.timestamp if x.timestamp is not None else 0.0):
-      if x.item in seen:
-        report.repair("duplicate_user_item_dropped")
-        continue
-      seen.add(x.item)
-      kept.append(x)
-    seqs[user] = kept
+    seqs[user], dropped = chronological(inter, item=lambda x: x.item, timestamp=lambda x: x.timestamp)
+    if dropped:
+      report.repair("duplicate_user_item_dropped", dropped)
   return seqs
 
 
@@ -330,7 +348,6 @@ def _manifest(raw: RawData, *, name: str, seed: int, kcore: int, min_interaction
               timestamps, ratings, attributes, n_val: int, warnings: list[str]) -> dict:
   """manifest.json: how the data set was made (source files and hashes, settings), its counts and fields,
   and every skip and repair."""
-  lengths = np.array([len(s) for s in sequences])
   report = raw.report
   return {
       "format_version": FORMAT_VERSION,
@@ -344,14 +361,7 @@ def _manifest(raw: RawData, *, name: str, seed: int, kcore: int, min_interaction
       "user_attributes": sorted({k for a in attributes or [] for k in a}),
       "order": "timestamps" if timestamps is not None else "file order (the source has no timestamps)",
       "warnings": warnings,
-      "counts": {
-          "users": len(sequences), "items": len(items), "interactions": int(lengths.sum()),
-          "train_interactions": int((lengths - 2).sum()),
-          "validation_users": n_val, "test_users": len(sequences),
-          "sequence_length": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 3),
-                              "max": int(lengths.max())},
-          "density": float(lengths.sum()) / (len(sequences) * len(items)),
-      },
+      "counts": _counts(sequences, len(items), n_val),
       "fields": {"title": sum(1 for m in items if m.title), "brand": sum(1 for m in items if m.brand),
                  "price": sum(1 for m in items if m.price),
                  "categories": sum(1 for m in items if m.categories)},
