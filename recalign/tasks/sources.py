@@ -170,10 +170,19 @@ def to_dataset(ex: Examples | Records, *, split: str, shuffle: bool, seed: int, 
   def epoch_ds(epoch):
     ds = base
     if shuffle:
-      ds = ds.shuffle(n, seed=tf.constant(mix_seed(seed, salt) % (1 << 40), tf.int64) * 1_000_003 + epoch,
-                      reshuffle_each_iteration=False)
+      ds = ds.shuffle(n, seed=_epoch_seed(seed, salt, epoch), reshuffle_each_iteration=False)
     return ds.map(lambda x: {**x, "epoch": epoch})
 
+  return _epochs(epoch_ds, split)
+
+
+def _epoch_seed(seed: int, salt: int, epoch, factor: int = 1_000_003):
+  """A shuffle's seed in one epoch: re-drawn every epoch, reproduced for the same (seed, salt)."""
+  return tf.constant(mix_seed(seed, salt) % (1 << 40), tf.int64) * factor + epoch
+
+
+def _epochs(epoch_ds, split: str) -> tf.data.Dataset:
+  """`train`: epoch 0, 1, ... forever (each element tagged by `epoch_ds`); other splits: epoch 0 once."""
   if split == "train":
     return tf.data.Dataset.counter().flat_map(epoch_ds)
   return epoch_ds(tf.constant(0, tf.int64))
@@ -279,19 +288,13 @@ def stream_to_dataset(users: tf.data.Dataset, make_examples, *, split: str, shuf
   """`to_dataset` over streamed examples: every element carries `sample_seed` and `epoch`, `train` repeats
   forever. Shuffling is buffered (users, then examples), re-drawn every epoch from `seed`, `salt` and
   the epoch: the same examples and draws as in memory, visited in another order."""
-  base_seed = mix_seed(seed, salt) % (1 << 40)
-
   def epoch_ds(epoch):
     u = users
     if shuffle:
-      u = u.shuffle(user_buffer, seed=tf.constant(base_seed, tf.int64) * 1_000_003 + epoch,
-                    reshuffle_each_iteration=False)
+      u = u.shuffle(user_buffer, seed=_epoch_seed(seed, salt, epoch), reshuffle_each_iteration=False)
     ds = make_examples(u)
     if shuffle:
-      ds = ds.shuffle(example_buffer, seed=tf.constant(base_seed, tf.int64) * 1_000_033 + epoch,
-                      reshuffle_each_iteration=False)
+      ds = ds.shuffle(example_buffer, seed=_epoch_seed(seed, salt, epoch, 1_000_033), reshuffle_each_iteration=False)
     return ds.map(lambda x: {**x, "sample_seed": tf.constant(seed, tf.int64), "epoch": epoch})
 
-  if split == "train":
-    return tf.data.Dataset.counter().flat_map(epoch_ds)
-  return epoch_ds(tf.constant(0, tf.int64))
+  return _epochs(epoch_ds, split)
