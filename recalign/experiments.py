@@ -93,9 +93,9 @@ def ensure_subset(data_dir: Path, fraction: float, seed: int = 0) -> Path:
   from recalign.data.prepare import subset_users
   out = data_dir.parent / f"{data_dir.name}_users{round(fraction * 100)}"
   if not (out / "manifest.json").exists():
+    shutil.copytree(data_dir / "vocab", out / "vocab", dirs_exist_ok=True)   # first: manifest.json marks it done
     full = PreparedData.load(data_dir)
     tfds_data.save(subset_users(full, fraction, seed, len(full.validation_users)), out)
-    shutil.copytree(data_dir / "vocab", out / "vocab", dirs_exist_ok=True)
   return out
 
 
