@@ -20,6 +20,14 @@ def pytest_configure(config):
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
+def pytest_collection_modifyitems(config, items):
+  """Slow end-to-end tests train on the shared data for many minutes: a longer per-test limit than
+  pyproject's (which is there so a hang fails by name rather than running into CI's limit)."""
+  for item in items:
+    if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+      item.add_marker(pytest.mark.timeout(3 * 3600))
+
+
 TRAIN_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
 
 
