@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -15,22 +16,29 @@ DEFAULT_SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "dat
 
 
 def cmd_prepare(args) -> int:
-  from recalign.data import AMAZON, MOVIES, IngestReport, prepare, read_source
-  from recalign.data.prepare import format_stats
+  from recalign.data import AMAZON, MOVIES, IngestReport, prepare, read_source, tfds_data
+  from recalign.data.prepare import format_stats, name_from_path
   source = Path(args.source)
   t0 = time.time()
-  print(f"reading {source} ...", flush=True)
   domain = {"amazon": AMAZON, "movies": MOVIES}[args.domain] if args.domain else None
-  raw = read_source(source, args.format, meta=args.meta, report=IngestReport(strict=args.strict), domain=domain)
-  from recalign.data.prepare import name_from_path
   name = args.name or name_from_path(args.out)
-  data = prepare(raw, name=name, kcore=args.kcore, seed=args.seed,
-                 num_validation_users=args.validation_users)
-  from recalign.data import tfds_data
-  tfds_data.save(data, args.out)
-  print(format_stats(data.manifest))
-  for kind, examples in raw.report.examples.items():
-    for ex in examples:
+  if args.beam_runner:
+    from recalign.data import beam_prepare
+    print(f"preparing {source} with Beam ({args.beam_runner}) ...", flush=True)
+    manifest = beam_prepare.prepare_folder(
+        source, args.out, fmt=args.format, meta=args.meta, name=name, domain=domain, kcore=args.kcore,
+        seed=args.seed, num_validation_users=args.validation_users, strict=args.strict, runner=args.beam_runner,
+        options=shlex.split(args.beam_options or ""))
+    examples = manifest["report"]["examples"]
+  else:
+    print(f"reading {source} ...", flush=True)
+    raw = read_source(source, args.format, meta=args.meta, report=IngestReport(strict=args.strict), domain=domain)
+    data = prepare(raw, name=name, kcore=args.kcore, seed=args.seed, num_validation_users=args.validation_users)
+    tfds_data.save(data, args.out)
+    manifest, examples = data.manifest, raw.report.examples
+  print(format_stats(manifest))
+  for kind, found in examples.items():
+    for ex in found:
       print(f"  e.g. [{kind}] {ex}")
   print(f"wrote {args.out} in {time.time() - t0:.1f}s")
   return 0
@@ -349,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--seed", type=int, default=0, help="seeds the item ID permutation and validation subset")
   s.add_argument("--validation-users", type=int, default=3000)
   s.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
+  s.add_argument("--beam_runner", help="prepare with an Apache Beam pipeline on this runner (DirectRunner, "
+                 "FlinkRunner, SparkRunner, DataflowRunner; needs the beam extra): the same folder, its users "
+                 "only in the TFDS copy; row formats (amazon-tsv, amazon-raw, amazon-2023, movielens-csv)")
+  s.add_argument("--beam_options", help="Beam pipeline options as one string, given with '=': "
+                 "--beam_options=\"--direct_num_workers=2 --direct_running_mode=multi_processing\" or a "
+                 "cluster's (--flink_master=..., --project=...)")
   s.set_defaults(fn=cmd_prepare)
 
   s = sub.add_parser("stats", help="print a prepared data set's manifest")

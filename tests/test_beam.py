@@ -1,10 +1,10 @@
-"""prepare's Beam transforms (DirectRunner) give exactly the users `prepare.prepare` gives in one process."""
+"""`recalign prepare --beam_runner DirectRunner` makes exactly the folder the in-process path makes."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,74 +12,149 @@ import pytest
 if not os.environ.get("CI"):   # CI installs the test extra, which holds the beam extra: there, missing is a failure
   pytest.importorskip("apache_beam", reason="the beam extra: pip install -e '.[beam]'")
 
-from recalign.data import prepare, read_source  # noqa: E402
+from recalign.data import DataError, PreparedData, prepare, read_source, tfds_data  # noqa: E402
 from recalign.data import beam_prepare  # noqa: E402
 from conftest import shared, write_tiny_tsv  # noqa: E402
 
 
-def messy_tsv(root: Path, users: int = 40, items: int = 45, seed: int = 0) -> Path:
-  """Short random sequences (a k-core that needs several rounds), repeated user-item pairs, equal
-  timestamps, ratings, a row without a timestamp and a malformed line (both counted skips)."""
+def messy_rows(users: int = 40, items: int = 45, seed: int = 0) -> list[tuple[str, str, int, int]]:
+  """Short random sequences (a k-core that needs several rounds), repeated user-item pairs, equal timestamps."""
   rng = np.random.default_rng(seed)
-  lines = ["user_id\titem_id\ttimestamp\trating"]
-  for u in range(users):
-    for _ in range(int(rng.integers(2, 8))):
-      lines.append(f"u{u}\ti{int(rng.integers(items))}\t{int(rng.integers(5))}\t{int(rng.integers(1, 6))}")
+  return [(f"u{u}", f"i{int(rng.integers(items))}", int(rng.integers(1, 6)), int(rng.integers(1, 6)))
+          for u in range(users) for _ in range(int(rng.integers(2, 8)))]
+
+
+def messy_tsv(root: Path, users: int = 40, items: int = 45, seed: int = 0) -> Path:
+  """messy_rows as amazon-tsv, with a row without a timestamp and a malformed line (counted skips)."""
+  lines = ["user_id\titem_id\ttimestamp\trating"] + ["\t".join(map(str, r)) for r in messy_rows(users, items, seed)]
   lines.insert(7, "u3\ti1\t\t4")
   lines.insert(11, "broken line")
   root.mkdir(parents=True, exist_ok=True)
   (root / "interactions.tsv").write_text("\n".join(lines) + "\n")
-  (root / "items.tsv").write_text("item_id\ttitle\n" + "".join(f"i{k}\tThing {k}\n" for k in range(items)))
+  (root / "items.tsv").write_text("item_id\ttitle\n" + "".join(f"i{k}\tThing {k}\n" for k in range(items - 3)))
   return root
 
 
-def assert_same(src: Path, out: Path, **settings):
-  data = prepare(read_source(src), name="x", **settings)
-  records = beam_prepare.run_local(src / "interactions.tsv", out, **settings)
-  assert [r["user"] for r in records] == list(range(data.num_users))
-  val = set(data.validation_users.tolist())
-  for u, r in enumerate(records):
-    assert r["user_id"] == data.users[u]
-    assert r["items"] == data.sequences[u].tolist()
-    assert r["timestamps"] == (data.timestamps[u].tolist() if data.timestamps is not None else [])
-    assert r["ratings"] == (data.ratings[u].tolist() if data.ratings is not None else [])
-    assert r["validation"] == (u in val)
-  return data
+def messy_source(root: Path, fmt: str) -> Path:
+  """messy_rows in another row format, each with its own kinds of bad lines and partial metadata."""
+  rows, root = messy_rows(), root / fmt
+  root.mkdir(parents=True)
+  if fmt == "movielens-csv":
+    lines = ["userId,movieId,rating,timestamp"] + [f"{u[1:]},{i[1:]},{r}.0,{t}" for u, i, t, r in rows]
+    lines[5:5] = ["7,3,x,10", "7,3"]                                   # bad rating, malformed
+    (root / "ratings.csv").write_text("\n".join(lines) + "\n")
+    (root / "movies.csv").write_text("movieId,title,genres\n" + "".join(
+        f'{k},"Film {k}, The",Drama|Comedy\n' for k in range(40)))
+  elif fmt == "amazon-2023":
+    lines = [json.dumps({"user_id": u, "parent_asin": i, "timestamp": t * 1000, "rating": float(r)})
+             for u, i, t, r in rows]
+    lines[4:4] = ['{"user_id": "u1", "timestamp": 5}', "not json"]     # no item, malformed
+    lines.insert(9, json.dumps({"user_id": "u2", "asin": "i7", "timestamp": 2000, "rating": 3.0}))   # a repair
+    (root / "Beauty.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "meta_Beauty.jsonl").write_text("".join(
+        json.dumps({"parent_asin": f"i{k}", "title": f"Thing {k}", "store": "S", "categories": ["A", "B"]}) + "\n"
+        for k in range(40)))
+  elif fmt == "amazon-raw":
+    lines = [json.dumps({"reviewerID": u, "asin": i, "unixReviewTime": t, "overall": float(r)}) for u, i, t, r in rows]
+    lines[3:3] = ['{"reviewerID": "u5", "asin": "i2", "unixReviewTime": "soon", "overall": 4}']   # bad timestamp
+    (root / "Beauty_5.json").write_text("\n".join(lines) + "\n")
+    (root / "meta_Beauty.json").write_text("".join(
+        json.dumps({"asin": f"i{k}", "title": f"Thing {k}", "category": ["A", "B"]}) + "\n" for k in range(40)))
+  return root
+
+
+def assert_same_folder(src: Path, work: Path, **settings) -> PreparedData:
+  """The in-process folder and the Beam one load as the same data set, with the same manifest (but when)."""
+  mem = prepare(read_source(src), name="x", **settings)
+  tfds_data.save(mem, work / "mem")
+  manifest = beam_prepare.prepare_folder(src, work / "beam", name="x", **settings)
+  assert not (work / "beam" / "users.jsonl").exists()         # the users are the TFDS copy
+  a, b = PreparedData.load(work / "mem"), PreparedData.load(work / "beam")
+  for field in ("users", "source_item_ids", "items"):
+    assert getattr(a, field) == getattr(b, field), field
+  for field in ("sequences", "timestamps", "ratings"):
+    assert (getattr(a, field) is None) == (getattr(b, field) is None), field
+    for u, (x, y) in enumerate(zip(getattr(a, field) or [], getattr(b, field) or [])):
+      np.testing.assert_array_equal(x, y, err_msg=f"{field} of user {u}")
+  np.testing.assert_array_equal(a.validation_users, b.validation_users)
+  assert json.loads((work / "beam" / "validation_users.json").read_text()) == a.validation_users.tolist()
+  drop = lambda m: {k: v for k, v in m.items() if k not in ("created", "beam")}   # noqa: E731
+  assert drop(b.manifest) == drop(a.manifest) and b.manifest == manifest
+  assert tfds_data.manifest(tfds_data.reader(work / "beam")) == manifest      # the copy is this preparation's
+  return a
 
 
 @pytest.mark.parametrize("kcore", [0, 3])
-def test_beam_gives_the_in_process_users(tmp_path, kcore):
-  data = assert_same(messy_tsv(tmp_path / "src"), tmp_path / "out", kcore=kcore, num_validation_users=10)
-  report = data.manifest["report"]["skipped"]
-  assert report["missing_timestamp"] == 1 and report["malformed_line"] == 1
+def test_beam_folder_is_the_in_process_folder(tmp_path, kcore):
+  data = assert_same_folder(messy_tsv(tmp_path / "src"), tmp_path / "messy", kcore=kcore, num_validation_users=10)
+  report = data.manifest["report"]
+  assert report["skipped"]["missing_timestamp"] == 1 and report["skipped"]["malformed_line"] == 1
+  assert report["repaired"]["duplicate_user_item_dropped"] > 0 and report["skipped"]["items_without_metadata"] > 0
+  assert ":8 [timestamp]" in report["examples"]["missing_timestamp"][0]           # file:line, as in-process
   if kcore:
-    assert report["users_removed_by_kcore"] > 0
-  assert assert_same(write_tiny_tsv(tmp_path / "tiny"), tmp_path / "tiny_out", kcore=kcore).num_users == 6
+    assert report["skipped"]["users_removed_by_kcore"] > 0
+  assert assert_same_folder(write_tiny_tsv(tmp_path / "tiny"), tmp_path / "t", kcore=kcore).num_users == 6
 
 
-def test_beam_writes_the_tfds_copy_the_in_process_path_writes(tmp_path):
-  """One Beam pipeline from interactions.tsv to the TFDS copy: every record equals `tfds_data.write`'s after
-  `prepare` (so streamed tasks read the same examples from either)."""
-  import tensorflow_datasets as tfds
-  from recalign.data import tfds_data
-  src = messy_tsv(tmp_path / "src")
-  tfds_data.save(prepare(read_source(src), name="x", kcore=3, num_validation_users=10), tmp_path / "mem")
-  beam_prepare.write_tfds(src / "interactions.tsv", tmp_path / "beam", kcore=3, num_validation_users=10)
-  read = lambda d: {int(r["user"]): r for r in tfds.builder_from_directory(   # noqa: E731
-      str(tfds_data.directory(d))).as_dataset(split="users").as_numpy_iterator()}
-  mem, beam = read(tmp_path / "mem"), read(tmp_path / "beam")
-  assert sorted(mem) == sorted(beam) and len(mem) > 10
-  for u in mem:
-    for field in ("user_id", "items", "timestamps", "ratings", "attributes", "validation"):
-      np.testing.assert_array_equal(mem[u][field], beam[u][field], err_msg=f"user {u} {field}")
+@pytest.mark.parametrize("fmt", ["movielens-csv", "amazon-2023", "amazon-raw"])
+def test_beam_reads_every_row_format_as_the_in_process_readers(tmp_path, fmt):
+  data = assert_same_folder(messy_source(tmp_path, fmt), tmp_path / "out", kcore=3, num_validation_users=10)
+  assert data.manifest["source"]["format"] == fmt and sum(data.manifest["report"]["skipped"].values()) > 0
+  assert data.has_ratings and data.timestamps is not None and data.has_titles
 
 
 def test_beam_kcore_that_has_not_converged_fails(tmp_path):
-  src = messy_tsv(tmp_path / "src")
   with pytest.raises(Exception, match="raise kcore_rounds"):
-    beam_prepare.run_local(src / "interactions.tsv", tmp_path / "out", kcore=3, kcore_rounds=1)
+    beam_prepare.prepare_folder(messy_tsv(tmp_path / "src"), tmp_path / "out", kcore=3, kcore_rounds=1)
 
 
-@pytest.mark.slow   # ~1 min on the DirectRunner (2 cores); the synthetic and tiny sets above run in CI
-def test_beam_gives_the_in_process_users_on_shared_beauty(tmp_path):
-  assert assert_same(shared("amazon-beauty"), tmp_path / "out").num_users == 22363
+def test_beam_strict_fails_on_the_first_bad_row_by_name(tmp_path):
+  with pytest.raises(Exception, match=r"interactions.tsv:12: expected 4 tab-separated fields"):
+    beam_prepare.prepare_folder(messy_tsv(tmp_path / "src"), tmp_path / "out", strict=True)
+  with pytest.raises(ValueError, match="not read row by row"):
+    beam_prepare.prepare_folder(shared("ml-100k"), tmp_path / "out2")
+  with pytest.raises(DataError, match="no such file"):
+    beam_prepare.prepare_folder(tmp_path / "nothing", tmp_path / "out3")
+
+
+def test_beam_prepare_train_streamed_and_eval_end_to_end(tmp_path):
+  """`recalign prepare --beam_runner DirectRunner` (a folder without users.jsonl) -> `recalign vocab` ->
+  `recalign train` on streamed tasks, in a fresh process -> `recalign eval` of its checkpoint (which
+  re-registers them streamed, as run.json says)."""
+  import subprocess
+  import sys
+  import tensorflow_datasets as tfds
+  from conftest import REPO, TRAIN_ENV
+  from recalign.cli import main
+  import recalign.tasks as rt
+  from recalign.tasks import registry
+  write_tiny_tsv(tmp_path / "src")
+  data = tmp_path / "tiny"
+  assert main(["prepare", "--source", str(tmp_path / "src"), "--out", str(data), "--kcore", "0",
+               "--beam_runner", "DirectRunner", "--beam_options=--direct_num_workers=1"]) == 0
+  assert not (data / "users.jsonl").exists()
+  assert tfds_data.reader(data).info.splits["users"].num_examples == 6
+  assert tfds.builder_from_directory(str(tfds_data.directory(data))).info.name == tfds_data.NAME
+  assert main(["vocab", str(data), "--size", "300"]) == 0
+  run, gin_dir = tmp_path / "run", REPO / "recalign" / "gin"
+  argv = ["train", f"--gin_file={gin_dir / 'models' / 'tiny.gin'}", f"--gin_file={gin_dir / 'runs' / 'from_scratch.gin'}",
+          f"--gin.DATA_DIRS=['{data}']", "--gin.MIXTURE_OR_TASK_NAME='tiny_ut'",
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4",
+          f"--gin.MODEL_DIR='{run}'", "--gin.registry.TaskConfig.num_candidates=3",
+          "--gin.registry.TaskConfig.streamed=True", "--gin.CheckpointConfig.every=2"]
+  code = "import sys; from recalign.cli import main; sys.exit(main(sys.argv[1:]))"
+  r = subprocess.run([sys.executable, "-c", code, *argv], env=TRAIN_ENV, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert json.loads((run / "run.json").read_text())["task_config"]["streamed"] is True
+  rt.unregister()
+  assert main(["eval", "--checkpoint", str(run / "checkpoints" / "2"), "--task", "tiny_retrieval", "--split", "test",
+               "--beam", "2", "--batch", "4"]) == 0
+  metrics = json.loads((run / "eval" / "2" / "metrics_tiny_retrieval_test.json").read_text())
+  assert metrics["examples"] == 6 and 0.0 <= metrics["ndcg@10"] <= 1.0
+  assert registry._SOURCES["tiny"]["config"].streamed       # evaluated on the tasks it trained on
+  rt.unregister()
+
+
+@pytest.mark.slow   # ~1.5 min on the DirectRunner (2 cores); the synthetic and tiny sets above run in CI
+def test_beam_folder_is_the_in_process_folder_on_shared_beauty(tmp_path):
+  assert assert_same_folder(shared("amazon-beauty"), tmp_path).num_users == 22363

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 import recalign.tasks as rt
 from recalign.data import AMAZON, DataError, PreparedData, prepare, read_source, tfds_data
@@ -186,36 +185,3 @@ def test_streamed_hosts_read_disjoint_users_that_cover_every_example(tmp_path):
   assert all(users) and not (users[0] & users[1] or users[0] & users[2] or users[1] & users[2])
   assert sorted(k for p in parts for k in p) == [(i, 0) for i in range(n)]
   rt.unregister("rated_h")
-
-
-def test_prepare_train_streamed_and_eval_end_to_end(tmp_path):
-  """`recalign prepare` (writes the TFDS copy) -> `recalign vocab` -> `recalign train` on streamed tasks, in a
-  fresh process -> `recalign eval` of its checkpoint (which re-registers them streamed, as run.json says)."""
-  import subprocess
-  import sys
-  from conftest import REPO, TRAIN_ENV, write_tiny_tsv
-  from recalign.cli import main
-  write_tiny_tsv(tmp_path / "src")
-  data = tmp_path / "tiny"
-  assert main(["prepare", "--source", str(tmp_path / "src"), "--out", str(data), "--kcore", "0"]) == 0
-  assert tfds_data.reader(data).info.splits["users"].num_examples == 6
-  assert tfds.builder_from_directory(str(tfds_data.directory(data))).info.name == tfds_data.NAME
-  assert main(["vocab", str(data), "--size", "300"]) == 0
-  run, gin_dir = tmp_path / "run", REPO / "recalign" / "gin"
-  argv = ["train", f"--gin_file={gin_dir / 'models' / 'tiny.gin'}", f"--gin_file={gin_dir / 'runs' / 'from_scratch.gin'}",
-          f"--gin.DATA_DIRS=['{data}']", "--gin.MIXTURE_OR_TASK_NAME='tiny_ut'",
-          "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4",
-          f"--gin.MODEL_DIR='{run}'", "--gin.registry.TaskConfig.num_candidates=3",
-          "--gin.registry.TaskConfig.streamed=True", "--gin.CheckpointConfig.every=2"]
-  code = "import sys; from recalign.cli import main; sys.exit(main(sys.argv[1:]))"
-  r = subprocess.run([sys.executable, "-c", code, *argv], env=TRAIN_ENV, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert json.loads((run / "run.json").read_text())["task_config"]["streamed"] is True
-  rt.unregister()
-  assert main(["eval", "--checkpoint", str(run / "checkpoints" / "2"), "--task", "tiny_retrieval", "--split", "test",
-               "--beam", "2", "--batch", "4"]) == 0
-  metrics = json.loads((run / "eval" / "2" / "metrics_tiny_retrieval_test.json").read_text())
-  assert metrics["examples"] == 6 and 0.0 <= metrics["ndcg@10"] <= 1.0
-  from recalign.tasks import registry
-  assert registry._SOURCES["tiny"]["config"].streamed       # evaluated on the tasks it trained on
-  rt.unregister()

@@ -1,27 +1,34 @@
-"""`prepare` as Apache Beam transforms, for sources too large for one process: the same data.
+"""`recalign prepare --beam_runner ...`: the prepared folder made by one Apache Beam pipeline, the same data.
 
-`prepare_users(rows, ...)` takes a PCollection of parsed interactions -- (line, user, item, timestamp,
-rating), as the readers in `ingest` parse them -- and gives every kept user's record, exactly as
-`prepare.prepare` makes them in one process: duplicates dropped (earliest kept), each user's items in
-time order (stable: ties keep file order), the iterative k-core, users with fewer than
-`min_interactions` dropped, random item indices from the same seeded permutation of the sorted item
-IDs, users numbered by their first line in the source, the same seeded validation subset.
+For sources too large for one process. `prepare_folder` runs a pipeline that reads the source's rows (the
+formats `ingest.ROW_READERS` reads row by row: amazon-tsv, Amazon 2014/2018 and 2023 reviews, MovieLens
+ratings.csv), makes every kept user's record exactly as `prepare.prepare` makes them in one process, and writes
+them as the folder's TFDS copy (TFDS's Beam builder: sharded TFRecords). Then, in this process, it writes
+items.jsonl, validation_users.json and manifest.json -- O(items) and O(users), never O(interactions). The folder
+has no users.jsonl: `PreparedData.load` and the streamed tasks read the users from the TFDS copy.
 
-How each step scales: per-user work runs in parallel after a GroupByKey on the user; the k-core is
-unrolled into `kcore_rounds` rounds (Beam graphs have no data-dependent loops), each an item count
-(a side input of O(items)) and a filter, and the pipeline fails if the last round still removed
-something; the item permutation and the user numbering need every item ID / every user's first line
-in one place (O(items) and O(users), not O(interactions)). Counts of what was removed are Beam
-metrics (`COUNTERS`) as well as the in-process report's keys.
+`prepare_users(rows, ...)` is the per-user part as transforms: duplicates dropped (earliest kept), each user's
+items in time order (stable: ties keep file order), the iterative k-core, users with fewer than
+`min_interactions` dropped, random item indices from the same seeded permutation of the sorted item IDs, users
+numbered by their first line in the source, the same seeded validation subset.
+
+How each step scales: a source file is read by one worker, line by line (line numbers order the users and
+break timestamp ties, so a file is not split); everything after the GroupByKey on the user runs in parallel.
+The k-core is unrolled into `kcore_rounds` rounds (Beam graphs have no data-dependent loops), each an item
+count (a side input of O(items)) and a filter; the pipeline fails if the last round still removed something.
+The item permutation and the user numbering need every item ID / every user's first line in one place
+(O(items) and O(users)). Skips, repairs and removals travel as data (merged into the manifest's report with
+file:line examples, as the in-process path records them) and are also Beam counters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -30,42 +37,47 @@ try:
 except ImportError as e:   # an extra: pip install -e ".[beam]"
   raise ImportError("recalign's Beam pipeline needs apache-beam: pip install 'recalign[beam]'") from e
 
-from recalign.data.ingest import _interaction, _table_rows
-from recalign.data.prepare import chronological, draw_validation_users, item_numbers
+from recalign.data.prepare import (MIN_INTERACTIONS, chronological, draw_validation_users, item_numbers, item_table,
+                                   make_manifest, name_from_path, nobody_left, save_items, skip_warnings)
+from recalign.data.ingest import RATING_FIELDS, Domain, RawData, RowSource, row_source
 from recalign.data.report import DataError, IngestReport
 
 NAMESPACE = "recalign.prepare"
 KCORE_ROUNDS = 30
-
-
-def read_amazon_tsv_rows(path: str | Path) -> Iterator[tuple]:
-  """(line, user, item, timestamp, rating) of an amazon-tsv interactions.tsv, parsed and skipped exactly as
-  `ingest.read_amazon_tsv` does (its skips are counted as Beam metrics under their report keys)."""
-  report = IngestReport()
-  for n, row in _table_rows(Path(path), report, ("user_id", "item_id")):
-    got = _interaction(row, Path(path), n, report)
-    if got:
-      user, x = got
-      yield n, user, x.item, x.timestamp, x.rating
-  for kind, count in report.skipped.items():
-    beam.metrics.Metrics.counter(NAMESPACE, kind).inc(count)
+SUMMARY = ".beam_summary.json"   # the pipeline's small outputs, read back by this process, then removed
 
 
 def _count(name: str, n: int = 1) -> None:
   beam.metrics.Metrics.counter(NAMESPACE, name).inc(n)
 
 
+def _read_rows(source: RowSource, strict: bool = False):
+  """(line, user, item, timestamp, rating) per kept row of the source; its report (skips with their first
+  file:line examples, rows read) as the tagged output "report"."""
+  report = IngestReport(strict=strict)
+  for n, user, x in source.rows(report):
+    yield n, user, x.item, x.timestamp, x.rating
+  for kind, count in report.skipped.items():
+    _count(kind, count)
+  yield beam.pvalue.TaggedOutput("report", report.to_json())
+
+
 def _chronological(user_rows, timed: bool):
-  """(user, [(line, item, ts, rating)]) -> (user, first line, [(item, ts, rating)] oldest first, deduplicated)."""
+  """(user, [(line, item, ts, rating)]) -> (user, first line, [(item, ts, rating)] oldest first, deduplicated).
+  Side outputs: "missing" (line of a row without a timestamp in a timed source: a skip), "duplicates" (count),
+  "rated" ((rated rows, rows): ratings must be all or none)."""
   user, rows = user_rows
   if timed:   # a row without a timestamp in a file that has them is a counted skip (ingest._by_user)
-    kept = [r for r in rows if r[2] is not None]
-    _count("missing_timestamp", len(rows) - len(kept))
-    rows = kept
+    for r in rows:
+      if r[2] is None:
+        yield beam.pvalue.TaggedOutput("missing", r[0])
+    rows = [r for r in rows if r[2] is not None]
   if not rows:
     return
+  yield beam.pvalue.TaggedOutput("rated", (sum(r[3] is not None for r in rows), len(rows)))
   kept, dropped = chronological(sorted(rows), item=lambda r: r[1], timestamp=lambda r: r[2])   # (file order first)
-  _count("duplicate_user_item_dropped", dropped)
+  if dropped:
+    yield beam.pvalue.TaggedOutput("duplicates", dropped)
   yield user, min(r[0] for r in rows), [(item, ts, rating) for _, item, ts, rating in kept]
 
 
@@ -116,81 +128,169 @@ def _record(user, numbers: dict) -> tuple[int, dict]:
              "items": np.array([numbers["item_index"][x[0]] for x in seq], np.int32),
              "timestamps": np.array(timestamps if None not in timestamps else [], np.float64),
              "ratings": np.array(ratings if None not in ratings else [], np.float32),
-             "validation": u in numbers["validation"]}
+             "validation": u in numbers["validation"], "attributes": "{}"}
 
 
-def prepare_users(rows, *, kcore: int = 5, seed: int = 0, num_validation_users: int = 3000,
-                  min_interactions: int = 3, kcore_rounds: int = KCORE_ROUNDS, label: str = "Prepare"):
-  """PCollection of (line, user, item, timestamp, rating) -> PCollection of (user index, record): the
-  records `tfds_data` writes (attributes aside), equal to `prepare.prepare`'s users."""
+def _sizes(users, label: str):
+  """(users, interactions) of a PCollection of users, as a singleton."""
+  return (users | f"{label}/Sizes" >> beam.Map(lambda u: (1, len(u[2])))
+          | f"{label}/Sum" >> beam.CombineGlobally(lambda xs: tuple(map(sum, zip((0, 0), *xs)))))
+
+
+def _prepare(rows, *, kcore: int = 5, seed: int = 0, num_validation_users: int = 3000,
+             min_interactions: int = MIN_INTERACTIONS, kcore_rounds: int = KCORE_ROUNDS, label: str = "Prepare"):
+  """rows -> (PCollection of (user index, record), {name: singleton PCollection} of what the manifest needs)."""
   timed = (rows | f"{label}/HasTime" >> beam.Map(lambda r: r[3] is not None)
            | f"{label}/AnyTime" >> beam.CombineGlobally(any))
-  users = (rows | f"{label}/ByUser" >> beam.Map(lambda r: (r[1], (r[0], r[2], r[3], r[4])))
-           | f"{label}/Group" >> beam.GroupByKey()
-           | f"{label}/Chronological" >> beam.FlatMap(lambda ur, t: _chronological((ur[0], list(ur[1])), t),
-                                                      t=beam.pvalue.AsSingleton(timed))
-           | f"{label}/KCore" >> _KCore(kcore, kcore_rounds)
-           | f"{label}/MinInteractions" >> beam.Filter(lambda u: len(u[2]) >= min_interactions))
-  first_lines = (users | f"{label}/FirstLine" >> beam.Map(lambda u: (u[1], u[0]))
+  by_user = (rows | f"{label}/ByUser" >> beam.Map(lambda r: (r[1], (r[0], r[2], r[3], r[4])))
+             | f"{label}/Group" >> beam.GroupByKey()
+             | f"{label}/Chronological" >> beam.FlatMap(lambda ur, t: _chronological((ur[0], list(ur[1])), t),
+                                                        t=beam.pvalue.AsSingleton(timed)
+                                                        ).with_outputs("missing", "duplicates", "rated", main="users"))
+  users = by_user.users
+  kcored = users | f"{label}/KCore" >> _KCore(kcore, kcore_rounds)
+  kept = kcored | f"{label}/MinInteractions" >> beam.Filter(lambda u: len(u[2]) >= min_interactions)
+  first_lines = (kept | f"{label}/FirstLine" >> beam.Map(lambda u: (u[1], u[0]))
                  | f"{label}/AllUsers" >> beam.combiners.ToList())
-  items = (users | f"{label}/ItemIds" >> beam.FlatMap(lambda u: [x[0] for x in u[2]])
+  items = (kept | f"{label}/ItemIds" >> beam.FlatMap(lambda u: [x[0] for x in u[2]])
            | f"{label}/Distinct" >> beam.Distinct() | f"{label}/AllItems" >> beam.combiners.ToList())
   numbers = (first_lines | f"{label}/Numbering" >> beam.Map(
       lambda fl, it: _numbering(fl, it, seed, num_validation_users), it=beam.pvalue.AsSingleton(items)))
-  return users | f"{label}/Records" >> beam.Map(_record, numbers=beam.pvalue.AsSingleton(numbers))
+  records = kept | f"{label}/Records" >> beam.Map(_record, numbers=beam.pvalue.AsSingleton(numbers))
+  stats = {
+      "timed": timed,
+      "missing_count": by_user.missing | f"{label}/MissingCount" >> beam.combiners.Count.Globally(),
+      "missing_lines": by_user.missing | f"{label}/MissingLines" >> beam.combiners.Top.Smallest(5),
+      "duplicates": by_user.duplicates | f"{label}/Duplicates" >> beam.CombineGlobally(sum),
+      "rated": by_user.rated | f"{label}/Rated" >> beam.CombineGlobally(lambda xs: tuple(map(sum, zip((0, 0), *xs)))),
+      "grouped": _sizes(users, f"{label}/Grouped"), "kcored": _sizes(kcored, f"{label}/KCored"),
+      "kept": _sizes(kept, f"{label}/Kept"),
+      "items": numbers | f"{label}/ItemsByIndex" >> beam.Map(
+          lambda n: sorted(n["item_index"], key=n["item_index"].get)),
+  }
+  return records, stats
 
 
-def _json(record: tuple[int, dict]) -> str:
-  _, r = record
-  return json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()})
+def prepare_users(rows, **settings):
+  """PCollection of (line, user, item, timestamp, rating) -> PCollection of (user index, record): the
+  records `tfds_data` writes, equal to `prepare.prepare`'s users."""
+  return _prepare(rows, **settings)[0]
 
 
-def run_local(interactions: str | Path, out: str | Path, *, runner: str = "DirectRunner",
-              options: Optional[list[str]] = None, **settings) -> list[dict]:
-  """Runs `prepare_users` over an amazon-tsv interactions.tsv, writes the records as JSON lines under `out`
-  (shards, in no order) and returns them in user order (tests and small data)."""
-  from apache_beam.options.pipeline_options import PipelineOptions
-  with beam.Pipeline(runner=runner, options=PipelineOptions(options or [])) as p:
-    rows = p | beam.Create([str(interactions)]) | beam.FlatMap(read_amazon_tsv_rows)
-    _ = prepare_users(rows, **settings) | beam.Map(_json) | beam.io.WriteToText(str(Path(out) / "users"),
-                                                                                 file_name_suffix=".jsonl")
-  records = [json.loads(line) for f in sorted(Path(out).glob("users*.jsonl")) for line in f.open()]
-  return sorted(records, key=lambda r: r["user"])
+def _summary(_, reports: list, **stats) -> str:
+  return json.dumps({"reports": reports, **stats})
 
 
-def write_tfds(interactions: str | Path, prepared_dir: str | Path, *, runner: str = "DirectRunner",
-               options: Optional[list[str]] = None, **settings) -> Path:
-  """The TFDS copy (`tfds_data`'s format and directory) built by one Beam pipeline straight from an amazon-tsv
-  interactions.tsv: the same records the in-process `tfds_data.write` writes after `prepare`. (Its metadata
-  holds no manifest yet: the folder's other files are still the in-process path's.)"""
+def _tfds_builder(source: RowSource, prepared_dir: Path, settings: dict, strict: bool):
+  """TFDS's Beam builder for tfds_data's dataset: its split is the pipeline's records; the pipeline also
+  writes the summary the manifest is made from."""
   import tensorflow_datasets as tfds
-  from apache_beam.options.pipeline_options import PipelineOptions
   from recalign.data import tfds_data
 
-  with tfds.core.registered.skip_registration():
-    class Builder(tfds.core.GeneratorBasedBuilder):   # tfds_data's builder, its split generated by Beam
+  with tfds.core.registered.skip_registration():   # (tfds_data's name: registered already)
+    class Builder(tfds.core.GeneratorBasedBuilder):
       name = tfds_data.NAME
       VERSION = tfds.core.Version(tfds_data.VERSION)
 
       def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds_data.features(),
-                                     description="recalign prepared data set (Beam)")
+        return tfds.core.DatasetInfo(builder=self, features=tfds_data.features(), metadata=tfds.core.MetadataDict(),
+                                     description="recalign prepared data set (leave-one-out), made with Beam")
 
       def _split_generators(self, dl_manager, pipeline):   # (a `pipeline` argument: TFDS runs it on Beam)
         del dl_manager
-        rows = pipeline | beam.Create([str(interactions)]) | beam.FlatMap(read_amazon_tsv_rows)
-        return {tfds_data.SPLIT: prepare_users(rows, **settings)
-                | beam.Map(lambda r: (r[0], {**r[1], "attributes": "{}"}))}
+        read = (pipeline | "Source" >> beam.Create([source])
+                | "Read" >> beam.FlatMap(_read_rows, strict=strict).with_outputs("report", main="rows"))
+        records, stats = _prepare(read.rows, **settings)
+        side = {k: beam.pvalue.AsSingleton(v) for k, v in stats.items()}
+        _ = (pipeline | "One" >> beam.Create([None])
+             | "Summary" >> beam.Map(_summary, reports=beam.pvalue.AsList(read.report), **side)
+             | "WriteSummary" >> beam.io.WriteToText(str(prepared_dir / SUMMARY), num_shards=1, shard_name_template=""))
+        return {tfds_data.SPLIT: records}
 
       def _generate_examples(self):   # (the split is the PCollection above)
         raise NotImplementedError
 
-  out = tfds_data.directory(prepared_dir)
-  if out.exists():
-    import tensorflow as tf
-    tf.io.gfile.rmtree(str(out))
+  return Builder(data_dir=str(prepared_dir / "tfds"))
+
+
+def _merged_report(summary: dict, path: Path, strict: bool) -> IngestReport:
+  """The source's report as the in-process reader leaves it: the rows' skips, then the rows without a
+  timestamp in a timed source, then the duplicates dropped (file:line examples as `IngestReport` keeps them)."""
+  report = IngestReport(strict=strict)
+  for r in summary["reports"]:
+    report.rows += r["rows"]
+    report.skipped.update(r["skipped"])
+    report.repaired.update(r["repaired"])
+    for kind, examples in r["examples"].items():
+      report.examples.setdefault(kind, []).extend(examples)
+  if summary["missing_count"]:
+    examples = [DataError(str(path), line, "timestamp", "empty while other rows have one")
+                for line in sorted(summary["missing_lines"])]
+    if strict:
+      raise examples[0]
+    report.skipped["missing_timestamp"] += summary["missing_count"]
+    report.examples["missing_timestamp"] = [str(e) for e in examples][:report.max_examples]
+  if summary["duplicates"]:
+    report.repair("duplicate_user_item_dropped", summary["duplicates"])
+  return report
+
+
+def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = None, meta: Optional[str] = None,
+                   name: Optional[str] = None, domain: Optional[Domain] = None, kcore: int = 5, seed: int = 0,
+                   num_validation_users: int = 3000, min_interactions: int = MIN_INTERACTIONS,
+                   kcore_rounds: int = KCORE_ROUNDS, strict: bool = False, runner: str = "DirectRunner",
+                   options: Optional[list[str]] = None) -> dict:
+  """`recalign prepare` through Beam: the folder `prepare.prepare` + `tfds_data.save` make, without users.jsonl
+  (the users are the TFDS copy). Returns the manifest."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from recalign.data import tfds_data
+
+  if min_interactions < MIN_INTERACTIONS:
+    raise ValueError(f"min_interactions must be >= {MIN_INTERACTIONS} for leave-one-out")
+  src, out = row_source(source, fmt, meta), Path(out)
+  name = name or name_from_path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  for stale in ("users.jsonl", "manifest.json", SUMMARY):   # a folder prepared before: nothing of it may survive
+    (out / stale).unlink(missing_ok=True)
+  if tfds_data.directory(out).exists():
+    tf.io.gfile.rmtree(str(tfds_data.directory(out)))
+  settings = dict(kcore=kcore, seed=seed, num_validation_users=num_validation_users,
+                  min_interactions=min_interactions, kcore_rounds=kcore_rounds)
   config = tfds.download.DownloadConfig(beam_runner=runner, beam_options=PipelineOptions(options or []))
   tfds.disable_progress_bar()
   with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing dataset ..."
-    Builder(data_dir=str(Path(prepared_dir) / "tfds")).download_and_prepare(download_config=config)
-  return out
+    _tfds_builder(src, out, settings, strict).download_and_prepare(download_config=config)
+  summary = json.loads((out / SUMMARY).read_text())
+
+  report = _merged_report(summary, src.interactions, strict)
+  metadata = src.items(report)   # (read after the rows, as the in-process reader does)
+  rated, rows = summary["rated"]
+  if 0 < rated < rows:
+    raise DataError(str(src.interactions), None, RATING_FIELDS[src.format], "some reviews have a rating and others not")
+  warnings, row_skips = skip_warnings(report, str(src.interactions)), sum(report.skipped.values())
+  (g_users, g_inter), (k_users, k_inter), (users, _) = summary["grouped"], summary["kcored"], summary["kept"]
+  report.skipped["users_removed_by_kcore"] += g_users - k_users
+  report.skipped["interactions_removed_by_kcore"] += g_inter - k_inter
+  report.skipped[f"users_with_fewer_than_{min_interactions}_interactions"] += k_users - users
+  if not users:
+    raise nobody_left(report, row_skips, kcore, min_interactions, str(src.interactions))
+  items = item_table(metadata, summary["items"], report)
+
+  builder = tfds.builder_from_directory(str(tfds_data.directory(out)))
+  lengths, validation = tfds_data.index(builder)   # O(users): one pass over the records' lengths
+  raw = RawData({}, metadata, domain or src.domain, src.format, src.files, report, rated > 0)
+  manifest = make_manifest(raw, name=name, seed=seed, kcore=kcore, min_interactions=min_interactions,
+                             items=items, lengths=lengths, has_timestamps=bool(summary["timed"]),
+                             has_ratings=rated > 0, attribute_keys=[], n_val=int(validation.sum()),
+                             warnings=warnings)
+  manifest["beam"] = {"runner": runner, "options": list(options or []),
+                      "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  save_items(out, items, summary["items"])
+  (out / "validation_users.json").write_text(json.dumps(np.flatnonzero(validation).tolist()))
+  # The TFDS copy's metadata: the manifest (tfds_data.reader checks its `created` against manifest.json's).
+  (tfds_data.directory(out) / "metadata.json").write_text(json.dumps({"manifest": manifest}))
+  (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")   # last: done
+  (out / SUMMARY).unlink()
+  return manifest

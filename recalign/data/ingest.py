@@ -233,23 +233,17 @@ def _add_meta(items: dict[str, ItemMeta], item: str, meta: ItemMeta, path: Path,
 # Amazon TSV (the layout of shared/data/amazon-beauty)
 
 
+def amazon_tsv_rows(path: Path, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
+  """interactions.tsv: (line, user, interaction) per kept row."""
+  for n, row in _table_rows(path, report, ("user_id", "item_id")):
+    got = _interaction(row, path, n, report)
+    if got:
+      yield n, *got
+
+
 def read_amazon_tsv(directory: Path | str, *, report: Optional[IngestReport] = None,
                     domain: Domain = AMAZON) -> RawData:
-  directory = Path(directory)
-  report = report or IngestReport()
-  inter_path, items_path = directory / "interactions.tsv", directory / "items.tsv"
-  for p in (inter_path, items_path):
-    if not p.exists():
-      raise DataError(str(p), None, None, "file not found (amazon-tsv needs interactions.tsv and items.tsv)")
-  rows, has_ratings = [], False
-  for n, row in _table_rows(inter_path, report, ("user_id", "item_id")):
-    has_ratings = "rating" in row
-    got = _interaction(row, inter_path, n, report)
-    if got:
-      rows.append((n, *got))
-  sequences = _by_user(rows, inter_path, report)
-  items = read_items_tsv(items_path, report)
-  return RawData(sequences, items, domain, "amazon-tsv", [inter_path, items_path], report, has_ratings)
+  return read_rows(row_source(directory, "amazon-tsv"), report=report, domain=domain)
 
 
 def read_items_tsv(items_path: Path, report: IngestReport) -> dict[str, ItemMeta]:
@@ -307,11 +301,8 @@ def _has_ratings(sequences: dict[str, list[Interaction]], path: Path, field: str
   return any(rated)
 
 
-def read_amazon_raw(reviews: Path | str, meta: Optional[Path | str] = None, *,
-                    report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
-  reviews = Path(reviews)
-  report = report or IngestReport()
-  sequences: dict[str, list[Interaction]] = {}
+def amazon_raw_rows(reviews: Path, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
+  """Amazon 2014 / 2018 reviews: (line, reviewerID, (asin, unixReviewTime, overall)) per kept review."""
   for n, obj in _json_objects(reviews, report, True):
     missing = [f for f in ("reviewerID", "asin", "unixReviewTime") if not obj.get(f) and obj.get(f) != 0]
     if missing:
@@ -325,15 +316,12 @@ def read_amazon_raw(reviews: Path | str, meta: Optional[Path | str] = None, *,
       rating = _number(obj["overall"], reviews, n, "overall", report, "bad_rating")
       if rating is None:
         continue
-    sequences.setdefault(str(obj["reviewerID"]), []).append(Interaction(str(obj["asin"]), ts, rating))
-  has_ratings = _has_ratings(sequences, reviews, "overall")
+    yield n, str(obj["reviewerID"]), Interaction(str(obj["asin"]), ts, rating)
 
-  files = [reviews]
-  items: dict[str, ItemMeta] = {}
-  if meta is not None:
-    files.append(Path(meta))
-    items = read_amazon_meta(Path(meta), report)
-  return RawData(sequences, items, domain, "amazon-raw", files, report, has_ratings)
+
+def read_amazon_raw(reviews: Path | str, meta: Optional[Path | str] = None, *,
+                    report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
+  return read_rows(RowSource("amazon-raw", Path(reviews), meta and Path(meta)), report=report, domain=domain)
 
 
 def read_amazon_meta(meta: Path, report: IngestReport) -> dict[str, ItemMeta]:
@@ -466,14 +454,9 @@ def read_sequences(path: Path | str, meta: Optional[Path | str] = None, *,
 # Amazon Reviews 2023: <Category>.jsonl[.gz] + meta_<Category>.jsonl[.gz]
 
 
-def read_amazon_2023(reviews: Path | str, meta: Optional[Path | str] = None, *,
-                     report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
-  """Amazon Reviews 2023: reviews (user_id, parent_asin, timestamp in ms, rating) and optional meta
-  (parent_asin, title, store as the brand, price, categories). A review without parent_asin falls back to its
-  asin (counted as a repair)."""
-  reviews = Path(reviews)
-  report = report or IngestReport()
-  sequences: dict[str, list[Interaction]] = {}
+def amazon_2023_rows(reviews: Path, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
+  """Amazon Reviews 2023: (line, user_id, (parent_asin, timestamp in seconds, rating)) per kept review; a
+  review without parent_asin falls back to its asin (counted as a repair)."""
   for n, obj in _json_objects(reviews, report, True):
     item = obj.get("parent_asin") or obj.get("asin")
     if item and not obj.get("parent_asin"):
@@ -487,23 +470,29 @@ def read_amazon_2023(reviews: Path | str, meta: Optional[Path | str] = None, *,
     rating = _number(obj["rating"], reviews, n, "rating", report, "bad_rating") if "rating" in obj else None
     if ms is None or ("rating" in obj and rating is None):
       continue
-    sequences.setdefault(str(obj["user_id"]), []).append(Interaction(str(item), ms / 1000.0, rating))
-  has_ratings = _has_ratings(sequences, reviews, "rating")
-  files, items = [reviews], {}
-  if meta is not None:
-    meta = Path(meta)
-    files.append(meta)
-    for n, obj in _json_objects(meta, report, False):
-      if not obj.get("parent_asin"):
-        report.skip("missing_field", str(meta), n, "parent_asin", "missing or empty")
-        continue
-      price = obj.get("price")
-      _add_meta(items, str(obj["parent_asin"]), ItemMeta(
-          title=clean_text(str(obj.get("title") or ""), report), brand=clean_text(str(obj.get("store") or ""), report),
-          price="" if price in ("", None) else clean_text(str(price), report),
-          categories=tuple(clean_text(c, report) for c in _format_categories(_category_path(obj.get("categories"))))),
-          meta, n, report)
-  return RawData(sequences, items, domain, "amazon-2023", files, report, has_ratings)
+    yield n, str(obj["user_id"]), Interaction(str(item), ms / 1000.0, rating)
+
+
+def read_amazon_2023_meta(meta: Path, report: IngestReport) -> dict[str, ItemMeta]:
+  """meta_<Category>.jsonl[.gz]: parent_asin, title, store (the brand), price, categories."""
+  items: dict[str, ItemMeta] = {}
+  for n, obj in _json_objects(meta, report, False):
+    if not obj.get("parent_asin"):
+      report.skip("missing_field", str(meta), n, "parent_asin", "missing or empty")
+      continue
+    price = obj.get("price")
+    _add_meta(items, str(obj["parent_asin"]), ItemMeta(
+        title=clean_text(str(obj.get("title") or ""), report), brand=clean_text(str(obj.get("store") or ""), report),
+        price="" if price in ("", None) else clean_text(str(price), report),
+        categories=tuple(clean_text(c, report) for c in _format_categories(_category_path(obj.get("categories"))))),
+        meta, n, report)
+  return items
+
+
+def read_amazon_2023(reviews: Path | str, meta: Optional[Path | str] = None, *,
+                     report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
+  """Amazon Reviews 2023 (McAuley lab); items are parent ASINs, as the 2023 benchmarks use them."""
+  return read_rows(RowSource("amazon-2023", Path(reviews), meta and Path(meta)), report=report, domain=domain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,30 +503,80 @@ def _stripped(cols: list[str], path: Path) -> list[str]:
   return [c.strip() for c in cols]
 
 
-def read_movielens_csv(path: Path | str, *, report: Optional[IngestReport] = None,
-                       domain: Domain = MOVIES) -> RawData:
-  """`path`: the folder holding ratings.csv (userId, movieId, rating, timestamp in seconds) and, if present,
-  movies.csv (movieId, title, genres separated by '|'; '(no genres listed)' is none)."""
-  path = Path(path)
-  report = report or IngestReport()
-  ratings_path = path / "ratings.csv" if path.is_dir() else path
-  rows = []
+def movielens_rows(ratings_path: Path, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
+  """ratings.csv (userId, movieId, rating, timestamp in seconds): (line, user, interaction) per kept row."""
   for n, row in _table_rows(ratings_path, report, ("userId", "movieId", "rating", "timestamp"), _stripped, sep=","):
     got = _interaction({"user_id": row["userId"], "item_id": row["movieId"], "timestamp": row["timestamp"],
                         "rating": row["rating"]}, ratings_path, n, report)
     if got:
-      rows.append((n, *got))
-  sequences = _by_user(rows, ratings_path, report)
-  files, items = [ratings_path], {}
-  movies = ratings_path.parent / "movies.csv"
-  if movies.exists():
-    files.append(movies)
-    for n, row in _table_rows(movies, report, ("movieId", "title"), _stripped, sep=","):
-      genres = [g for g in row.get("genres", "").split("|") if g and g != "(no genres listed)"]
-      _add_meta(items, row["movieId"].strip(), ItemMeta(
-          title=clean_text(row["title"], report), categories=tuple(clean_text(g, report) for g in genres)),
-          movies, n, report)
-  return RawData(sequences, items, domain, "movielens-csv", files, report, True)
+      yield n, *got
+
+
+def read_movies_csv(movies: Path, report: IngestReport) -> dict[str, ItemMeta]:
+  """movies.csv: movieId, title, genres separated by '|' ('(no genres listed)' is none)."""
+  items: dict[str, ItemMeta] = {}
+  for n, row in _table_rows(movies, report, ("movieId", "title"), _stripped, sep=","):
+    genres = [g for g in row.get("genres", "").split("|") if g and g != "(no genres listed)"]
+    _add_meta(items, row["movieId"].strip(), ItemMeta(
+        title=clean_text(row["title"], report), categories=tuple(clean_text(g, report) for g in genres)),
+        movies, n, report)
+  return items
+
+
+def read_movielens_csv(path: Path | str, *, report: Optional[IngestReport] = None,
+                       domain: Domain = MOVIES) -> RawData:
+  """`path`: the folder holding ratings.csv and, if present, movies.csv (the 20M / 25M / 32M layout)."""
+  return read_rows(row_source(path, "movielens-csv"), report=report, domain=domain)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row sources: the formats whose interaction file holds one interaction per line. The in-process readers
+# group the rows by user here; the Beam pipeline (beam_prepare) reads the same rows in parallel.
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSource:
+  format: str
+  interactions: Path
+  meta: Optional[Path] = None
+
+  def rows(self, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
+    """(line, user, interaction) of each kept row, in file order; skips counted in `report`."""
+    return ROW_READERS[self.format][0](self.interactions, report)
+
+  def items(self, report: IngestReport) -> dict[str, ItemMeta]:
+    return ROW_READERS[self.format][1](self.meta, report) if self.meta else {}
+
+  @property
+  def files(self) -> list[Path]:
+    return [self.interactions] + ([self.meta] if self.meta else [])
+
+  @property
+  def domain(self) -> Domain:
+    return MOVIES if self.format == "movielens-csv" else AMAZON
+
+
+def read_rows(source: RowSource, *, report: Optional[IngestReport] = None, domain: Optional[Domain] = None
+              ) -> RawData:
+  """A row source read into one process: rows grouped by user (`_by_user`), ratings all or none."""
+  report = report or IngestReport()
+  sequences = _by_user(list(source.rows(report)), source.interactions, report)
+  has_ratings = _has_ratings(sequences, source.interactions, RATING_FIELDS[source.format])
+  return RawData(sequences, source.items(report), domain or source.domain, source.format, source.files, report,
+                 has_ratings)
+
+
+def _movielens_ratings(path: Path) -> Path:
+  return path / "ratings.csv" if path.is_dir() else path
+
+
+ROW_READERS: dict[str, tuple[Callable, Callable]] = {
+    "amazon-tsv": (amazon_tsv_rows, lambda meta, report: read_items_tsv(meta, report)),
+    "amazon-raw": (amazon_raw_rows, lambda meta, report: read_amazon_meta(meta, report)),
+    "amazon-2023": (amazon_2023_rows, lambda meta, report: read_amazon_2023_meta(meta, report)),
+    "movielens-csv": (movielens_rows, lambda meta, report: read_movies_csv(meta, report)),
+}
+RATING_FIELDS = {"amazon-tsv": "rating", "amazon-raw": "overall", "amazon-2023": "rating", "movielens-csv": "rating"}
 
 
 SOURCES = {"amazon-tsv": read_amazon_tsv, "amazon-raw": read_amazon_raw, "amazon-2023": read_amazon_2023,
@@ -577,30 +616,50 @@ def detect_format(path: Path) -> str:
   raise DataError(str(path), None, None, "cannot tell the format; pass --format " + "|".join(SOURCES))
 
 
+def row_source(path: Path | str, fmt: Optional[str] = None, meta: Optional[Path | str] = None) -> RowSource:
+  """The interaction file and item metadata file of a source in one of the `ROW_READERS` formats (`fmt=None`:
+  detected): the reviews file of a folder, metadata found beside it when not given."""
+  path = Path(path)
+  if not path.exists():
+    raise DataError(str(path), None, None, "no such file or folder")
+  fmt = fmt or detect_format(path)
+  if fmt not in ROW_READERS:
+    raise ValueError(f"{fmt!r} is not read row by row; row formats: {sorted(ROW_READERS)}")
+  if fmt == "amazon-tsv":
+    for p in (path / "interactions.tsv", path / "items.tsv"):
+      if not p.exists():
+        raise DataError(str(p), None, None, "file not found (amazon-tsv needs interactions.tsv and items.tsv)")
+    return RowSource(fmt, path / "interactions.tsv", path / "items.tsv")
+  if fmt == "movielens-csv":
+    movies = _movielens_ratings(path).parent / "movies.csv"
+    return RowSource(fmt, _movielens_ratings(path), movies if movies.exists() else None)
+  if path.is_dir():
+    reviews = (sorted(path.glob("reviews_*.json*")) or _amazon_2018_reviews(path) if fmt == "amazon-raw"
+               else _amazon_2023_reviews(path))
+    if len(reviews) != 1:
+      raise DataError(str(path), None, None, f"expected one reviews file ({fmt}), found {len(reviews)}: "
+                      f"{[p.name for p in reviews]}")
+    path = reviews[0]
+  if meta is None:   # beside the reviews: meta_<Category>.json[l][.gz]
+    category = path.name.split(".")[0].removeprefix("reviews_").removesuffix("_5")
+    cands = sorted(path.parent.glob(f"meta_{category}.json*")) or sorted(path.parent.glob("meta_*.json*"))
+    meta = cands[0] if cands else None
+  return RowSource(fmt, path, meta and Path(meta))
+
+
 def read_source(path: Path | str, fmt: Optional[str] = None, *, meta: Optional[Path | str] = None,
                 report: Optional[IngestReport] = None, domain: Optional[Domain] = None) -> RawData:
   """Reads any supported source; `fmt=None` detects it from the path. `domain`: the template words
-  (default: Amazon products; movies for RecBole)."""
+  (default: Amazon products; movies for RecBole and MovieLens)."""
   path = Path(path)
   if not path.exists():
     raise DataError(str(path), None, None, "no such file or folder")
   fmt = fmt or detect_format(path)
   if fmt not in SOURCES:
     raise ValueError(f"unknown source format {fmt!r}; known: {sorted(SOURCES)}")
+  if fmt in ROW_READERS:
+    return read_rows(row_source(path, fmt, meta), report=report, domain=domain)
   kw = {"report": report} | ({"domain": domain} if domain else {})
-  if fmt in ("amazon-raw", "amazon-2023"):
-    if path.is_dir():
-      reviews = (sorted(path.glob("reviews_*.json*")) or _amazon_2018_reviews(path) if fmt == "amazon-raw"
-                 else _amazon_2023_reviews(path))
-      if len(reviews) != 1:
-        raise DataError(str(path), None, None, f"expected one reviews file ({fmt}), found {len(reviews)}: "
-                        f"{[p.name for p in reviews]}")
-      path = reviews[0]
-    if meta is None:   # beside the reviews: meta_<Category>.json[l][.gz]
-      category = path.name.split(".")[0].removeprefix("reviews_").removesuffix("_5")
-      cands = sorted(path.parent.glob(f"meta_{category}.json*")) or sorted(path.parent.glob("meta_*.json*"))
-      meta = cands[0] if cands else None
-    return (read_amazon_raw if fmt == "amazon-raw" else read_amazon_2023)(path, meta, **kw)
   if fmt == "sequences":
     if meta is None and path.is_dir() and (path / "items.tsv").exists():
       meta = path / "items.tsv"

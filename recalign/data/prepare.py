@@ -106,12 +106,7 @@ class PreparedData:
   # ------------------------------------------------------------------------------------------
   def save(self, out: Path | str) -> Path:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "items.jsonl", "w", encoding="utf-8") as f:
-      for k, (meta, src) in enumerate(zip(self.items, self.source_item_ids)):
-        row = {"id": item_id(k), "source_id": src, "title": meta.title, "brand": meta.brand,
-               "price": meta.price, "categories": list(meta.categories)}
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    save_items(out, self.items, self.source_item_ids)
     with open(out / "users.jsonl", "w", encoding="utf-8") as f:
       for u, user in enumerate(self.users):
         row = {"user": user, "items": [item_id(int(i)) for i in self.sequences[u]]}
@@ -178,6 +173,16 @@ class PreparedData:
                user_attributes=attrs if manifest.get("user_attributes") else None)
 
 
+def save_items(out: Path, items: list[ItemMeta], source_ids: list[str]) -> None:
+  """items.jsonl: row k is item k, ID item_id(k)."""
+  out.mkdir(parents=True, exist_ok=True)
+  with open(out / "items.jsonl", "w", encoding="utf-8") as f:
+    for k, (meta, src) in enumerate(zip(items, source_ids)):
+      row = {"id": item_id(k), "source_id": src, "title": meta.title, "brand": meta.brand,
+             "price": meta.price, "categories": list(meta.categories)}
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def load_items(path: Path | str) -> tuple[list[ItemMeta], list[str]]:
   """items.jsonl of a prepared folder: (metadata, source ID) per item, row k being item k."""
   items, src = [], []
@@ -220,30 +225,18 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
   report = raw.report
   if min_interactions < MIN_INTERACTIONS:
     raise ValueError(f"min_interactions must be >= {MIN_INTERACTIONS} for leave-one-out")
-  warnings = []
-  row_skips = sum(report.skipped.values())   # (before the filtering counts below are added)
-  if report.rows and row_skips > report.rows / 2:
-    warnings.append(f"most rows were skipped: {row_skips} of {report.rows}; {report.dominant_skip()}")
-    logging.warning("%s: %s", raw.source_files[0] if raw.source_files else name, warnings[-1])
+  where = str(raw.source_files[0]) if raw.source_files else name
+  warnings, row_skips = skip_warnings(report, where), sum(report.skipped.values())
   seqs = _filtered(_chronological(raw, report), kcore, min_interactions, report)
   if not seqs:
-    why = (f"{row_skips} of {report.rows} rows were skipped ({report.dominant_skip()})" if row_skips else
-           f"k-core {kcore} and at least {min_interactions} interactions per user removed everyone")
-    raise DataError(str(raw.source_files[0]) if raw.source_files else name, None, None,
-                    f"no users left after filtering: {why}")
+    raise nobody_left(report, row_skips, kcore, min_interactions, where)
 
   source_ids = sorted({x.item for s in seqs.values() for x in s})
   index_of = item_numbers(source_ids, seed)   # random IDs
   by_index = [""] * len(source_ids)
   for sid, k in index_of.items():
     by_index[k] = sid
-
-  missing_meta = [sid for sid in by_index if sid not in raw.items]
-  report.skipped["items_without_metadata"] += len(missing_meta)
-  unused = len(set(raw.items) - set(index_of))
-  report.skipped["metadata_items_not_in_interactions"] += unused
-  items = [raw.items.get(sid, ItemMeta()) for sid in by_index]
-  report.skipped["items_with_empty_title_rendered_by_id"] += sum(1 for m in items if not m.title)
+  items = item_table(raw.items, by_index, report)
 
   users = list(seqs)  # file order of first appearance
   sequences = [np.array([index_of[x.item] for x in seqs[u]], np.int32) for u in users]
@@ -261,9 +254,11 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
   validation_users = draw_validation_users(len(users), num_validation_users, seed)
   n_val = len(validation_users)
 
-  manifest = _manifest(raw, name=name, seed=seed, kcore=kcore, min_interactions=min_interactions, items=items,
-                       sequences=sequences, timestamps=timestamps, ratings=ratings, attributes=attributes,
-                       n_val=n_val, warnings=warnings)
+  manifest = make_manifest(raw, name=name, seed=seed, kcore=kcore, min_interactions=min_interactions, items=items,
+                           lengths=[len(s) for s in sequences], has_timestamps=timestamps is not None,
+                           has_ratings=ratings is not None,
+                           attribute_keys=sorted({k for a in attributes or [] for k in a}), n_val=n_val,
+                           warnings=warnings)
   return PreparedData(name, raw.domain, items, by_index, users, sequences, timestamps, ratings,
                       validation_users, manifest, attributes)
 
@@ -280,7 +275,7 @@ def subset_users(data: PreparedData, fraction: float, seed: int = 0,
   validation = draw_validation_users(n, num_validation_users, seed)
   manifest = {**data.manifest, "name": data.name, "subset": {"of": data.name, "fraction": fraction, "seed": seed,
                                                                "users": int(n)},
-              "counts": _counts([data.sequences[u] for u in keep], data.num_items, len(validation))}
+              "counts": _counts([len(data.sequences[u]) for u in keep], data.num_items, len(validation))}
   return dataclasses.replace(data, users=pick(data.users), sequences=pick(data.sequences),
                              timestamps=pick(data.timestamps), ratings=pick(data.ratings), validation_users=validation,
                              manifest=manifest, user_attributes=pick(data.user_attributes))
@@ -311,14 +306,39 @@ def chronological(interactions: list, *, item, timestamp) -> tuple[list, int]:
   return kept, len(interactions) - len(kept)
 
 
-def _counts(sequences: list, num_items: int, n_val: int) -> dict:
-  """The manifest's counts of users' sequences (each the whole leave-one-out sequence)."""
-  lengths = np.array([len(s) for s in sequences])
-  return {"users": len(sequences), "items": num_items, "interactions": int(lengths.sum()),
-          "train_interactions": int((lengths - 2).sum()), "validation_users": n_val, "test_users": len(sequences),
+def skip_warnings(report, where: str) -> list[str]:
+  """The manifest's warning when most rows of the source were skipped (call before the filtering counts)."""
+  row_skips = sum(report.skipped.values())
+  if not (report.rows and row_skips > report.rows / 2):
+    return []
+  warning = f"most rows were skipped: {row_skips} of {report.rows}; {report.dominant_skip()}"
+  logging.warning("%s: %s", where, warning)
+  return [warning]
+
+
+def nobody_left(report, row_skips: int, kcore: int, min_interactions: int, where: str) -> DataError:
+  why = (f"{row_skips} of {report.rows} rows were skipped ({report.dominant_skip()})" if row_skips else
+         f"k-core {kcore} and at least {min_interactions} interactions per user removed everyone")
+  return DataError(where, None, None, f"no users left after filtering: {why}")
+
+
+def item_table(metadata: dict[str, ItemMeta], by_index: list[str], report) -> list[ItemMeta]:
+  """Row k: the metadata of source item by_index[k] (empty when it has none); the mismatches counted."""
+  report.skipped["items_without_metadata"] += sum(1 for sid in by_index if sid not in metadata)
+  report.skipped["metadata_items_not_in_interactions"] += len(set(metadata) - set(by_index))
+  items = [metadata.get(sid, ItemMeta()) for sid in by_index]
+  report.skipped["items_with_empty_title_rendered_by_id"] += sum(1 for m in items if not m.title)
+  return items
+
+
+def _counts(lengths, num_items: int, n_val: int) -> dict:
+  """The manifest's counts of the users' sequence lengths (each the whole leave-one-out sequence)."""
+  lengths = np.asarray(lengths, np.int64)
+  return {"users": len(lengths), "items": num_items, "interactions": int(lengths.sum()),
+          "train_interactions": int((lengths - 2).sum()), "validation_users": n_val, "test_users": len(lengths),
           "sequence_length": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 3),
                               "max": int(lengths.max())},
-          "density": float(lengths.sum()) / (len(sequences) * num_items)}
+          "density": float(lengths.sum()) / (len(lengths) * num_items)}
 
 
 def _chronological(raw: RawData, report) -> dict[str, list]:
@@ -344,8 +364,9 @@ def _filtered(seqs: dict[str, list], kcore: int, min_interactions: int, report) 
   return seqs
 
 
-def _manifest(raw: RawData, *, name: str, seed: int, kcore: int, min_interactions: int, items, sequences,
-              timestamps, ratings, attributes, n_val: int, warnings: list[str]) -> dict:
+def make_manifest(raw: RawData, *, name: str, seed: int, kcore: int, min_interactions: int, items, lengths,
+                  has_timestamps: bool, has_ratings: bool, attribute_keys: list[str], n_val: int,
+                  warnings: list[str]) -> dict:
   """manifest.json: how the data set was made (source files and hashes, settings), its counts and fields,
   and every skip and repair."""
   report = raw.report
@@ -357,11 +378,10 @@ def _manifest(raw: RawData, *, name: str, seed: int, kcore: int, min_interaction
                  "files": {str(p): sha256_file(p) for p in raw.source_files}},
       "seed": seed, "kcore": kcore, "min_interactions": min_interactions,
       "domain": dataclasses.asdict(raw.domain),
-      "has_ratings": ratings is not None, "has_timestamps": timestamps is not None,
-      "user_attributes": sorted({k for a in attributes or [] for k in a}),
-      "order": "timestamps" if timestamps is not None else "file order (the source has no timestamps)",
+      "has_ratings": has_ratings, "has_timestamps": has_timestamps, "user_attributes": attribute_keys,
+      "order": "timestamps" if has_timestamps else "file order (the source has no timestamps)",
       "warnings": warnings,
-      "counts": _counts(sequences, len(items), n_val),
+      "counts": _counts(lengths, len(items), n_val),
       "fields": {"title": sum(1 for m in items if m.title), "brand": sum(1 for m in items if m.brand),
                  "price": sum(1 for m in items if m.price),
                  "categories": sum(1 for m in items if m.categories)},
