@@ -115,6 +115,8 @@ def test_beam_strict_fails_on_the_first_bad_row_by_name(tmp_path):
     beam_prepare.prepare_folder(shared("ml-100k"), tmp_path / "out2")
   with pytest.raises(DataError, match="no such file"):
     beam_prepare.prepare_folder(tmp_path / "nothing", tmp_path / "out3")
+  with pytest.raises(DataError, match="interactions.tsv: no users left after filtering"):
+    beam_prepare.prepare_folder(write_tiny_tsv(tmp_path / "tiny"), tmp_path / "out4", kcore=50)
 
 
 def test_beam_prepare_train_streamed_and_eval_end_to_end(tmp_path):

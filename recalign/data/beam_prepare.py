@@ -260,8 +260,15 @@ def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = 
                   min_interactions=min_interactions, kcore_rounds=kcore_rounds)
   config = tfds.download.DownloadConfig(beam_runner=runner, beam_options=PipelineOptions(options or []))
   tfds.disable_progress_bar()
-  with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing dataset ..."
-    _tfds_builder(src, out, settings, strict).download_and_prepare(download_config=config)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing dataset ..."
+      _tfds_builder(src, out, settings, strict).download_and_prepare(download_config=config)
+  except ValueError as e:   # TFDS refuses an empty split before this process sees the pipeline's counts
+    if "number of generated examples is 0" not in str(e):
+      raise
+    raise DataError(str(src.interactions), None, None, f"no users left after filtering: every row was skipped, or "
+                    f"k-core {kcore} and at least {min_interactions} interactions per user removed everyone "
+                    "(`recalign prepare` without --beam_runner reports which)") from None
   summary = json.loads((out / SUMMARY).read_text())
 
   report = _merged_report(summary, src.interactions, strict)
