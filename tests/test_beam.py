@@ -18,9 +18,11 @@ from conftest import shared, write_tiny_tsv  # noqa: E402
 
 
 def messy_rows(users: int = 40, items: int = 45, seed: int = 0) -> list[tuple[str, str, int, int]]:
-  """Short random sequences (a k-core that needs several rounds), repeated user-item pairs, equal timestamps."""
+  """Short random sequences (a k-core that needs several rounds), repeated user-item pairs, equal timestamps
+  (Unix seconds that float32 would round)."""
   rng = np.random.default_rng(seed)
-  return [(f"u{u}", f"i{int(rng.integers(items))}", int(rng.integers(1, 6)), int(rng.integers(1, 6)))
+  return [(f"u{u}", f"i{int(rng.integers(items))}", 1_388_534_401 + 3_601 * int(rng.integers(1, 6)),
+           int(rng.integers(1, 6)))
           for u in range(users) for _ in range(int(rng.integers(2, 8)))]
 
 

@@ -22,7 +22,8 @@ LENGTHS = {"inputs": 256, "targets": 64}
 def rated_dataset(root: Path, name: str, users: int = 40, items: int = 60, validation_users: int = 15) -> PreparedData:
   """Random sequences of 3..30 items with ratings and titles: windows, prefixes and long histories."""
   rng = np.random.default_rng(1)
-  seqs = {f"u{u:03d}": [Interaction(f"i{int(x):03d}", float(t), float(rng.integers(1, 6)))
+  # Unix seconds with a fraction (Amazon 2023's are ms): float32 would round them (128 s apart near 1.4e9)
+  seqs = {f"u{u:03d}": [Interaction(f"i{int(x):03d}", 1_388_534_401.25 + 3_599 * t, float(rng.integers(1, 6)))
                         for t, x in enumerate(rng.choice(items, rng.integers(3, 31), replace=False))]
           for u in range(users)}
   meta = {f"i{k:03d}": ItemMeta(title=f"Thing {k}") for k in range(items)}

@@ -34,7 +34,7 @@ def name_from_path(path: Path | str) -> str:
 
 FORMAT_VERSION = 1
 MIN_INTERACTIONS = 3  # leave-one-out needs >= 1 training item besides validation and test
-TFDS_NAME, TFDS_VERSION, TFDS_SPLIT = "recalign_prepared", "1.0.0", "users"   # the TFDS copy (data/tfds_data.py)
+TFDS_NAME, TFDS_VERSION, TFDS_SPLIT = "recalign_prepared", "1.1.0", "users"   # the TFDS copy (data/tfds_data.py)
 
 
 def tfds_directory(prepared_dir: Path | str) -> Path:

@@ -38,7 +38,8 @@ def features() -> tfds.features.FeaturesDict:
       "user_id": tfds.features.Text(),               # the source's user ID
       # (Tensors of unknown length, not Sequences: those encode element by element, 20x slower)
       "items": tfds.features.Tensor(shape=(None,), dtype=np.int32),   # item indices (items.jsonl rows), oldest first
-      "timestamps": tfds.features.Tensor(shape=(None,), dtype=np.float64),
+      # (as raw bytes: TFDS stores a float64 Tensor as a float32 list, which rounds Unix seconds to 128 s)
+      "timestamps": tfds.features.Tensor(shape=(None,), dtype=np.float64, encoding=tfds.features.Encoding.BYTES),
       "ratings": tfds.features.Tensor(shape=(None,), dtype=np.float32),
       "attributes": tfds.features.Text(),            # JSON object ({} when the data set has none)
       "validation": tf.bool,                         # in the seeded validation subset
@@ -48,7 +49,8 @@ def features() -> tfds.features.FeaturesDict:
 class RecalignPrepared(tfds.core.GeneratorBasedBuilder):
   """Writes one prepared data set (a `PreparedData`) as TFDS files; reading does not need this class."""
 
-  RELEASE_NOTES = {VERSION: "users split: sequences, timestamps, ratings, attributes, validation flag"}
+  RELEASE_NOTES = {"1.0.0": "users split: sequences, timestamps, ratings, attributes, validation flag",
+                   "1.1.0": "timestamps stored exactly (1.0.0 kept them as float32)"}
   VERSION = tfds.core.Version(VERSION)
 
   def __init__(self, *, data: PreparedData, **kwargs):
