@@ -158,14 +158,10 @@ class PreparedData:
   def _with_tfds_users(cls, path: Path, manifest: dict, items, src) -> "PreparedData":
     """The users from the TFDS copy (a folder whose users are only there, e.g. one Beam prepared)."""
     import tensorflow_datasets as tfds
-    builder = tfds.builder_from_directory(str(tfds_directory(path)))
-    n = builder.info.splits[TFDS_SPLIT].num_examples
-    users, seqs, times, rates, attrs = [""] * n, [None] * n, [None] * n, [None] * n, [None] * n
-    val = np.zeros(n, bool)
-    for r in builder.as_dataset(split=TFDS_SPLIT, shuffle_files=False).as_numpy_iterator():
-      u = int(r["user"])
-      users[u], seqs[u], times[u], rates[u] = r["user_id"].decode(), r["items"], r["timestamps"], r["ratings"]
-      attrs[u], val[u] = json.loads(r["attributes"]), r["validation"]
+    from recalign.data.tfds_data import read_users   # (tfds_data imports this module)
+    r = read_users(tfds.builder_from_directory(str(tfds_directory(path))))
+    users, seqs, times, rates, attrs, val = (r[k] for k in ("user_id", "items", "timestamps", "ratings",
+                                                             "attributes", "validation"))
     return cls(name=manifest["name"], domain=Domain(**manifest["domain"]), items=items, source_item_ids=src,
                users=users, sequences=seqs, timestamps=times if manifest["has_timestamps"] else None,
                ratings=rates if manifest["has_ratings"] else None,
