@@ -616,13 +616,17 @@ def detect_format(path: Path) -> str:
   raise DataError(str(path), None, None, "cannot tell the format; pass --format " + "|".join(SOURCES))
 
 
-def row_source(path: Path | str, fmt: Optional[str] = None, meta: Optional[Path | str] = None) -> RowSource:
-  """The interaction file and item metadata file of a source in one of the `ROW_READERS` formats (`fmt=None`:
-  detected): the reviews file of a folder, metadata found beside it when not given."""
+def _located(path: Path | str, fmt: Optional[str]) -> tuple[Path, str]:
   path = Path(path)
   if not path.exists():
     raise DataError(str(path), None, None, "no such file or folder")
-  fmt = fmt or detect_format(path)
+  return path, fmt or detect_format(path)
+
+
+def row_source(path: Path | str, fmt: Optional[str] = None, meta: Optional[Path | str] = None) -> RowSource:
+  """The interaction file and item metadata file of a source in one of the `ROW_READERS` formats (`fmt=None`:
+  detected): the reviews file of a folder, metadata found beside it when not given."""
+  path, fmt = _located(path, fmt)
   if fmt not in ROW_READERS:
     raise ValueError(f"{fmt!r} is not read row by row; row formats: {sorted(ROW_READERS)}")
   if fmt == "amazon-tsv":
@@ -651,10 +655,7 @@ def read_source(path: Path | str, fmt: Optional[str] = None, *, meta: Optional[P
                 report: Optional[IngestReport] = None, domain: Optional[Domain] = None) -> RawData:
   """Reads any supported source; `fmt=None` detects it from the path. `domain`: the template words
   (default: Amazon products; movies for RecBole and MovieLens)."""
-  path = Path(path)
-  if not path.exists():
-    raise DataError(str(path), None, None, "no such file or folder")
-  fmt = fmt or detect_format(path)
+  path, fmt = _located(path, fmt)
   if fmt not in SOURCES:
     raise ValueError(f"unknown source format {fmt!r}; known: {sorted(SOURCES)}")
   if fmt in ROW_READERS:
