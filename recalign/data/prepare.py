@@ -158,8 +158,7 @@ class PreparedData:
   def _with_tfds_users(cls, path: Path, manifest: dict, items, src) -> "PreparedData":
     """The users from the TFDS copy (a folder whose users are only there, e.g. one Beam prepared)."""
     import tensorflow_datasets as tfds
-    from recalign.data.tfds_data import read_users   # (tfds_data imports this module)
-    r = read_users(tfds.builder_from_directory(str(tfds_directory(path))))
+    r = read_tfds_users(tfds.builder_from_directory(str(tfds_directory(path))))
     users, seqs, times, rates, attrs, val = (r[k] for k in ("user_id", "items", "timestamps", "ratings",
                                                              "attributes", "validation"))
     return cls(name=manifest["name"], domain=Domain(**manifest["domain"]), items=items, source_item_ids=src,
@@ -167,6 +166,36 @@ class PreparedData:
                ratings=rates if manifest["has_ratings"] else None,
                validation_users=np.flatnonzero(val).astype(np.int32), manifest=manifest,
                user_attributes=attrs if manifest.get("user_attributes") else None)
+
+
+def read_tfds_users(builder, batch: int = 8_192) -> dict[str, list]:
+  """Every user's fields (tfds_data's features), in user order, parsed in batches: what `PreparedData.load`
+  reads from a folder without users.jsonl. ~20x faster than decoding each record through TFDS; each
+  user's arrays are views of one buffer per batch. (Here, not in tfds_data, which imports this module.)"""
+  import tensorflow as tf
+  spec = {"user": tf.io.FixedLenFeature([], tf.int64), "user_id": tf.io.FixedLenFeature([], tf.string),
+          "items": tf.io.RaggedFeature(tf.int64), "ratings": tf.io.RaggedFeature(tf.float32),
+          "timestamps": tf.io.FixedLenFeature([], tf.string, default_value=b""),   # raw float64 bytes
+          "attributes": tf.io.FixedLenFeature([], tf.string), "validation": tf.io.FixedLenFeature([], tf.int64)}
+  info = builder.info.splits[TFDS_SPLIT]
+  n = info.num_examples
+  out: dict[str, list] = {k: [None] * n for k in ("user_id", "items", "timestamps", "ratings", "attributes")}
+  out["validation"] = np.zeros(n, bool)
+  def parse(serialized):
+    r = tf.io.parse_example(serialized, spec)
+    return {**r, "items": r["items"].values, "item_rows": r["items"].row_lengths(),
+            "ratings": r["ratings"].values, "rating_rows": r["ratings"].row_lengths()}
+
+  ds = tf.data.TFRecordDataset([str(f) for f in info.filepaths]).batch(batch)
+  for r in ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
+    items = np.split(r["items"].astype(np.int32), np.cumsum(r["item_rows"])[:-1])
+    ratings = np.split(r["ratings"], np.cumsum(r["rating_rows"])[:-1])
+    for k, u in enumerate(r["user"]):
+      out["user_id"][u], out["items"][u], out["ratings"][u] = r["user_id"][k].decode(), items[k], ratings[k]
+      out["timestamps"][u] = np.frombuffer(r["timestamps"][k], np.float64)
+      out["attributes"][u] = json.loads(r["attributes"][k])
+    out["validation"][r["user"]] = r["validation"].astype(bool)
+  return out
 
 
 def save_items(out: Path, items: list[ItemMeta], source_ids: list[str]) -> None:

@@ -25,11 +25,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from recalign.data.prepare import TFDS_NAME, TFDS_SPLIT, TFDS_VERSION, PreparedData, tfds_directory
+from recalign.data.prepare import (TFDS_NAME, TFDS_SPLIT, TFDS_VERSION, PreparedData, read_tfds_users,
+                                   tfds_directory)
 from recalign.data.report import DataError
 
 NAME, VERSION, SPLIT = TFDS_NAME, TFDS_VERSION, TFDS_SPLIT
 directory = tfds_directory   # where a prepared folder's TFDS files are
+read_users = read_tfds_users   # every user's fields, parsed in batches (prepare.py: PreparedData.load uses it)
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -132,35 +134,6 @@ def index(builder: tfds.core.DatasetBuilder, batch: int = 8_192) -> tuple[np.nda
   for u, length, v in ds.map(fields, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
     lengths[u], val[u] = length, v
   return lengths, val
-
-
-def read_users(builder: tfds.core.DatasetBuilder, batch: int = 8_192) -> dict[str, list]:
-  """Every user's fields (this module's features), in user order, parsed in batches: what `PreparedData.load`
-  reads from a folder without users.jsonl. ~20x faster than decoding each record through TFDS; each
-  user's arrays are views of one buffer per batch."""
-  spec = {"user": tf.io.FixedLenFeature([], tf.int64), "user_id": tf.io.FixedLenFeature([], tf.string),
-          "items": tf.io.RaggedFeature(tf.int64), "ratings": tf.io.RaggedFeature(tf.float32),
-          "timestamps": tf.io.FixedLenFeature([], tf.string, default_value=b""),   # raw float64 bytes
-          "attributes": tf.io.FixedLenFeature([], tf.string), "validation": tf.io.FixedLenFeature([], tf.int64)}
-  info = builder.info.splits[SPLIT]
-  n = info.num_examples
-  out: dict[str, list] = {k: [None] * n for k in ("user_id", "items", "timestamps", "ratings", "attributes")}
-  out["validation"] = np.zeros(n, bool)
-  def parse(serialized):
-    r = tf.io.parse_example(serialized, spec)
-    return {**r, "items": r["items"].values, "item_rows": r["items"].row_lengths(),
-            "ratings": r["ratings"].values, "rating_rows": r["ratings"].row_lengths()}
-
-  ds = tf.data.TFRecordDataset([str(f) for f in info.filepaths]).batch(batch)
-  for r in ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
-    items = np.split(r["items"].astype(np.int32), np.cumsum(r["item_rows"])[:-1])
-    ratings = np.split(r["ratings"], np.cumsum(r["rating_rows"])[:-1])
-    for k, u in enumerate(r["user"]):
-      out["user_id"][u], out["items"][u], out["ratings"][u] = r["user_id"][k].decode(), items[k], ratings[k]
-      out["timestamps"][u] = np.frombuffer(r["timestamps"][k], np.float64)
-      out["attributes"][u] = json.loads(r["attributes"][k])
-    out["validation"][r["user"]] = r["validation"].astype(bool)
-  return out
 
 
 def manifest(builder: tfds.core.DatasetBuilder) -> Optional[dict]:
