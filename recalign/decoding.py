@@ -1,8 +1,10 @@
 """Jitted beam search over the model's key/value cache, optionally constrained to valid item IDs.
 
-The constraint is a prefix trie over the tokenised item IDs (each followed by EOS) stored as dense
-arrays, so it runs inside the jitted loop:
-  * `next_node[node, k]`: the child reached by the k-th token of the trie's alphabet (-1: none);
+The constraint is a prefix trie over the tokenised item IDs (each followed by EOS) stored as arrays, so it
+runs inside the jitted loop:
+  * `child_col[node, j]`, `child_node[node, j]`: the node's j-th child -- the column of its token in the
+    trie's alphabet and the node it leads to (-1: none), j up to the widest node's children. (Not a dense
+    [nodes, alphabet] table: with one piece per item that is ~25k nodes x 12k tokens, 1.2 GB on Beauty.)
   * `item_path[item, d]`: the node reached after the item's d-th token (padding: a dummy node);
   * `leaves_under[node]`: how many items lie below a node.
 Per example, either a list of candidates (ranking: count the candidates below each node) or a list
@@ -39,7 +41,8 @@ NEG = -1e9
 @dataclasses.dataclass
 class ItemTrie:
   alphabet: np.ndarray    # [K] vocabulary ids, EOS included
-  next_node: np.ndarray   # [nodes, K] int32
+  child_col: np.ndarray   # [nodes, D] int32 alphabet column of each child's token, ascending (-1: none)
+  child_node: np.ndarray  # [nodes, D] int32 the child node (-1: none)
   item_path: np.ndarray   # [items, depth] int32 node after each token (padded with `nodes`)
   leaf_item: np.ndarray   # [nodes] int32 item at a leaf, else -1
   leaves_under: np.ndarray  # [nodes] int32 number of items below each node
@@ -48,7 +51,15 @@ class ItemTrie:
   @property
   def forced(self) -> np.ndarray:
     """[nodes] bool: the node has one child, so the token after it is not a choice (not scored)."""
-    return (self.next_node >= 0).sum(1) == 1
+    return (self.child_node >= 0).sum(1) == 1
+
+  @property
+  def next_node(self) -> np.ndarray:
+    """[nodes, K] the child reached by each alphabet token (-1: none), dense: for inspecting small tries."""
+    dense = np.full((len(self.child_node), len(self.alphabet)), -1, np.int32)
+    rows, slots = np.nonzero(self.child_node >= 0)
+    dense[rows, self.child_col[rows, slots]] = self.child_node[rows, slots]
+    return dense
 
   @classmethod
   def build(cls, token_seqs: Sequence[Sequence[int]], eos: int = EOS) -> "ItemTrie":
@@ -73,16 +84,17 @@ class ItemTrie:
         raise ValueError(f"items {leaf[node]} and {i} have the same token sequence")
       leaf[node] = i
     paths[paths < 0] = len(children)  # the dummy node: absorbs padding in scatter-adds
-    next_node = np.full((len(children), len(alphabet)), -1, np.int32)
+    width = max(len(ch) for ch in children)
+    child_col, child_node = np.full((2, len(children), width), -1, np.int32)
     for n, ch in enumerate(children):
-      for k, m in ch.items():
-        next_node[n, k] = m
+      for j, k in enumerate(sorted(ch)):   # by column: beams tie-break as over the whole alphabet
+        child_col[n, j], child_node[n, j] = k, ch[k]
     leaf_item = np.full(len(children), -1, np.int32)
     for n, i in leaf.items():
       leaf_item[n] = i
     leaves_under = np.bincount(paths.reshape(-1), minlength=len(children) + 1)[:-1].astype(np.int32)
     leaves_under[0] = len(seqs)
-    return cls(alphabet, next_node, paths, leaf_item, leaves_under, depth)
+    return cls(alphabet, child_col, child_node, paths, leaf_item, leaves_under, depth)
 
   @classmethod
   def for_items(cls, vocab, item_ids: Sequence[str]) -> "ItemTrie":
@@ -118,11 +130,11 @@ def allowed_nodes(item_path, leaves_under, candidates=None, excluded=None) -> jn
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "depth", "full_softmax"))
-def _constrained(model: EncoderDecoderModel, params, encoder_tokens, alphabet, next_node, item_path,
+def _constrained(model: EncoderDecoderModel, params, encoder_tokens, alphabet, child_col, child_node, item_path,
                  leaf_item, leaves_under, candidates, excluded, *, beam_size: int, depth: int,
                  full_softmax: bool):
-  forced = (next_node >= 0).sum(1) == 1                                        # [nodes]
-  B, W, K = encoder_tokens.shape[0], beam_size, alphabet.shape[0]
+  forced = (child_node >= 0).sum(1) == 1                                       # [nodes]
+  B, W, K, D = encoder_tokens.shape[0], beam_size, alphabet.shape[0], child_node.shape[1]
   node_ok = allowed_nodes(item_path, leaves_under, candidates, excluded)     # [B, nodes]
   encoded = model.encode(params, encoder_tokens)
   cache = model.init_cache(B, depth, encoder_tokens.shape[1], W)
@@ -139,22 +151,24 @@ def _constrained(model: EncoderDecoderModel, params, encoder_tokens, alphabet, n
 
   def expand(carry, logp):
     node, score, done, tokens, t = carry
-    child = next_node[node]                                                    # [B, W, K]
+    child, cols = child_node[node], child_col[node]                            # [B, W, D]
     valid = (child >= 0) & jnp.take_along_axis(node_ok, jnp.maximum(child, 0).reshape(B, -1), 1
-                                               ).reshape(B, W, K)
+                                               ).reshape(B, W, D)
+    logp = jnp.take_along_axis(logp, jnp.maximum(cols, 0), 2)                   # [B, W, D]: the children's
     logp = jnp.where(forced[node][..., None], 0.0, logp)     # a forced token is no choice: not scored
     cand = jnp.where(valid, score[..., None] + logp, NEG)
     # A finished beam continues only as itself (one candidate, score unchanged).
-    stay = jnp.where(jnp.arange(K) == 0, score[..., None], NEG)
-    cand = jnp.where(done[..., None], stay, cand).reshape(B, W * K)
+    stay = jnp.where(jnp.arange(D) == 0, score[..., None], NEG)
+    cand = jnp.where(done[..., None], stay, cand).reshape(B, W * D)
     top, idx = jax.lax.top_k(cand, W)
-    beam, col = idx // K, idx % K
+    beam = idx // D
+    col = jnp.take_along_axis(cols.reshape(B, W * D), idx, 1)
     g = lambda x: jnp.take_along_axis(x, beam, 1)  # noqa: E731
     prev_node, prev_done = g(node), g(done)
     alive = top > NEG / 2            # fewer valid continuations than beams: the rest are dead
-    new_node = jnp.where(prev_done, prev_node, jnp.take_along_axis(child.reshape(B, W * K), idx, 1))
+    new_node = jnp.where(prev_done, prev_node, jnp.take_along_axis(child.reshape(B, W * D), idx, 1))
     new_node = jnp.where(alive, new_node, 0)
-    tok = jnp.where(prev_done | ~alive, 0, alphabet[col])
+    tok = jnp.where(prev_done | ~alive, 0, alphabet[jnp.maximum(col, 0)])
     new_done = prev_done | (col == eos_col) | ~alive
     tokens = jnp.take_along_axis(tokens, beam[..., None], 1).at[:, :, t].set(tok)
     return (new_node, top, new_done, tokens, t + 1), beam
@@ -211,7 +225,8 @@ def beam_search_items(model: EncoderDecoderModel, params, encoder_tokens, trie: 
     exclude = [np.unique(np.asarray(x, np.int64)) for x in exclude]
   excl = jnp.asarray(_pad_lists(exclude if exclude is not None else [[]] * b)) if candidates is None else None
   items, scores, _ = _constrained(model, params, jnp.asarray(encoder_tokens), jnp.asarray(trie.alphabet),
-                                  jnp.asarray(trie.next_node), jnp.asarray(trie.item_path),
+                                  jnp.asarray(trie.child_col), jnp.asarray(trie.child_node),
+                                  jnp.asarray(trie.item_path),
                                   jnp.asarray(trie.leaf_item), jnp.asarray(trie.leaves_under), cand, excl,
                                   beam_size=beam_size, depth=trie.depth, full_softmax=full_softmax)
   return np.asarray(items), np.asarray(scores)

@@ -70,7 +70,8 @@ def main():
   ids = [item_id(k) for k in range(data.num_items)]
   trie = ItemTrie.for_items(vocab, ids)
   print(f"T5 {args.size}, Beauty test prompts, beam {args.beam}, catalogue {len(ids)} items, trie "
-        f"{trie.next_node.shape[0]} nodes x {len(trie.alphabet)} tokens; {os.cpu_count()} CPUs, jax "
+        f"{trie.child_node.shape[0]} nodes x {trie.child_node.shape[1]} children ({len(trie.alphabet)} tokens); "
+        f"{os.cpu_count()} CPUs, jax "
         f"{jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
   def run_recalign(exs, full):
