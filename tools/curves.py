@@ -67,6 +67,11 @@ RECIPES = {
     "bare_prefixes": {"data": {"with_titles": False, "item_prefix": False, "prompt_words": False,
                                "id_scheme": "collaborative", "train_examples": "prefixes"},
                       "lengths": {"inputs": 96, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
+    # the same with P5's CID+IID hybrid IDs (one more token per item: Beauty's prefix inputs reach 109 tokens,
+    # p95 100; targets 7 with EOS) -- decodable on a CPU since the sparse trie
+    "bare_prefixes_hybrid": {"data": {"with_titles": False, "item_prefix": False, "prompt_words": False,
+                                      "id_scheme": "hybrid", "train_examples": "prefixes"},
+                             "lengths": {"inputs": 112, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
     # one piece per item (P5's IID) and collaborative codes + the item's piece (P5's CID+IID)
     "compact_atomic": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "atomic"},
                        "lengths": {"inputs": 96, "targets": 8}, "dropout": 0.0, "lr": 5e-3},
