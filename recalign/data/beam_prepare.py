@@ -39,7 +39,7 @@ except ImportError as e:   # an extra: pip install -e ".[beam]"
 
 from recalign.data.prepare import (MIN_INTERACTIONS, chronological, draw_validation_users, item_numbers, item_table,
                                    make_manifest, name_from_path, nobody_left, save_items, skip_warnings)
-from recalign.data.ingest import RATING_FIELDS, Domain, RawData, RowSource, row_source
+from recalign.data.ingest import Domain, RawData, RowSource, row_source
 from recalign.data.report import DataError, IngestReport
 
 NAMESPACE = "recalign.prepare"
@@ -131,10 +131,15 @@ def _record(user, numbers: dict) -> tuple[int, dict]:
              "validation": u in numbers["validation"], "attributes": "{}"}
 
 
+def _pair_sums(pairs) -> tuple[int, int]:
+  """Element-wise sum of (a, b) pairs ((0, 0) for none): a CombineGlobally function (also given its own sums)."""
+  return tuple(map(sum, zip((0, 0), *pairs)))
+
+
 def _sizes(users, label: str):
   """(users, interactions) of a PCollection of users, as a singleton."""
   return (users | f"{label}/Sizes" >> beam.Map(lambda u: (1, len(u[2])))
-          | f"{label}/Sum" >> beam.CombineGlobally(lambda xs: tuple(map(sum, zip((0, 0), *xs)))))
+          | f"{label}/Sum" >> beam.CombineGlobally(_pair_sums))
 
 
 def _prepare(rows, *, kcore: int = 5, seed: int = 0, num_validation_users: int = 3000,
@@ -162,7 +167,7 @@ def _prepare(rows, *, kcore: int = 5, seed: int = 0, num_validation_users: int =
       "missing_count": by_user.missing | f"{label}/MissingCount" >> beam.combiners.Count.Globally(),
       "missing_lines": by_user.missing | f"{label}/MissingLines" >> beam.combiners.Top.Smallest(5),
       "duplicates": by_user.duplicates | f"{label}/Duplicates" >> beam.CombineGlobally(sum),
-      "rated": by_user.rated | f"{label}/Rated" >> beam.CombineGlobally(lambda xs: tuple(map(sum, zip((0, 0), *xs)))),
+      "rated": by_user.rated | f"{label}/Rated" >> beam.CombineGlobally(_pair_sums),
       "grouped": _sizes(users, f"{label}/Grouped"), "kcored": _sizes(kcored, f"{label}/KCored"),
       "kept": _sizes(kept, f"{label}/Kept"),
       "items": numbers | f"{label}/ItemsByIndex" >> beam.Map(
@@ -275,7 +280,7 @@ def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = 
   metadata = src.items(report)   # (read after the rows, as the in-process reader does)
   rated, rows = summary["rated"]
   if 0 < rated < rows:
-    raise DataError(str(src.interactions), None, RATING_FIELDS[src.format], "some reviews have a rating and others not")
+    raise DataError(str(src.interactions), None, src.rating_field, "some reviews have a rating and others not")
   warnings, row_skips = skip_warnings(report, str(src.interactions)), sum(report.skipped.values())
   (g_users, g_inter), (k_users, k_inter), (users, _) = summary["grouped"], summary["kcored"], summary["kept"]
   report.skipped["users_removed_by_kcore"] += g_users - k_users
@@ -289,9 +294,9 @@ def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = 
   lengths, validation = tfds_data.index(builder)   # O(users): one pass over the records' lengths
   raw = RawData({}, metadata, domain or src.domain, src.format, src.files, report, rated > 0)
   manifest = make_manifest(raw, name=name, seed=seed, kcore=kcore, min_interactions=min_interactions,
-                             items=items, lengths=lengths, has_timestamps=bool(summary["timed"]),
-                             has_ratings=rated > 0, attribute_keys=[], n_val=int(validation.sum()),
-                             warnings=warnings)
+                           items=items, lengths=lengths, has_timestamps=bool(summary["timed"]),
+                           has_ratings=rated > 0, attribute_keys=[], n_val=int(validation.sum()),
+                           warnings=warnings)
   manifest["beam"] = {"runner": runner, "options": list(options or []),
                       "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   save_items(out, items, summary["items"])

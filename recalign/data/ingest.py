@@ -37,7 +37,7 @@ import math
 import re
 import unicodedata
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 from recalign.data.report import DataError, IngestReport
 
@@ -542,10 +542,15 @@ class RowSource:
 
   def rows(self, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
     """(line, user, interaction) of each kept row, in file order; skips counted in `report`."""
-    return ROW_READERS[self.format][0](self.interactions, report)
+    return ROW_READERS[self.format].rows(self.interactions, report)
 
   def items(self, report: IngestReport) -> dict[str, ItemMeta]:
-    return ROW_READERS[self.format][1](self.meta, report) if self.meta else {}
+    return ROW_READERS[self.format].items(self.meta, report) if self.meta else {}
+
+  @property
+  def rating_field(self) -> str:
+    """The source's name for the rating (errors name it)."""
+    return ROW_READERS[self.format].rating_field
 
   @property
   def files(self) -> list[Path]:
@@ -561,7 +566,7 @@ def read_rows(source: RowSource, *, report: Optional[IngestReport] = None, domai
   """A row source read into one process: rows grouped by user (`_by_user`), ratings all or none."""
   report = report or IngestReport()
   sequences = _by_user(list(source.rows(report)), source.interactions, report)
-  has_ratings = _has_ratings(sequences, source.interactions, RATING_FIELDS[source.format])
+  has_ratings = _has_ratings(sequences, source.interactions, source.rating_field)
   return RawData(sequences, source.items(report), domain or source.domain, source.format, source.files, report,
                  has_ratings)
 
@@ -570,13 +575,18 @@ def _movielens_ratings(path: Path) -> Path:
   return path / "ratings.csv" if path.is_dir() else path
 
 
-ROW_READERS: dict[str, tuple[Callable, Callable]] = {
-    "amazon-tsv": (amazon_tsv_rows, lambda meta, report: read_items_tsv(meta, report)),
-    "amazon-raw": (amazon_raw_rows, lambda meta, report: read_amazon_meta(meta, report)),
-    "amazon-2023": (amazon_2023_rows, lambda meta, report: read_amazon_2023_meta(meta, report)),
-    "movielens-csv": (movielens_rows, lambda meta, report: read_movies_csv(meta, report)),
+class RowReader(NamedTuple):
+  rows: Callable[[Path, IngestReport], Iterator[tuple[int, str, Interaction]]]   # the interaction file's rows
+  items: Callable[[Path, IngestReport], dict[str, ItemMeta]]                    # its item metadata file
+  rating_field: str
+
+
+ROW_READERS = {
+    "amazon-tsv": RowReader(amazon_tsv_rows, read_items_tsv, "rating"),
+    "amazon-raw": RowReader(amazon_raw_rows, read_amazon_meta, "overall"),
+    "amazon-2023": RowReader(amazon_2023_rows, read_amazon_2023_meta, "rating"),
+    "movielens-csv": RowReader(movielens_rows, read_movies_csv, "rating"),
 }
-RATING_FIELDS = {"amazon-tsv": "rating", "amazon-raw": "overall", "amazon-2023": "rating", "movielens-csv": "rating"}
 
 
 SOURCES = {"amazon-tsv": read_amazon_tsv, "amazon-raw": read_amazon_raw, "amazon-2023": read_amazon_2023,
