@@ -26,7 +26,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from recalign.data.prepare import (TFDS_NAME, TFDS_SPLIT, TFDS_VERSION, PreparedData, read_tfds_users,
-                                   tfds_directory)
+                                   tfds_directory, tfds_record_batches)
 from recalign.data.report import DataError
 
 NAME, VERSION, SPLIT = TFDS_NAME, TFDS_VERSION, TFDS_SPLIT
@@ -120,19 +120,13 @@ def reader(prepared_dir: str | Path) -> tfds.core.DatasetBuilder:
 def index(builder: tfds.core.DatasetBuilder, batch: int = 8_192) -> tuple[np.ndarray, np.ndarray]:
   """(sequence length, validation flag) per user, in user order: one pass, O(users) memory -- what a
   streamed source needs to number its examples as the in-memory one does. Parses only these fields of
-  the records in batches (the features are this module's: `items` an int list, `user` and `validation`
-  ints), ~30x faster than decoding every record through TFDS."""
+  the records in batches (`tfds_record_batches`), ~30x faster than decoding every record through TFDS."""
   spec = {"user": tf.io.FixedLenFeature([], tf.int64), "validation": tf.io.FixedLenFeature([], tf.int64),
           "items": tf.io.RaggedFeature(tf.int64)}
-  info = builder.info.splits[SPLIT]
-  lengths, val = np.zeros(info.num_examples, np.int64), np.zeros(info.num_examples, bool)
-  ds = tf.data.TFRecordDataset([str(f) for f in info.filepaths]).batch(batch)
-  def fields(serialized):
-    r = tf.io.parse_example(serialized, spec)
-    return r["user"], r["items"].row_lengths(), r["validation"]
-
-  for u, length, v in ds.map(fields, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
-    lengths[u], val[u] = length, v
+  n = builder.info.splits[SPLIT].num_examples
+  lengths, val = np.zeros(n, np.int64), np.zeros(n, bool)
+  for r in tfds_record_batches(builder, spec, batch):
+    lengths[r["user"]], val[r["user"]] = r["items"][1], r["validation"]
   return lengths, val
 
 
