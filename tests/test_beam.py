@@ -105,6 +105,17 @@ def test_beam_reads_every_row_format_as_the_in_process_readers(tmp_path, fmt):
   assert data.has_ratings and data.timestamps is not None and data.has_titles
 
 
+def test_beam_folder_without_timestamps_ratings_brands_or_prices(tmp_path):
+  """A source in file order only (no timestamp column), no ratings, titles only: the same folder too."""
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "interactions.tsv").write_text("user_id\titem_id\n" + "".join(f"{u}\t{i}\n" for u, i, _, _ in messy_rows()))
+  (src / "items.tsv").write_text("item_id\ttitle\n" + "".join(f"i{k}\tThing {k}\n" for k in range(30)))
+  data = assert_same_folder(src, tmp_path / "out", kcore=3, num_validation_users=10)
+  assert data.timestamps is None and not data.has_ratings and data.manifest["order"].startswith("file order")
+  assert data.manifest["fields"]["brand"] == data.manifest["fields"]["price"] == 0
+
+
 def test_beam_kcore_that_has_not_converged_fails(tmp_path):
   with pytest.raises(Exception, match="raise kcore_rounds"):
     beam_prepare.prepare_folder(messy_tsv(tmp_path / "src"), tmp_path / "out", kcore=3, kcore_rounds=1)
