@@ -18,7 +18,7 @@ DEFAULT_SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "dat
 def cmd_prepare(args) -> int:
   from recalign.data import AMAZON, MOVIES, IngestReport, prepare, read_source, tfds_data
   from recalign.data.prepare import format_stats, name_from_path
-  source = Path(args.source)
+  source = args.source   # local, or gs:// (read through etils.epath)
   t0 = time.time()
   domain = {"amazon": AMAZON, "movies": MOVIES}[args.domain] if args.domain else None
   name = args.name or name_from_path(args.out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 from typing import Optional, Union
 
 from etils import epath
@@ -18,6 +19,12 @@ def as_path(path: PathLike) -> epath.Path:
 
 def is_remote(path: PathLike) -> bool:
   return "://" in str(path)
+
+
+def local_or_remote(path: PathLike) -> Union[pathlib.Path, epath.Path]:
+  """A pathlib.Path for a local path (everything pathlib offers, e.g. `stat().st_mtime_ns`), an epath.Path
+  for a URL (gs://...): the data readers and writers take either."""
+  return epath.Path(path) if is_remote(path) else pathlib.Path(path)
 
 
 def resolve(path: PathLike) -> epath.Path:

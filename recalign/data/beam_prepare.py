@@ -41,6 +41,7 @@ from recalign.data.prepare import (MIN_INTERACTIONS, chronological, draw_validat
                                    make_manifest, name_from_path, nobody_left, save_items, skip_warnings)
 from recalign.data.ingest import Domain, RawData, RowSource, row_source
 from recalign.data.report import DataError, IngestReport
+from recalign.paths import local_or_remote
 
 NAMESPACE = "recalign.prepare"
 KCORE_ROUNDS = 30
@@ -254,7 +255,7 @@ def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = 
 
   if min_interactions < MIN_INTERACTIONS:
     raise ValueError(f"min_interactions must be >= {MIN_INTERACTIONS} for leave-one-out")
-  src, out = row_source(source, fmt, meta), Path(out)
+  src, out = row_source(source, fmt, meta), local_or_remote(out)   # local, or gs://
   name = name or name_from_path(out)
   out.mkdir(parents=True, exist_ok=True)
   for stale in ("users.jsonl", "manifest.json", SUMMARY):   # a folder prepared before: nothing of it may survive

@@ -27,11 +27,11 @@ only is a counted skip. Bad records are skipped and counted in an `IngestReport`
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import html
-import io
 import json
 import math
 import re
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional
 
 from recalign.data.report import DataError, IngestReport
+from recalign.paths import local_or_remote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,21 +113,16 @@ def clean_text(text: str, report: IngestReport) -> str:
 
 def sha256_file(path: Path) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with local_or_remote(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-  if path.suffix == ".gz":
-    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict")
-  return open(path, encoding="utf-8", errors="strict")
-
-
 def _lines(path: Path, report: IngestReport) -> Iterator[tuple[int, str]]:
   """Yields (1-based line number, line without newline); undecodable lines are counted skips."""
-  with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+  with local_or_remote(path).open("rb") as raw_file, (gzip.GzipFile(fileobj=raw_file) if path.suffix == ".gz"
+                                                     else contextlib.nullcontext(raw_file)) as f:
     for i, raw in enumerate(f, 1):
       try:
         line = raw.decode("utf-8")
@@ -321,7 +317,8 @@ def amazon_raw_rows(reviews: Path, report: IngestReport) -> Iterator[tuple[int, 
 
 def read_amazon_raw(reviews: Path | str, meta: Optional[Path | str] = None, *,
                     report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
-  return read_rows(RowSource("amazon-raw", Path(reviews), meta and Path(meta)), report=report, domain=domain)
+  source = RowSource("amazon-raw", local_or_remote(reviews), meta and local_or_remote(meta))
+  return read_rows(source, report=report, domain=domain)
 
 
 def read_amazon_meta(meta: Path, report: IngestReport) -> dict[str, ItemMeta]:
@@ -373,7 +370,7 @@ def read_recbole(path: Path | str, *, report: Optional[IngestReport] = None,
                  domain: Domain = MOVIES) -> RawData:
   """`path` is the folder holding `<name>.inter` (and optionally `<name>.item`, and `<name>.user`:
   every field but user_id is kept as a user attribute, e.g. ml-100k's age, gender, occupation)."""
-  path = Path(path)
+  path = local_or_remote(path)
   report = report or IngestReport()
   inters = sorted(path.glob("*.inter"))
   if len(inters) != 1:
@@ -424,7 +421,7 @@ def read_sequences(path: Path | str, meta: Optional[Path | str] = None, *,
   """`path`: the sequence file (or a folder holding one of SEQUENCE_FILES). Each line is a user ID
   then that user's items, separated by white space, oldest first (there are no timestamps: the
   order is the file's). `meta`: optional item metadata, an items.tsv or an Amazon meta_*.json[.gz]."""
-  path = Path(path)
+  path = local_or_remote(path)
   report = report or IngestReport()
   if path.is_dir():
     found = [path / n for n in SEQUENCE_FILES if (path / n).exists()]
@@ -444,7 +441,7 @@ def read_sequences(path: Path | str, meta: Optional[Path | str] = None, *,
     sequences[user] = [Interaction(item, None, None) for item in items]
   files, items_meta = [path], {}
   if meta is not None:
-    meta = Path(meta)
+    meta = local_or_remote(meta)
     files.append(meta)
     items_meta = read_items_tsv(meta, report) if meta.suffix == ".tsv" else read_amazon_meta(meta, report)
   return RawData(sequences, items_meta, domain, "sequences", files, report, False)
@@ -492,7 +489,8 @@ def read_amazon_2023_meta(meta: Path, report: IngestReport) -> dict[str, ItemMet
 def read_amazon_2023(reviews: Path | str, meta: Optional[Path | str] = None, *,
                      report: Optional[IngestReport] = None, domain: Domain = AMAZON) -> RawData:
   """Amazon Reviews 2023 (McAuley lab); items are parent ASINs, as the 2023 benchmarks use them."""
-  return read_rows(RowSource("amazon-2023", Path(reviews), meta and Path(meta)), report=report, domain=domain)
+  source = RowSource("amazon-2023", local_or_remote(reviews), meta and local_or_remote(meta))
+  return read_rows(source, report=report, domain=domain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,7 +625,7 @@ def detect_format(path: Path) -> str:
 
 
 def _located(path: Path | str, fmt: Optional[str]) -> tuple[Path, str]:
-  path = Path(path)
+  path = local_or_remote(path)
   if not path.exists():
     raise DataError(str(path), None, None, "no such file or folder")
   return path, fmt or detect_format(path)
@@ -658,7 +656,7 @@ def row_source(path: Path | str, fmt: Optional[str] = None, meta: Optional[Path 
     category = path.name.split(".")[0].removeprefix("reviews_").removesuffix("_5")
     cands = sorted(path.parent.glob(f"meta_{category}.json*")) or sorted(path.parent.glob("meta_*.json*"))
     meta = cands[0] if cands else None
-  return RowSource(fmt, path, meta and Path(meta))
+  return RowSource(fmt, path, meta and local_or_remote(meta))
 
 
 def read_source(path: Path | str, fmt: Optional[str] = None, *, meta: Optional[Path | str] = None,

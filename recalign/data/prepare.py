@@ -24,12 +24,14 @@ import numpy as np
 
 from recalign.data.ingest import Domain, ItemMeta, RawData, sha256_file
 from recalign.data.report import DataError
+from recalign.paths import is_remote, local_or_remote
 
 
 def name_from_path(path: Path | str) -> str:
   """A data set's name from its folder (task names are `<name>_retrieval`): `amazon-beauty` -> `beauty`,
   `Toys_and_Games` -> `toys_and_games`, `ml-100k` -> `ml_100k`."""
-  name = Path(path).resolve().name.lower().removeprefix("amazon-").removeprefix("amazon_")
+  path = local_or_remote(path)
+  name = (path if is_remote(path) else path.resolve()).name.lower().removeprefix("amazon-").removeprefix("amazon_")
   return re.sub(r"[^a-z0-9_]+", "_", name).strip("_") or "data"
 
 FORMAT_VERSION = 1
@@ -39,7 +41,7 @@ TFDS_NAME, TFDS_VERSION, TFDS_SPLIT = "recalign_prepared", "1.1.0", "users"   # 
 
 def tfds_directory(prepared_dir: Path | str) -> Path:
   """Where a prepared folder's TFDS copy is (what `tfds.builder_from_directory` is given)."""
-  return Path(prepared_dir) / "tfds" / TFDS_NAME / TFDS_VERSION
+  return local_or_remote(prepared_dir) / "tfds" / TFDS_NAME / TFDS_VERSION
 
 
 def item_id(index: int) -> str:
@@ -105,9 +107,9 @@ class PreparedData:
 
   # ------------------------------------------------------------------------------------------
   def save(self, out: Path | str) -> Path:
-    out = Path(out)
+    out = local_or_remote(out)
     save_items(out, self.items, self.source_item_ids)
-    with open(out / "users.jsonl", "w", encoding="utf-8") as f:
+    with (out / "users.jsonl").open("w", encoding="utf-8") as f:
       for u, user in enumerate(self.users):
         row = {"user": user, "items": [item_id(int(i)) for i in self.sequences[u]]}
         if self.timestamps is not None:
@@ -123,7 +125,7 @@ class PreparedData:
 
   @classmethod
   def load(cls, path: Path | str) -> "PreparedData":
-    path = Path(path)
+    path = local_or_remote(path)
     mpath = path / "manifest.json"
     if not mpath.exists():
       raise DataError(str(mpath), None, None, "not a prepared data set (run `recalign prepare` first)")
@@ -135,7 +137,7 @@ class PreparedData:
     if not (path / "users.jsonl").exists() and (tfds_directory(path) / "dataset_info.json").exists():
       return cls._with_tfds_users(path, manifest, items, src)
     users, seqs, times, rates, attrs = [], [], [], [], []
-    with open(path / "users.jsonl", encoding="utf-8") as f:
+    with (path / "users.jsonl").open(encoding="utf-8") as f:
       for line in f:
         row = json.loads(line)
         users.append(row["user"])
@@ -208,7 +210,7 @@ def read_tfds_users(builder, batch: int = 8_192) -> dict[str, list]:
 def save_items(out: Path, items: list[ItemMeta], source_ids: list[str]) -> None:
   """items.jsonl: row k is item k, ID item_id(k)."""
   out.mkdir(parents=True, exist_ok=True)
-  with open(out / "items.jsonl", "w", encoding="utf-8") as f:
+  with (out / "items.jsonl").open("w", encoding="utf-8") as f:
     for k, (meta, src) in enumerate(zip(items, source_ids)):
       row = {"id": item_id(k), "source_id": src, "title": meta.title, "brand": meta.brand,
              "price": meta.price, "categories": list(meta.categories)}
@@ -218,11 +220,12 @@ def save_items(out: Path, items: list[ItemMeta], source_ids: list[str]) -> None:
 def load_items(path: Path | str) -> tuple[list[ItemMeta], list[str]]:
   """items.jsonl of a prepared folder: (metadata, source ID) per item, row k being item k."""
   items, src = [], []
-  with open(Path(path) / "items.jsonl", encoding="utf-8") as f:
+  path = local_or_remote(path) / "items.jsonl"
+  with path.open(encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       row = json.loads(line)
       if row["id"] != item_id(n - 1):
-        raise DataError(str(Path(path) / "items.jsonl"), n, "id", f"expected {item_id(n - 1)}, got {row['id']}")
+        raise DataError(str(path), n, "id", f"expected {item_id(n - 1)}, got {row['id']}")
       items.append(ItemMeta(row["title"], row["brand"], row["price"], tuple(row["categories"])))
       src.append(row["source_id"])
   return items, src

@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from recalign.data.prepare import (TFDS_NAME, TFDS_SPLIT, TFDS_VERSION, PreparedData, read_tfds_users,
                                    tfds_directory, tfds_record_batches)
 from recalign.data.report import DataError
+from recalign.paths import local_or_remote
 
 NAME, VERSION, SPLIT = TFDS_NAME, TFDS_VERSION, TFDS_SPLIT
 directory = tfds_directory   # where a prepared folder's TFDS files are
@@ -87,7 +88,7 @@ def write(data: PreparedData, prepared_dir: str | Path) -> Path:
   if out.exists():
     tf.io.gfile.rmtree(str(out))
   tfds.disable_progress_bar()
-  builder = RecalignPrepared(data=data, data_dir=str(Path(prepared_dir) / "tfds"))
+  builder = RecalignPrepared(data=data, data_dir=str(local_or_remote(prepared_dir) / "tfds"))
   with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing dataset ..."
     builder.download_and_prepare()
   logging.info("wrote %s (%d users)", out, data.num_users)
@@ -98,7 +99,7 @@ def save(data: PreparedData, prepared_dir: str | Path) -> Path:
   """A prepared data set's folder: the JSON lines (`PreparedData.save`) and their TFDS copy."""
   data.save(prepared_dir)
   write(data, prepared_dir)
-  return Path(prepared_dir)
+  return local_or_remote(prepared_dir)
 
 
 def reader(prepared_dir: str | Path) -> tfds.core.DatasetBuilder:
@@ -109,7 +110,7 @@ def reader(prepared_dir: str | Path) -> tfds.core.DatasetBuilder:
     raise DataError(str(path), None, None, "no TFDS copy of this prepared data set (streamed tasks read it): "
                     "prepare it again with this version of recalign, which writes it")
   builder = tfds.builder_from_directory(str(path))
-  mine = json.loads((Path(prepared_dir) / "manifest.json").read_text()).get("created")
+  mine = json.loads((local_or_remote(prepared_dir) / "manifest.json").read_text()).get("created")
   theirs = (manifest(builder) or {}).get("created")
   if theirs != mine:
     raise DataError(str(path), None, "created", f"the TFDS copy is of another preparation ({theirs}) than "
