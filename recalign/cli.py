@@ -28,7 +28,7 @@ def cmd_prepare(args) -> int:
     manifest = beam_prepare.prepare_folder(
         source, args.out, fmt=args.format, meta=args.meta, name=name, domain=domain, kcore=args.kcore,
         seed=args.seed, num_validation_users=args.validation_users, strict=args.strict, runner=args.beam_runner,
-        options=shlex.split(args.beam_options or ""))
+        options=shlex.split(args.beam_options or ""), split_bytes=max(1, int(args.beam_split_mb * 2 ** 20)))
     examples = manifest["report"]["examples"]
   else:
     print(f"reading {source} ...", flush=True)
@@ -363,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--beam_options", help="Beam pipeline options as one string, given with '=': "
                  "--beam_options=\"--direct_num_workers=2 --direct_running_mode=multi_processing\" or a "
                  "cluster's (--flink_master=..., --project=...)")
+  s.add_argument("--beam_split_mb", type=float, default=64, help="with --beam_runner: the source file is read "
+                 "in pieces of this many MiB, each by a worker (a gzipped file by one)")
   s.set_defaults(fn=cmd_prepare)
 
   s = sub.add_parser("stats", help="print a prepared data set's manifest")

@@ -65,11 +65,12 @@ def messy_source(root: Path, fmt: str) -> Path:
   return root
 
 
-def assert_same_folder(src: Path, work: Path, **settings) -> PreparedData:
-  """The in-process folder and the Beam one load as the same data set, with the same manifest (but when)."""
+def assert_same_folder(src: Path, work: Path, split_bytes: int = beam_prepare.SPLIT_BYTES, **settings) -> PreparedData:
+  """The in-process folder and the Beam one (its source read in pieces of `split_bytes`) load as the same data
+  set, with the same manifest (but when)."""
   mem = prepare(read_source(src), name="x", **settings)
   tfds_data.save(mem, work / "mem")
-  manifest = beam_prepare.prepare_folder(src, work / "beam", name="x", **settings)
+  manifest = beam_prepare.prepare_folder(src, work / "beam", name="x", split_bytes=split_bytes, **settings)
   assert not (work / "beam" / "users.jsonl").exists()         # the users are the TFDS copy
   a, b = PreparedData.load(work / "mem"), PreparedData.load(work / "beam")
   for field in ("users", "source_item_ids", "items"):
@@ -86,9 +87,11 @@ def assert_same_folder(src: Path, work: Path, **settings) -> PreparedData:
   return a
 
 
-@pytest.mark.parametrize("kcore", [0, 3])
-def test_beam_folder_is_the_in_process_folder(tmp_path, kcore):
-  data = assert_same_folder(messy_tsv(tmp_path / "src"), tmp_path / "messy", kcore=kcore, num_validation_users=10)
+@pytest.mark.parametrize("kcore,split_bytes", [(0, beam_prepare.SPLIT_BYTES), (3, 97)])
+def test_beam_folder_is_the_in_process_folder(tmp_path, kcore, split_bytes):
+  """One reader, and the file cut into ~60 pieces (most boundaries inside a line; the header only in the first)."""
+  data = assert_same_folder(messy_tsv(tmp_path / "src"), tmp_path / "messy", split_bytes, kcore=kcore,
+                            num_validation_users=10)
   report = data.manifest["report"]
   assert report["skipped"]["missing_timestamp"] == 1 and report["skipped"]["malformed_line"] == 1
   assert report["repaired"]["duplicate_user_item_dropped"] > 0 and report["skipped"]["items_without_metadata"] > 0
@@ -100,7 +103,7 @@ def test_beam_folder_is_the_in_process_folder(tmp_path, kcore):
 
 @pytest.mark.parametrize("fmt", ["movielens-csv", "amazon-2023", "amazon-raw"])
 def test_beam_reads_every_row_format_as_the_in_process_readers(tmp_path, fmt):
-  data = assert_same_folder(messy_source(tmp_path, fmt), tmp_path / "out", kcore=3, num_validation_users=10)
+  data = assert_same_folder(messy_source(tmp_path, fmt), tmp_path / "out", 101, kcore=3, num_validation_users=10)
   assert data.manifest["source"]["format"] == fmt and sum(data.manifest["report"]["skipped"].values()) > 0
   assert data.has_ratings and data.timestamps is not None and data.has_titles
 
@@ -122,8 +125,9 @@ def test_beam_kcore_that_has_not_converged_fails(tmp_path):
 
 
 def test_beam_strict_fails_on_the_first_bad_row_by_name(tmp_path):
-  with pytest.raises(Exception, match=r"interactions.tsv:12: expected 4 tab-separated fields"):
-    beam_prepare.prepare_folder(messy_tsv(tmp_path / "src"), tmp_path / "out", strict=True)
+  for split_bytes in (beam_prepare.SPLIT_BYTES, 97):   # line 12 named when the file is read in pieces too
+    with pytest.raises(Exception, match=r"interactions.tsv:12: expected 4 tab-separated fields"):
+      beam_prepare.prepare_folder(messy_tsv(tmp_path / "src"), tmp_path / "out", strict=True, split_bytes=split_bytes)
   with pytest.raises(ValueError, match="not read row by row"):
     beam_prepare.prepare_folder(shared("ml-100k"), tmp_path / "out2")
   with pytest.raises(DataError, match="no such file"):

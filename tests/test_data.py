@@ -329,3 +329,27 @@ def test_movielens_csv_ratings_and_quoted_titles(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "ratings.csv").write_text("userId,movieId,rating\n1,2,3\n")
     read_source(tmp_path / "x")
+
+
+def test_file_pieces_numbered_by_counted_lines_give_the_whole_file(tmp_path):
+  """What Beam's readers rely on: a file cut into byte ranges at any size, each range's first line numbered
+  from the lines counted in the ranges before it, yields exactly the file's lines and numbers (ranges that
+  start or end inside a line, on a newline, empty lines, CRLF, no final newline)."""
+  from recalign.data.ingest import _lines, count_lines, file_spans
+  rng = np.random.default_rng(0)
+  path = tmp_path / "f.txt"
+  for _ in range(60):
+    lines = ["x" * int(rng.integers(0, 8)) for _ in range(int(rng.integers(0, 12)))]
+    path.write_bytes(("\r\n" if rng.random() < 0.3 else "\n").join(lines).encode()
+                     + [b"", b"\n", b"\n\n"][int(rng.integers(3))])
+    whole = list(_lines(path, IngestReport()))
+    for split in range(1, 16):
+      got, first = [], 1
+      for span in file_spans(path, split):
+        got += _lines(path, IngestReport(), span._replace(first_line=first))
+        first += count_lines(path, span)
+      assert got == whole, (path.read_bytes(), split)
+  packed = tmp_path / "f.txt.gz"
+  packed.write_bytes(gzip.compress(b"a\nb\nc\n"))
+  (span,) = file_spans(packed, 1)   # not cut: a gzip stream is read from its start
+  assert list(_lines(packed, IngestReport(), span)) == [(1, "a"), (2, "b"), (3, "c")]

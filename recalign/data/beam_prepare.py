@@ -12,8 +12,11 @@ items in time order (stable: ties keep file order), the iterative k-core, users 
 `min_interactions` dropped, random item indices from the same seeded permutation of the sorted item IDs, users
 numbered by their first line in the source, the same seeded validation subset.
 
-How each step scales: a source file is read by one worker, line by line (line numbers order the users and
-break timestamp ties, so a file is not split); everything after the GroupByKey on the user runs in parallel.
+How each step scales: the source file is cut into byte ranges (`split_bytes`, 64 MiB) read by as many
+workers; a first pass counts each range's lines so that every row keeps its line number in the file (line
+numbers order the users, break timestamp ties and name bad rows), and the rows equal those one reader gives.
+A gzipped file cannot be read from the middle: one worker reads it. Everything after the GroupByKey on the
+user runs in parallel.
 The k-core is unrolled into `kcore_rounds` rounds (Beam graphs have no data-dependent loops), each an item
 count (a side input of O(items)) and a filter; the pipeline fails if the last round still removed something.
 The item permutation and the user numbering need every item ID / every user's first line in one place
@@ -39,28 +42,31 @@ except ImportError as e:   # an extra: pip install -e ".[beam]"
 
 from recalign.data.prepare import (MIN_INTERACTIONS, chronological, draw_validation_users, item_numbers, item_table,
                                    make_manifest, name_from_path, nobody_left, save_items, skip_warnings)
-from recalign.data.ingest import Domain, RawData, RowSource, row_source
+from recalign.data.ingest import Domain, RawData, RowSource, Span, count_lines, file_spans, row_source
 from recalign.data.report import DataError, IngestReport
 from recalign.paths import local_or_remote
 
 NAMESPACE = "recalign.prepare"
 KCORE_ROUNDS = 30
 SUMMARY = ".beam_summary.json"   # the pipeline's small outputs, read back by this process, then removed
+SPLIT_BYTES = 64 << 20   # a source file's piece per reader
 
 
 def _count(name: str, n: int = 1) -> None:
   beam.metrics.Metrics.counter(NAMESPACE, name).inc(n)
 
 
-def _read_rows(source: RowSource, strict: bool = False):
-  """(line, user, item, timestamp, rating) per kept row of the source; its report (skips with their first
-  file:line examples, rows read) as the tagged output "report"."""
+def _read_rows(span: Span, source: RowSource, strict: bool = False, line_counts=()):
+  """(line, user, item, timestamp, rating) per kept row of one piece of the source; its report (skips with their
+  first file:line examples, rows read) as the tagged output "report", keyed by where the piece starts.
+  `line_counts`: (start, lines) of every piece, which number this piece's first line."""
   report = IngestReport(strict=strict)
-  for n, user, x in source.rows(report):
+  span = span._replace(first_line=1 + sum(n for start, n in line_counts if start < span.start))
+  for n, user, x in source.rows(report, span):
     yield n, user, x.item, x.timestamp, x.rating
   for kind, count in report.skipped.items():
     _count(kind, count)
-  yield beam.pvalue.TaggedOutput("report", report.to_json())
+  yield beam.pvalue.TaggedOutput("report", (span.start, report.to_json()))
 
 
 def _chronological(user_rows, timed: bool):
@@ -187,9 +193,9 @@ def _summary(_, reports: list, **stats) -> str:
   return json.dumps({"reports": reports, **stats})
 
 
-def _tfds_builder(source: RowSource, prepared_dir: Path, settings: dict, strict: bool):
-  """TFDS's Beam builder for tfds_data's dataset: its split is the pipeline's records; the pipeline also
-  writes the summary the manifest is made from."""
+def _tfds_builder(source: RowSource, prepared_dir: Path, settings: dict, strict: bool, split_bytes: int):
+  """TFDS's Beam builder for tfds_data's dataset: its split is the pipeline's records, read from pieces of
+  about `split_bytes` of the source file; the pipeline also writes the summary the manifest is made from."""
   import tensorflow_datasets as tfds
   from recalign.data import tfds_data
 
@@ -204,8 +210,11 @@ def _tfds_builder(source: RowSource, prepared_dir: Path, settings: dict, strict:
 
       def _split_generators(self, dl_manager, pipeline):   # (a `pipeline` argument: TFDS runs it on Beam)
         del dl_manager
-        read = (pipeline | "Source" >> beam.Create([source])
-                | "Read" >> beam.FlatMap(_read_rows, strict=strict).with_outputs("report", main="rows"))
+        spans = pipeline | "Pieces" >> beam.Create(file_spans(source.interactions, split_bytes))
+        counts = spans | "CountLines" >> beam.Map(lambda sp: (sp.start, count_lines(source.interactions, sp)))
+        read = (spans | "Read" >> beam.FlatMap(_read_rows, source=source, strict=strict,
+                                               line_counts=beam.pvalue.AsList(counts)
+                                               ).with_outputs("report", main="rows"))
         records, stats = _prepare(read.rows, **settings)
         side = {k: beam.pvalue.AsSingleton(v) for k, v in stats.items()}
         _ = (pipeline | "One" >> beam.Create([None])
@@ -223,12 +232,13 @@ def _merged_report(summary: dict, path: Path, strict: bool) -> IngestReport:
   """The source's report as the in-process reader leaves it: the rows' skips, then the rows without a
   timestamp in a timed source, then the duplicates dropped (file:line examples as `IngestReport` keeps them)."""
   report = IngestReport(strict=strict)
-  for r in summary["reports"]:
+  for _, r in sorted(summary["reports"], key=lambda r: r[0]):   # the pieces in file order: the first examples
     report.rows += r["rows"]
     report.skipped.update(r["skipped"])
     report.repaired.update(r["repaired"])
     for kind, examples in r["examples"].items():
-      report.examples.setdefault(kind, []).extend(examples)
+      kept = report.examples.setdefault(kind, [])
+      kept += examples[:report.max_examples - len(kept)]
   if summary["missing_count"]:
     examples = [DataError(str(path), line, "timestamp", "empty while other rows have one")
                 for line in sorted(summary["missing_lines"])]
@@ -245,9 +255,10 @@ def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = 
                    name: Optional[str] = None, domain: Optional[Domain] = None, kcore: int = 5, seed: int = 0,
                    num_validation_users: int = 3000, min_interactions: int = MIN_INTERACTIONS,
                    kcore_rounds: int = KCORE_ROUNDS, strict: bool = False, runner: str = "DirectRunner",
-                   options: Optional[list[str]] = None) -> dict:
+                   options: Optional[list[str]] = None, split_bytes: int = SPLIT_BYTES) -> dict:
   """`recalign prepare` through Beam: the folder `prepare.prepare` + `tfds_data.save` make, without users.jsonl
-  (the users are the TFDS copy). Returns the manifest."""
+  (the users are the TFDS copy). The source file is read in pieces of about `split_bytes` by as many workers
+  (a gzipped file by one). Returns the manifest."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
   from apache_beam.options.pipeline_options import PipelineOptions
@@ -268,7 +279,7 @@ def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = 
   tfds.disable_progress_bar()
   try:
     with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing dataset ..."
-      _tfds_builder(src, out, settings, strict).download_and_prepare(download_config=config)
+      _tfds_builder(src, out, settings, strict, split_bytes).download_and_prepare(download_config=config)
   except ValueError as e:   # TFDS refuses an empty split before this process sees the pipeline's counts
     if "number of generated examples is 0" not in str(e):
       raise

@@ -32,6 +32,7 @@ import dataclasses
 import gzip
 import hashlib
 import html
+import io
 import json
 import math
 import re
@@ -119,11 +120,20 @@ def sha256_file(path: Path) -> str:
   return h.hexdigest()
 
 
-def _lines(path: Path, report: IngestReport) -> Iterator[tuple[int, str]]:
-  """Yields (1-based line number, line without newline); undecodable lines are counted skips."""
+class Span(NamedTuple):
+  """A piece of an uncompressed file for one reader: the lines that start at a byte in [start, end), the first
+  of them line number `first_line` of the file (what splits a big source across Beam workers)."""
+  start: int
+  end: int
+  first_line: int = 1
+
+
+def _lines(path: Path, report: IngestReport, span: Optional[Span] = None) -> Iterator[tuple[int, str]]:
+  """Yields (1-based line number, line without newline) of the file or of `span`; undecodable lines are
+  counted skips."""
   with local_or_remote(path).open("rb") as raw_file, (gzip.GzipFile(fileobj=raw_file) if path.suffix == ".gz"
                                                      else contextlib.nullcontext(raw_file)) as f:
-    for i, raw in enumerate(f, 1):
+    for i, raw in (enumerate(f, 1) if span is None else _span_lines(f, span)):
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
@@ -132,6 +142,44 @@ def _lines(path: Path, report: IngestReport) -> Iterator[tuple[int, str]]:
       line = line.rstrip("\r\n")
       if line.strip():
         yield i, line
+
+
+def _span_lines(f, span: Span) -> Iterator[tuple[int, bytes]]:
+  pos = span.start
+  if pos:   # from the byte before: a line that started earlier is read to its end and dropped
+    f.seek(pos - 1)
+    pos += len(f.readline()) - 1
+  n = span.first_line
+  while pos < span.end:
+    raw = f.readline()
+    if not raw:
+      return
+    yield n, raw
+    n, pos = n + 1, pos + len(raw)
+
+
+def file_spans(path: Path, split_bytes: int) -> list[Span]:
+  """The file cut into pieces of about `split_bytes` (`first_line` still unknown: `count_lines` numbers them);
+  a gzipped file is one piece (it cannot be read from the middle)."""
+  if path.suffix == ".gz":
+    return [Span(0, 2 ** 63)]
+  with local_or_remote(path).open("rb") as f:
+    size = f.seek(0, io.SEEK_END)
+  return [Span(start, min(start + split_bytes, size)) for start in range(0, size, split_bytes)] or [Span(0, 0)]
+
+
+def count_lines(path: Path, span: Span) -> int:
+  """How many lines of the file start in `span` (a line starts at byte 0 and after every newline)."""
+  lo, n = max(span.start - 1, 0), int(span.start == 0 and span.end > 0)
+  with local_or_remote(path).open("rb") as f:
+    f.seek(lo)
+    left = span.end - 1 - lo
+    while left > 0:
+      block = f.read(min(left, 1 << 24))
+      if not block:
+        break
+      n, left = n + block.count(b"\n"), left - len(block)
+  return n
 
 
 def _split_csv(line: str) -> list[str]:
@@ -146,28 +194,45 @@ _SEPARATORS = {"\t": ("tab-separated", lambda line: line.split("\t")), ",": ("co
 
 
 def _table_rows(path: Path, report: IngestReport, required: tuple[str, ...],
-                header_names: Callable[[list[str], Path], list[str]] = lambda cols, p: cols, *, sep: str = "\t"
-                ) -> Iterator[tuple[int, dict[str, str]]]:
+                header_names: Callable[[list[str], Path], list[str]] = lambda cols, p: cols, *, sep: str = "\t",
+                span: Optional[Span] = None) -> Iterator[tuple[int, dict[str, str]]]:
   """(line number, {column: value}) for each well-formed row of a tab- (or comma-) separated file with a
-  header; rows that do not parse or have the wrong number of fields are counted skips."""
-  what, split = _SEPARATORS[sep]
-  header: list[str] = []
-  for n, line in _lines(path, report):
-    try:
-      cols = split(line)
-    except ValueError as e:
-      report.skip("malformed_line", str(path), n, None, str(e))
+  header (of `span` of it: the header is still the file's first row); rows that do not parse or have the
+  wrong number of fields are counted skips."""
+  what = _SEPARATORS[sep][0]
+  header_line, header = 0, []
+  if span is not None and span.start > 0:
+    header_line, cols = next(_split_lines(path, IngestReport(), sep), (0, []))
+    header = _header(cols, path, header_line, required, header_names)
+  for n, cols in _split_lines(path, report, sep, span):
+    if n == header_line:
       continue
     if not header:
-      header = header_names(cols, path)
-      missing = [f for f in required if f not in header]
-      if missing:
-        raise DataError(str(path), n, ",".join(missing), "missing header column(s)")
+      header = _header(cols, path, n, required, header_names)
       continue
     if len(cols) != len(header):
       report.skip("malformed_line", str(path), n, None, f"expected {len(header)} {what} fields, got {len(cols)}")
       continue
     yield n, dict(zip(header, cols))
+
+
+def _split_lines(path: Path, report: IngestReport, sep: str, span: Optional[Span] = None
+                 ) -> Iterator[tuple[int, list[str]]]:
+  split = _SEPARATORS[sep][1]
+  for n, line in _lines(path, report, span):
+    try:
+      yield n, split(line)
+    except ValueError as e:
+      report.skip("malformed_line", str(path), n, None, str(e))
+
+
+def _header(cols: list[str], path: Path, n: int, required: tuple[str, ...],
+            header_names: Callable[[list[str], Path], list[str]]) -> list[str]:
+  header = header_names(cols, path)
+  missing = [f for f in required if f not in header]
+  if missing:
+    raise DataError(str(path), n, ",".join(missing), "missing header column(s)")
+  return header
 
 
 def _interaction(row: dict, path: Path, n: int, report: IngestReport) -> Optional[tuple[str, Interaction]]:
@@ -229,9 +294,10 @@ def _add_meta(items: dict[str, ItemMeta], item: str, meta: ItemMeta, path: Path,
 # Amazon TSV (the layout of shared/data/amazon-beauty)
 
 
-def amazon_tsv_rows(path: Path, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
+def amazon_tsv_rows(path: Path, report: IngestReport, span: Optional[Span] = None
+                    ) -> Iterator[tuple[int, str, Interaction]]:
   """interactions.tsv: (line, user, interaction) per kept row."""
-  for n, row in _table_rows(path, report, ("user_id", "item_id")):
+  for n, row in _table_rows(path, report, ("user_id", "item_id"), span=span):
     got = _interaction(row, path, n, report)
     if got:
       yield n, *got
@@ -274,9 +340,11 @@ def _format_categories(value) -> tuple[str, ...]:
   return tuple(paths)
 
 
-def _json_objects(path: Path, report: IngestReport, count_rows: bool) -> Iterator[tuple[int, dict]]:
-  """(line number, object) of a JSON-lines file; lines that are not JSON objects are counted skips."""
-  for n, line in _lines(path, report):
+def _json_objects(path: Path, report: IngestReport, count_rows: bool, span: Optional[Span] = None
+                  ) -> Iterator[tuple[int, dict]]:
+  """(line number, object) of a JSON-lines file (or `span` of it); lines that are not JSON objects are
+  counted skips."""
+  for n, line in _lines(path, report, span):
     report.rows += count_rows
     try:
       obj = json.loads(line)
@@ -297,9 +365,10 @@ def _has_ratings(sequences: dict[str, list[Interaction]], path: Path, field: str
   return any(rated)
 
 
-def amazon_raw_rows(reviews: Path, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
+def amazon_raw_rows(reviews: Path, report: IngestReport, span: Optional[Span] = None
+                    ) -> Iterator[tuple[int, str, Interaction]]:
   """Amazon 2014 / 2018 reviews: (line, reviewerID, (asin, unixReviewTime, overall)) per kept review."""
-  for n, obj in _json_objects(reviews, report, True):
+  for n, obj in _json_objects(reviews, report, True, span):
     missing = [f for f in ("reviewerID", "asin", "unixReviewTime") if not obj.get(f) and obj.get(f) != 0]
     if missing:
       report.skip("missing_field", str(reviews), n, missing[0], "missing or empty")
@@ -451,10 +520,11 @@ def read_sequences(path: Path | str, meta: Optional[Path | str] = None, *,
 # Amazon Reviews 2023: <Category>.jsonl[.gz] + meta_<Category>.jsonl[.gz]
 
 
-def amazon_2023_rows(reviews: Path, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
+def amazon_2023_rows(reviews: Path, report: IngestReport, span: Optional[Span] = None
+                     ) -> Iterator[tuple[int, str, Interaction]]:
   """Amazon Reviews 2023: (line, user_id, (parent_asin, timestamp in seconds, rating)) per kept review; a
   review without parent_asin falls back to its asin (counted as a repair)."""
-  for n, obj in _json_objects(reviews, report, True):
+  for n, obj in _json_objects(reviews, report, True, span):
     item = obj.get("parent_asin") or obj.get("asin")
     if item and not obj.get("parent_asin"):
       report.repair("review_without_parent_asin_uses_asin")
@@ -501,9 +571,11 @@ def _stripped(cols: list[str], path: Path) -> list[str]:
   return [c.strip() for c in cols]
 
 
-def movielens_rows(ratings_path: Path, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
+def movielens_rows(ratings_path: Path, report: IngestReport, span: Optional[Span] = None
+                   ) -> Iterator[tuple[int, str, Interaction]]:
   """ratings.csv (userId, movieId, rating, timestamp in seconds): (line, user, interaction) per kept row."""
-  for n, row in _table_rows(ratings_path, report, ("userId", "movieId", "rating", "timestamp"), _stripped, sep=","):
+  for n, row in _table_rows(ratings_path, report, ("userId", "movieId", "rating", "timestamp"), _stripped, sep=",",
+                            span=span):
     got = _interaction({"user_id": row["userId"], "item_id": row["movieId"], "timestamp": row["timestamp"],
                         "rating": row["rating"]}, ratings_path, n, report)
     if got:
@@ -538,9 +610,10 @@ class RowSource:
   interactions: Path
   meta: Optional[Path] = None
 
-  def rows(self, report: IngestReport) -> Iterator[tuple[int, str, Interaction]]:
-    """(line, user, interaction) of each kept row, in file order; skips counted in `report`."""
-    return ROW_READERS[self.format].rows(self.interactions, report)
+  def rows(self, report: IngestReport, span: Optional[Span] = None) -> Iterator[tuple[int, str, Interaction]]:
+    """(line, user, interaction) of each kept row (of `span` of the file), in file order; skips counted in
+    `report`."""
+    return ROW_READERS[self.format].rows(self.interactions, report, span)
 
   def items(self, report: IngestReport) -> dict[str, ItemMeta]:
     return ROW_READERS[self.format].items(self.meta, report) if self.meta else {}
@@ -574,7 +647,7 @@ def _movielens_ratings(path: Path) -> Path:
 
 
 class RowReader(NamedTuple):
-  rows: Callable[[Path, IngestReport], Iterator[tuple[int, str, Interaction]]]   # the interaction file's rows
+  rows: Callable[..., Iterator[tuple[int, str, Interaction]]]   # (path, report, span=None): the interactions
   items: Callable[[Path, IngestReport], dict[str, ItemMeta]]                    # its item metadata file
   rating_field: str
 
