@@ -33,8 +33,8 @@ def is_noise(line: str) -> bool:
   return any(n in line for n in NOISE)
 
 
-def quiet_startup() -> None:
-  """Imports TensorFlow and JAX and starts JAX's backends, keeping their known start-up lines off stderr."""
+def quiet_startup(jax: bool = True) -> None:
+  """Imports TensorFlow (and JAX, starting its backends), keeping their known start-up lines off stderr."""
   if os.environ.get("RECALIGN_VERBOSE"):
     return
   logging.getLogger("absl").addFilter(_LogNoise())
@@ -43,9 +43,10 @@ def quiet_startup() -> None:
     saved = os.dup(2)
     os.dup2(captured.fileno(), 2)
     try:
-      import jax
       import tensorflow as tf
-      jax.devices()
+      if jax:
+        import jax as jax_module
+        jax_module.devices()
       tf.constant(0)      # TensorFlow looks for GPUs (and says so) at its first op
     finally:
       sys.stderr.flush()

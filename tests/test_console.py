@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, write_tiny_tsv
 
 
 def test_cli_start_up_keeps_library_noise_off_stderr_but_not_real_lines(tmp_path):
@@ -33,3 +33,16 @@ def test_captured_lines_that_are_not_noise_are_printed_again(capfd, monkeypatch)
   console.quiet_startup()
   err = capfd.readouterr().err
   assert "real problem: disk full" in err and "oneDNN" not in err
+
+
+def test_prepare_and_ids_commands_show_their_own_lines_only(tmp_path):
+  """`recalign prepare` and `recalign ids` start TensorFlow (the TFDS copy) but not JAX: still no start-up noise."""
+  env = {k: v for k, v in os.environ.items() if k not in ("RECALIGN_VERBOSE", "TF_CPP_MIN_LOG_LEVEL")}
+  data = tmp_path / "tiny"
+  for argv in (["prepare", "--source", str(write_tiny_tsv(tmp_path / "src")), "--out", str(data), "--kcore", "0"],
+               ["ids", str(data), "--scheme", "collaborative", "--codebook", "2"]):
+    out = subprocess.run([sys.executable, "-m", "recalign.cli", *argv], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() and not any(n in out.stderr for n in ("oneDNN", "cuda drivers", "cpu_feature_guard",
+                                                                       "absl::InitializeLog")), out.stderr
