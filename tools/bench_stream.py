@@ -8,6 +8,12 @@ process each, registers the data set's tasks (TaskConfig.streamed False / True) 
 task's training examples through seqio: seconds to the first example, examples/s after it, and the
 process's peak resident memory (ru_maxrss, TF and JAX included). Side by side in one run; name the CPU
 (`lscpu`) with the numbers.
+
+    python tools/bench_stream.py --prepared DIR --measure train
+
+times `recalign train` instead (one step of the retrieval task, mini T5, bare prompts, batch 64, in memory
+and streamed): seconds from the process's start to its end and its peak memory, on a folder prepared
+before (with its vocabulary).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+START = time.time()
 
 
 def synthetic_tsv(out: Path, interactions: int, seed: int = 0) -> Path:
@@ -69,6 +76,23 @@ def pipeline(data: str, streamed: bool, train_examples: str, n: int) -> dict:
           "peak_rss_gib": round(peak_gib(), 2)}
 
 
+def train_start(data: str, streamed: bool, run: str) -> dict:
+  """(in a process of its own) `recalign train` for one step of the retrieval task (mini T5, bare prompts,
+  batch 64) on the prepared folder: seconds from the process's start to its end (imports, registration,
+  compilation, the first step, the closing checkpoint) and its peak resident memory."""
+  from recalign.cli import main as cli
+  name = json.loads((Path(data) / "manifest.json").read_text())["name"]
+  gin = Path(__file__).resolve().parent.parent / "recalign" / "gin"
+  code = cli(["train", f"--gin_file={gin / 'models' / 'mini.gin'}", f"--gin_file={gin / 'runs' / 'from_scratch.gin'}",
+              f"--gin.DATA_DIRS=['{data}']", f"--gin.MIXTURE_OR_TASK_NAME='{name}_retrieval'",
+              "--gin.TASK_FEATURE_LENGTHS={'inputs': 96, 'targets': 16}", "--gin.TRAIN_STEPS=1",
+              "--gin.BATCH_SIZE=64", f"--gin.MODEL_DIR='{run}'", f"--gin.registry.TaskConfig.streamed={streamed}",
+              "--gin.registry.TaskConfig.prompt_words=False", "--gin.registry.TaskConfig.with_titles=False",
+              "--gin.registry.TaskConfig.item_prefix=False"])
+  return {"streamed": streamed, "code": code, "seconds": round(time.time() - START, 1),
+          "peak_rss_gib": round(peak_gib(), 2)}
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--interactions", type=int, default=1_000_000)
@@ -76,23 +100,34 @@ def main():
   p.add_argument("--train-examples", default="prefixes", choices=["windows", "prefixes"])
   p.add_argument("--examples", type=int, default=3000, help="examples pulled after the first")
   p.add_argument("--work", help="folder for the synthetic and prepared data (default: a temporary one)")
+  p.add_argument("--prepared", help="a prepared folder with its vocabulary (skips making and preparing data)")
+  p.add_argument("--measure", choices=["pipeline", "train"], default="pipeline", help="pipeline: seqio's examples "
+                 "(register, first example, examples/s); train: `recalign train` to the end of its first step")
   p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+  p.add_argument("--_train", nargs=3, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args._child:
     print(json.dumps(pipeline(args._child[0], args._child[1] == "1", args.train_examples, args.examples)))
     return
+  if args._train:
+    print(json.dumps(train_start(args._train[0], args._train[1] == "1", args._train[2])))
+    return
   work = Path(args.work or tempfile.mkdtemp(prefix="bench_stream_"))
-  src = Path(args.data) if args.data else synthetic_tsv(work / "src", args.interactions)
-  prepared = work / "prepared"
-  t0 = time.perf_counter()
-  out = subprocess.run([sys.executable, "-m", "recalign.cli", "prepare", "--source", str(src), "--out", str(prepared),
-                        "--name", "bench"], capture_output=True, text=True)
-  if out.returncode:
-    sys.exit(out.stdout + out.stderr)
-  print(f"prepare (JSON lines + TFDS copy): {time.perf_counter() - t0:.0f}s")
-  subprocess.run([sys.executable, "-m", "recalign.cli", "vocab", str(prepared), "--size", "2000"],
-                 check=True, capture_output=True)
-  print(next(line for line in out.stdout.splitlines() if line.startswith("interactions")))
+  prepared = Path(args.prepared) if args.prepared else work / "prepared"
+  if not args.prepared:
+    src = Path(args.data) if args.data else synthetic_tsv(work / "src", args.interactions)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "recalign.cli", "prepare", "--source", str(src), "--out",
+                          str(prepared), "--name", "bench"], capture_output=True, text=True)
+    if out.returncode:
+      sys.exit(out.stdout + out.stderr)
+    print(f"prepare (JSON lines + TFDS copy): {time.perf_counter() - t0:.0f}s")
+    subprocess.run([sys.executable, "-m", "recalign.cli", "vocab", str(prepared), "--size", "2000"],
+                   check=True, capture_output=True)
+  manifest = json.loads((prepared / "manifest.json").read_text())
+  print(f"{manifest['counts']['users']} users, {manifest['counts']['interactions']} interactions")
+  if args.measure == "train":
+    return train_rows(prepared, work)
   rows = []
   for streamed in (False, True):
     res = subprocess.run([sys.executable, __file__, "--train-examples", args.train_examples, "--examples",
@@ -109,6 +144,20 @@ def main():
   print(f"{m['train_examples']} {args.train_examples} training examples; streamed / in memory: peak memory "
         f"{s['peak_rss_gib'] / m['peak_rss_gib']:.2f}x, time to the first example "
         f"{s['first_example_s'] / m['first_example_s']:.2f}x, examples/s {s['examples_per_s'] / m['examples_per_s']:.2f}x")
+
+
+
+def train_rows(prepared: Path, work: Path) -> None:
+  starts = []
+  for streamed in (False, True):
+    res = subprocess.run([sys.executable, __file__, "--_train", str(prepared), "1" if streamed else "0",
+                          str(work / f"run_{int(streamed)}")], capture_output=True, text=True)
+    if res.returncode:
+      sys.exit(res.stderr[-3000:])
+    starts.append(json.loads(res.stdout.strip().splitlines()[-1]))
+  print("`recalign train`, 1 step (start-up, registration, compilation, the step, the checkpoint): "
+        + ", ".join(f"{'streamed' if r['streamed'] else 'in memory'} {r['seconds']} s, peak RSS "
+                    f"{r['peak_rss_gib']} GiB" for r in starts))
 
 
 if __name__ == "__main__":
