@@ -65,7 +65,7 @@ def cmd_ids(args) -> int:
   features = np.load(args.features) if args.features else None
   t0 = time.time()
   ids = build_ids(data, args.scheme, seed=args.seed, levels=args.levels, codebook=args.codebook, features=features,
-                  base=args.base)
+                  base=args.base, leaf=args.leaf)
   path = ids.save(args.data)
   print(f"wrote {path} in {time.time() - t0:.1f}s; e.g. {ids.ids[0]}, {ids.ids[1]}")
   print("\n".join(format_id_stats(json.loads((Path(args.data) / "manifest.json").read_text()))))
@@ -379,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "followed by the item's own piece (P5's CID+IID)")
   s.add_argument("--base", default="collaborative", choices=["collaborative", "semantic"],
                  help="hybrid: the codes before the item's own piece")
+  s.add_argument("--leaf", default="codes", choices=["codes", "item"],
+                 help="hybrid: 'codes' keeps every code and appends the item's piece (P5's CID+IID: the piece is "
+                 "decided by the codes); 'item' puts the piece in place of the last code, the one that tells items "
+                 "apart")
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--levels", type=int, default=3, help="semantic: residual k-means levels (+1 de-duplication code)")
   s.add_argument("--codebook", type=int, help="codes per level (default: semantic 256, collaborative 32)")

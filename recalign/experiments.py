@@ -10,6 +10,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +57,11 @@ def dataset_config(recipe: Recipe, bindings: Sequence[str] = ()):
 
 
 def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
-                    id_schemes: tuple[str, ...] = ()) -> Path:
+                    id_schemes: Sequence[str] | Mapping[str, dict] = ()) -> Path:
   """Prepares `source` into `out` once (again when the source files change): split, random IDs, the
-  `id_schemes` (built from training sequences only) and a vocabulary holding their pieces."""
+  `id_schemes` (built from training sequences only; a mapping gives each scheme its `build_ids` settings,
+  e.g. {"hybrid": {"leaf": "item"}}: IDs built with other settings are built again) and a vocabulary
+  holding their pieces."""
   from recalign.data import PreparedData, prepare, read_source, tfds_data
   from recalign.data.ids import build_ids, scheme_pieces
   from recalign.data.ingest import sha256_file
@@ -76,10 +79,13 @@ def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
   data = PreparedData.load(out)
   if not tfds_data.directory(out).exists():   # prepared by an older recalign
     tfds_data.write(data, out)
-  missing = [s for s in id_schemes if not (out / "ids" / f"{s}.json").exists()]
+  settings = dict(id_schemes) if isinstance(id_schemes, Mapping) else {s: {} for s in id_schemes}
+  built = json.loads((out / "manifest.json").read_text()).get("id_schemes", {})
+  missing = [s for s, kw in settings.items() if not (out / "ids" / f"{s}.json").exists()
+             or any(built.get(s, {}).get("params", {}).get(k) != v for k, v in kw.items())]
   for scheme in missing:
-    print(f"[recalign] building {scheme} item IDs")
-    build_ids(data, scheme).save(out)
+    print(f"[recalign] building {scheme} item IDs" + (f" ({settings[scheme]})" if settings[scheme] else ""))
+    build_ids(data, scheme, **settings[scheme]).save(out)
   if fresh or missing:
     train_vocabulary(data, out / "vocab", pieces=scheme_pieces(out))
   return out

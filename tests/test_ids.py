@@ -1,6 +1,7 @@
 """Item ID schemes: unique, deterministic for a seed, built from training data only, one piece per
 code in every template context, and constrained decoding that returns only valid items."""
 
+import collections
 import json
 import re
 
@@ -122,6 +123,23 @@ def test_atomic_and_hybrid_ids_end_with_the_items_own_piece(data):
     build_ids(data, "hybrid", base="random")
 
 
+def test_hybrid_item_leaf_puts_the_items_piece_in_place_of_the_code_that_tells_items_apart(data):
+  """P5's hybrid: every code, then the item's piece -- decided by the codes (no two IDs share what precedes
+  it). leaf='item': the codes but the last, then the piece, which now chooses among the items sharing them."""
+  def largest_choice(ids):   # the most IDs that share what comes before their last piece
+    return max(collections.Counter(i[:i.rindex("<")] for i in ids).values())
+
+  for base in ("collaborative", "semantic"):
+    inner = build_ids(data, base, **SMALL[base])
+    p5, leaf = (build_ids(data, "hybrid", base=base, leaf=x, **SMALL[base]) for x in ("codes", "item"))
+    assert leaf.params["leaf"] == "item" and leaf.stats["unique"] and len(leaf.ids) == data.num_items
+    assert leaf.ids == [i[:i.rindex("<")] + f"<item_{k}>" for k, i in enumerate(inner.ids)]
+    assert leaf.stats["mean_codes"] == pytest.approx(inner.stats["mean_codes"], abs=1e-3)
+    assert largest_choice(p5.ids) == 1 and largest_choice(leaf.ids) > 1
+  with pytest.raises(ValueError, match="'codes' or 'item'"):
+    build_ids(data, "hybrid", leaf="last")
+
+
 def test_ids_cli_vocabulary_pieces_and_tokenisation_in_every_context(data, tmp_path, capsys):
   data.save(tmp_path / "idt")
   for scheme in ("collaborative", "semantic", "atomic", "hybrid"):
@@ -145,17 +163,18 @@ def test_ids_cli_vocabulary_pieces_and_tokenisation_in_every_context(data, tmp_p
         assert vocab.decode(vocab.encode(i)) == i
 
 
-@pytest.mark.parametrize("scheme", ["random", "collaborative", "semantic", "atomic", "hybrid"])
-def test_tasks_and_constrained_decoding_under_each_scheme(data, tmp_path, scheme):
-  root = tmp_path / scheme
+@pytest.mark.parametrize("variant", ["random", "collaborative", "semantic", "atomic", "hybrid", "hybrid_item"])
+def test_tasks_and_constrained_decoding_under_each_scheme(data, tmp_path, variant):
+  scheme, _, leaf = variant.partition("_")     # hybrid_item: the hybrid IDs with leaf="item"
+  root = tmp_path / variant
   data.save(root)
   if scheme != "random":
-    build_ids(data, scheme, **SMALL[scheme]).save(root)
+    build_ids(data, scheme, **SMALL[scheme], **({"leaf": leaf} if leaf else {})).save(root)
   train_vocabulary(data, root / "vocab", vocab_size=300, pieces=scheme_pieces(root))
-  rt.register_dataset(root, name=f"ids_{scheme}", config=rt.TaskConfig(num_candidates=10, id_scheme=scheme))
-  info = rt.registry.task_info(f"ids_{scheme}_retrieval")
+  rt.register_dataset(root, name=f"ids_{variant}", config=rt.TaskConfig(num_candidates=10, id_scheme=scheme))
+  info = rt.registry.task_info(f"ids_{variant}_retrieval")
   ids = list(info.ids)
-  ex = next(rt.get(f"ids_{scheme}_retrieval").get_dataset({"inputs": 256, "targets": 16}, split="test",
+  ex = next(rt.get(f"ids_{variant}_retrieval").get_dataset({"inputs": 256, "targets": 16}, split="test",
                                                           shuffle=False).as_numpy_iterator())
   assert ex["targets_pretokenized"].decode() == ids[int(ex["target_item"])]
   assert ex["targets"].tolist() == info.vocab.encode(ids[int(ex["target_item"])]) + [1]
@@ -201,3 +220,24 @@ def test_finetuning_a_pretrained_vocabulary_appends_id_pieces_as_new_rows(data, 
   np.testing.assert_allclose(emb[:rows], before["token_embedder"]["embedding"], atol=1e-6)
   run = json.loads((tmp_path / "ft" / "run.json").read_text())
   assert run["task_config"]["id_scheme"] == "semantic" and run["vocabulary"]["appended_pieces"] == len(vocab.pieces)
+
+
+def test_experiments_build_a_scheme_again_when_asked_for_other_settings(tmp_path, capsys):
+  """ensure_prepared (the studies' data folders): a scheme built once is reused; asked for with other
+  `build_ids` settings (hybrid leaf="item"), it is built again with them (its pieces in the vocabulary)."""
+  from conftest import write_tiny_tsv
+  from recalign.data.ids import load_ids
+  from recalign.experiments import ensure_prepared
+  src, out = write_tiny_tsv(tmp_path / "src"), tmp_path / "tiny"
+  ensure_prepared(src, out, "tiny", kcore=0, id_schemes={"hybrid": {"codebook": 2}})
+  p5 = load_ids(out, "hybrid")
+  ensure_prepared(src, out, "tiny", kcore=0, id_schemes=("hybrid",))
+  assert "building" not in capsys.readouterr().out.split("using prepared")[-1]      # reused
+  ensure_prepared(src, out, "tiny", kcore=0, id_schemes={"hybrid": {"codebook": 2, "leaf": "item"}})
+  leaf = load_ids(out, "hybrid")
+  assert "building hybrid item IDs" in capsys.readouterr().out
+  assert leaf == [i[:i[:i.rindex("<")].rindex("<")] + i[i.rindex("<"):] for i in p5]   # one code fewer
+  assert json.loads((out / "manifest.json").read_text())["id_schemes"]["hybrid"]["params"]["leaf"] == "item"
+  sp = load_vocabulary(out / "vocab").tokenizer
+  pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+  assert set(scheme_pieces(out)) <= pieces

@@ -91,8 +91,7 @@ def main():
   from recalign.data.prepare import name_from_path
   quiet_startup()
   name = args.name or name_from_path(args.data)
-  schemes = sorted({curves.recipe(n)["data"].get("id_scheme", "random") for n in args.recipes} - {"random"})
-  data_dir = curves.prepare_data(Path(args.data), args.work / "data" / name, name, schemes)
+  data_dir = curves.prepare_data(Path(args.data), args.work / "data" / name, name, curves.id_schemes(args.recipes))
   results = json.loads(args.out.read_text())["runs"] if args.out.exists() else {}
   for recipe in args.recipes:
     for seed in args.seeds:

@@ -72,6 +72,12 @@ RECIPES = {
     "bare_prefixes_hybrid": {"data": {"with_titles": False, "item_prefix": False, "prompt_words": False,
                                       "id_scheme": "hybrid", "train_examples": "prefixes"},
                              "lengths": {"inputs": 112, "targets": 16}, "dropout": 0.0, "lr": 5e-3},
+    # the hybrid with the item's piece in place of the collaborative code that tells items apart (as many
+    # tokens as the collaborative IDs: inputs 96): the piece is the last choice, among a leaf cluster's items
+    "bare_prefixes_hybrid_item": {"data": {"with_titles": False, "item_prefix": False, "prompt_words": False,
+                                           "id_scheme": "hybrid", "train_examples": "prefixes"},
+                                  "ids": {"leaf": "item"}, "lengths": {"inputs": 96, "targets": 16},
+                                  "dropout": 0.0, "lr": 5e-3},
     # one piece per item (P5's IID) and collaborative codes + the item's piece (P5's CID+IID)
     "compact_atomic": {"data": {"with_titles": False, "item_prefix": False, "id_scheme": "atomic"},
                        "lengths": {"inputs": 96, "targets": 8}, "dropout": 0.0, "lr": 5e-3},
@@ -130,10 +136,24 @@ def cpu_model() -> str:
 
 
 def prepare_data(source: Path, out: Path, name: str, schemes=("collaborative", "semantic")) -> Path:
-  """A data set with random IDs, `schemes` and one vocabulary for all (atomic / hybrid IDs add a piece per
-  item to the vocabulary, and so to every run's softmax: give them a --work folder of their own)."""
+  """A data set with random IDs, `schemes` (names, or a mapping of names to `build_ids` settings) and one
+  vocabulary for all (atomic / hybrid IDs add a piece per item to the vocabulary, and so to every run's
+  softmax: give them a --work folder of their own)."""
   from recalign.experiments import ensure_prepared
-  return ensure_prepared(source, out, name, id_schemes=tuple(schemes))
+  return ensure_prepared(source, out, name, id_schemes=schemes if isinstance(schemes, dict) else tuple(schemes))
+
+
+def id_schemes(names) -> dict:
+  """The ID schemes the recipes `names` use (random aside), each with its `build_ids` settings (a recipe's
+  "ids"); two recipes that want one scheme built two ways cannot share a data folder."""
+  out: dict = {}
+  for n in names:
+    r = recipe(n)
+    scheme = r["data"].get("id_scheme", "random")
+    if scheme != "random":
+      if out.setdefault(scheme, r.get("ids", {})) != r.get("ids", {}):
+        raise SystemExit(f"{n}: {scheme} IDs built otherwise than by the other recipes; run it with its own --work")
+  return out
 
 
 def run(name: str, seed: int, minutes: float, eval_every: float, val_users: int, data_dir: Path, work: Path,
@@ -245,8 +265,8 @@ def main():
     plot(args.plot, args.png, args.title)
     return
   work = Path(args.work)
-  schemes = sorted({recipe(n)["data"].get("id_scheme", "random") for n in args.recipes} - {"random"})
-  data_dir = prepare_data(Path(args.data), work / "data" / args.name, args.name, schemes or ("collaborative",))
+  data_dir = prepare_data(Path(args.data), work / "data" / args.name, args.name,
+                          id_schemes(args.recipes) or ("collaborative",))
   for name in args.recipes:
     for seed in args.seeds:
       res = run(name, seed, args.minutes, args.eval_every, args.val_users, data_dir, work, Path(args.out))

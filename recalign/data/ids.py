@@ -12,7 +12,10 @@ Five schemes, one place:
     (e.g. sentence-encoder embeddings); items without text fall back to collaborative vectors;
   * `hybrid` (P5's CID+IID, their best): the collaborative (or, `base='semantic'`, the semantic) codes
     followed by the item's own piece, `<a_3><b_17><c_2><item_4821>`: items bought together share a
-    prefix, and every item still has a row of its own.
+    prefix, and every item still has a row of its own. The codes alone already tell items apart, so the
+    piece is decided once they are (a one-child step of the decoding trie). `leaf='item'` drops the last
+    code instead (the index in the leaf cluster, or the semantic de-duplication code), `<a_3><b_17><item_4821>`:
+    the item's own piece then chooses among the items that share the codes before it.
 
 A code is one vocabulary piece: position p uses letter p (`<a_12><b_201><c_7><d_0>`), an item's own
 piece is `<item_k>` (k = the item's row in items.jsonl). The first code of an ID carries the word
@@ -275,9 +278,11 @@ def deduplicate(codes: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], in
 
 
 def build_ids(data: PreparedData, scheme: str, *, seed: int = 0, levels: int = 3, codebook: Optional[int] = None,
-              features: Optional[np.ndarray] = None, base: str = "collaborative") -> ItemIds:
+              features: Optional[np.ndarray] = None, base: str = "collaborative", leaf: str = "codes") -> ItemIds:
   """IDs of every item under `scheme`, with statistics (collisions, code usage, mean length).
-  `base`: the codes a hybrid ID starts with (collaborative or semantic)."""
+  `base`: the codes a hybrid ID starts with (collaborative or semantic); `leaf`: what tells a hybrid ID's
+  items apart -- "codes" (all of them, then the item's piece: P5's CID+IID) or "item" (the piece, in place of
+  the last code)."""
   if scheme == "random":
     ids = [item_id(k) for k in range(data.num_items)]
     return ItemIds(scheme, ids, {"mean_codes": None}, {})
@@ -287,10 +292,16 @@ def build_ids(data: PreparedData, scheme: str, *, seed: int = 0, levels: int = 3
   if scheme == "hybrid":
     if base not in ("collaborative", "semantic"):
       raise ValueError(f"a hybrid ID starts with collaborative or semantic codes, not {base!r}")
+    if leaf not in ("codes", "item"):
+      raise ValueError(f"a hybrid ID's leaf is 'codes' or 'item', not {leaf!r}")
     inner = build_ids(data, base, seed=seed, levels=levels, codebook=codebook, features=features)
-    ids = [i + item_piece(k) for k, i in enumerate(inner.ids)]
+    if leaf == "item":   # without the code that tells apart the items sharing the others
+      ids = [render(tuple(int(m.group(2)) for m in CODE.finditer(i))[:-1]) + item_piece(k)
+             for k, i in enumerate(inner.ids)]
+    else:
+      ids = [i + item_piece(k) for k, i in enumerate(inner.ids)]
     return ItemIds(scheme, ids, id_stats(ids, inner.stats["collisions_before_dedup"]),
-                   {"base": base, **inner.params})
+                   {"base": base, "leaf": leaf, **inner.params})
   extra: dict = {}
   if scheme == "collaborative":
     codebook = codebook or 32
