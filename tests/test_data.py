@@ -353,3 +353,25 @@ def test_file_pieces_numbered_by_counted_lines_give_the_whole_file(tmp_path):
   packed.write_bytes(gzip.compress(b"a\nb\nc\n"))
   (span,) = file_spans(packed, 1)   # not cut: a gzip stream is read from its start
   assert list(_lines(packed, IngestReport(), span)) == [(1, "a"), (2, "b"), (3, "c")]
+
+
+def test_ragged_rows_are_views_of_one_flat_array():
+  """PreparedData's per-user arrays as one flat array + offsets: indexing, negative indices, slices, iteration
+  and lengths as a list of arrays gives them; rows are read-only; rows put in another order (the TFDS copy's
+  files hold users out of order) are the rows moved, not re-cut."""
+  from recalign.data.prepare import Ragged, _in_order
+  rows = [[3, 1, 4], [], [1, 5], [9, 2, 6, 5]]
+  r = Ragged.from_rows(rows, np.int32)
+  assert len(r) == 4 and [x.tolist() for x in r] == rows and r[-1].tolist() == rows[-1] and r[1].size == 0
+  assert [x.tolist() for x in r[1:3]] == rows[1:3] and r.lengths().tolist() == [3, 0, 2, 4]
+  assert r[2].dtype == np.int32 and np.shares_memory(r[0], r.values)
+  with pytest.raises(IndexError):
+    r[4]
+  with pytest.raises(ValueError):
+    r[0][0] = 7
+  with pytest.raises(ValueError, match="add up to 5, not the 9 values"):
+    Ragged(r.values, [3, 0, 2])
+  order = np.array([3, 0, 2, 1])
+  moved = _in_order(r.values.copy(), r.lengths(), order)
+  assert [x.tolist() for x in moved] == [rows[k] for k in order]
+  assert _in_order(r.values, r.lengths(), np.arange(4)).values is r.values      # in order already: no copy

@@ -12,13 +12,16 @@ A prepared data set is a folder:
 
 from __future__ import annotations
 
+import array
+import collections.abc
 import dataclasses
 import datetime
 import json
 import logging
+import operator
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -55,6 +58,48 @@ def item_index(iid: str) -> int:
   return int(iid[1:]) - 1
 
 
+class Ragged(collections.abc.Sequence):
+  """Rows of different lengths kept in one flat array: row k is `values[offsets[k]:offsets[k + 1]]` (a
+  read-only view). What a list of per-user arrays holds, without an array object per user -- ~100 bytes
+  each, two thirds of `PreparedData`'s memory on short sequences (measured: docs/benchmarks.md)."""
+
+  def __init__(self, values: np.ndarray, lengths):
+    self.values = values
+    self.values.flags.writeable = False
+    self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    if self.offsets[-1] != len(values):
+      raise ValueError(f"row lengths add up to {self.offsets[-1]}, not the {len(values)} values")
+
+  @classmethod
+  def from_rows(cls, rows, dtype) -> "Ragged":
+    rows = [np.asarray(r, dtype) for r in rows]
+    return cls(np.concatenate(rows) if rows else np.zeros([0], dtype), [len(r) for r in rows])
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  def __getitem__(self, k):
+    if isinstance(k, slice):
+      return [self[i] for i in range(*k.indices(len(self)))]
+    k = operator.index(k)
+    if not -len(self) <= k < len(self):
+      raise IndexError(f"row {k} of {len(self)}")
+    k %= len(self)
+    return self.values[self.offsets[k]:self.offsets[k + 1]]
+
+  def __iter__(self):
+    for a, b in zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist()):
+      yield self.values[a:b]
+
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+  @classmethod
+  def of(cls, rows, dtype) -> "Ragged":
+    """`rows` as a Ragged of `dtype`: itself when it is one already."""
+    return rows if isinstance(rows, Ragged) and rows.values.dtype == dtype else cls.from_rows(rows, dtype)
+
+
 @dataclasses.dataclass
 class PreparedData:
   name: str
@@ -62,9 +107,9 @@ class PreparedData:
   items: list[ItemMeta]               # index k <-> ID item_id(k)
   source_item_ids: list[str]
   users: list[str]
-  sequences: list[np.ndarray]         # int32 item indices, chronological
-  timestamps: Optional[list[np.ndarray]]
-  ratings: Optional[list[np.ndarray]]
+  sequences: Sequence[np.ndarray]     # per user: int32 item indices, chronological (a Ragged, or a list)
+  timestamps: Optional[Sequence[np.ndarray]]
+  ratings: Optional[Sequence[np.ndarray]]
   validation_users: np.ndarray        # int32 user indices
   manifest: dict
   user_attributes: Optional[list[dict[str, str]]] = None   # per user (e.g. ml-100k's age, gender, occupation)
@@ -136,23 +181,26 @@ class PreparedData:
     items, src = load_items(path)
     if not (path / "users.jsonl").exists() and (tfds_directory(path) / "dataset_info.json").exists():
       return cls._with_tfds_users(path, manifest, items, src)
-    users, seqs, times, rates, attrs = [], [], [], [], []
+    users, lengths, attrs = [], [], []
+    seqs, times, rates = array.array("i"), array.array("d"), array.array("f")   # flat: 4 / 8 / 4 bytes a value
+    timed = rated = True
     with (path / "users.jsonl").open(encoding="utf-8") as f:
       for line in f:
         row = json.loads(line)
         users.append(row["user"])
-        seqs.append(np.array([item_index(i) for i in row["items"]], np.int32))
-        if "timestamps" in row:
-          times.append(np.array(row["timestamps"], np.float64))
-        if "ratings" in row:
-          rates.append(np.array(row["ratings"], np.float32))
+        lengths.append(len(row["items"]))
+        seqs.extend(item_index(i) for i in row["items"])
+        timed, rated = timed and "timestamps" in row, rated and "ratings" in row
+        times.extend(row.get("timestamps", ()) if timed else ())
+        rates.extend(row.get("ratings", ()) if rated else ())
         if "attributes" in row:
           attrs.append(row["attributes"])
     val = np.array(json.loads((path / "validation_users.json").read_text()), np.int32)
+    flat = lambda buf, dtype: Ragged(np.frombuffer(buf, dtype).copy(), lengths)   # noqa: E731
     return cls(name=manifest["name"], domain=Domain(**manifest["domain"]), items=items,
-               source_item_ids=src, users=users, sequences=seqs,
-               timestamps=times if len(times) == len(users) else None,
-               ratings=rates if len(rates) == len(users) else None,
+               source_item_ids=src, users=users, sequences=flat(seqs, np.int32),
+               timestamps=flat(times, np.float64) if timed and users else None,
+               ratings=flat(rates, np.float32) if rated and users else None,
                validation_users=val, manifest=manifest,
                user_attributes=attrs if len(attrs) == len(users) else None)
 
@@ -167,7 +215,7 @@ class PreparedData:
                users=users, sequences=seqs, timestamps=times if manifest["has_timestamps"] else None,
                ratings=rates if manifest["has_ratings"] else None,
                validation_users=np.flatnonzero(val).astype(np.int32), manifest=manifest,
-               user_attributes=attrs if manifest.get("user_attributes") else None)
+               user_attributes=[a or {} for a in attrs] if manifest.get("user_attributes") else None)
 
 
 def tfds_record_batches(builder, spec: dict, batch: int = 8_192):
@@ -186,25 +234,44 @@ def tfds_record_batches(builder, spec: dict, batch: int = 8_192):
 
 def read_tfds_users(builder, batch: int = 8_192) -> dict[str, list]:
   """Every user's fields (tfds_data's features), in user order, parsed in batches: what `PreparedData.load`
-  reads from a folder without users.jsonl. ~20x faster than decoding each record through TFDS; each
-  user's arrays are views of one buffer per batch. (Here, not in tfds_data, which imports this module.)"""
+  reads from a folder without users.jsonl. ~20x faster than decoding each record through TFDS; items,
+  timestamps and ratings come as `Ragged` rows of flat arrays. (Here, not in tfds_data, which imports this
+  module.)"""
   import tensorflow as tf
   spec = {"user": tf.io.FixedLenFeature([], tf.int64), "user_id": tf.io.FixedLenFeature([], tf.string),
           "items": tf.io.RaggedFeature(tf.int64), "ratings": tf.io.RaggedFeature(tf.float32),
           "timestamps": tf.io.FixedLenFeature([], tf.string, default_value=b""),   # raw float64 bytes
           "attributes": tf.io.FixedLenFeature([], tf.string), "validation": tf.io.FixedLenFeature([], tf.int64)}
-  n = builder.info.splits[TFDS_SPLIT].num_examples
-  out: dict[str, list] = {k: [None] * n for k in ("user_id", "items", "timestamps", "ratings", "attributes")}
-  out["validation"] = np.zeros(n, bool)
+  parts: dict[str, list] = {k: [] for k in ("user", "user_id", "items", "item_lengths", "timestamps", "ratings",
+                                             "rating_lengths", "attributes", "validation")}
   for r in tfds_record_batches(builder, spec, batch):
-    items = np.split(r["items"][0].astype(np.int32), np.cumsum(r["items"][1])[:-1])
-    ratings = np.split(r["ratings"][0], np.cumsum(r["ratings"][1])[:-1])
-    for k, u in enumerate(r["user"]):
-      out["user_id"][u], out["items"][u], out["ratings"][u] = r["user_id"][k].decode(), items[k], ratings[k]
-      out["timestamps"][u] = np.frombuffer(r["timestamps"][k], np.float64)
-      out["attributes"][u] = json.loads(r["attributes"][k])
-    out["validation"][r["user"]] = r["validation"].astype(bool)
-  return out
+    parts["user"].append(r["user"])
+    parts["user_id"] += [x.decode() for x in r["user_id"]]
+    parts["items"].append(r["items"][0].astype(np.int32))
+    parts["item_lengths"].append(r["items"][1])
+    parts["ratings"].append(r["ratings"][0])
+    parts["rating_lengths"].append(r["ratings"][1])
+    parts["timestamps"] += list(r["timestamps"])     # raw float64 bytes per user
+    parts["attributes"] += [json.loads(x) if x != b"{}" else None for x in r["attributes"]]   # None: none
+    parts["validation"].append(r["validation"].astype(bool))
+  cat = lambda k, dtype: np.concatenate(parts[k]).astype(dtype) if parts[k] else np.zeros([0], dtype)   # noqa: E731
+  order = np.argsort(cat("user", np.int64), kind="stable")   # the files' order -> user order
+  stamps = np.frombuffer(b"".join(parts["timestamps"]), np.float64)
+  rows = {"items": _in_order(cat("items", np.int32), cat("item_lengths", np.int64), order),
+          "ratings": _in_order(cat("ratings", np.float32), cat("rating_lengths", np.int64), order),
+          "timestamps": _in_order(stamps, np.array([len(b) // 8 for b in parts["timestamps"]], np.int64), order)}
+  return {**rows, "user_id": [parts["user_id"][u] for u in order],
+          "attributes": [parts["attributes"][u] for u in order], "validation": cat("validation", bool)[order]}
+
+
+def _in_order(values: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> Ragged:
+  """Rows (`values` cut by `lengths`) as a Ragged in `order` (rows are copied only when out of order)."""
+  if (order == np.arange(len(order))).all():
+    return Ragged(values, lengths)
+  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+  new = lengths[order]
+  shift = starts[order] - np.concatenate([[0], np.cumsum(new)[:-1]]).astype(np.int64)
+  return Ragged(values[np.arange(new.sum()) + np.repeat(shift, new)], new)
 
 
 def save_items(out: Path, items: list[ItemMeta], source_ids: list[str]) -> None:
@@ -274,13 +341,13 @@ def prepare(raw: RawData, *, name: str, kcore: int = 5, seed: int = 0,
   items = item_table(raw.items, by_index, report)
 
   users = list(seqs)  # file order of first appearance
-  sequences = [np.array([index_of[x.item] for x in seqs[u]], np.int32) for u in users]
+  sequences = Ragged.from_rows(([index_of[x.item] for x in seqs[u]] for u in users), np.int32)
   timestamps = None
   if all(x.timestamp is not None for u in users for x in seqs[u]):
-    timestamps = [np.array([x.timestamp for x in seqs[u]], np.float64) for u in users]
+    timestamps = Ragged.from_rows(([x.timestamp for x in seqs[u]] for u in users), np.float64)
   ratings = None
   if raw.has_ratings:
-    ratings = [np.array([x.rating for x in seqs[u]], np.float32) for u in users]
+    ratings = Ragged.from_rows(([x.rating for x in seqs[u]] for u in users), np.float32)
   attributes = None
   if raw.user_attributes:
     missing = [u for u in users if u not in raw.user_attributes]

@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 
 from recalign import metrics as M
 from recalign.data import tfds_data
-from recalign.data.prepare import PreparedData, item_id
+from recalign.data.prepare import PreparedData, Ragged, item_id
 from recalign.data.report import DataError
 from recalign.data.ids import id_pieces, load_ids
 from recalign.data.vocab import describe, extend, load_vocabulary, same_vocabulary
@@ -428,8 +428,8 @@ def _sampling_tables(data: PreparedData, train_lengths: np.ndarray):
   pop = np.bincount(np.concatenate([s[:n] for s, n in zip(data.sequences, train_lengths)]),
                     minlength=data.num_items)
   log_pop = np.where(pop > 0, np.log(np.maximum(pop, 1)), -1e9).astype(np.float32)
-  lengths = np.array([len(s) for s in data.sequences], np.int64)
-  return log_pop, (np.concatenate(data.sequences).astype(np.int32), lengths)
+  rows = Ragged.of(data.sequences, np.int32)   # (PreparedData's own flat array: no copy)
+  return log_pop, (rows.values, rows.lengths())
 
 
 def _itdr_sampling(log_pop: np.ndarray, user_items, config: TaskConfig) -> dict:
