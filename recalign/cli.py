@@ -495,7 +495,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.command != "stats":   # (stats reads a JSON file; every other command starts TensorFlow)
     from recalign.console import quiet_startup
     # TensorFlow / XLA start-up lines off the console (RECALIGN_VERBOSE=1 keeps them); prepare and ids need no JAX
-    quiet_startup(jax=args.command not in ("prepare", "ids"))
+    quiet_startup(start_jax=args.command not in ("prepare", "ids"))
   try:
     return args.fn(args, (files, bindings, paths)) if getattr(args, "gin", False) else args.fn(args)
   except Preempted as e:   # the checkpoint is saved (training) or nothing was half-recorded (eval)

@@ -33,7 +33,7 @@ def is_noise(line: str) -> bool:
   return any(n in line for n in NOISE)
 
 
-def quiet_startup(jax: bool = True) -> None:
+def quiet_startup(start_jax: bool = True) -> None:
   """Imports TensorFlow (and JAX, starting its backends), keeping their known start-up lines off stderr."""
   if os.environ.get("RECALIGN_VERBOSE"):
     return
@@ -44,9 +44,9 @@ def quiet_startup(jax: bool = True) -> None:
     os.dup2(captured.fileno(), 2)
     try:
       import tensorflow as tf
-      if jax:
-        import jax as jax_module
-        jax_module.devices()
+      if start_jax:
+        import jax
+        jax.devices()
       tf.constant(0)      # TensorFlow looks for GPUs (and says so) at its first op
     finally:
       sys.stderr.flush()

@@ -80,7 +80,7 @@ def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
   if not tfds_data.directory(out).exists():   # prepared by an older recalign
     tfds_data.write(data, out)
   settings = dict(id_schemes) if isinstance(id_schemes, Mapping) else {s: {} for s in id_schemes}
-  built = json.loads((out / "manifest.json").read_text()).get("id_schemes", {})
+  built = data.manifest.get("id_schemes", {})
   missing = [s for s, kw in settings.items() if not (out / "ids" / f"{s}.json").exists()
              or any(built.get(s, {}).get("params", {}).get(k) != v for k, v in kw.items())]
   for scheme in missing:

@@ -128,14 +128,8 @@ def main():
   print(f"{manifest['counts']['users']} users, {manifest['counts']['interactions']} interactions")
   if args.measure == "train":
     return train_rows(prepared, work)
-  rows = []
-  for streamed in (False, True):
-    res = subprocess.run([sys.executable, __file__, "--train-examples", args.train_examples, "--examples",
-                          str(args.examples), "--_child", str(prepared), "1" if streamed else "0"],
-                         capture_output=True, text=True)
-    if res.returncode:
-      sys.exit(res.stderr[-3000:])
-    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+  rows = [in_child("--train-examples", args.train_examples, "--examples", str(args.examples), "--_child",
+                   str(prepared), "1" if streamed else "0") for streamed in (False, True)]
   print(f"{'examples':10s} {'register s':>10s} {'1st example s':>14s} {'examples/s':>10s} {'peak RSS GiB':>12s}")
   for r in rows:
     print(f"{'streamed' if r['streamed'] else 'in memory':10s} {r['register_s']:>10} {r['first_example_s']:>14} "
@@ -146,15 +140,19 @@ def main():
         f"{s['first_example_s'] / m['first_example_s']:.2f}x, examples/s {s['examples_per_s'] / m['examples_per_s']:.2f}x")
 
 
+def in_child(*argv: str) -> dict:
+  """This script run with `argv` in a fresh process: the JSON line it prints last."""
+  res = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+  if res.returncode:
+    sys.exit(res.stderr[-3000:])
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
 
 def train_rows(prepared: Path, work: Path) -> None:
-  starts = []
-  for streamed in (False, True):
-    res = subprocess.run([sys.executable, __file__, "--_train", str(prepared), "1" if streamed else "0",
-                          str(work / f"run_{int(streamed)}")], capture_output=True, text=True)
-    if res.returncode:
-      sys.exit(res.stderr[-3000:])
-    starts.append(json.loads(res.stdout.strip().splitlines()[-1]))
+  starts = [in_child("--_train", str(prepared), "1" if streamed else "0", str(work / f"run_{int(streamed)}"))
+            for streamed in (False, True)]
+  if any(r["code"] for r in starts):   # a failed run's seconds and memory are not a measurement
+    sys.exit(f"recalign train failed: {starts}")
   print("`recalign train`, 1 step (start-up, registration, compilation, the step, the checkpoint): "
         + ", ".join(f"{'streamed' if r['streamed'] else 'in memory'} {r['seconds']} s, peak RSS "
                     f"{r['peak_rss_gib']} GiB" for r in starts))

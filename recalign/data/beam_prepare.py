@@ -210,10 +210,13 @@ def _tfds_builder(source: RowSource, prepared_dir: Path, settings: dict, strict:
 
       def _split_generators(self, dl_manager, pipeline):   # (a `pipeline` argument: TFDS runs it on Beam)
         del dl_manager
-        spans = pipeline | "Pieces" >> beam.Create(file_spans(source.interactions, split_bytes))
-        counts = spans | "CountLines" >> beam.Map(lambda sp: (sp.start, count_lines(source.interactions, sp)))
-        read = (spans | "Read" >> beam.FlatMap(_read_rows, source=source, strict=strict,
-                                               line_counts=beam.pvalue.AsList(counts)
+        pieces = file_spans(source.interactions, split_bytes)
+        spans = pipeline | "Pieces" >> beam.Create(pieces)
+        counts = ()   # one piece (a small or gzipped file) starts at line 1: no counting pass
+        if len(pieces) > 1:
+          counts = beam.pvalue.AsList(spans | "CountLines" >> beam.Map(
+              lambda sp: (sp.start, count_lines(source.interactions, sp))))
+        read = (spans | "Read" >> beam.FlatMap(_read_rows, source=source, strict=strict, line_counts=counts
                                                ).with_outputs("report", main="rows"))
         records, stats = _prepare(read.rows, **settings)
         side = {k: beam.pvalue.AsSingleton(v) for k, v in stats.items()}

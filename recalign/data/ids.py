@@ -295,11 +295,8 @@ def build_ids(data: PreparedData, scheme: str, *, seed: int = 0, levels: int = 3
     if leaf not in ("codes", "item"):
       raise ValueError(f"a hybrid ID's leaf is 'codes' or 'item', not {leaf!r}")
     inner = build_ids(data, base, seed=seed, levels=levels, codebook=codebook, features=features)
-    if leaf == "item":   # without the code that tells apart the items sharing the others
-      ids = [render(tuple(int(m.group(2)) for m in CODE.finditer(i))[:-1]) + item_piece(k)
-             for k, i in enumerate(inner.ids)]
-    else:
-      ids = [i + item_piece(k) for k, i in enumerate(inner.ids)]
+    # leaf="item": without the last code (an ID is its code pieces, so the text up to the last "<")
+    ids = [(i[:i.rindex("<")] if leaf == "item" else i) + item_piece(k) for k, i in enumerate(inner.ids)]
     return ItemIds(scheme, ids, id_stats(ids, inner.stats["collisions_before_dedup"]),
                    {"base": base, "leaf": leaf, **inner.params})
   extra: dict = {}
