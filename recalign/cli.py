@@ -28,7 +28,7 @@ def cmd_prepare(args) -> int:
     manifest = beam_prepare.prepare_folder(
         source, args.out, fmt=args.format, meta=args.meta, name=name, domain=domain, kcore=args.kcore,
         seed=args.seed, num_validation_users=args.validation_users, strict=args.strict, runner=args.beam_runner,
-        options=shlex.split(args.beam_options or ""), split_bytes=max(1, int(args.beam_split_mb * 2 ** 20)))
+        options=shlex.split(args.beam_options or ""), split_bytes=int(args.beam_split_mb * 2 ** 20))
     examples = manifest["report"]["examples"]
   else:
     print(f"reading {source} ...", flush=True)

@@ -132,6 +132,8 @@ def test_beam_strict_fails_on_the_first_bad_row_by_name(tmp_path):
     beam_prepare.prepare_folder(shared("ml-100k"), tmp_path / "out2")
   with pytest.raises(DataError, match="no such file"):
     beam_prepare.prepare_folder(tmp_path / "nothing", tmp_path / "out3")
+  with pytest.raises(ValueError, match=r"at least a byte \(--beam_split_mb\), not 0 bytes"):
+    beam_prepare.prepare_folder(write_tiny_tsv(tmp_path / "tiny"), tmp_path / "out5", split_bytes=0)
   with pytest.raises(DataError, match="interactions.tsv: no users left after filtering"):
     beam_prepare.prepare_folder(write_tiny_tsv(tmp_path / "tiny"), tmp_path / "out4", kcore=50)
 

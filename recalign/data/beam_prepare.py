@@ -269,6 +269,8 @@ def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = 
 
   if min_interactions < MIN_INTERACTIONS:
     raise ValueError(f"min_interactions must be >= {MIN_INTERACTIONS} for leave-one-out")
+  if split_bytes < 1:
+    raise ValueError(f"the source's pieces must hold at least a byte (--beam_split_mb), not {split_bytes} bytes")
   src, out = row_source(source, fmt, meta), local_or_remote(out)   # local, or gs://
   name = name or name_from_path(out)
   out.mkdir(parents=True, exist_ok=True)
