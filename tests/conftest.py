@@ -145,6 +145,24 @@ def synthetic_dataset(root: Path, name: str, *, users: int = 60, items: int = 20
   return data
 
 
+def large_graph_constants(ds, min_elements: int) -> list[tuple[str, int]]:
+  """(name, size) of the constants of at least `min_elements` values inside the map / filter functions of
+  the tf.data pipeline `ds` (walked through its input datasets): tables a map function should capture as
+  tensors, not copy into its graph (tf.data copies graph constants into every graph it serialises).
+  TF itself copies captured tensors of at most 128 values by value: test with larger tables."""
+  found, stack = [], [ds]
+  while stack:
+    d = stack.pop()
+    for attr in ("_map_func", "_predicate"):
+      fn = getattr(d, attr, None)
+      if fn is not None:
+        found += [(op.name, op.outputs[0].shape.num_elements()) for op in fn.function.graph.get_operations()
+                  if op.type == "Const" and (op.outputs[0].shape.num_elements() or 0) >= min_elements]
+    if getattr(d, "_input_dataset", None) is not None:
+      stack.append(d._input_dataset)
+  return found
+
+
 def prepare_tiny(root: Path, name: str = "tiny") -> Path:
   """The hand-made data set prepared (no k-core) under root/name (JSON lines and TFDS copy), with a 300-piece
   vocabulary."""

@@ -375,3 +375,28 @@ def test_ragged_rows_are_views_of_one_flat_array():
   moved = _in_order(r.values.copy(), r.lengths(), order)
   assert [x.tolist() for x in moved] == [rows[k] for k in order]
   assert _in_order(r.values, r.lengths(), np.arange(4)).values is r.values      # in order already: no copy
+
+
+def test_a_folder_loaded_twice_is_one_object_until_rewritten_or_released(tmp_path):
+  import dataclasses
+  import gc
+  import weakref
+  data = prepare(read_source(write_tiny_tsv(tmp_path / "src")), name="tiny", kcore=0)
+  data.save(tmp_path / "p")
+  a = PreparedData.load(tmp_path / "p")
+  assert PreparedData.load(str(tmp_path / "p" / ".." / "p")) is a   # the tasks and validation share it
+  # the same folder written again (other validation users) is read again, with its new content
+  changed = dataclasses.replace(data, validation_users=np.array([0], np.int32))
+  changed.save(tmp_path / "p")
+  b = PreparedData.load(tmp_path / "p")
+  assert b is not a and b.validation_users.tolist() == [0] and a.validation_users.tolist() != [0]
+  # nothing is kept alive by the cache: released objects are freed
+  ref = weakref.ref(b)
+  del b
+  gc.collect()
+  assert ref() is None
+  # a folder of another format version is an error naming the manifest's field
+  manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+  (tmp_path / "p" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+  with pytest.raises(DataError, match=r"manifest.json.*format_version.*got 0"):
+    PreparedData.load(tmp_path / "p")

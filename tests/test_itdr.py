@@ -130,6 +130,19 @@ def test_nir_and_uap_text(shop):
       f"age group:{itdr.age_group(a['age'])},gender:{a['gender']},occupation:{a['occupation']}.")
 
 
+def test_title_and_negative_tables_are_captured_not_copied_into_map_graphs(tmp_path):
+  from conftest import large_graph_constants
+  from recalign.data import PreparedData
+  path = _prepare(tmp_path, "wide", users=40, items=400)   # over 128 items: TF copies smaller captures by value
+  rt.register_dataset(path, config=rt.TaskConfig(itdr=True, itdr_eval_users=2))
+  data = PreparedData.load(path)
+  assert data.num_items > 128
+  for kind in ("rp", "tkr", "nir", "uap"):
+    ds = rt.get(f"wide_itdr_{kind}").get_dataset(LENGTHS, split="train", shuffle=False)
+    assert large_graph_constants(ds, data.num_items) == [], kind
+    assert len(list(ds.take(2).as_numpy_iterator())) == 2
+
+
 def test_age_groups():
   assert [itdr.age_group(a) for a in (7, 17, 18, 24, 25, 34, 44, 49, 50, 55, 56, 73)] == [
       "Under 18", "Under 18", "18-24", "18-24", "25-34", "25-34", "35-44", "45-49", "50-55", "50-55", "56+", "56+"]

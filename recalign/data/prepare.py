@@ -20,6 +20,7 @@ import json
 import logging
 import operator
 import re
+import weakref
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -100,6 +101,20 @@ class Ragged(collections.abc.Sequence):
     return rows if isinstance(rows, Ragged) and rows.values.dtype == dtype else cls.from_rows(rows, dtype)
 
 
+def _file_stamps(path) -> tuple:
+  """(name, size, mtime) of a local prepared folder's files: a folder written again is loaded again."""
+  if is_remote(path):
+    return ()
+  stamps = []
+  for name in ("users.jsonl", "items.jsonl", "validation_users.json"):
+    try:
+      st = (path / name).stat()
+      stamps.append((name, st.st_size, st.st_mtime_ns))
+    except FileNotFoundError:
+      pass
+  return tuple(stamps)
+
+
 @dataclasses.dataclass
 class PreparedData:
   name: str
@@ -170,13 +185,24 @@ class PreparedData:
 
   @classmethod
   def load(cls, path: Path | str) -> "PreparedData":
+    """The prepared data set in folder `path`. Loaded again while an earlier load of the same, unchanged
+    files is still in use, it is that same (read-only) object: a training process's tasks and its
+    validation hold one copy, not two."""
     path = local_or_remote(path)
     mpath = path / "manifest.json"
     if not mpath.exists():
       raise DataError(str(mpath), None, None, "not a prepared data set (run `recalign prepare` first)")
-    manifest = json.loads(mpath.read_text())
+    text = mpath.read_text()
+    key = (str(path if is_remote(path) else path.resolve()), text, _file_stamps(path))
+    loaded = _LOADED.get(key)
+    if loaded is None:
+      loaded = _LOADED[key] = cls._load(path, json.loads(text))
+    return loaded
+
+  @classmethod
+  def _load(cls, path, manifest: dict) -> "PreparedData":
     if manifest.get("format_version") != FORMAT_VERSION:
-      raise DataError(str(mpath), None, "format_version",
+      raise DataError(str(path / "manifest.json"), None, "format_version",
                       f"expected {FORMAT_VERSION}, got {manifest.get('format_version')}")
     items, src = load_items(path)
     if not (path / "users.jsonl").exists() and (tfds_directory(path) / "dataset_info.json").exists():
@@ -282,6 +308,9 @@ def save_items(out: Path, items: list[ItemMeta], source_ids: list[str]) -> None:
       row = {"id": item_id(k), "source_id": src, "title": meta.title, "brand": meta.brand,
              "price": meta.price, "categories": list(meta.categories)}
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+_LOADED: "weakref.WeakValueDictionary[tuple, PreparedData]" = weakref.WeakValueDictionary()
 
 
 def load_items(path: Path | str) -> tuple[list[ItemMeta], list[str]]:

@@ -316,6 +316,14 @@ class ItemTexts:
     cats = [c or "unknown" for c in categories]
     self.title_cat = [f"{t}:{c}" for t, c in zip(titles, cats)]
     self.title_genre = [f"{t}: {c}" for t, c in zip(titles, cats)]
+    self._tensors: dict[str, tf.Tensor] = {}
+
+  def tensor(self, field: str) -> tf.Tensor:
+    """One of the string lists as a tensor made once, eagerly (`pp.table_tensors` says why)."""
+    if field not in self._tensors:
+      with tf.init_scope():
+        self._tensors[field] = tf.constant(getattr(self, field))
+    return self._tensors[field]
 
   @classmethod
   def of(cls, data: PreparedData, vocab, max_title_tokens: int) -> "ItemTexts":
@@ -353,7 +361,7 @@ def _instruction(kind: str, text: tf.Tensor) -> tf.Tensor:
 
 
 def render_rp(ex, key, *, texts: ItemTexts, w: Words, **_) -> dict:
-  titles = tf.constant(texts.titles)
+  titles = texts.tensor("titles")
   ratings = tf.strings.as_string(ex["history_rating"], shortest=True)
   rated = tf.strings.reduce_join(tf.strings.join([tf.gather(titles, ex["history"]), " (", ratings, ")"]),
                                  separator=", ")
@@ -363,7 +371,7 @@ def render_rp(ex, key, *, texts: ItemTexts, w: Words, **_) -> dict:
 
 
 def render_tkr(ex, key, *, texts: ItemTexts, w: Words, log_popularity, user_items, **_) -> dict:
-  titles = tf.constant(texts.titles)
+  titles = texts.tensor("titles")
   cands, negatives = _candidates(ex, key, ex["positives"], POSITIVES, log_popularity, user_items)
   text = fill(template("tkr", w), history_list=_tf_numbered(titles, ex["history"]),
               candidate_list=_tf_numbered(titles, cands))
@@ -372,30 +380,32 @@ def render_tkr(ex, key, *, texts: ItemTexts, w: Words, log_popularity, user_item
 
 
 def render_nir(ex, key, *, texts: ItemTexts, w: Words, log_popularity, user_items, **_) -> dict:
-  tc = tf.constant(texts.title_cat)
+  tc = texts.tensor("title_cat")
   cands, _ = _candidates(ex, key, ex["target"][None], NIR_CANDIDATES - 1, log_popularity, user_items)
   text = fill(template("nir", w), history_list=_tf_quoted(tc, ex["history"], True),
               candidate_list=_tf_quoted(tc, cands, False))
-  return {"inputs": _instruction("nir", text), "targets": tf.gather(tf.constant(texts.titles), ex["target"]),
+  return {"inputs": _instruction("nir", text), "targets": tf.gather(texts.tensor("titles"), ex["target"]),
           "candidates": cands, "target_item": ex["target"]}
 
 
 def render_uap(ex, key, *, texts: ItemTexts, w: Words, **_) -> dict:
-  liked = tf.strings.reduce_join(tf.gather(tf.constant(texts.title_genre), ex["liked"]), separator=", ")
+  liked = tf.strings.reduce_join(tf.gather(texts.tensor("title_genre"), ex["liked"]), separator=", ")
   return {"inputs": _instruction("uap", fill(template("uap", w), liked=liked)), "targets": ex["answer"]}
 
 
 def render_cdr(ex, key, *, texts: ItemTexts, source_texts: ItemTexts, w: Words, domains: tuple[str, str],
                log_popularity, user_items, **_) -> dict:
-  titles = tf.constant(texts.titles)
+  titles = texts.tensor("titles")
   cands, negatives = _candidates(ex, key, ex["positives"], POSITIVES, log_popularity, user_items)
   text = fill(template("cdr", w, source_domain=domains[0], target_domain=domains[1]),
-              source_list=_tf_numbered(tf.constant(source_texts.titles), ex["source_history"]),
+              source_list=_tf_numbered(source_texts.tensor("titles"), ex["source_history"]),
               history_list=_tf_numbered(titles, ex["history"]), candidate_list=_tf_numbered(titles, cands))
   return {"inputs": _instruction("cdr", text), "targets": _tf_numbered(titles, tf.concat([ex["positives"], negatives], 0)),
           "candidates": cands, "positives": ex["positives"]}
 
 
+# options of the renderers (RecLM's) that are per-user / per-item strings: tensors made outside the map
+STRING_TABLES = ("titles", "profiles", "user_profiles", "item_profiles")
 RENDER = {"rp": render_rp, "tkr": render_tkr, "nir": render_nir, "uap": render_uap, "cdr": render_cdr}
 
 
@@ -405,12 +415,10 @@ def render(ds: tf.data.Dataset, *, kind: str, task_name: str, options: Mapping[s
   the candidates evaluation needs); tokenisation follows (`seqio.preprocessors.tokenize`). `fn(ex, key,
   **options)` renders one example (default: the ITDR task `kind`'s)."""
   fn, task_salt = fn or RENDER[kind], pp.salt(task_name)
+  tensors = pp.table_tensors(options, strings=STRING_TABLES)   # captured by the map, not copied into its graph
 
   def map_fn(ex):
-    kwargs = dict(options)
-    if "log_popularity" in kwargs:
-      kwargs["log_popularity"] = tf.constant(kwargs["log_popularity"], tf.float32)
-      kwargs["user_items"] = tf.RaggedTensor.from_row_lengths(*kwargs["user_items"])
+    kwargs = dict(tensors)
     out = fn(ex, pp.example_key(task_salt, ex), **kwargs)
     return {**out, **{k: ex[k] for k in ("user", "example_id", "epoch")}}
 

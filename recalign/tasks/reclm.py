@@ -315,7 +315,7 @@ def _tf_joined(titles: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
 def render_collab(ex, key, *, titles: Sequence[str], profiles: Sequence[str], domain, k: int, **_) -> dict:
   """One collaborative example: the candidate drawn from the example's pool with this epoch's key; a
   positive candidate is taken out of the user's history."""
-  t = tf.constant(list(titles))
+  t = tf.convert_to_tensor(titles, tf.string)
   pool = ex["pool"]
   cand = tf.gather(pool, tf.random.stateless_uniform([], key, 0, tf.size(pool), dtype=tf.int32))
   history = ex["history"]
@@ -326,7 +326,7 @@ def render_collab(ex, key, *, titles: Sequence[str], profiles: Sequence[str], do
                      history=_tf_joined(t, history), neighbours=near, verb=tf.constant(domain.verb),
                      candidate=tf.gather(t, cand))
   answer = tf.where(tf.equal(ex["label"], 1), "yes", "no")
-  targets = tf.strings.join([tf.gather(tf.constant(list(profiles)), ex["user"]), ANSWER_SEP, answer])
+  targets = tf.strings.join([tf.gather(tf.convert_to_tensor(profiles, tf.string), ex["user"]), ANSWER_SEP, answer])
   return {"inputs": inputs, "targets": targets, "candidate": cand, "label": ex["label"]}
 
 
@@ -367,11 +367,11 @@ def render_item_profile(ex, key, *, descriptions, user_profiles: Sequence[str], 
   title, cats, brand = (tf.gather(tf.constant([d[j] for d in descriptions]), ex["item"]) for j in range(3))
   pool = ex["users"]
   chosen = tf.gather(pool, pp.random_order(key, tf.size(pool))[:m])
-  profs = tf.strings.reduce_join(tf.gather(tf.constant(list(user_profiles)), chosen), separator=" | ")
+  profs = tf.strings.reduce_join(tf.gather(tf.convert_to_tensor(user_profiles, tf.string), chosen), separator=" | ")
   users = tf.where(tf.size(chosen) > 0, tf.strings.join([profs, "."]), "no one yet.")
   inputs = itdr.fill(ITEM_PROMPT, title=title, categories=cats, brand=brand, verb_past=tf.constant(domain.verb_past),
                      users=users)
-  return {"inputs": inputs, "targets": tf.gather(tf.constant(list(item_profiles)), ex["item"]), "item": ex["item"]}
+  return {"inputs": inputs, "targets": tf.gather(tf.convert_to_tensor(item_profiles, tf.string), ex["item"]), "item": ex["item"]}
 
 
 def item_records(data: PreparedData, items: Sequence[int], users_of: Sequence[np.ndarray]) -> sources.Records:

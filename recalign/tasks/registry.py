@@ -15,6 +15,7 @@ With `TaskConfig(itdr=True)` also ITDR's instruction tasks (`recalign.tasks.itdr
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
 import json
@@ -163,47 +164,54 @@ class RecDataSource(_InMemorySource):
 
 class ItemQASource(_InMemorySource):
   """Static item QA pairs ("What's the title of I12?" -> title, title -> ID), tokenised with the
-  IDs' own tokens; train only."""
+  IDs' own tokens (flat token tables: a few bytes a token, not a Python list per question); train only."""
 
-  def __init__(self, pairs: list[tuple[list[int], str, list[int], str]], salt: int):
-    self._pairs, self._salt = pairs, salt
-    super().__init__(splits=["train"], num_input_examples={"train": len(pairs)})
+  def __init__(self, inputs: pp.TokenTable, targets: pp.TokenTable, salt: int):
+    self._inputs, self._targets, self._salt = inputs, targets, salt
+    super().__init__(splits=["train"], num_input_examples={"train": len(inputs.lengths)})
 
   def lengths(self) -> tuple[np.ndarray, np.ndarray]:
-    return np.array([len(p[0]) for p in self._pairs]), np.array([len(p[2]) for p in self._pairs])
+    return self._inputs.lengths, self._targets.lengths
 
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
                   shard_info: Optional[seqio.ShardInfo] = None, **_) -> tf.data.Dataset:
     self._check_split(split)
-    def ragged(rows):  # (tf.ragged.constant is slow for tens of thousands of rows)
-      return tf.RaggedTensor.from_row_lengths(np.array([t for r in rows for t in r], np.int32),
-                                              np.array([len(r) for r in rows], np.int64))
-
-    ds = tf.data.Dataset.from_tensor_slices({
-        "inputs": ragged([p[0] for p in self._pairs]), "inputs_pretokenized": [p[1] for p in self._pairs],
-        "targets": ragged([p[2] for p in self._pairs]), "targets_pretokenized": [p[3] for p in self._pairs]})
+    (inputs, inputs_text), (targets, targets_text) = self._inputs.tf(), self._targets.tf()
+    ds = tf.data.Dataset.from_tensor_slices({"inputs": inputs, "inputs_pretokenized": inputs_text,
+                                             "targets": targets, "targets_pretokenized": targets_text})
     ds = self._shard(ds, shard_info)
     if shuffle:
-      ds = ds.shuffle(len(self._pairs), seed=sources.mix_seed(seed or 0, self._salt) % (1 << 40))
+      n = len(self._inputs.lengths)
+      ds = ds.shuffle(n, seed=sources.mix_seed(seed or 0, self._salt) % (1 << 40))
     return ds
 
 
-def item_qa_pairs(data: PreparedData, tables: pp.ItemTables) -> list[tuple[list[int], str, list[int], str]]:
-  """(input tokens, input text, target tokens, target text) per question; IDs keep their own tokens."""
+def item_qa_pairs(data: PreparedData, tables: pp.ItemTables) -> tuple[pp.TokenTable, pp.TokenTable]:
+  """(inputs, targets) of every question, as token tables; IDs keep their own tokens."""
   enc, cont = tables.vocab.encode, tables.continuation
-  pairs = []
+  q_text, a_text = [], []
+  q_tok, q_len, a_tok, a_len = array.array("i"), array.array("q"), array.array("i"), array.array("q")
+
+  def add(question: str, question_tokens: list[int], answer: str, answer_tokens: list[int]) -> None:
+    q_text.append(question)
+    q_tok.extend(question_tokens)
+    q_len.append(len(question_tokens))
+    a_text.append(answer)
+    a_tok.extend(answer_tokens)
+    a_len.append(len(answer_tokens))
+
   for k, m in enumerate(data.items):
     iid, id_tok = tables.ids[k], tables.id_tokens[k]
     values = {"title": m.title, "brand": m.brand, "price": m.price, "categories": " | ".join(m.categories)}
     for attr, question in tpl.Templates.QA.items():
       if values[attr]:
         before, after = question.split("{id}")
-        pairs.append((enc(before.rstrip()) + id_tok + cont(after), question.format(id=iid),
-                      enc(values[attr]), values[attr]))
+        add(question.format(id=iid), enc(before.rstrip()) + id_tok + cont(after), values[attr], enc(values[attr]))
     if m.title:
       q = tpl.Templates.QA_ID.format(title=m.title)
-      pairs.append((enc(q), q, list(id_tok), iid))
-  return pairs
+      add(q, enc(q), iid, list(id_tok))
+  return (pp.TokenTable(q_text, flat=(np.array(q_tok, np.int32), np.array(q_len, np.int64))),
+          pp.TokenTable(a_text, flat=(np.array(a_tok, np.int32), np.array(a_len, np.int64))))
 
 
 def _output_features(vocab) -> dict[str, seqio.Feature]:
@@ -302,9 +310,9 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     names.append(task)
 
   qa = item_qa_pairs(data, tables)
-  if qa:
+  if len(qa[0].lengths):
     task = f"{name}_item_qa"
-    source = ItemQASource(qa, pp.salt(task))
+    source = ItemQASource(*qa, pp.salt(task))
     pre = pp.make_preprocessor("item_qa", tables, templates, task_name=task, qa_lengths=source.lengths())
     _register_task(task, source, [pre, seqio.preprocessors.append_eos_after_trim], vocab)
     _TASKS[task] = info("item_qa")
