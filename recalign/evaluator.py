@@ -56,17 +56,13 @@ def sample_example_ids(num_examples: int, max_examples: Optional[int], seed: int
 def task_examples(task_name: str, split: str, lengths: dict, max_examples: Optional[int] = None, *,
                   example_ids: Optional[np.ndarray] = None, seed: int = 0) -> list[dict]:
   """A task's rendered examples of a split: all, `example_ids`, or a seeded sample of `max_examples`."""
-  import tensorflow as tf
   import recalign.tasks as rt
   task = rt.get(task_name)
-  ds = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1)
   if example_ids is None:
     example_ids = sample_example_ids(task.num_input_examples(split), max_examples, seed)
-  if example_ids is not None:
-    keep = np.zeros(task.num_input_examples(split), bool)
-    keep[np.asarray(example_ids, np.int64)] = True
-    keep = tf.constant(keep)
-    ds = ds.filter(lambda x: tf.gather(keep, x["example_id"]))
+  if example_ids is not None:   # only the sample is rendered
+    task = rt.registry.example_subset(task, split, example_ids)
+  ds = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1)
   # by example id: streamed sources read users in their files' order
   return sorted(ds.as_numpy_iterator(), key=lambda e: int(e["example_id"]))
 

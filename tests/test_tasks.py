@@ -244,6 +244,20 @@ def test_item_and_negative_tables_are_captured_not_copied_into_map_graphs(tmp_pa
   assert a is b
 
 
+def test_an_evaluation_sample_is_rendered_alone_and_as_in_the_whole_split(tiny):
+  from recalign.evaluator import task_examples
+  for task in ("tiny_retrieval", "tiny_ranking"):
+    whole = task_examples(task, "test", LENGTHS)
+    ids = np.array([e["example_id"] for e in whole[1::2]])
+    view = rt.registry.example_subset(rt.get(task), "test", ids)
+    assert view.num_input_examples("test") == len(ids)   # the source itself yields only the sample
+    assert [int(x["example_id"]) for x in view.source.get_dataset("test").as_numpy_iterator()] == ids.tolist()
+    sample = task_examples(task, "test", LENGTHS, example_ids=ids)
+    assert len(sample) == len(ids)
+    for a, b in zip(sample, whole[1::2]):
+      assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_long_histories_drop_the_oldest_items_never_the_target(tiny):
   data, vocab = tiny
   lengths = {"inputs": 60, "targets": 16}

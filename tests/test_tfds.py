@@ -55,6 +55,27 @@ def test_tfds_copy_holds_every_user_as_prepared(tmp_path):
   assert flags.sum() == 15 and set(np.flatnonzero(flags)) == val
 
 
+def test_user_records_are_tfds_decoding_in_file_order_for_every_host_slice(tmp_path):
+  import tensorflow_datasets as tfds
+  data = rated_dataset(tmp_path, "rated")
+  builder = tfds_data.reader(tmp_path / "rated")
+  seen, whole = [], None
+  for part in ["users", *tfds.even_splits("users", 3)]:
+    fast = list(tfds_data.user_records(builder, part).as_numpy_iterator())
+    slow = list(builder.as_dataset(split=part, shuffle_files=False).as_numpy_iterator())
+    assert [int(r["user"]) for r in fast] == [int(r["user"]) for r in slow]
+    for a, b in zip(fast, slow):
+      for k in ("items", "ratings", "validation"):
+        np.testing.assert_array_equal(a[k], b[k])
+        assert np.asarray(a[k]).dtype == np.asarray(b[k]).dtype
+    if part == "users":
+      whole = [int(r["user"]) for r in fast]
+    else:
+      seen += [int(r["user"]) for r in fast]
+  # the hosts' slices: every user once, in the files' order (TFDS wrote them in its own shuffled order)
+  assert seen == whole and sorted(seen) == list(range(data.num_users))
+
+
 def test_load_from_the_tfds_copy_is_the_prepared_data_set(tmp_path):
   """Without users.jsonl, `PreparedData.load` reads the users from the TFDS copy: the same, field by field."""
   rated_dataset(tmp_path, "rated")

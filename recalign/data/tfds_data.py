@@ -118,6 +118,28 @@ def reader(prepared_dir: str | Path) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def user_records(builder: tfds.core.DatasetBuilder, part=SPLIT, batch: int = 1_024) -> tf.data.Dataset:
+  """The user records of `part` (the users split, or a slice of it such as `tfds.even_splits`' share of
+  one host) in file order: `user`, `items`, `ratings` and `validation` as TFDS decodes them, parsed in
+  batches -- faster than TFDS's record-by-record decoding, and never cached in memory (TFDS caches a split
+  under 250 MiB on its own: +0.84 GiB for the 666,830 users of 10M interactions)."""
+  if builder.info.file_format != tfds.core.FileFormat.TFRECORD:   # (another format: TFDS reads it)
+    return builder.as_dataset(split=part, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False))
+  spec = {"user": tf.io.FixedLenFeature([], tf.int64), "items": tf.io.RaggedFeature(tf.int64),
+          "ratings": tf.io.RaggedFeature(tf.float32), "validation": tf.io.FixedLenFeature([], tf.int64)}
+  shards = builder.info.splits[part].file_instructions
+
+  def parse(serialized):
+    r = tf.io.parse_example(serialized, spec)
+    return {"user": tf.cast(r["user"], tf.int32), "items": tf.cast(r["items"], tf.int32), "ratings": r["ratings"],
+            "validation": tf.cast(r["validation"], tf.bool)}
+
+  files = tf.data.Dataset.from_tensor_slices(([str(f.filename) for f in shards], np.array([f.skip for f in shards],
+                                              np.int64), np.array([f.take for f in shards], np.int64)))
+  records = files.flat_map(lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take))
+  return records.batch(batch).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
 def index(builder: tfds.core.DatasetBuilder, batch: int = 8_192) -> tuple[np.ndarray, np.ndarray]:
   """(sequence length, validation flag) per user, in user order: one pass, O(users) memory -- what a
   streamed source needs to number its examples as the in-memory one does. Parses only these fields of
