@@ -9,11 +9,11 @@ task's training examples through seqio: seconds to the first example, examples/s
 process's peak resident memory (ru_maxrss, TF and JAX included). Side by side in one run; name the CPU
 (`lscpu`) with the numbers.
 
-    python tools/bench_stream.py --prepared DIR --measure train
+    python tools/bench_stream.py --prepared DIR --measure train [--validate 64]
 
 times `recalign train` instead (one step of the retrieval task, mini T5, bare prompts, batch 64, in memory
-and streamed): seconds from the process's start to its end and its peak memory, on a folder prepared
-before (with its vocabulary).
+and streamed; `--validate N`: then a validation on N users): seconds from the process's start to its end
+and its peak memory, on a folder prepared before (with its vocabulary).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def pipeline(data: str, streamed: bool, train_examples: str, n: int) -> dict:
           "peak_rss_gib": round(peak_gib(), 2)}
 
 
-def train_start(data: str, streamed: bool, run: str) -> dict:
+def train_start(data: str, streamed: bool, run: str, validate: int = 0) -> dict:
   """(in a process of its own) `recalign train` for one step of the retrieval task (mini T5, bare prompts,
   batch 64) on the prepared folder: seconds from the process's start to its end (imports, registration,
   compilation, the first step, the closing checkpoint) and its peak resident memory."""
@@ -88,7 +88,10 @@ def train_start(data: str, streamed: bool, run: str) -> dict:
               "--gin.TASK_FEATURE_LENGTHS={'inputs': 96, 'targets': 16}", "--gin.TRAIN_STEPS=1",
               "--gin.BATCH_SIZE=64", f"--gin.MODEL_DIR='{run}'", f"--gin.registry.TaskConfig.streamed={streamed}",
               "--gin.registry.TaskConfig.prompt_words=False", "--gin.registry.TaskConfig.with_titles=False",
-              "--gin.registry.TaskConfig.item_prefix=False"])
+              "--gin.registry.TaskConfig.item_prefix=False",
+              *([] if not validate else ["--gin.trainer.ValidationConfig.every=1",
+                                         f"--gin.trainer.ValidationConfig.task='{name}_retrieval'",
+                                         f"--gin.trainer.ValidationConfig.examples={validate}"])])
   return {"streamed": streamed, "code": code, "seconds": round(time.time() - START, 1),
           "peak_rss_gib": round(peak_gib(), 2)}
 
@@ -103,6 +106,8 @@ def main():
   p.add_argument("--prepared", help="a prepared folder with its vocabulary (skips making and preparing data)")
   p.add_argument("--measure", choices=["pipeline", "train"], default="pipeline", help="pipeline: seqio's examples "
                  "(register, first example, examples/s); train: `recalign train` to the end of its first step")
+  p.add_argument("--validate", type=int, default=0, help="with --measure train: validate after the step on "
+                 "this many validation users (0: no validation)")
   p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
   p.add_argument("--_train", nargs=3, help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -110,7 +115,7 @@ def main():
     print(json.dumps(pipeline(args._child[0], args._child[1] == "1", args.train_examples, args.examples)))
     return
   if args._train:
-    print(json.dumps(train_start(args._train[0], args._train[1] == "1", args._train[2])))
+    print(json.dumps(train_start(args._train[0], args._train[1] == "1", args._train[2], args.validate)))
     return
   work = Path(args.work or tempfile.mkdtemp(prefix="bench_stream_"))
   prepared = Path(args.prepared) if args.prepared else work / "prepared"
@@ -127,7 +132,7 @@ def main():
   manifest = json.loads((prepared / "manifest.json").read_text())
   print(f"{manifest['counts']['users']} users, {manifest['counts']['interactions']} interactions")
   if args.measure == "train":
-    return train_rows(prepared, work)
+    return train_rows(prepared, work, args.validate)
   rows = [in_child("--train-examples", args.train_examples, "--examples", str(args.examples), "--_child",
                    str(prepared), "1" if streamed else "0") for streamed in (False, True)]
   print(f"{'examples':10s} {'register s':>10s} {'1st example s':>14s} {'examples/s':>10s} {'peak RSS GiB':>12s}")
@@ -148,12 +153,13 @@ def in_child(*argv: str) -> dict:
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def train_rows(prepared: Path, work: Path) -> None:
-  starts = [in_child("--_train", str(prepared), "1" if streamed else "0", str(work / f"run_{int(streamed)}"))
-            for streamed in (False, True)]
+def train_rows(prepared: Path, work: Path, validate: int = 0) -> None:
+  starts = [in_child("--validate", str(validate), "--_train", str(prepared), "1" if streamed else "0",
+                     str(work / f"run_{int(streamed)}_v{validate}")) for streamed in (False, True)]
   if any(r["code"] for r in starts):   # a failed run's seconds and memory are not a measurement
     sys.exit(f"recalign train failed: {starts}")
-  print("`recalign train`, 1 step (start-up, registration, compilation, the step, the checkpoint): "
+  print(f"`recalign train`, 1 step (start-up, registration, compilation, the step, "
+        f"{f'validation on {validate} users, ' if validate else ''}the checkpoint): "
         + ", ".join(f"{'streamed' if r['streamed'] else 'in memory'} {r['seconds']} s, peak RSS "
                     f"{r['peak_rss_gib']} GiB" for r in starts))
 
