@@ -125,9 +125,16 @@ def test_beam_kcore_that_has_not_converged_fails(tmp_path):
 
 
 def test_beam_strict_fails_on_the_first_bad_row_by_name(tmp_path):
-  for split_bytes in (beam_prepare.SPLIT_BYTES, 97):   # line 12 named when the file is read in pieces too
-    with pytest.raises(Exception, match=r"interactions.tsv:12: expected 4 tab-separated fields"):
-      beam_prepare.prepare_folder(messy_tsv(tmp_path / "src"), tmp_path / "out", strict=True, split_bytes=split_bytes)
+  # line 12 named when the file is read in pieces too, by parallel workers: the earliest bad row of the file
+  # (line 12; later pieces hold more), whichever piece failed first
+  src = messy_tsv(tmp_path / "src")
+  with open(src / "interactions.tsv", "a") as f:
+    f.write("".join(f"bad line {k}\n" for k in range(40)))
+  parallel = ["--direct_num_workers=4", "--direct_running_mode=multi_threading"]
+  for split_bytes, options in ((beam_prepare.SPLIT_BYTES, None), (97, None), (97, parallel)):
+    with pytest.raises(DataError, match=r"interactions.tsv:12: expected 4 tab-separated fields"):
+      beam_prepare.prepare_folder(src, tmp_path / "out", strict=True, split_bytes=split_bytes, options=options,
+                                  kcore=3)
   with pytest.raises(ValueError, match="not read row by row"):
     beam_prepare.prepare_folder(shared("ml-100k"), tmp_path / "out2")
   with pytest.raises(DataError, match="no such file"):

@@ -60,13 +60,23 @@ def _read_rows(span: Span, source: RowSource, strict: bool = False, line_counts=
   """(line, user, item, timestamp, rating) per kept row of one piece of the source; its report (skips with their
   first file:line examples, rows read) as the tagged output "report", keyed by where the piece starts.
   `line_counts`: (start, lines) of every piece, which number this piece's first line."""
-  report = IngestReport(strict=strict)
+  # strict: pieces run in any order, so none raises; each reports its first bad row, and the earliest
+  # piece's is raised once the pipeline is done (`_strict_error`)
+  report = IngestReport()
   span = span._replace(first_line=1 + sum(n for start, n in line_counts if start < span.start))
   for n, user, x in source.rows(report, span):
     yield n, user, x.item, x.timestamp, x.rating
   for kind, count in report.skipped.items():
     _count(kind, count)
-  yield beam.pvalue.TaggedOutput("report", (span.start, report.to_json()))
+  e = report.first if strict else None
+  error = [e.file, e.line, e.field, e.message] if e else None
+  yield beam.pvalue.TaggedOutput("report", (span.start, {**report.to_json(), "error": error}))
+
+
+def _strict_error(summary: dict) -> Optional[DataError]:
+  """The first bad row of the source in file order (strict): the error of the earliest piece that has one."""
+  errors = [r["error"] for _, r in sorted(summary["reports"], key=lambda r: r[0]) if r.get("error")]
+  return DataError(*errors[0]) if errors else None
 
 
 def _chronological(user_rows, timed: bool):
@@ -234,6 +244,9 @@ def _tfds_builder(source: RowSource, prepared_dir: Path, settings: dict, strict:
 def _merged_report(summary: dict, path: Path, strict: bool) -> IngestReport:
   """The source's report as the in-process reader leaves it: the rows' skips, then the rows without a
   timestamp in a timed source, then the duplicates dropped (file:line examples as `IngestReport` keeps them)."""
+  error = _strict_error(summary) if strict else None
+  if error:
+    raise error
   report = IngestReport(strict=strict)
   for _, r in sorted(summary["reports"], key=lambda r: r[0]):   # the pieces in file order: the first examples
     report.rows += r["rows"]

@@ -11,7 +11,7 @@ class DataError(ValueError):
   """Bad input, with the place it was found (file, line, field)."""
 
   def __init__(self, file: str, line: Optional[int], field: Optional[str], message: str):
-    self.file, self.line, self.field = file, line, field
+    self.file, self.line, self.field, self.message = file, line, field, message
     where = file + (f":{line}" if line is not None else "") + (f" [{field}]" if field else "")
     super().__init__(f"{where}: {message}")
 
@@ -29,11 +29,13 @@ class IngestReport:
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   repaired: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict = dataclasses.field(default_factory=dict)
+  first: Optional[DataError] = None   # the first skip (what strict would have raised)
 
   def skip(self, kind: str, file: str, line: Optional[int], field: Optional[str], message: str):
     err = DataError(file, line, field, message)
     if self.strict:
       raise err
+    self.first = self.first or err
     self.skipped[kind] += 1
     ex = self.examples.setdefault(kind, [])
     if len(ex) < self.max_examples:
