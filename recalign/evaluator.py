@@ -475,7 +475,7 @@ def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[in
   """For `train(validate_fn=...)`: validation-split metrics of `task_name` (retrieval: NDCG@10)."""
   from recalign.tasks.registry import task_info
   info = task_info(task_name)
-  data, vocab = PreparedData.load(info.data_dir), info.vocab
+  data, vocab = PreparedData.load(info.data_dir, timestamps=False), info.vocab
   cache: dict = {}
 
   def validate(model, params) -> dict:

@@ -390,6 +390,12 @@ def test_a_folder_loaded_twice_is_one_object_until_rewritten_or_released(tmp_pat
   changed.save(tmp_path / "p")
   b = PreparedData.load(tmp_path / "p")
   assert b is not a and b.validation_users.tolist() == [0] and a.validation_users.tolist() != [0]
+  # without timestamps: another object, the same sequences, and one that is never saved
+  lean = PreparedData.load(tmp_path / "p", timestamps=False)
+  assert lean is not b and lean.timestamps is None and b.timestamps is not None
+  assert all(np.array_equal(lean.sequences[u], b.sequences[u]) for u in range(b.num_users))
+  with pytest.raises(ValueError, match="loaded without its timestamps"):
+    lean.save(tmp_path / "q")
   # nothing is kept alive by the cache: released objects are freed
   ref = weakref.ref(b)
   del b

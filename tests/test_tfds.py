@@ -89,6 +89,14 @@ def test_load_from_the_tfds_copy_is_the_prepared_data_set(tmp_path):
     for field in ("sequences", "timestamps", "ratings"):
       np.testing.assert_array_equal(getattr(got, field)[u], getattr(want, field)[u], err_msg=f"{field} {u}")
       assert getattr(got, field)[u].dtype == getattr(want, field)[u].dtype
+  # without timestamps (what training and evaluation load): the rest the same; never written back
+  lean = PreparedData.load(tmp_path / "rated", timestamps=False)
+  assert lean is not got and lean.timestamps is None and lean.omitted == ("timestamps",)
+  assert lean.users == want.users and all(np.array_equal(lean.sequences[u], want.sequences[u])
+                                          and np.array_equal(lean.ratings[u], want.ratings[u])
+                                          for u in range(want.num_users))
+  with pytest.raises(ValueError, match="loaded without its timestamps"):
+    tfds_data.save(lean, tmp_path / "copy")
 
 
 def test_reader_says_when_the_copy_is_missing_or_of_another_preparation(tmp_path):

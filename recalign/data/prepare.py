@@ -128,6 +128,7 @@ class PreparedData:
   validation_users: np.ndarray        # int32 user indices
   manifest: dict
   user_attributes: Optional[list[dict[str, str]]] = None   # per user (e.g. ml-100k's age, gender, occupation)
+  omitted: tuple[str, ...] = ()       # fields `load` left out on request (such an object is not saved)
 
   @property
   def num_items(self) -> int:
@@ -166,7 +167,14 @@ class PreparedData:
                        minlength=self.num_items).astype(np.int64)
 
   # ------------------------------------------------------------------------------------------
+  def check_whole(self) -> None:
+    """Refuses to write a data set `load` left fields out of: what is written must be all of it."""
+    if self.omitted:
+      raise ValueError(f"{self.name} was loaded without its {', '.join(self.omitted)}: load it whole "
+                       "(PreparedData.load(path)) to save it")
+
   def save(self, out: Path | str) -> Path:
+    self.check_whole()
     out = local_or_remote(out)
     save_items(out, self.items, self.source_item_ids)
     with (out / "users.jsonl").open("w", encoding="utf-8") as f:
@@ -184,32 +192,33 @@ class PreparedData:
     return out
 
   @classmethod
-  def load(cls, path: Path | str) -> "PreparedData":
+  def load(cls, path: Path | str, *, timestamps: bool = True) -> "PreparedData":
     """The prepared data set in folder `path`. Loaded again while an earlier load of the same, unchanged
     files is still in use, it is that same (read-only) object: a training process's tasks and its
-    validation hold one copy, not two."""
+    validation hold one copy, not two. `timestamps=False` leaves the timestamps out (8 bytes an
+    interaction; training and evaluation do not read them)."""
     path = local_or_remote(path)
     mpath = path / "manifest.json"
     if not mpath.exists():
       raise DataError(str(mpath), None, None, "not a prepared data set (run `recalign prepare` first)")
     text = mpath.read_text()
-    key = (str(path if is_remote(path) else path.resolve()), text, _file_stamps(path))
+    key = (str(path if is_remote(path) else path.resolve()), text, _file_stamps(path), timestamps)
     loaded = _LOADED.get(key)
     if loaded is None:
-      loaded = _LOADED[key] = cls._load(path, json.loads(text))
+      loaded = _LOADED[key] = cls._load(path, json.loads(text), timestamps)
     return loaded
 
   @classmethod
-  def _load(cls, path, manifest: dict) -> "PreparedData":
+  def _load(cls, path, manifest: dict, with_timestamps: bool = True) -> "PreparedData":
     if manifest.get("format_version") != FORMAT_VERSION:
       raise DataError(str(path / "manifest.json"), None, "format_version",
                       f"expected {FORMAT_VERSION}, got {manifest.get('format_version')}")
     items, src = load_items(path)
     if not (path / "users.jsonl").exists() and (tfds_directory(path) / "dataset_info.json").exists():
-      return cls._with_tfds_users(path, manifest, items, src)
+      return cls._with_tfds_users(path, manifest, items, src, with_timestamps)
     users, lengths, attrs = [], [], []
     seqs, times, rates = array.array("i"), array.array("d"), array.array("f")   # flat: 4 / 8 / 4 bytes a value
-    timed = rated = True
+    timed, rated = with_timestamps, True
     with (path / "users.jsonl").open(encoding="utf-8") as f:
       for line in f:
         row = json.loads(line)
@@ -228,20 +237,23 @@ class PreparedData:
                timestamps=flat(times, np.float64) if timed and users else None,
                ratings=flat(rates, np.float32) if rated and users else None,
                validation_users=val, manifest=manifest,
-               user_attributes=attrs if len(attrs) == len(users) else None)
+               user_attributes=attrs if len(attrs) == len(users) else None,
+               omitted=() if with_timestamps else ("timestamps",))
 
   @classmethod
-  def _with_tfds_users(cls, path: Path, manifest: dict, items, src) -> "PreparedData":
+  def _with_tfds_users(cls, path: Path, manifest: dict, items, src, with_timestamps: bool = True) -> "PreparedData":
     """The users from the TFDS copy (a folder whose users are only there, e.g. one Beam prepared)."""
     import tensorflow_datasets as tfds
-    r = read_tfds_users(tfds.builder_from_directory(str(tfds_directory(path))))
+    r = read_tfds_users(tfds.builder_from_directory(str(tfds_directory(path))), timestamps=with_timestamps)
     users, seqs, times, rates, attrs, val = (r[k] for k in ("user_id", "items", "timestamps", "ratings",
                                                              "attributes", "validation"))
     return cls(name=manifest["name"], domain=Domain(**manifest["domain"]), items=items, source_item_ids=src,
-               users=users, sequences=seqs, timestamps=times if manifest["has_timestamps"] else None,
+               users=users, sequences=seqs,
+               timestamps=times if manifest["has_timestamps"] and with_timestamps else None,
                ratings=rates if manifest["has_ratings"] else None,
                validation_users=np.flatnonzero(val).astype(np.int32), manifest=manifest,
-               user_attributes=[a or {} for a in attrs] if manifest.get("user_attributes") else None)
+               user_attributes=[a or {} for a in attrs] if manifest.get("user_attributes") else None,
+               omitted=() if with_timestamps else ("timestamps",))
 
 
 def tfds_record_batches(builder, spec: dict, batch: int = 8_192):
@@ -258,15 +270,15 @@ def tfds_record_batches(builder, spec: dict, batch: int = 8_192):
                                                          ).as_numpy_iterator()
 
 
-def read_tfds_users(builder, batch: int = 8_192) -> dict[str, list]:
+def read_tfds_users(builder, batch: int = 8_192, *, timestamps: bool = True) -> dict[str, list]:
   """Every user's fields (tfds_data's features), in user order, parsed in batches: what `PreparedData.load`
   reads from a folder without users.jsonl. ~20x faster than decoding each record through TFDS; items,
-  timestamps and ratings come as `Ragged` rows of flat arrays. (Here, not in tfds_data, which imports this
-  module.)"""
+  timestamps (unless `timestamps=False`: an empty row each) and ratings come as `Ragged` rows of flat
+  arrays. (Here, not in tfds_data, which imports this module.)"""
   import tensorflow as tf
   spec = {"user": tf.io.FixedLenFeature([], tf.int64), "user_id": tf.io.FixedLenFeature([], tf.string),
           "items": tf.io.RaggedFeature(tf.int64), "ratings": tf.io.RaggedFeature(tf.float32),
-          "timestamps": tf.io.FixedLenFeature([], tf.string, default_value=b""),   # raw float64 bytes
+          **({"timestamps": tf.io.FixedLenFeature([], tf.string, default_value=b"")} if timestamps else {}),  # float64
           "attributes": tf.io.FixedLenFeature([], tf.string), "validation": tf.io.FixedLenFeature([], tf.int64)}
   parts: dict[str, list] = {k: [] for k in ("user", "user_id", "items", "item_lengths", "timestamps", "ratings",
                                              "rating_lengths", "attributes", "validation")}
@@ -277,7 +289,7 @@ def read_tfds_users(builder, batch: int = 8_192) -> dict[str, list]:
     parts["item_lengths"].append(r["items"][1])
     parts["ratings"].append(r["ratings"][0])
     parts["rating_lengths"].append(r["ratings"][1])
-    parts["timestamps"] += list(r["timestamps"])     # raw float64 bytes per user
+    parts["timestamps"] += list(r["timestamps"]) if timestamps else [b""] * len(r["user"])   # raw float64 bytes
     parts["attributes"] += [json.loads(x) if x != b"{}" else None for x in r["attributes"]]   # None: none
     parts["validation"].append(r["validation"].astype(bool))
   cat = lambda k, dtype: np.concatenate(parts[k]).astype(dtype) if parts[k] else np.zeros([0], dtype)   # noqa: E731

@@ -84,6 +84,7 @@ class RecalignPrepared(tfds.core.GeneratorBasedBuilder):
 
 def write(data: PreparedData, prepared_dir: str | Path) -> Path:
   """Writes `data` as `<prepared_dir>/tfds/...` (replacing an older copy); returns its directory."""
+  data.check_whole()
   out = directory(prepared_dir)
   if out.exists():
     tf.io.gfile.rmtree(str(out))

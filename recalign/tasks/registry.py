@@ -307,7 +307,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                        f"under another name (register_dataset(..., name=...)), or pass replace=True to replace "
                        f"its tasks and mixtures on purpose")
   unregister(name)   # replacing removes everything the name had
-  data = PreparedData.load(data_dir)
+  data = PreparedData.load(data_dir, timestamps=False)   # (no task reads them)
   origin = origin or _origin(data_dir, vocab, config)
   vocab = origin["vocab"]
   ids = load_ids(data_dir, config.id_scheme, data.num_items)
