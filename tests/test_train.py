@@ -77,6 +77,7 @@ def test_gin_files_parse_and_bind(tmp_path, monkeypatch):
                 ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'toys_retrieval'"], [])
   val = trainer.ValidationConfig()
   assert (val.task, val.patience, val.every, TaskConfig().train_examples) == ("toys_retrieval", 8, 1000, "prefixes")
+  assert TaskConfig().id_scheme == "hybrid"   # the best converged CPU run's IDs (built with --leaf item)
   assert gin.query_parameter("learning_rate_schedule.decay") == "rsqrt"
   # a dimension overridden as in T5X; a misspelt one is an error
   gin.clear_config()
