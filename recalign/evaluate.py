@@ -124,9 +124,9 @@ def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings
   with mesh:
     for name in members:
       info = rt.registry.task_info(name)
-      ev = RecEvaluator(model, PreparedData.load(info.data_dir, timestamps=False), info.vocab, ids=info.ids, mesh=mesh,
-                        beam_size=settings.beam_size, batch_size=settings.batch_size,
-                        exclude_history=settings.exclude_history, progress=progress)
+      data = PreparedData.load(info.data_dir, timestamps=False)
+      ev = RecEvaluator(model, data, info.vocab, ids=info.ids, mesh=mesh, beam_size=settings.beam_size,
+                        batch_size=settings.batch_size, exclude_history=settings.exclude_history, progress=progress)
       res = ev.evaluate(params, name, settings.split, lengths, settings.max_examples, example_ids=example_ids)
       if jax.process_index() == 0:   # every process holds the whole result; one writes it
         record_evaluation(out_dir, checkpoint, res, res.write(out_dir))

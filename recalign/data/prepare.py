@@ -265,9 +265,17 @@ def tfds_record_batches(builder, spec: dict, batch: int = 8_192):
     r = tf.io.parse_example(serialized, spec)
     return {k: (v.values, v.row_lengths()) if isinstance(v, tf.RaggedTensor) else v for k, v in r.items()}
 
-  files = [str(f) for f in builder.info.splits[TFDS_SPLIT].filepaths]
-  return tf.data.TFRecordDataset(files).batch(batch).map(parse, num_parallel_calls=tf.data.AUTOTUNE
-                                                         ).as_numpy_iterator()
+  return tfds_records(builder).batch(batch).map(parse, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def tfds_records(builder, part=TFDS_SPLIT):
+  """The serialized records of `part` of the TFDS copy (the users split, or a slice of it such as one host's
+  `tfds.even_splits` share), in file order: a tf.data Dataset of strings."""
+  import tensorflow as tf
+  shards = builder.info.splits[part].file_instructions
+  files = tf.data.Dataset.from_tensor_slices(([str(f.filename) for f in shards], np.array([f.skip for f in shards],
+                                              np.int64), np.array([f.take for f in shards], np.int64)))
+  return files.flat_map(lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take))
 
 
 def read_tfds_users(builder, batch: int = 8_192, *, timestamps: bool = True) -> dict[str, list]:

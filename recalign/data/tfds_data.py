@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from recalign.data.prepare import (TFDS_NAME, TFDS_SPLIT, TFDS_VERSION, PreparedData, read_tfds_users,
+from recalign.data.prepare import (TFDS_NAME, TFDS_SPLIT, TFDS_VERSION, PreparedData, read_tfds_users, tfds_records,
                                    tfds_directory, tfds_record_batches)
 from recalign.data.report import DataError
 from recalign.paths import local_or_remote
@@ -128,17 +128,13 @@ def user_records(builder: tfds.core.DatasetBuilder, part=SPLIT, batch: int = 1_0
     return builder.as_dataset(split=part, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False))
   spec = {"user": tf.io.FixedLenFeature([], tf.int64), "items": tf.io.RaggedFeature(tf.int64),
           "ratings": tf.io.RaggedFeature(tf.float32), "validation": tf.io.FixedLenFeature([], tf.int64)}
-  shards = builder.info.splits[part].file_instructions
 
   def parse(serialized):
     r = tf.io.parse_example(serialized, spec)
     return {"user": tf.cast(r["user"], tf.int32), "items": tf.cast(r["items"], tf.int32), "ratings": r["ratings"],
             "validation": tf.cast(r["validation"], tf.bool)}
 
-  files = tf.data.Dataset.from_tensor_slices(([str(f.filename) for f in shards], np.array([f.skip for f in shards],
-                                              np.int64), np.array([f.take for f in shards], np.int64)))
-  records = files.flat_map(lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take))
-  return records.batch(batch).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  return tfds_records(builder, part).batch(batch).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
 def index(builder: tfds.core.DatasetBuilder, batch: int = 8_192) -> tuple[np.ndarray, np.ndarray]:

@@ -326,7 +326,8 @@ def render_collab(ex, key, *, titles: Sequence[str], profiles: Sequence[str], do
                      history=_tf_joined(t, history), neighbours=near, verb=tf.constant(domain.verb),
                      candidate=tf.gather(t, cand))
   answer = tf.where(tf.equal(ex["label"], 1), "yes", "no")
-  targets = tf.strings.join([tf.gather(tf.convert_to_tensor(profiles, tf.string), ex["user"]), ANSWER_SEP, answer])
+  profile = tf.gather(tf.convert_to_tensor(profiles, tf.string), ex["user"])
+  targets = tf.strings.join([profile, ANSWER_SEP, answer])
   return {"inputs": inputs, "targets": targets, "candidate": cand, "label": ex["label"]}
 
 
@@ -371,7 +372,8 @@ def render_item_profile(ex, key, *, descriptions, user_profiles: Sequence[str], 
   users = tf.where(tf.size(chosen) > 0, tf.strings.join([profs, "."]), "no one yet.")
   inputs = itdr.fill(ITEM_PROMPT, title=title, categories=cats, brand=brand, verb_past=tf.constant(domain.verb_past),
                      users=users)
-  return {"inputs": inputs, "targets": tf.gather(tf.convert_to_tensor(item_profiles, tf.string), ex["item"]), "item": ex["item"]}
+  return {"inputs": inputs, "targets": tf.gather(tf.convert_to_tensor(item_profiles, tf.string), ex["item"]),
+          "item": ex["item"]}
 
 
 def item_records(data: PreparedData, items: Sequence[int], users_of: Sequence[np.ndarray]) -> sources.Records:

@@ -162,8 +162,9 @@ class RecDataSource(_InMemorySource):
     return self._shard(ds, shard_info)
 
 
-class _ExampleSubset(seqio.DataSource):
-  """One split of a source, only the examples whose `example_id` is kept (before any preprocessing)."""
+class _ExampleSubset(_InMemorySource):
+  """One split of a source, only the examples whose `example_id` is kept (before any preprocessing);
+  not sharded (an evaluation's sample)."""
 
   def __init__(self, source: seqio.DataSource, split: str, keep: np.ndarray):
     self._source, self._keep = source, keep
@@ -172,9 +173,6 @@ class _ExampleSubset(seqio.DataSource):
   @property
   def supports_arbitrary_sharding(self) -> bool:
     return False
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    return [split]
 
   def get_dataset(self, split: str, shuffle: bool = True, seed: Optional[int] = None, shard_info=None,
                   **_) -> tf.data.Dataset:
