@@ -118,6 +118,11 @@ class RecEvaluator:
     from jax.sharding import NamedSharding, PartitionSpec as P
     return jax.device_put(x, NamedSharding(self.mesh, P("data")))
 
+  def user_name(self, user) -> str:
+    """A user's data set ID in predictions; its index when the data were loaded without users (a training
+    run's validation of streamed tasks, which keeps only the metrics)."""
+    return str(int(user)) if "users" in self.data.omitted else self.data.users[int(user)]
+
   def history(self, users: np.ndarray, split: str) -> list[np.ndarray]:
     """Items not to recommend: the user's history before the held-out item (if excluded)."""
     return [self.data.held_out(int(u), split)[0] if self.exclude_history else [] for u in users]
@@ -137,7 +142,7 @@ class RecEvaluator:
     return {"items": np.concatenate(items).astype(np.int32), "scores": np.concatenate(scores).astype(np.float32)}
 
   def finish_retrieval(self, examples: list[dict], a: dict) -> tuple[dict, list[dict]]:
-    preds = [{"user": self.data.users[int(e["user"])], "target": self.names[int(e["target_item"])],
+    preds = [{"user": self.user_name(e["user"]), "target": self.names[int(e["target_item"])],
               "ranked": [self.names[i] for i in it if i >= 0],
               "scores": [round(float(x), 4) for x in sc if x > -1e8]}
              for e, it, sc in zip(examples, a["items"], a["scores"])]
@@ -158,7 +163,7 @@ class RecEvaluator:
     return {"beam": np.concatenate(beams).astype(np.int32), "scored": np.concatenate(scored).astype(np.int32)}
 
   def finish_ranking(self, examples: list[dict], a: dict) -> tuple[dict, list[dict]]:
-    preds = [{"user": self.data.users[int(e["user"])], "target": self.names[int(e["target_item"])],
+    preds = [{"user": self.user_name(e["user"]), "target": self.names[int(e["target_item"])],
               "beam": [self.names[i] for i in it if i >= 0], "scored": [self.names[i] for i in o[:20]]}
              for e, it, o in zip(examples, a["beam"], a["scored"])]
     targets = np.array([e["target_item"] for e in examples])
@@ -184,7 +189,7 @@ class RecEvaluator:
   def finish_rating(self, examples: list[dict], a: dict) -> tuple[dict, list[dict]]:
     p = M.p_yes(a["yes"], a["no"])
     labels = np.array([e["label"] for e in examples])
-    preds = [{"user": self.data.users[int(e["user"])], "item": self.names[int(e["target_item"])],
+    preds = [{"user": self.user_name(e["user"]), "item": self.names[int(e["target_item"])],
               "label": int(e["label"]), "p_yes": round(float(q), 5)} for e, q in zip(examples, p)]
     return {"auc": M.auc(p, labels)}, preds
 
@@ -230,7 +235,7 @@ class RecEvaluator:
     """What a prediction row is about: the item (item profiles), the user, or the example."""
     if "item" in e:
       return {"item": self.data.source_item_ids[int(e["item"])]}
-    return {"user": self.data.users[int(e["user"])]} if "user" in e else {"example": int(e["example_id"])}
+    return {"user": self.user_name(e["user"])} if "user" in e else {"example": int(e["example_id"])}
 
   def _rating_baselines(self, examples: list[dict], truth: np.ndarray) -> dict[str, float]:
     """RMSE / MAE of the global, user and item mean of the training ratings (the item's unseen: global)."""
@@ -475,7 +480,10 @@ def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[in
   """For `train(validate_fn=...)`: validation-split metrics of `task_name` (retrieval: NDCG@10)."""
   from recalign.tasks.registry import task_info
   info = task_info(task_name)
-  data, vocab = PreparedData.load(info.data_dir, timestamps=False), info.vocab
+  # Streamed retrieval / ranking tasks validate from their examples alone: no user loaded (the history to
+  # exclude would need them).
+  lean = info.config.streamed and info.kind in ("retrieval", "ranking") and not exclude_history
+  data, vocab = PreparedData.load(info.data_dir, timestamps=False, users=not lean), info.vocab
   cache: dict = {}
 
   def validate(model, params) -> dict:

@@ -204,3 +204,31 @@ def test_evaluator_end_to_end_on_tiny_tasks(tmp_path):
   assert mpath.exists() and len(ppath.read_text().splitlines()) == 6
   with pytest.raises(ValueError, match="auxiliary"):
     ev.evaluate(params, "evtiny_mim", "validation", lengths)
+
+
+def test_streamed_validation_loads_no_users_and_scores_as_in_memory(tmp_path, monkeypatch):
+  """A training run's validation of streamed retrieval / ranking tasks reads its examples alone (the data
+  loaded without users): the same metrics as the in-memory tasks' validation of the same model."""
+  import recalign.tasks as rt
+  from recalign.data import PreparedData, tfds_data
+  from recalign.evaluator import make_validate_fn
+  data = prepare(read_source(write_tiny_tsv(tmp_path / "src")), name="vs", kcore=0)
+  data.save(tmp_path / "vs")
+  tfds_data.save(data, tmp_path / "vs")
+  train_vocabulary(data, tmp_path / "vs" / "vocab", vocab_size=300)
+  model = EncoderDecoderModel(CONFIGS["tiny"].replace(vocab_size=512))
+  params = nn.unbox(model.init(jax.random.PRNGKey(0)))
+  loads = []
+  real = PreparedData._load.__func__
+  monkeypatch.setattr(PreparedData, "_load", classmethod(lambda cls, *a: loads.append(a[3]) or real(cls, *a)))
+  metrics = {}
+  for streamed in (False, True):   # (one name: task names salt the ranking candidates' draws)
+    loads.clear()
+    rt.register_dataset(tmp_path / "vs", config=rt.TaskConfig(num_candidates=3, streamed=streamed), replace=True)
+    for kind in ("retrieval", "ranking"):
+      validate = make_validate_fn(f"vs_{kind}", {"inputs": 256, "targets": 16}, beam_size=4, batch_size=4)
+      metrics[streamed, kind] = validate(model, params)
+    assert loads and set(loads) == {not streamed}, loads   # (users loaded?)
+  for kind in ("retrieval", "ranking"):
+    assert metrics[False, kind] == metrics[True, kind] and metrics[True, kind]["examples"] == 6
+  rt.unregister("vs")

@@ -233,11 +233,16 @@ def test_item_and_negative_tables_are_captured_not_copied_into_map_graphs(tmp_pa
   """The item tables (every item's tokens and text), popularity and the negatives' exclusion table are
   eager tensors the map functions capture: as graph constants tf.data copies them into every graph it
   serialises (measured at 10M interactions: 0.42 GiB of a training process's peak)."""
-  data = synthetic_dataset(tmp_path, "captured", num_candidates=20)
+  from recalign.data import tfds_data
+  data = synthetic_dataset(tmp_path, "captured", users=150, num_candidates=20)
+  tfds_data.save(data, tmp_path / "captured")
+  rt.register_dataset(tmp_path / "captured", name="captured_s", config=rt.TaskConfig(num_candidates=20, streamed=True))
   for kind in ("retrieval", "ranking", "bpr", "mim", "mlm"):
-    ds = rt.get(f"captured_{kind}").get_dataset(LENGTHS, split="train", shuffle=False)
-    assert large_graph_constants(ds, data.num_items) == [], kind
-    assert len(list(ds.take(2).as_numpy_iterator())) == 2
+    for name in ("captured", "captured_s"):   # streamed: nor the per-user arrays that number the examples
+      ds = rt.get(f"{name}_{kind}").get_dataset(LENGTHS, split="train", shuffle=False)
+      assert large_graph_constants(ds, min(data.num_items, data.num_users)) == [], (name, kind)
+      assert len(list(ds.take(2).as_numpy_iterator())) == 2
+  rt.unregister("captured_s")
   # the tables are made once and shared by every pipeline of the data set
   a = rt.get("captured_retrieval").preprocessors[0].keywords["tables"].entry.tf()
   b = rt.get("captured_ranking").preprocessors[0].keywords["tables"].entry.tf()

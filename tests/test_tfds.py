@@ -53,6 +53,10 @@ def test_tfds_copy_holds_every_user_as_prepared(tmp_path):
   lengths, flags = tfds_data.index(builder)
   np.testing.assert_array_equal(lengths, [len(s) for s in data.sequences])
   assert flags.sum() == 15 and set(np.flatnonzero(flags)) == val
+  *same, pop = tfds_data.index(builder, batch=7, num_items=data.num_items)   # rows split across batches
+  np.testing.assert_array_equal(same[0], lengths)
+  np.testing.assert_array_equal(pop, data.train_popularity())
+  assert pop.sum() == sum(len(s) - 2 for s in data.sequences)
 
 
 def test_user_records_are_tfds_decoding_in_file_order_for_every_host_slice(tmp_path):
@@ -168,15 +172,20 @@ def test_streamed_beauty_examples_are_the_in_memory_ones(tmp_path):
       np.testing.assert_array_equal(e["history"], mem.history[mem.history_splits[i]:mem.history_splits[i + 1]])
 
 
-def test_streamed_tasks_render_the_same_examples_every_epoch(tmp_path):
+def test_streamed_tasks_render_the_same_examples_every_epoch(tmp_path, monkeypatch):
   """Every task of a data set registered in memory, then streamed (the same name: task names salt the
   draws): the same rendered tokens for each (example, epoch) -- masks, negatives and spans drawn from the
   same keys -- in two training epochs and the evaluation splits; streamed training visits them shuffled."""
   rated_dataset(tmp_path, "rated", users=20)
   kinds = ["retrieval", "ranking", "rating", "mim", "mlm", "bpr"]
   rendered = []
+  loads = []   # streamed registration holds nothing per user: no users loaded (popularity and exclusions streamed)
+  real = PreparedData._load.__func__
+  monkeypatch.setattr(PreparedData, "_load", classmethod(lambda cls, *a: loads.append(a[2:]) or real(cls, *a)))
   for streamed in (False, True):
+    loads.clear()
     rt.register_dataset(tmp_path / "rated", config=rt.TaskConfig(window=8, streamed=streamed), replace=True)
+    assert loads == [(False, not streamed)], loads   # (timestamps, users)
     out = {}
     for kind in kinds:
       task = rt.get(f"rated_{kind}")

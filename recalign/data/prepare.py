@@ -140,7 +140,7 @@ class PreparedData:
 
   @property
   def has_ratings(self) -> bool:
-    return self.ratings is not None
+    return self.ratings is not None or ("users" in self.omitted and bool(self.manifest.get("has_ratings")))
 
   @property
   def has_titles(self) -> bool:
@@ -192,28 +192,33 @@ class PreparedData:
     return out
 
   @classmethod
-  def load(cls, path: Path | str, *, timestamps: bool = True) -> "PreparedData":
+  def load(cls, path: Path | str, *, timestamps: bool = True, users: bool = True) -> "PreparedData":
     """The prepared data set in folder `path`. Loaded again while an earlier load of the same, unchanged
     files is still in use, it is that same (read-only) object: a training process's tasks and its
     validation hold one copy, not two. `timestamps=False` leaves the timestamps out (8 bytes an
-    interaction; training and evaluation do not read them)."""
+    interaction; training and evaluation do not read them); `users=False` leaves every user out (the
+    catalogue and the manifest only: what streamed tasks need besides the TFDS copy they read)."""
     path = local_or_remote(path)
     mpath = path / "manifest.json"
     if not mpath.exists():
       raise DataError(str(mpath), None, None, "not a prepared data set (run `recalign prepare` first)")
     text = mpath.read_text()
-    key = (str(path if is_remote(path) else path.resolve()), text, _file_stamps(path), timestamps)
+    key = (str(path if is_remote(path) else path.resolve()), text, _file_stamps(path), timestamps, users)
     loaded = _LOADED.get(key)
     if loaded is None:
-      loaded = _LOADED[key] = cls._load(path, json.loads(text), timestamps)
+      loaded = _LOADED[key] = cls._load(path, json.loads(text), timestamps, users)
     return loaded
 
   @classmethod
-  def _load(cls, path, manifest: dict, with_timestamps: bool = True) -> "PreparedData":
+  def _load(cls, path, manifest: dict, with_timestamps: bool = True, with_users: bool = True) -> "PreparedData":
     if manifest.get("format_version") != FORMAT_VERSION:
       raise DataError(str(path / "manifest.json"), None, "format_version",
                       f"expected {FORMAT_VERSION}, got {manifest.get('format_version')}")
     items, src = load_items(path)
+    if not with_users:
+      return cls(name=manifest["name"], domain=Domain(**manifest["domain"]), items=items, source_item_ids=src,
+                 users=[], sequences=[], timestamps=None, ratings=None, validation_users=np.zeros(0, np.int32),
+                 manifest=manifest, omitted=("users", "timestamps"))
     if not (path / "users.jsonl").exists() and (tfds_directory(path) / "dataset_info.json").exists():
       return cls._with_tfds_users(path, manifest, items, src, with_timestamps)
     users, lengths, attrs = [], [], []

@@ -137,17 +137,24 @@ def user_records(builder: tfds.core.DatasetBuilder, part=SPLIT, batch: int = 1_0
   return tfds_records(builder, part).batch(batch).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
-def index(builder: tfds.core.DatasetBuilder, batch: int = 8_192) -> tuple[np.ndarray, np.ndarray]:
+def index(builder: tfds.core.DatasetBuilder, batch: int = 8_192, *, num_items: Optional[int] = None) -> tuple:
   """(sequence length, validation flag) per user, in user order: one pass, O(users) memory -- what a
   streamed source needs to number its examples as the in-memory one does. Parses only these fields of
-  the records in batches (`tfds_record_batches`), ~30x faster than decoding every record through TFDS."""
+  the records in batches (`tfds_record_batches`), ~30x faster than decoding every record through TFDS.
+  With `num_items`, also the training popularity of the same pass (interactions per item in every user's
+  items but the last two, the leave-one-out training split: `PreparedData.train_popularity`)."""
   spec = {"user": tf.io.FixedLenFeature([], tf.int64), "validation": tf.io.FixedLenFeature([], tf.int64),
           "items": tf.io.RaggedFeature(tf.int64)}
   n = builder.info.splits[SPLIT].num_examples
   lengths, val = np.zeros(n, np.int64), np.zeros(n, bool)
+  pop = np.zeros(num_items or 0, np.int64)
   for r in tfds_record_batches(builder, spec, batch):
     lengths[r["user"]], val[r["user"]] = r["items"][1], r["validation"]
-  return lengths, val
+    if num_items is not None:   # the last two of each row are held out
+      values, rows = r["items"]
+      pos = np.arange(len(values)) - np.repeat(np.cumsum(rows) - rows, rows)
+      pop += np.bincount(values[pos < np.repeat(rows - 2, rows)], minlength=num_items)
+  return (lengths, val) if num_items is None else (lengths, val, pop)
 
 
 def manifest(builder: tfds.core.DatasetBuilder) -> Optional[dict]:

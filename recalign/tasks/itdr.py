@@ -351,7 +351,7 @@ def fill(template: str, **parts: tf.Tensor) -> tf.Tensor:
 def _candidates(ex, key, positives: tf.Tensor, num_negatives: int, log_popularity, user_items) -> tuple:
   """(positives + sampled negatives in a random order, the negatives): negatives never in the user's items."""
   k_neg, k_order = pp.split_key(key, 2)
-  negatives = pp.sample_negatives(k_neg, log_popularity, user_items[ex["user"]], num_negatives)
+  negatives = pp.sample_negatives(k_neg, log_popularity, pp.owned_items(ex, user_items), num_negatives)
   cands = tf.concat([positives, negatives], 0)
   return tf.gather(cands, pp.random_order(k_order, tf.size(cands))), negatives
 

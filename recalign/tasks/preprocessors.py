@@ -41,7 +41,7 @@ def table_tensors(options: Mapping[str, object], strings: Sequence[str] = ()) ->
   with tf.init_scope():   # eagerly, even while a function is traced
     if "log_popularity" in out:
       out["log_popularity"] = tf.constant(out["log_popularity"], tf.float32)
-    if "user_items" in out and not isinstance(out["user_items"], tf.RaggedTensor):
+    if out.get("user_items") is not None and not isinstance(out["user_items"], tf.RaggedTensor):
       out["user_items"] = tf.RaggedTensor.from_row_lengths(*out["user_items"])
     for k in strings:
       if k in out and not isinstance(out[k], tf.Tensor):
@@ -306,10 +306,16 @@ def retrieval(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budg
                                                                                 separator=" ")))
 
 
+def owned_items(ex, user_items) -> tf.Tensor:
+  """Every item of the example's user (what its negatives exclude): from the per-user table, or, with
+  none (None: streamed examples), from the example itself (`stream_examples`' `with_user_items`)."""
+  return ex["user_items"] if user_items is None else user_items[ex["user"]]
+
+
 def ranking(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, log_popularity, user_items,
             num_candidates: int) -> dict:
   k_neg, k_pos = split_key(key, 2)
-  negatives = sample_negatives(k_neg, log_popularity, user_items[ex["user"]], num_candidates - 1)
+  negatives = sample_negatives(k_neg, log_popularity, owned_items(ex, user_items), num_candidates - 1)
   cands = tf.concat([[ex["target"]], negatives], 0)
   cands = tf.gather(cands, random_order(k_pos, num_candidates))  # random position of the positive
   cand_tok, cand_txt = r.ids(cands)
@@ -394,7 +400,7 @@ def bpr(ex, key, r: Renderer, fx: dict, budget: tf.Tensor, *, targets_budget, lo
   """History + two candidates (the true next item, one popularity-sampled negative, random order)
   -> the true next item's entry. An answer longer than the targets is skipped (`_ok`), never cut."""
   k_neg, k_pos = split_key(key, 2)
-  negative = sample_negatives(k_neg, log_popularity, user_items[ex["user"]], 1)
+  negative = sample_negatives(k_neg, log_popularity, owned_items(ex, user_items), 1)
   pair = tf.gather(tf.concat([[ex["target"]], negative], 0), random_order(k_pos, 2))
   pair_tok, pair_txt = r.items(pair)
   need = fixed_len(fx["history"], fx["bpr"]) + tf.size(pair_tok)

@@ -305,7 +305,10 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                        f"under another name (register_dataset(..., name=...)), or pass replace=True to replace "
                        f"its tasks and mixtures on purpose")
   unregister(name)   # replacing removes everything the name had
-  data = PreparedData.load(data_dir, timestamps=False)   # (no task reads them)
+  # Streamed tasks read the users from the TFDS copy: in memory only the catalogue and O(users) arrays
+  # (ITDR's and RecLM's tasks are built in memory: with them, the users are loaded).
+  lean = config.streamed and not (config.itdr or config.reclm)
+  data = PreparedData.load(data_dir, timestamps=False, users=not lean)   # (no task reads the timestamps)
   origin = origin or _origin(data_dir, vocab, config)
   vocab = origin["vocab"]
   ids = load_ids(data_dir, config.id_scheme, data.num_items)
@@ -320,10 +323,16 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
 
   # ITDR's list tasks hold out their evaluation users' last 5 items: from every task's training samples
   held = itdr.eval_users(data, config.itdr_eval_users, config.eval_seed) if config.itdr else {}
-  train_lengths = itdr.train_lengths(data, held)
-  examples, retrieval_train, users = _examples(data, data_dir, config, train_lengths)
-  log_pop, user_items = _sampling_tables(data, train_lengths)
-  num_candidates = _num_candidates(name, data, config, user_items)
+  users = tfds_data.reader(data_dir) if config.streamed else None
+  index = tfds_data.index(users, num_items=data.num_items if lean else None) if config.streamed else None
+  train_lengths = index[0] - 2 if lean else itdr.train_lengths(data, held)
+  examples, retrieval_train = _examples(data, index, config, train_lengths)
+  if lean:   # popularity from the index's pass; each example carries the items its negatives exclude
+    log_pop, user_items, longest = _log_popularity(index[2]), None, int(index[0].max())
+  else:
+    log_pop, user_items = _sampling_tables(data, train_lengths)
+    longest = int(user_items[1].max())
+  num_candidates = _num_candidates(name, data.num_items, config, longest)
   kinds = ["retrieval", "ranking", "mim", "mlm", "bpr"] + (["rating"] if data.has_ratings else [])
   names = []
   for kind in kinds:
@@ -332,6 +341,8 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                                                  "validation": examples["validation"]}
     if kind == "retrieval":
       splits = {**splits, "train": retrieval_train}
+    if user_items is None and kind in ("ranking", "bpr"):
+      splits = {s: e.with_user_items() for s, e in splits.items()}
     options = _task_options(kind, config, log_pop=log_pop, user_items=user_items, num_candidates=num_candidates)
     pre = pp.make_preprocessor(kind, tables, templates, task_name=task, **options)
     source = RecDataSource(splits, seed=config.seed, eval_seed=config.eval_seed, salt=pp.salt(task), users=users)
@@ -363,27 +374,26 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   return names
 
 
-def _examples(data: PreparedData, data_dir, config: TaskConfig, train_lengths) -> tuple[dict, Any, Any]:
-  """Every split's examples (windows or prefixes, TaskConfig.train_examples), retrieval's training ones
-  (with next_items > 1: continuations of several items), and the TFDS users they stream from (None: held
-  in memory)."""
-  users = None
+def _examples(data: PreparedData, index, config: TaskConfig, train_lengths) -> tuple[dict, Any]:
+  """Every split's examples (windows or prefixes, TaskConfig.train_examples) and retrieval's training ones
+  (with next_items > 1: continuations of several items): held in memory, or, given the TFDS copy's
+  `index` (lengths, validation flags), streamed from it."""
   build = functools.partial(sources.build_examples, data)
-  if config.streamed:
-    users = tfds_data.reader(data_dir)
-    build = functools.partial(sources.streamed_examples, *tfds_data.index(users), with_ratings=data.has_ratings)
+  if index is not None:
+    build = functools.partial(sources.streamed_examples, *index[:2], with_ratings=data.has_ratings)
   examples = {s: build(s, config.window, config.train_examples, train_lengths) for s in sources.SPLITS}
   if config.next_items <= 1:
-    return examples, examples["train"], users
+    return examples, examples["train"]
   if config.id_scheme == "random":   # `I1` is a prefix of `I12`: the item after an ID would compete with its EOS
     raise ValueError("TaskConfig.next_items > 1 needs IDs no ID is a prefix of (id_scheme collaborative, "
                      "semantic, atomic or hybrid), not random ones")
-  return examples, build("train", config.window, "continuations", train_lengths, next_items=config.next_items), users
+  return examples, build("train", config.window, "continuations", train_lengths, next_items=config.next_items)
 
 
-def _num_candidates(name: str, data: PreparedData, config: TaskConfig, user_items) -> int:
-  """Ranking's candidates: as configured, or as many negatives as every user can have (a small catalogue)."""
-  free = data.num_items - int(user_items[1].max())
+def _num_candidates(name: str, num_items: int, config: TaskConfig, longest: int) -> int:
+  """Ranking's candidates: as configured, or as many negatives as every user (the longest, `longest`
+  items) can have (a small catalogue)."""
+  free = num_items - longest
   if config.num_candidates - 1 <= free:
     return config.num_candidates
   logging.warning("%s: ranking uses %d candidates instead of %d: the heaviest user leaves only %d "
@@ -465,9 +475,12 @@ def _sampling_tables(data: PreparedData, train_lengths: np.ndarray):
   row lengths)): what negative sampling draws from and excludes."""
   pop = np.bincount(np.concatenate([s[:n] for s, n in zip(data.sequences, train_lengths)]),
                     minlength=data.num_items)
-  log_pop = np.where(pop > 0, np.log(np.maximum(pop, 1)), -1e9).astype(np.float32)
   rows = Ragged.of(data.sequences, np.int32)   # (PreparedData's own flat array: no copy)
-  return log_pop, (rows.values, rows.lengths())
+  return _log_popularity(pop), (rows.values, rows.lengths())
+
+
+def _log_popularity(pop: np.ndarray) -> np.ndarray:
+  return np.where(pop > 0, np.log(np.maximum(pop, 1)), -1e9).astype(np.float32)
 
 
 def _itdr_sampling(log_pop: np.ndarray, user_items, config: TaskConfig) -> dict:

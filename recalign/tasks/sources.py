@@ -210,12 +210,14 @@ def example_counts(lengths: np.ndarray, validation: np.ndarray, split: str, wind
 
 def stream_examples(users: tf.data.Dataset, split: str, *, first_ids: np.ndarray, window: int = 20,
                     train_examples: str = "windows", train_lengths: Optional[np.ndarray] = None,
-                    next_items: int = 1, with_ratings: bool = False) -> tf.data.Dataset:
+                    next_items: int = 1, with_ratings: bool = False, with_user_items: bool = False) -> tf.data.Dataset:
   """`build_examples` over a stream of user records (tfds_data's `users` split): the same examples, with
   the same fields and `example_id`s (`first_ids[u]`: the id of user u's first example), each user's made
-  when its record is read."""
-  first = tf.constant(first_ids, tf.int64)
-  limit = None if train_lengths is None else tf.constant(np.asarray(train_lengths, np.int64))
+  when its record is read. `with_user_items`: each example also carries all of its user's items
+  (`user_items`, what negative sampling excludes), so no per-user table need be held in memory."""
+  with tf.init_scope():   # eager tensors the map captures: graph constants would be copied into every graph
+    first = tf.constant(first_ids, tf.int64)
+    limit = None if train_lengths is None else tf.constant(np.asarray(train_lengths, np.int64))
 
   def spans(r):   # (history start, history end = target position, following end) per example
     length = tf.shape(r["items"], tf.int64)[0]
@@ -245,6 +247,9 @@ def stream_examples(users: tf.data.Dataset, split: str, *, first_ids: np.ndarray
       out["history_rating"] = tf.gather(r["ratings"], window_idx)
     if split == "train" and train_examples == "continuations":
       out["following"] = tf.gather(r["items"], tf.ragged.range(pos + 1, follow))
+    if with_user_items:
+      n = tf.shape(r["items"], tf.int64)[0]
+      out["user_items"] = tf.RaggedTensor.from_row_lengths(tf.tile(r["items"], [count]), tf.fill([count], n))
     return out
 
   if split == "validation":
@@ -260,13 +265,18 @@ class StreamedExamples:
   split: str
   first_ids: np.ndarray
   count: int
-  options: dict   # stream_examples' settings: window, train_examples, train_lengths, next_items, with_ratings
+  options: dict   # stream_examples' settings: window, train_examples, train_lengths, next_items, with_ratings,
+                  # with_user_items
 
   def __len__(self) -> int:
     return self.count
 
   def make(self, users: tf.data.Dataset) -> tf.data.Dataset:
     return stream_examples(users, self.split, first_ids=self.first_ids, **self.options)
+
+  def with_user_items(self) -> "StreamedExamples":
+    """The same examples, each carrying its user's items (`stream_examples`' `with_user_items`)."""
+    return dataclasses.replace(self, options={**self.options, "with_user_items": True})
 
 
 def streamed_examples(lengths: np.ndarray, validation: np.ndarray, split: str, window: int = 20,
