@@ -87,9 +87,11 @@ def assert_same_folder(src: Path, work: Path, split_bytes: int = beam_prepare.SP
   return a
 
 
-@pytest.mark.parametrize("kcore,split_bytes", [(0, beam_prepare.SPLIT_BYTES), (3, 97)])
-def test_beam_folder_is_the_in_process_folder(tmp_path, kcore, split_bytes):
-  """One reader, and the file cut into ~60 pieces (most boundaries inside a line; the header only in the first)."""
+@pytest.mark.parametrize("kcore,split_bytes,group", [(0, beam_prepare.SPLIT_BYTES, 3), (3, 97, 100_000)])
+def test_beam_folder_is_the_in_process_folder(tmp_path, monkeypatch, kcore, split_bytes, group):
+  """One reader, and the file cut into ~60 pieces (most boundaries inside a line; the header only in the first);
+  one reader grouping its rows by user in runs of 3 rows (a user's rows come in many parts)."""
+  monkeypatch.setattr(beam_prepare, "GROUP_ROWS", group)
   data = assert_same_folder(messy_tsv(tmp_path / "src"), tmp_path / "messy", split_bytes, kcore=kcore,
                             num_validation_users=10)
   report = data.manifest["report"]

@@ -243,6 +243,11 @@ def test_item_and_negative_tables_are_captured_not_copied_into_map_graphs(tmp_pa
       assert large_graph_constants(ds, min(data.num_items, data.num_users)) == [], (name, kind)
       assert len(list(ds.take(2).as_numpy_iterator())) == 2
   rt.unregister("captured_s")
+  # ... made once per task: a second dataset (another validation) captures the same tensors
+  options = rt.get("captured_ranking").preprocessors[0].keywords["options"]
+  made = dict(options.tensors)
+  rt.get("captured_ranking").get_dataset(LENGTHS, split="validation", shuffle=False)
+  assert all(options.tensors[k] is made[k] for k in ("log_popularity", "user_items"))
   # the tables are made once and shared by every pipeline of the data set
   a = rt.get("captured_retrieval").preprocessors[0].keywords["tables"].entry.tf()
   b = rt.get("captured_ranking").preprocessors[0].keywords["tables"].entry.tf()

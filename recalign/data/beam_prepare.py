@@ -50,6 +50,7 @@ NAMESPACE = "recalign.prepare"
 KCORE_ROUNDS = 30
 SUMMARY = ".beam_summary.json"   # the pipeline's small outputs, read back by this process, then removed
 SPLIT_BYTES = 64 << 20   # a source file's piece per reader
+GROUP_ROWS = 100_000     # a reader groups each run of this many rows by user (bounds its memory)
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -57,15 +58,22 @@ def _count(name: str, n: int = 1) -> None:
 
 
 def _read_rows(span: Span, source: RowSource, strict: bool = False, line_counts=()):
-  """(line, user, item, timestamp, rating) per kept row of one piece of the source; its report (skips with their
-  first file:line examples, rows read) as the tagged output "report", keyed by where the piece starts.
-  `line_counts`: (start, lines) of every piece, which number this piece's first line."""
+  """(user, [(line, item, timestamp, rating)]) of the kept rows of one piece of the source, a user's rows grouped
+  within each run of GROUP_ROWS rows (one element per user and run, not per row: Beam's cost is per element);
+  the piece's report (skips with their first file:line examples, rows read) as the tagged output "report",
+  keyed by where the piece starts. `line_counts`: (start, lines) of every piece, which number this piece's
+  first line."""
   # strict: pieces run in any order, so none raises; each reports its first bad row, and the earliest
   # piece's is raised once the pipeline is done (`_strict_error`)
   report = IngestReport()
   span = span._replace(first_line=1 + sum(n for start, n in line_counts if start < span.start))
-  for n, user, x in source.rows(report, span):
-    yield n, user, x.item, x.timestamp, x.rating
+  by_user: dict = {}
+  for k, (n, user, x) in enumerate(source.rows(report, span), 1):
+    by_user.setdefault(user, []).append((n, x.item, x.timestamp, x.rating))
+    if k % GROUP_ROWS == 0:
+      yield from by_user.items()
+      by_user = {}
+  yield from by_user.items()
   for kind, count in report.skipped.items():
     _count(kind, count)
   e = report.first if strict else None
@@ -80,10 +88,10 @@ def _strict_error(summary: dict) -> Optional[DataError]:
 
 
 def _chronological(user_rows, timed: bool):
-  """(user, [(line, item, ts, rating)]) -> (user, first line, [(item, ts, rating)] oldest first, deduplicated).
+  """(user, [[(line, item, ts, rating)], ...]) -> (user, first line, [(item, ts, rating)] oldest first, deduplicated).
   Side outputs: "missing" (line of a row without a timestamp in a timed source: a skip), "duplicates" (count),
   "rated" ((rated rows, rows): ratings must be all or none)."""
-  user, rows = user_rows
+  user, rows = user_rows[0], [r for part in user_rows[1] for r in part]
   if timed:   # a row without a timestamp in a file that has them is a counted skip (ingest._by_user)
     for r in rows:
       if r[2] is None:
@@ -98,30 +106,106 @@ def _chronological(user_rows, timed: bool):
   yield user, min(r[0] for r in rows), [(item, ts, rating) for _, item, ts, rating in kept]
 
 
-def _kcore_round(user, counts: dict, k: int):
+KCORE_BATCH = 2_048   # users per element through the k-core's rounds
+
+
+def _item_arrays(users: list, index: dict) -> tuple[np.ndarray, np.ndarray]:
+  """A batch of users (name, first line, [(item, ts, rating)]) -> (every user's item numbers, one after the
+  other (int32), each user's count): what the k-core's rounds pass between stages (two arrays an element)."""
+  return (np.array([index[x[0]] for u in users for x in u[2]], np.int32),
+          np.array([len(u[2]) for u in users], np.int64))
+
+
+def _kcore_round(batch: tuple, counts: np.ndarray, k: int):
+  """One peeling step of a batch of users: their items of fewer than k interactions dropped, then the users
+  left with fewer than k items (nothing if none is left)."""
+  items, lengths = batch
+  keep = counts[items] >= k
+  starts = np.cumsum(lengths) - lengths
+  left = np.add.reduceat(keep.astype(np.int64), starts) if len(items) else lengths
+  user_kept = left >= k
+  if user_kept.any():
+    yield items[keep & np.repeat(user_kept, lengths)], left[user_kept]
+
+
+def _in_core(user, core: frozenset, k: int):
+  """A user (name, first line, [(item, ts, rating)]) restricted to the k-core's items; nothing if fewer
+  than k of its items are in it."""
   name, first, seq = user
-  kept = [x for x in seq if counts[x[0]] >= k]
+  kept = [x for x in seq if x[0] in core]
   if len(kept) >= k:
     yield name, first, kept
+
+
+def _core_items(counts: np.ndarray, items: list, k: int) -> frozenset:
+  return frozenset(x for x, c in zip(items, counts) if c >= k)
 
 
 @beam.ptransform_fn
 def _KCore(users, k: int, rounds: int):   # noqa: N802 (a PTransform)
   """Iterative k-core, unrolled: each round counts items over the users left and drops items and users
-  with fewer than k; a further round that still changes anything fails the pipeline."""
+  with fewer than k; a further round that still changes anything fails the pipeline.
+
+  Each round passes every user left between stages, so the rounds carry batches of users as two arrays
+  (`_item_arrays`: item numbers and counts, no names, timestamps or ratings) and count items with
+  `np.bincount` per batch (combined per worker, then merged). The converged counts then cut the full
+  records once: peeling only removes, so an item is in the k-core iff its converged count is at least k,
+  a user is in it iff k of its items are, and its items there are exactly those."""
   if k <= 1:
     return users
+  items = (users | "ItemSet" >> beam.CombineGlobally(_ItemSet())
+           | "SortedItems" >> beam.Map(sorted))
+  index = items | "ItemIndex" >> beam.Map(lambda xs: {x: i for i, x in enumerate(xs)})
+  slim = (users | "Batch" >> beam.BatchElements(min_batch_size=KCORE_BATCH, max_batch_size=KCORE_BATCH)
+          | "Arrays" >> beam.Map(_item_arrays, index=beam.pvalue.AsSingleton(index)))
   for r in range(rounds + 1):
-    counts = (users | f"Items{r}" >> beam.FlatMap(lambda u: [x[0] for x in u[2]])
-              | f"Count{r}" >> beam.combiners.Count.PerElement())
-    kept = users | f"Round{r}" >> beam.FlatMap(_kcore_round, counts=beam.pvalue.AsDict(counts), k=k)
+    counts = slim | f"Count{r}" >> beam.CombineGlobally(_ItemCounts())
+    kept = slim | f"Round{r}" >> beam.FlatMap(_kcore_round, counts=beam.pvalue.AsSingleton(counts), k=k)
     if r == rounds:   # the check round: nothing may change
-      before = users | "SizeBefore" >> beam.Map(lambda u: len(u[2])) | "SumBefore" >> beam.CombineGlobally(sum)
-      (kept | "SizeAfter" >> beam.Map(lambda u: len(u[2])) | "SumAfter" >> beam.CombineGlobally(sum)
-       | "Converged" >> beam.Map(_converged, before=beam.pvalue.AsSingleton(before), rounds=rounds))
-      return users
-    users = kept
-  return users
+      break
+    slim = kept
+  before = slim | "SizeBefore" >> beam.Map(lambda b: len(b[0])) | "SumBefore" >> beam.CombineGlobally(sum)
+  (kept | "SizeAfter" >> beam.Map(lambda b: len(b[0])) | "SumAfter" >> beam.CombineGlobally(sum)
+   | "Converged" >> beam.Map(_converged, before=beam.pvalue.AsSingleton(before), rounds=rounds))
+  core = counts | "Core" >> beam.Map(_core_items, items=beam.pvalue.AsSingleton(items), k=k)
+  return users | "InCore" >> beam.FlatMap(_in_core, core=beam.pvalue.AsSingleton(core), k=k)
+
+
+class _ItemSet(beam.CombineFn):
+  """Users (name, first line, [(item, ...)]) -> the set of their items."""
+
+  def create_accumulator(self) -> set:
+    return set()
+
+  def add_input(self, acc: set, user) -> set:
+    acc.update(x[0] for x in user[2])
+    return acc
+
+  def merge_accumulators(self, accs) -> set:
+    return set().union(*accs)
+
+  def extract_output(self, acc: set) -> set:
+    return acc
+
+
+class _ItemCounts(beam.CombineFn):
+  """Batches (item numbers, counts per user) -> interactions per item number (int64; an item past the end: 0)."""
+
+  def create_accumulator(self) -> np.ndarray:
+    return np.zeros(0, np.int64)
+
+  def add_input(self, acc: np.ndarray, batch) -> np.ndarray:
+    return self.merge_accumulators([acc, np.bincount(batch[0])])
+
+  def merge_accumulators(self, accs) -> np.ndarray:
+    accs = list(accs)
+    out = np.zeros(max((len(a) for a in accs), default=0), np.int64)
+    for a in accs:
+      out[:len(a)] += a
+    return out
+
+  def extract_output(self, acc: np.ndarray) -> np.ndarray:
+    return acc
 
 
 def _converged(after: int, before: int, rounds: int) -> None:
@@ -159,16 +243,15 @@ def _sizes(users, label: str):
           | f"{label}/Sum" >> beam.CombineGlobally(_pair_sums))
 
 
-def _prepare(rows, *, kcore: int = 5, seed: int = 0, num_validation_users: int = 3000,
+def _prepare(parts, *, kcore: int = 5, seed: int = 0, num_validation_users: int = 3000,
              min_interactions: int = MIN_INTERACTIONS, kcore_rounds: int = KCORE_ROUNDS, label: str = "Prepare"):
-  """rows -> (PCollection of (user index, record), {name: singleton PCollection} of what the manifest needs)."""
-  timed = (rows | f"{label}/HasTime" >> beam.Map(lambda r: r[3] is not None)
+  """(user, [(line, item, timestamp, rating)]) parts of users' rows -> (PCollection of (user index, record),
+  {name: singleton PCollection} of what the manifest needs)."""
+  timed = (parts | f"{label}/HasTime" >> beam.Map(lambda p: any(r[2] is not None for r in p[1]))
            | f"{label}/AnyTime" >> beam.CombineGlobally(any))
-  by_user = (rows | f"{label}/ByUser" >> beam.Map(lambda r: (r[1], (r[0], r[2], r[3], r[4])))
-             | f"{label}/Group" >> beam.GroupByKey()
-             | f"{label}/Chronological" >> beam.FlatMap(lambda ur, t: _chronological((ur[0], list(ur[1])), t),
-                                                        t=beam.pvalue.AsSingleton(timed)
-                                                        ).with_outputs("missing", "duplicates", "rated", main="users"))
+  by_user = (parts | f"{label}/Group" >> beam.GroupByKey()
+             | f"{label}/Chronological" >> beam.FlatMap(_chronological, beam.pvalue.AsSingleton(timed))
+             .with_outputs("missing", "duplicates", "rated", main="users"))
   users = by_user.users
   kcored = users | f"{label}/KCore" >> _KCore(kcore, kcore_rounds)
   kept = kcored | f"{label}/MinInteractions" >> beam.Filter(lambda u: len(u[2]) >= min_interactions)
@@ -196,7 +279,8 @@ def _prepare(rows, *, kcore: int = 5, seed: int = 0, num_validation_users: int =
 def prepare_users(rows, **settings):
   """PCollection of (line, user, item, timestamp, rating) -> PCollection of (user index, record): the
   records `tfds_data` writes, equal to `prepare.prepare`'s users."""
-  return _prepare(rows, **settings)[0]
+  parts = rows | "UserParts" >> beam.Map(lambda r: (r[1], [(r[0], r[2], r[3], r[4])]))
+  return _prepare(parts, **settings)[0]
 
 
 def _summary(_, reports: list, **stats) -> str:

@@ -450,7 +450,7 @@ def text_preprocessors(task_name: str) -> list:
 
 
 def preprocessors(kind: str, task_name: str, fn: Optional[Callable] = None, **options) -> list:
-  return [functools.partial(render, kind=kind, task_name=task_name, options=options, fn=fn),
+  return [functools.partial(render, kind=kind, task_name=task_name, options=pp.Options(options), fn=fn),
           *text_preprocessors(task_name)]
 
 
