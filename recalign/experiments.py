@@ -63,10 +63,8 @@ def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
   e.g. {"hybrid": {"leaf": "item"}}: IDs built with other settings are built again) and a vocabulary
   holding their pieces."""
   from recalign.data import PreparedData, prepare, read_source, tfds_data
-  from recalign.data.ids import build_ids, scheme_pieces
   from recalign.data.ingest import sha256_file
   from recalign.data.prepare import format_stats
-  from recalign.data.vocab import train_vocabulary
   fresh = True
   if (out / "manifest.json").exists() and (out / "vocab" / "spm.model").exists():
     manifest = json.loads((out / "manifest.json").read_text())
@@ -76,9 +74,20 @@ def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
     print(format_stats(PreparedData.load(out).manifest))
   else:
     print(f"[recalign] using prepared {out}")
-  data = PreparedData.load(out)
   if not tfds_data.directory(out).exists():   # prepared by an older recalign
-    tfds_data.write(data, out)
+    tfds_data.write(PreparedData.load(out), out)
+  ensure_ids(out, id_schemes, new_vocabulary=fresh)
+  return out
+
+
+def ensure_ids(out: Path, id_schemes: Sequence[str] | Mapping[str, dict] = (), new_vocabulary: bool = False) -> None:
+  """The prepared folder `out` with the `id_schemes` (built from its training sequences only; a mapping gives
+  each scheme its `build_ids` settings: IDs built with other settings are built again), and, when any was
+  built (or `new_vocabulary`), a vocabulary trained again to hold their pieces."""
+  from recalign.data import PreparedData
+  from recalign.data.ids import build_ids, scheme_pieces
+  from recalign.data.vocab import train_vocabulary
+  data = PreparedData.load(out)
   settings = dict(id_schemes) if isinstance(id_schemes, Mapping) else {s: {} for s in id_schemes}
   built = data.manifest.get("id_schemes", {})
   missing = [s for s, kw in settings.items() if not (out / "ids" / f"{s}.json").exists()
@@ -86,14 +95,15 @@ def ensure_prepared(source: Path, out: Path, name: str, kcore: int = 5,
   for scheme in missing:
     print(f"[recalign] building {scheme} item IDs" + (f" ({settings[scheme]})" if settings[scheme] else ""))
     build_ids(data, scheme, **settings[scheme]).save(out)
-  if fresh or missing:
+  if new_vocabulary or missing:
     train_vocabulary(data, out / "vocab", pieces=scheme_pieces(out))
-  return out
 
 
-def ensure_subset(data_dir: Path, fraction: float, seed: int = 0) -> Path:
-  """<data_dir>_users<pct>: a seeded fraction of a prepared data set's users (`prepare.subset_users`), with its
-  vocabulary; written once. Random item IDs only (other schemes are built from all users' sequences)."""
+def ensure_subset(data_dir: Path, fraction: float, seed: int = 0,
+                  id_schemes: Sequence[str] | Mapping[str, dict] = ()) -> Path:
+  """<data_dir>_users<pct>: a seeded fraction of a prepared data set's users (`prepare.subset_users`), with
+  a vocabulary; written once. Item IDs other than random ones (`id_schemes`, as `ensure_ids`) are built
+  again from the subset's own training sequences (the full set's are built from users the subset has not)."""
   import shutil
   from recalign.data import PreparedData, tfds_data
   from recalign.data.prepare import subset_users
@@ -102,6 +112,7 @@ def ensure_subset(data_dir: Path, fraction: float, seed: int = 0) -> Path:
     shutil.copytree(data_dir / "vocab", out / "vocab", dirs_exist_ok=True)   # first: manifest.json marks it done
     full = PreparedData.load(data_dir)
     tfds_data.save(subset_users(full, fraction, seed, len(full.validation_users)), out)
+  ensure_ids(out, id_schemes)
   return out
 
 

@@ -112,3 +112,28 @@ def test_users_subset_is_seeded_whole_and_keeps_the_catalogue(tiny_root):
   assert len(half.validation_users) == 2 and half.validation_users.max() < 3
   assert half.manifest["subset"] == {"of": "tiny", "fraction": 0.5, "seed": 0, "users": 3}
   assert half.manifest["counts"]["interactions"] == sum(len(s) for s in half.sequences)
+
+
+def test_study_recipes_and_a_subsets_own_item_ids(tmp_path):
+  """study.py runs the curves recipes (the recipe issue's best, with its IDs' build settings), and a users subset
+  gets IDs built from its own training sequences (the full set's come from users it does not have)."""
+  import json
+  from conftest import synthetic_dataset
+  from recalign import experiments as E
+  from recalign.data import PreparedData
+  from recalign.data.ids import build_ids
+  study = load_study()
+  recipe, ids = study.named_recipe("bare_prefixes_hybrid_item@dropout=0.1,decay=linear")
+  cfg = E.dataset_config(recipe)
+  assert ids == {"leaf": "item"} and cfg.task_config.id_scheme == "hybrid" and cfg.task_config.train_examples == "prefixes"
+  assert study.named_recipe("bare_prefixes_hybrid_item", "collaborative")[1] == {}   # --id-scheme replaces its IDs
+  assert study.named_recipe("bare") == (E.RECIPES["bare"], {})
+  synthetic_dataset(tmp_path, "syn", users=60)
+  E.ensure_ids(tmp_path / "syn", ("collaborative",))
+  sub = E.ensure_subset(tmp_path / "syn", 0.5, id_schemes=("collaborative",))
+  data = PreparedData.load(sub)
+  assert data.num_users == 30
+  own = json.loads((sub / "ids" / "collaborative.json").read_text())["ids"]
+  assert own == build_ids(data, "collaborative").ids
+  assert own != json.loads((tmp_path / "syn" / "ids" / "collaborative.json").read_text())["ids"]
+  assert E.ensure_subset(tmp_path / "syn", 0.5, id_schemes=("collaborative",)) == sub    # written once

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))   # (curves: its recipes)
 ROWS = {  # name -> (mixture suffix, description)
     "retrieval": ("retrieval", "retrieval only"),
     "re_mlm": ("re_mlm", "retrieval + MLM"),
@@ -57,10 +59,11 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "amazon-beauty"))
   p.add_argument("--name", default="beauty", help="the data set's task prefix (beauty, ml100k)")
-  p.add_argument("--id-scheme", choices=["random", "collaborative", "semantic"],
+  p.add_argument("--id-scheme", choices=["random", "collaborative", "semantic", "atomic", "hybrid"],
                  help="item IDs (default: the recipe's)")
   p.add_argument("--out", default="runs/study")
-  p.add_argument("--recipe", default="compact")
+  p.add_argument("--recipe", default="compact", help="a recipe of recalign.experiments (compact, bare, paper) or of "
+                 "tools/curves.py, variants included (e.g. 'bare_prefixes_hybrid_item@dropout=0.1,decay=linear')")
   p.add_argument("--rows", nargs="+", default=["retrieval", "re_mlm", "reat"], choices=sorted(ROWS))
   p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   p.add_argument("--size", default="mini")
@@ -79,14 +82,15 @@ def main():
   import recalign.tasks as rt
   from recalign import baselines as B
   from recalign.data import PreparedData
-  from recalign.experiments import (RECIPES, dataset_config, ensure_prepared, ensure_subset, evaluate_best,
-                                    pending_runs, report_ids, selection_size, train_model)
+  from recalign.experiments import (dataset_config, ensure_prepared, ensure_subset, evaluate_best, pending_runs,
+                                    report_ids, selection_size, train_model)
   out = Path(args.out)
-  base = dataset_config(RECIPES[args.recipe])
+  named, id_settings = named_recipe(args.recipe, args.id_scheme)
+  base = dataset_config(named)
   lengths = {**base.task_feature_lengths, "targets": max(32, base.task_feature_lengths["targets"])}
   # every row sees the same target length: MIM needs room for several masked IDs
-  recipe = RECIPES[args.recipe].bind(f"TASK_FEATURE_LENGTHS = {lengths}",
-                                     *([f"ITEM_IDS = {args.id_scheme!r}"] if args.id_scheme else []))
+  recipe = named.bind(f"TASK_FEATURE_LENGTHS = {lengths}",
+                      *([f"ITEM_IDS = {args.id_scheme!r}"] if args.id_scheme else []))
   # ranking prompts hold 100 candidates: the rows with ranking get longer inputs and proportionally fewer
   # rows per batch (the same tokens per step as the others)
   rows_per_batch = max(1, base.batch_size * lengths["inputs"] // args.ranking_inputs)
@@ -94,12 +98,10 @@ def main():
                             f"BATCH_SIZE = {rows_per_batch}")
   task_config = dataset_config(recipe).task_config
   scheme = task_config.id_scheme
-  data_dir = ensure_prepared(Path(args.data), out / "data" / args.name, args.name, args.kcore,
-                             id_schemes=() if scheme == "random" else (scheme,))
-  if args.users_fraction < 1:
-    if scheme != "random":
-      raise SystemExit("--users-fraction needs random item IDs (the other schemes are built from all users)")
-    data_dir = ensure_subset(data_dir, args.users_fraction)
+  schemes = {} if scheme == "random" else {scheme: id_settings}
+  data_dir = ensure_prepared(Path(args.data), out / "data" / args.name, args.name, args.kcore, id_schemes=schemes)
+  if args.users_fraction < 1:   # (its IDs built from the subset's own training sequences)
+    data_dir = ensure_subset(data_dir, args.users_fraction, id_schemes=schemes)
   data = PreparedData.load(data_dir)
   name = data.name
   rt.register_dataset(data_dir, config=task_config, replace=True)   # rows differ in config
@@ -143,6 +145,21 @@ def main():
     print(key, results[key], flush=True)
   print(table(results))
   print(f"validation curves: {plot_curves(out, results)}")
+
+
+def named_recipe(name: str, id_scheme=None):
+  """(the experiments.Recipe named `name` -- one of recalign.experiments.RECIPES, or a tools/curves.py recipe
+  with its variant, as gin --, the `build_ids` settings of its item IDs (a curves recipe's "ids"; none when
+  `id_scheme` replaces its scheme))."""
+  from recalign.experiments import RECIPES
+  if name in RECIPES:
+    return RECIPES[name], {}
+  import curves
+  try:
+    r = curves.recipe(name)
+  except KeyError:
+    raise SystemExit(f"--recipe {name!r}: neither {sorted(RECIPES)} nor a recipe of tools/curves.py") from None
+  return curves.gin_recipe(r), {} if id_scheme else r.get("ids", {})
 
 
 def plot_curves(out: Path, results: dict) -> Path:
