@@ -188,3 +188,19 @@ def test_beam_prepare_train_streamed_and_eval_end_to_end(tmp_path):
 @pytest.mark.slow   # ~1.5 min on the DirectRunner (2 cores); the synthetic and tiny sets above run in CI
 def test_beam_folder_is_the_in_process_folder_on_shared_beauty(tmp_path):
   assert assert_same_folder(shared("amazon-beauty"), tmp_path).num_users == 22363
+
+
+def test_beam_refuses_a_tfds_copy_that_lost_users(tmp_path, monkeypatch):
+  """A pipeline whose written copy holds fewer users than it kept fails with an error that says so (an
+  index error at 30M interactions once), instead of a folder with users missing."""
+  import apache_beam as beam
+  real = beam_prepare._prepare
+
+  def lossy(parts, **settings):
+    records, stats = real(parts, **settings)
+    return records | "LoseUser0" >> beam.Filter(lambda r: r[0] != 0), stats
+
+  monkeypatch.setattr(beam_prepare, "_prepare", lossy)
+  with pytest.raises(DataError, match="kept 6 users but its TFDS copy holds 5 records"):
+    beam_prepare.prepare_folder(write_tiny_tsv(tmp_path / "tiny"), tmp_path / "out", kcore=0)
+  assert not (tmp_path / "out" / "manifest.json").exists()

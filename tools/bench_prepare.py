@@ -46,6 +46,8 @@ def main():
   p.add_argument("--data", help="an amazon-tsv folder instead of synthetic data")
   p.add_argument("--workers", type=int, default=2, help="DirectRunner worker processes")
   p.add_argument("--work", help="folder for the synthetic data and Beam output (default: a temporary one)")
+  p.add_argument("--modes", nargs="+", default=["in-process", "beam"], choices=["in-process", "beam"],
+                 help="the paths to run (one alone: a size the other does not fit, or not in the time)")
   p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
   args = p.parse_args()
   work = Path(args.work or tempfile.mkdtemp(prefix="bench_prepare_"))
@@ -54,7 +56,7 @@ def main():
     return
   src = Path(args.data) if args.data else synthetic_tsv(work / "src", args.interactions)
   rows = []
-  for mode in ("in-process", "beam"):
+  for mode in args.modes:
     r = subprocess.run([sys.executable, __file__, "--workers", str(args.workers), "--work", str(work),
                         "--_child", str(src), mode], capture_output=True, text=True)
     if r.returncode:
@@ -64,6 +66,8 @@ def main():
     print(f"{r['mode']:10s} {r['seconds']:>8}s  users {r['counts']['users']}  interactions "
           f"{r['counts']['interactions']}  peak RSS "
           f"{r['peak_rss_gib']} GiB (worker processes {r['children_peak_rss_gib']} GiB)")
+  if len(rows) < 2:
+    return
   a, b = rows
   assert a["counts"] == b["counts"], "the two paths disagree"
   print(f"beam / in-process: time {b['seconds'] / a['seconds']:.2f}x, peak memory "
