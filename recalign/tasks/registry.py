@@ -292,18 +292,10 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                      "ITDR's held-out items); register them in separate runs")
   manifest = Path(data_dir) / "manifest.json"   # (a folder without one: PreparedData.load below says so)
   name = name or (json.loads(manifest.read_text())["name"] if manifest.exists() else None)
-  origin = None
-  if name in _SOURCES:   # decided before the data are loaded: registering the same again costs nothing
-    origin = _origin(data_dir, vocab, config)
-    differ = _differences(_SOURCES[name], origin)
-    if not differ:
-      return list(_REGISTERED[name])
-    if replace:
-      logging.warning("%s: replacing its registration (another %s)", name, "; ".join(differ))
-    else:
-      raise ValueError(f"data set {name!r} is already registered, with another {'; '.join(differ)}: register it "
-                       f"under another name (register_dataset(..., name=...)), or pass replace=True to replace "
-                       f"its tasks and mixtures on purpose")
+  # decided before the data are loaded: registering the same again costs nothing
+  origin = _origin(data_dir, vocab, config) if name in _SOURCES else None
+  if origin is not None and _registered_alike(name, origin, replace):
+    return list(_REGISTERED[name])
   unregister(name)   # replacing removes everything the name had
   # Streamed tasks read the users from the TFDS copy: in memory only the catalogue and O(users) arrays
   # (ITDR's and RecLM's tasks are built in memory: with them, the users are loaded).
@@ -327,11 +319,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   index = tfds_data.index(users, num_items=data.num_items if lean else None) if config.streamed else None
   train_lengths = index[0] - 2 if lean else itdr.train_lengths(data, held)
   examples, retrieval_train = _examples(data, index, config, train_lengths)
-  if lean:   # popularity from the index's pass; each example carries the items its negatives exclude
-    log_pop, user_items, longest = _log_popularity(index[2]), None, int(index[0].max())
-  else:
-    log_pop, user_items = _sampling_tables(data, train_lengths)
-    longest = int(user_items[1].max())
+  log_pop, user_items, longest = _sampling_tables(data, train_lengths, index)
   num_candidates = _num_candidates(name, data.num_items, config, longest)
   kinds = ["retrieval", "ranking", "mim", "mlm", "bpr"] + (["rating"] if data.has_ratings else [])
   names = []
@@ -372,6 +360,19 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     names += register_profile_task(data_dir, name=name, vocab=vocab, seed=config.seed, config=config, data=data)
   _REGISTERED[name], _SOURCES[name] = list(names), origin
   return names
+
+
+def _registered_alike(name: str, origin: dict, replace: bool) -> bool:
+  """Whether data set `name` is registered from `origin` already (folder, preparation, vocabulary, config); a
+  ValueError naming what differs if it is registered otherwise, unless `replace` (then False, with a warning)."""
+  differ = _differences(_SOURCES[name], origin)
+  if differ and not replace:
+    raise ValueError(f"data set {name!r} is already registered, with another {'; '.join(differ)}: register it "
+                     f"under another name (register_dataset(..., name=...)), or pass replace=True to replace "
+                     f"its tasks and mixtures on purpose")
+  if differ:
+    logging.warning("%s: replacing its registration (another %s)", name, "; ".join(differ))
+  return not differ
 
 
 def _examples(data: PreparedData, index, config: TaskConfig, train_lengths) -> tuple[dict, Any]:
@@ -470,13 +471,17 @@ def _differences(old: dict, new: dict) -> list[str]:
   return out
 
 
-def _sampling_tables(data: PreparedData, train_lengths: np.ndarray):
+def _sampling_tables(data: PreparedData, train_lengths: np.ndarray, index=None) -> tuple:
   """(log popularity over the training items -- -1e9 for unseen items --, every user's items as (values,
-  row lengths)): what negative sampling draws from and excludes."""
+  row lengths), the longest user's item count): what negative sampling draws from and excludes. From a
+  streamed copy's `index` with popularity (lengths, validation flags, popularity): no per-user table
+  (None): each example carries the items its negatives exclude."""
+  if index is not None and len(index) == 3:
+    return _log_popularity(index[2]), None, int(index[0].max())
   pop = np.bincount(np.concatenate([s[:n] for s, n in zip(data.sequences, train_lengths)]),
                     minlength=data.num_items)
   rows = Ragged.of(data.sequences, np.int32)   # (PreparedData's own flat array: no copy)
-  return _log_popularity(pop), (rows.values, rows.lengths())
+  return _log_popularity(pop), (rows.values, rows.lengths()), int(rows.lengths().max())
 
 
 def _log_popularity(pop: np.ndarray) -> np.ndarray:
@@ -676,7 +681,7 @@ def register_cross_domain(source_dir: str | Path, target_dir: str | Path, *, nam
   options = {"texts": itdr.ItemTexts.of(tgt, vocab, config.itdr_max_title_tokens),
              "source_texts": itdr.ItemTexts.of(src, vocab, config.itdr_max_title_tokens),
              "w": itdr.words(tgt.domain), "domains": (src.name, tgt.name),
-             **_itdr_sampling(*_sampling_tables(tgt, train_lengths), config)}
+             **_itdr_sampling(*_sampling_tables(tgt, train_lengths)[:2], config)}
   _register_itdr_task(task, "cdr", {s: records(s) for s in sources.SPLITS}, options, vocab, config)
   _TASKS[task] = _text_task_info("itdr_cdr", target_dir, tgt, vocab, config)
   _REGISTERED.setdefault(name, []).append(task)
