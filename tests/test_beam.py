@@ -145,6 +145,9 @@ def test_beam_strict_fails_on_the_first_bad_row_by_name(tmp_path):
     beam_prepare.prepare_folder(write_tiny_tsv(tmp_path / "tiny"), tmp_path / "out5", split_bytes=0)
   with pytest.raises(DataError, match="interactions.tsv: no users left after filtering"):
     beam_prepare.prepare_folder(write_tiny_tsv(tmp_path / "tiny"), tmp_path / "out4", kcore=50)
+  # strict, and the rows left make no user: the bad row still, not "no users left"
+  with pytest.raises(DataError, match=r"interactions.tsv:12: expected 4 tab-separated fields"):
+    beam_prepare.prepare_folder(src, tmp_path / "out6", strict=True, split_bytes=97, kcore=50)
 
 
 def test_beam_prepare_train_streamed_and_eval_end_to_end(tmp_path):

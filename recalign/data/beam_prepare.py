@@ -81,6 +81,12 @@ def _read_rows(span: Span, source: RowSource, strict: bool = False, line_counts=
   yield beam.pvalue.TaggedOutput("report", (span.start, {**report.to_json(), "error": error}))
 
 
+def _raise_first_bad_row(source: RowSource) -> None:
+  """Reads the source in this process up to its first bad row and raises its DataError (none: returns)."""
+  for _ in source.rows(IngestReport(strict=True)):
+    pass
+
+
 def _strict_error(summary: dict) -> Optional[DataError]:
   """The first bad row of the source in file order (strict): the error of the earliest piece that has one."""
   errors = [r["error"] for _, r in sorted(summary["reports"], key=lambda r: r[0]) if r.get("error")]
@@ -385,6 +391,8 @@ def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = 
   except ValueError as e:   # TFDS refuses an empty split before this process sees the pipeline's counts
     if "number of generated examples is 0" not in str(e):
       raise
+    if strict:   # (the pieces' reports died with the pipeline: the file's first bad row, read here)
+      _raise_first_bad_row(src)
     raise DataError(str(src.interactions), None, None, f"no users left after filtering: every row was skipped, or "
                     f"k-core {kcore} and at least {min_interactions} interactions per user removed everyone "
                     "(`recalign prepare` without --beam_runner reports which)") from None
