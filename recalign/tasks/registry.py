@@ -319,7 +319,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   index = tfds_data.index(users, num_items=data.num_items if lean else None) if config.streamed else None
   train_lengths = index[0] - 2 if lean else itdr.train_lengths(data, held)
   examples, retrieval_train = _examples(data, index, config, train_lengths)
-  log_pop, user_items, longest = _sampling_tables(data, train_lengths, index)
+  log_pop, user_items, longest = _sampling_tables(data, train_lengths, index if lean else None)
   num_candidates = _num_candidates(name, data.num_items, config, longest)
   kinds = ["retrieval", "ranking", "mim", "mlm", "bpr"] + (["rating"] if data.has_ratings else [])
   names = []
@@ -473,11 +473,12 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 def _sampling_tables(data: PreparedData, train_lengths: np.ndarray, index=None) -> tuple:
   """(log popularity over the training items -- -1e9 for unseen items --, every user's items as (values,
-  row lengths), the longest user's item count): what negative sampling draws from and excludes. From a
-  streamed copy's `index` with popularity (lengths, validation flags, popularity): no per-user table
-  (None): each example carries the items its negatives exclude."""
-  if index is not None and len(index) == 3:
-    return _log_popularity(index[2]), None, int(index[0].max())
+  row lengths), the longest user's item count): what negative sampling draws from and excludes. Given the
+  streamed copy's `index` with popularity (lengths, validation flags, popularity: `tfds_data.index`'s
+  `num_items`), from it, with no per-user table (None): each example carries the items its negatives exclude."""
+  if index is not None:
+    lengths, _, popularity = index
+    return _log_popularity(popularity), None, int(lengths.max())
   pop = np.bincount(np.concatenate([s[:n] for s, n in zip(data.sequences, train_lengths)]),
                     minlength=data.num_items)
   rows = Ragged.of(data.sequences, np.int32)   # (PreparedData's own flat array: no copy)
