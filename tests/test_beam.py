@@ -170,7 +170,8 @@ def test_beam_prepare_train_streamed_and_eval_end_to_end(tmp_path):
   assert tfds.builder_from_directory(str(tfds_data.directory(data))).info.name == tfds_data.NAME
   assert main(["vocab", str(data), "--size", "300"]) == 0
   run, gin_dir = tmp_path / "run", REPO / "recalign" / "gin"
-  argv = ["train", f"--gin_file={gin_dir / 'models' / 'tiny.gin'}", f"--gin_file={gin_dir / 'runs' / 'from_scratch.gin'}",
+  argv = ["train", f"--gin_file={gin_dir / 'models' / 'tiny.gin'}",
+          f"--gin_file={gin_dir / 'runs' / 'from_scratch.gin'}",
           f"--gin.DATA_DIRS=['{data}']", "--gin.MIXTURE_OR_TASK_NAME='tiny_ut'",
           "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4",
           f"--gin.MODEL_DIR='{run}'", "--gin.registry.TaskConfig.num_candidates=3",
@@ -206,4 +207,49 @@ def test_beam_refuses_a_tfds_copy_that_lost_users(tmp_path, monkeypatch):
   monkeypatch.setattr(beam_prepare, "_prepare", lossy)
   with pytest.raises(DataError, match="kept 6 users but its TFDS copy holds 5 records"):
     beam_prepare.prepare_folder(write_tiny_tsv(tmp_path / "tiny"), tmp_path / "out", kcore=0)
+  assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _summary(**changes) -> dict:
+  """The ledger of a consistent run: 10 rows read, 1 duplicate dropped, 9 interactions of 3 users grouped, a
+  k-core whose round 0 removes a user and round 1 (the check) nothing."""
+  s = {"reports": [[0, {"handed_on": 6}], [100, {"handed_on": 4}]], "grouped": [3, 9], "duplicates": 1,
+       "missing_count": 0, "kcored": [2, 7],
+       "kcore_ledger": [[["in", 0], [3, 9]], [["counted", 0], [0, 9]], [["out", 0], [2, 7]],
+                        [["in", 1], [2, 7]], [["counted", 1], [0, 7]], [["out", 1], [2, 7]]]}
+  return {**s, **changes}
+
+
+def test_beam_ledger_finds_data_lost_between_stages():
+  assert beam_prepare.ledger_errors(_summary()) == []
+  assert beam_prepare.ledger_errors(_summary(kcore_ledger=[], kcored=[3, 9])) == []       # no k-core
+  lost_group = beam_prepare.ledger_errors(_summary(grouped=[3, 8], kcore_ledger=[]))
+  assert lost_group == ["the readers handed on 10 rows, the grouping by user received 9"]
+  ledger = _summary()["kcore_ledger"]
+  between = beam_prepare.ledger_errors(_summary(kcore_ledger=ledger[:3] + [[["in", 1], [1, 4]]] + ledger[4:]))
+  assert between[0] == "k-core round 1 received (users, interactions) (1, 4), round 0 passed on (2, 7)"
+  miscounted = beam_prepare.ledger_errors(_summary(kcore_ledger=[[["counted", 0], [0, 8]]] + ledger[:1] + ledger[2:]))
+  assert miscounted == ["k-core round 0 counted 8 interactions of the 9 it received"]
+  assert beam_prepare.ledger_errors(_summary(kcored=[2, 6])) == [
+      "the k-core's last round passed on (2, 7), its users hold (2, 6)"]
+
+
+@pytest.mark.parametrize("stage", ["grouping", "round"])
+def test_beam_pipeline_that_loses_data_between_stages_fails(tmp_path, monkeypatch, stage):
+  """Elements lost in the runner (what the DirectRunner's multi-process mode did at 30M interactions) are
+  found by the ledger, instead of a smaller k-core: injected as a grouped user that never arrives, or a
+  k-core round's batch that the next round never receives (its ledger says it was passed on)."""
+  if stage == "grouping":
+    real = beam_prepare._chronological
+    monkeypatch.setattr(beam_prepare, "_chronological", lambda u, timed: [] if u[0] == "u5" else real(u, timed))
+    match = r"the readers handed on \d+ rows, the grouping by user received \d+"
+  else:
+    real = beam_prepare._kcore_round
+    monkeypatch.setattr(beam_prepare, "KCORE_BATCH", 4)
+    monkeypatch.setattr(beam_prepare, "_kcore_round", lambda batch, counts, k, r=0: [
+        x for x in real(batch, counts, k, r) if r != 1 or isinstance(x, beam_prepare.beam.pvalue.TaggedOutput)
+        or batch[0].sum() % 3])
+    match = r"k-core round 2 received \(users, interactions\) \(\d+, \d+\), round 1 passed on"
+  with pytest.raises(DataError, match=match + ".*runner lost data between stages"):
+    beam_prepare.prepare_folder(messy_tsv(tmp_path / "src"), tmp_path / "out", kcore=3, num_validation_users=10)
   assert not (tmp_path / "out" / "manifest.json").exists()

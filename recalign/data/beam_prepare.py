@@ -22,6 +22,11 @@ count (a side input of O(items)) and a filter; the pipeline fails if the last ro
 The item permutation and the user numbering need every item ID / every user's first line in one place
 (O(items) and O(users)). Skips, repairs and removals travel as data (merged into the manifest's report with
 file:line examples, as the in-process path records them) and are also Beam counters.
+
+Nothing lost silently: the stages keep a ledger (rows the readers handed on, what each k-core round received,
+counted and passed on), checked by `ledger_errors` once the pipeline is done, and the TFDS copy's record count
+is compared with the users kept. The DirectRunner's multi_processing mode lost elements at 30M interactions
+(upstream reports: apache/beam#22321, #23944); with the ledger such a run fails, naming the stage.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ def _read_rows(span: Span, source: RowSource, strict: bool = False, line_counts=
   report = IngestReport()
   span = span._replace(first_line=1 + sum(n for start, n in line_counts if start < span.start))
   by_user: dict = {}
+  k = 0
   for k, (n, user, x) in enumerate(source.rows(report, span), 1):
     by_user.setdefault(user, []).append((n, x.item, x.timestamp, x.rating))
     if k % GROUP_ROWS == 0:
@@ -78,7 +84,7 @@ def _read_rows(span: Span, source: RowSource, strict: bool = False, line_counts=
     _count(kind, count)
   e = report.first if strict else None
   error = [e.file, e.line, e.field, e.message] if e else None
-  yield beam.pvalue.TaggedOutput("report", (span.start, {**report.to_json(), "error": error}))
+  yield beam.pvalue.TaggedOutput("report", (span.start, {**report.to_json(), "error": error, "handed_on": k}))
 
 
 def _raise_first_bad_row(source: RowSource) -> None:
@@ -122,14 +128,17 @@ def _item_arrays(users: list, index: dict) -> tuple[np.ndarray, np.ndarray]:
           np.array([len(u[2]) for u in users], np.int64))
 
 
-def _kcore_round(batch: tuple, counts: np.ndarray, k: int):
+def _kcore_round(batch: tuple, counts: np.ndarray, k: int, r: int = 0):
   """One peeling step of a batch of users: their items of fewer than k interactions dropped, then the users
-  left with fewer than k items (nothing if none is left)."""
+  left with fewer than k items (nothing if none is left). Ledger (tagged output): (("in" / "out", r), (users,
+  interactions)) received and passed on."""
   items, lengths = batch
   keep = counts[items] >= k
   starts = np.cumsum(lengths) - lengths
   left = np.add.reduceat(keep.astype(np.int64), starts) if len(items) else lengths
   user_kept = left >= k
+  yield beam.pvalue.TaggedOutput("ledger", (("in", r), (len(lengths), len(items))))
+  yield beam.pvalue.TaggedOutput("ledger", (("out", r), (int(user_kept.sum()), int(left[user_kept].sum()))))
   if user_kept.any():
     yield items[keep & np.repeat(user_kept, lengths)], left[user_kept]
 
@@ -156,17 +165,24 @@ def _KCore(users, k: int, rounds: int):   # noqa: N802 (a PTransform)
   (`_item_arrays`: item numbers and counts, no names, timestamps or ratings) and count items with
   `np.bincount` per batch (combined per worker, then merged). The converged counts then cut the full
   records once: peeling only removes, so an item is in the k-core iff its converged count is at least k,
-  a user is in it iff k of its items are, and its items there are exactly those."""
+  a user is in it iff k of its items are, and its items there are exactly those.
+
+  Returns (users in the k-core, ledger): ledger holds ((stage, round), (users, interactions)) of what each
+  round received ("in"), passed on ("out") and counted ("counted"), which `ledger_errors` checks."""
   if k <= 1:
-    return users
+    return users, users.pipeline | "NoLedger" >> beam.Create([[]])
   items = (users | "ItemSet" >> beam.CombineGlobally(_ItemSet())
            | "SortedItems" >> beam.Map(sorted))
   index = items | "ItemIndex" >> beam.Map(lambda xs: {x: i for i, x in enumerate(xs)})
   slim = (users | "Batch" >> beam.BatchElements(min_batch_size=KCORE_BATCH, max_batch_size=KCORE_BATCH)
           | "Arrays" >> beam.Map(_item_arrays, index=beam.pvalue.AsSingleton(index)))
+  ledgers = []
   for r in range(rounds + 1):
     counts = slim | f"Count{r}" >> beam.CombineGlobally(_ItemCounts())
-    kept = slim | f"Round{r}" >> beam.FlatMap(_kcore_round, counts=beam.pvalue.AsSingleton(counts), k=k)
+    step = slim | f"Round{r}" >> beam.FlatMap(_kcore_round, counts=beam.pvalue.AsSingleton(counts), k=k, r=r
+                                              ).with_outputs("ledger", main="kept")
+    kept = step.kept
+    ledgers += [step.ledger, counts | f"Counted{r}" >> beam.Map(lambda c, r=r: (("counted", r), (0, int(c.sum()))))]
     if r == rounds:   # the check round: nothing may change
       break
     slim = kept
@@ -174,7 +190,9 @@ def _KCore(users, k: int, rounds: int):   # noqa: N802 (a PTransform)
   (kept | "SizeAfter" >> beam.Map(lambda b: len(b[0])) | "SumAfter" >> beam.CombineGlobally(sum)
    | "Converged" >> beam.Map(_converged, before=beam.pvalue.AsSingleton(before), rounds=rounds))
   core = counts | "Core" >> beam.Map(_core_items, items=beam.pvalue.AsSingleton(items), k=k)
-  return users | "InCore" >> beam.FlatMap(_in_core, core=beam.pvalue.AsSingleton(core), k=k)
+  ledger = (ledgers | "Ledger" >> beam.Flatten() | "LedgerSums" >> beam.CombinePerKey(_pair_sums)
+            | "LedgerList" >> beam.combiners.ToList())
+  return users | "InCore" >> beam.FlatMap(_in_core, core=beam.pvalue.AsSingleton(core), k=k), ledger
 
 
 class _ItemSet(beam.CombineFn):
@@ -223,6 +241,35 @@ def _converged(after: int, before: int, rounds: int) -> None:
     raise DataError("k-core", None, None, f"still removing interactions after {rounds} rounds: raise kcore_rounds")
 
 
+LOST = ("the runner lost data between stages (seen with the DirectRunner's multi_processing mode at 30M "
+        "interactions; upstream: apache/beam#22321, #23944): prepare it again, on one DirectRunner process "
+        "(--direct_running_mode=in_memory) or a cluster runner")
+
+
+def ledger_errors(summary: dict) -> list[str]:
+  """Where the pipeline's stages disagree on how much data passed between them: rows the readers handed on
+  vs. rows the grouping received, and each k-core round's input vs. the previous round's output and vs. what
+  its count saw. Every stage is a pure function of its input, so any difference is data the runner lost."""
+  handed_on = sum(r["handed_on"] for _, r in summary["reports"])
+  (g_users, g_inter), kcored = summary["grouped"], tuple(summary["kcored"])
+  received = g_inter + summary["duplicates"] + summary["missing_count"]
+  errors = [f"the readers handed on {handed_on} rows, the grouping by user received {received}"
+            ] if handed_on != received else []
+  ledger = {(stage, r): tuple(n) for (stage, r), n in summary["kcore_ledger"]}
+  last = max((r for _, r in ledger), default=None)
+  for r in range(last + 1 if last is not None else 0):
+    came = ledger.get(("out", r - 1), (g_users, g_inter))
+    got, counted = ledger.get(("in", r), (0, 0)), ledger.get(("counted", r), (0, 0))[1]
+    if got != came:
+      before = f"round {r - 1} passed on" if r else "the grouping made"
+      errors.append(f"k-core round {r} received (users, interactions) {got}, {before} {came}")
+    if counted != got[1]:
+      errors.append(f"k-core round {r} counted {counted} interactions of the {got[1]} it received")
+  if last is not None and kcored != ledger.get(("out", last)):
+    errors.append(f"the k-core's last round passed on {ledger.get(('out', last))}, its users hold {kcored}")
+  return errors
+
+
 def _numbering(first_lines: list, items: list, seed: int, num_validation_users: int) -> dict:
   """User and item numbers and the validation subset, as `prepare.prepare` draws them."""
   users = [u for _, u in sorted(first_lines)]
@@ -263,7 +310,7 @@ def _prepare(parts, *, kcore: int = 5, seed: int = 0, num_validation_users: int 
              | f"{label}/Chronological" >> beam.FlatMap(_chronological, beam.pvalue.AsSingleton(timed))
              .with_outputs("missing", "duplicates", "rated", main="users"))
   users = by_user.users
-  kcored = users | f"{label}/KCore" >> _KCore(kcore, kcore_rounds)
+  kcored, kcore_ledger = users | f"{label}/KCore" >> _KCore(kcore, kcore_rounds)
   kept = kcored | f"{label}/MinInteractions" >> beam.Filter(lambda u: len(u[2]) >= min_interactions)
   first_lines = (kept | f"{label}/FirstLine" >> beam.Map(lambda u: (u[1], u[0]))
                  | f"{label}/AllUsers" >> beam.combiners.ToList())
@@ -279,7 +326,7 @@ def _prepare(parts, *, kcore: int = 5, seed: int = 0, num_validation_users: int 
       "duplicates": by_user.duplicates | f"{label}/Duplicates" >> beam.CombineGlobally(sum),
       "rated": by_user.rated | f"{label}/Rated" >> beam.CombineGlobally(_pair_sums),
       "grouped": _sizes(users, f"{label}/Grouped"), "kcored": _sizes(kcored, f"{label}/KCored"),
-      "kept": _sizes(kept, f"{label}/Kept"),
+      "kept": _sizes(kept, f"{label}/Kept"), "kcore_ledger": kcore_ledger,
       "items": numbers | f"{label}/ItemsByIndex" >> beam.Map(
           lambda n: sorted(n["item_index"], key=n["item_index"].get)),
   }
@@ -403,6 +450,9 @@ def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = 
   summary = json.loads((out / SUMMARY).read_text())
 
   report = _merged_report(summary, src.interactions, strict)
+  lost = ledger_errors(summary)
+  if lost:
+    raise DataError(runner, None, None, "; ".join(lost) + f": {LOST}")
   metadata = src.items(report)   # (read after the rows, as the in-process reader does)
   rated, rows = summary["rated"]
   if 0 < rated < rows:
@@ -418,9 +468,9 @@ def prepare_folder(source: str | Path, out: str | Path, *, fmt: Optional[str] = 
 
   builder = tfds.builder_from_directory(str(tfds_data.directory(out)))
   written = builder.info.splits[tfds_data.SPLIT].num_examples
-  if written != users:   # (seen once, not reproduced: a DirectRunner run at 30M interactions wrote 1.5% fewer)
+  if written != users:   # (seen at 30M interactions on the DirectRunner's multi_processing mode: 1.5% fewer)
     raise DataError(str(tfds_data.directory(out)), None, None, f"the pipeline kept {users} users but its TFDS copy "
-                    f"holds {written} records: users were lost writing it; prepare it again")
+                    f"holds {written} records: {LOST}")
   lengths, validation = tfds_data.index(builder)   # O(users): one pass over the records' lengths
   raw = RawData({}, metadata, domain or src.domain, src.format, src.files, report, rated > 0)
   manifest = make_manifest(raw, name=name, seed=seed, kcore=kcore, min_interactions=min_interactions,
