@@ -215,7 +215,7 @@ def _summary(**changes) -> dict:
   k-core whose round 0 removes a user and round 1 (the check) nothing."""
   s = {"reports": [[0, {"handed_on": 6}], [100, {"handed_on": 4}]], "grouped": [3, 9], "duplicates": 1,
        "missing_count": 0, "kcored": [2, 7],
-       "kcore_ledger": [[["in", 0], [3, 9]], [["counted", 0], [0, 9]], [["out", 0], [2, 7]],
+       "kcore_ledger": [[["batched", -1], [3, 9]], [["in", 0], [3, 9]], [["counted", 0], [0, 9]], [["out", 0], [2, 7]],
                         [["in", 1], [2, 7]], [["counted", 1], [0, 7]], [["out", 1], [2, 7]]]}
   return {**s, **changes}
 
@@ -226,9 +226,13 @@ def test_beam_ledger_finds_data_lost_between_stages():
   lost_group = beam_prepare.ledger_errors(_summary(grouped=[3, 8], kcore_ledger=[]))
   assert lost_group == ["the readers handed on 10 rows, the grouping by user received 9"]
   ledger = _summary()["kcore_ledger"]
-  between = beam_prepare.ledger_errors(_summary(kcore_ledger=ledger[:3] + [[["in", 1], [1, 4]]] + ledger[4:]))
-  assert between[0] == "k-core round 1 received (users, interactions) (1, 4), round 0 passed on (2, 7)"
-  miscounted = beam_prepare.ledger_errors(_summary(kcore_ledger=[[["counted", 0], [0, 8]]] + ledger[:1] + ledger[2:]))
+  between = beam_prepare.ledger_errors(_summary(kcore_ledger=ledger[:4] + [[["in", 1], [1, 4]]] + ledger[5:]))
+  assert between == ["k-core round 1 received (users, interactions) (1, 4), round 0 passed on (2, 7)",
+                     "k-core round 1 counted 7 interactions of the 4 it received"]   # (its count saw them all)
+  batched = beam_prepare.ledger_errors(_summary(kcore_ledger=[[["batched", -1], [2, 6]]] + ledger[1:]))
+  assert batched == ["the k-core's batches hold (users, interactions) (2, 6), the grouping made (3, 9)",
+                     "k-core round 0 received (users, interactions) (3, 9), its batches held (2, 6)"]
+  miscounted = beam_prepare.ledger_errors(_summary(kcore_ledger=[[["counted", 0], [0, 8]]] + ledger[:2] + ledger[3:]))
   assert miscounted == ["k-core round 0 counted 8 interactions of the 9 it received"]
   assert beam_prepare.ledger_errors(_summary(kcored=[2, 6])) == [
       "the k-core's last round passed on (2, 7), its users hold (2, 6)"]

@@ -121,11 +121,13 @@ def _chronological(user_rows, timed: bool):
 KCORE_BATCH = 2_048   # users per element through the k-core's rounds
 
 
-def _item_arrays(users: list, index: dict) -> tuple[np.ndarray, np.ndarray]:
+def _item_arrays(users: list, index: dict):
   """A batch of users (name, first line, [(item, ts, rating)]) -> (every user's item numbers, one after the
-  other (int32), each user's count): what the k-core's rounds pass between stages (two arrays an element)."""
-  return (np.array([index[x[0]] for u in users for x in u[2]], np.int32),
-          np.array([len(u[2]) for u in users], np.int64))
+  other (int32), each user's count): what the k-core's rounds pass between stages (two arrays an element).
+  Ledger (tagged output): (("batched", -1), (users, interactions))."""
+  items = np.array([index[x[0]] for u in users for x in u[2]], np.int32)
+  yield beam.pvalue.TaggedOutput("ledger", (("batched", -1), (len(users), len(items))))
+  yield items, np.array([len(u[2]) for u in users], np.int64)
 
 
 def _kcore_round(batch: tuple, counts: np.ndarray, k: int, r: int = 0):
@@ -174,9 +176,10 @@ def _KCore(users, k: int, rounds: int):   # noqa: N802 (a PTransform)
   items = (users | "ItemSet" >> beam.CombineGlobally(_ItemSet())
            | "SortedItems" >> beam.Map(sorted))
   index = items | "ItemIndex" >> beam.Map(lambda xs: {x: i for i, x in enumerate(xs)})
-  slim = (users | "Batch" >> beam.BatchElements(min_batch_size=KCORE_BATCH, max_batch_size=KCORE_BATCH)
-          | "Arrays" >> beam.Map(_item_arrays, index=beam.pvalue.AsSingleton(index)))
-  ledgers = []
+  batched = (users | "Batch" >> beam.BatchElements(min_batch_size=KCORE_BATCH, max_batch_size=KCORE_BATCH)
+             | "Arrays" >> beam.FlatMap(_item_arrays, index=beam.pvalue.AsSingleton(index)
+                                        ).with_outputs("ledger", main="slim"))
+  slim, ledgers = batched.slim, [batched.ledger]
   for r in range(rounds + 1):
     counts = slim | f"Count{r}" >> beam.CombineGlobally(_ItemCounts())
     step = slim | f"Round{r}" >> beam.FlatMap(_kcore_round, counts=beam.pvalue.AsSingleton(counts), k=k, r=r
@@ -257,11 +260,14 @@ def ledger_errors(summary: dict) -> list[str]:
             ] if handed_on != received else []
   ledger = {(stage, r): tuple(n) for (stage, r), n in summary["kcore_ledger"]}
   last = max((r for _, r in ledger), default=None)
+  if last is not None and ledger.get(("batched", -1)) != (g_users, g_inter):
+    errors.append(f"the k-core's batches hold (users, interactions) {ledger.get(('batched', -1))}, the grouping "
+                  f"made {(g_users, g_inter)}")
   for r in range(last + 1 if last is not None else 0):
-    came = ledger.get(("out", r - 1), (g_users, g_inter))
+    came = ledger.get(("out", r - 1), ledger.get(("batched", -1)))
     got, counted = ledger.get(("in", r), (0, 0)), ledger.get(("counted", r), (0, 0))[1]
     if got != came:
-      before = f"round {r - 1} passed on" if r else "the grouping made"
+      before = f"round {r - 1} passed on" if r else "its batches held"
       errors.append(f"k-core round {r} received (users, interactions) {got}, {before} {came}")
     if counted != got[1]:
       errors.append(f"k-core round {r} counted {counted} interactions of the {got[1]} it received")
