@@ -360,9 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--beam_runner", help="prepare with an Apache Beam pipeline on this runner (DirectRunner, "
                  "FlinkRunner, SparkRunner, DataflowRunner; needs the beam extra): the same folder, its users "
                  "only in the TFDS copy; row formats (amazon-tsv, amazon-raw, amazon-2023, movielens-csv)")
-  s.add_argument("--beam_options", help="Beam pipeline options as one string, given with '=': "
-                 "--beam_options=\"--direct_num_workers=2 --direct_running_mode=multi_processing\" or a "
-                 "cluster's (--flink_master=..., --project=...)")
+  s.add_argument("--beam_options", help="Beam pipeline options as one string, given with '=': a cluster's "
+                 "--beam_options=\"--flink_master=... \" or --project=... (the DirectRunner's multi_processing mode "
+                 "lost data at 30M interactions: the pipeline's ledger then fails the run; one process is safe)")
   s.add_argument("--beam_split_mb", type=float, default=64, help="with --beam_runner: the source file is read "
                  "in pieces of this many MiB, each by a worker (a gzipped file by one)")
   s.set_defaults(fn=cmd_prepare)
