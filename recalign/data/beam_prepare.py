@@ -122,12 +122,12 @@ KCORE_BATCH = 2_048   # users per element through the k-core's rounds
 
 
 def _item_arrays(users: list, index: dict):
-  """A batch of users (name, first line, [(item, ts, rating)]) -> (every user's item numbers, one after the
-  other (int32), each user's count): what the k-core's rounds pass between stages (two arrays an element).
+  """A batch of users' item IDs ([[item, ...], ...]) -> (every user's item numbers, one after the other
+  (int32), each user's count): what the k-core's rounds pass between stages (two arrays an element).
   Ledger (tagged output): (("batched", -1), (users, interactions))."""
-  items = np.array([index[x[0]] for u in users for x in u[2]], np.int32)
+  items = np.array([index[x] for u in users for x in u], np.int32)
   yield beam.pvalue.TaggedOutput("ledger", (("batched", -1), (len(users), len(items))))
-  yield items, np.array([len(u[2]) for u in users], np.int64)
+  yield items, np.array([len(u) for u in users], np.int64)
 
 
 def _kcore_round(batch: tuple, counts: np.ndarray, k: int, r: int = 0):
@@ -176,7 +176,9 @@ def _KCore(users, k: int, rounds: int):   # noqa: N802 (a PTransform)
   items = (users | "ItemSet" >> beam.CombineGlobally(_ItemSet())
            | "SortedItems" >> beam.Map(sorted))
   index = items | "ItemIndex" >> beam.Map(lambda xs: {x: i for i, x in enumerate(xs)})
-  batched = (users | "Batch" >> beam.BatchElements(min_batch_size=KCORE_BATCH, max_batch_size=KCORE_BATCH)
+  # (the batches are item IDs only: they are kept between stages until the item index is known)
+  batched = (users | "ItemIds" >> beam.Map(lambda u: [x[0] for x in u[2]])
+             | "Batch" >> beam.BatchElements(min_batch_size=KCORE_BATCH, max_batch_size=KCORE_BATCH)
              | "Arrays" >> beam.FlatMap(_item_arrays, index=beam.pvalue.AsSingleton(index)
                                         ).with_outputs("ledger", main="slim"))
   slim, ledgers = batched.slim, [batched.ledger]
