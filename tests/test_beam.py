@@ -236,6 +236,10 @@ def test_beam_ledger_finds_data_lost_between_stages():
   assert miscounted == ["k-core round 0 counted 8 interactions of the 9 it received"]
   assert beam_prepare.ledger_errors(_summary(kcored=[2, 6])) == [
       "the k-core's last round passed on (2, 7), its users hold (2, 6)"]
+  # rounds that no batch reached (every user removed before them) have only their count's entry: no loss
+  emptied = [[["batched", -1], [3, 9]], [["in", 0], [3, 9]], [["counted", 0], [0, 9]], [["out", 0], [0, 0]]] + [
+      [["counted", r], [0, 0]] for r in (1, 2, 3)]
+  assert beam_prepare.ledger_errors(_summary(kcore_ledger=emptied, kcored=[0, 0])) == []
 
 
 def test_beam_pipeline_that_loses_data_between_stages_fails(tmp_path, monkeypatch):

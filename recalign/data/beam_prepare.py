@@ -186,17 +186,14 @@ def _KCore(users, k: int, rounds: int):   # noqa: N802 (a PTransform)
     counts = slim | f"Count{r}" >> beam.CombineGlobally(_ItemCounts())
     step = slim | f"Round{r}" >> beam.FlatMap(_kcore_round, counts=beam.pvalue.AsSingleton(counts), k=k, r=r
                                               ).with_outputs("ledger", main="kept")
-    kept = step.kept
     ledgers += [step.ledger, counts | f"Counted{r}" >> beam.Map(lambda c, r=r: (("counted", r), (0, int(c.sum()))))]
     if r == rounds:   # the check round: nothing may change
       break
-    slim = kept
-  before = slim | "SizeBefore" >> beam.Map(lambda b: len(b[0])) | "SumBefore" >> beam.CombineGlobally(sum)
-  (kept | "SizeAfter" >> beam.Map(lambda b: len(b[0])) | "SumAfter" >> beam.CombineGlobally(sum)
-   | "Converged" >> beam.Map(_converged, before=beam.pvalue.AsSingleton(before), rounds=rounds))
+    slim = step.kept
   core = counts | "Core" >> beam.Map(_core_items, items=beam.pvalue.AsSingleton(items), k=k)
   ledger = (ledgers | "Ledger" >> beam.Flatten() | "LedgerSums" >> beam.CombinePerKey(_pair_sums)
             | "LedgerList" >> beam.combiners.ToList())
+  _ = ledger | "Converged" >> beam.Map(_converged, rounds=rounds)
   return users | "InCore" >> beam.FlatMap(_in_core, core=beam.pvalue.AsSingleton(core), k=k), ledger
 
 
@@ -241,8 +238,10 @@ class _ItemCounts(beam.CombineFn):
     return acc
 
 
-def _converged(after: int, before: int, rounds: int) -> None:
-  if after != before:
+def _converged(ledger: list, rounds: int) -> None:
+  """Fails the pipeline if the check round (the last) still removed interactions: its ledger's in != out."""
+  sums = dict(ledger)
+  if sums.get(("in", rounds), (0, 0))[1] != sums.get(("out", rounds), (0, 0))[1]:
     raise DataError("k-core", None, None, f"still removing interactions after {rounds} rounds: raise kcore_rounds")
 
 
@@ -265,16 +264,16 @@ def ledger_errors(summary: dict) -> list[str]:
   if last is not None and ledger.get(("batched", -1)) != (g_users, g_inter):
     errors.append(f"the k-core's batches hold (users, interactions) {ledger.get(('batched', -1))}, the grouping "
                   f"made {(g_users, g_inter)}")
-  for r in range(last + 1 if last is not None else 0):
-    came = ledger.get(("out", r - 1), ledger.get(("batched", -1)))
+  for r in range(last + 1 if last is not None else 0):   # (a round nothing reached has no "in" / "out": 0, 0)
+    came = ledger.get(("out", r - 1), (0, 0)) if r else ledger.get(("batched", -1))
     got, counted = ledger.get(("in", r), (0, 0)), ledger.get(("counted", r), (0, 0))[1]
     if got != came:
       before = f"round {r - 1} passed on" if r else "its batches held"
       errors.append(f"k-core round {r} received (users, interactions) {got}, {before} {came}")
     if counted != got[1]:
       errors.append(f"k-core round {r} counted {counted} interactions of the {got[1]} it received")
-  if last is not None and kcored != ledger.get(("out", last)):
-    errors.append(f"the k-core's last round passed on {ledger.get(('out', last))}, its users hold {kcored}")
+  if last is not None and kcored != ledger.get(("out", last), (0, 0)):
+    errors.append(f"the k-core's last round passed on {ledger.get(('out', last), (0, 0))}, its users hold {kcored}")
   return errors
 
 
