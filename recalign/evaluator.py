@@ -277,7 +277,8 @@ class RecEvaluator:
       key = (c.itdr_max_title_tokens, c.itdr_eval_users, c.eval_seed)
       if key not in self._itdr_tables:
         self._itdr_tables[key] = (itdr.ItemTexts.of(self.data, self.vocab, c.itdr_max_title_tokens),
-                                  itdr.eval_users(self.data, c.itdr_eval_users, c.eval_seed))
+                                  itdr.eval_users(itdr.sequence_lengths(self.data), c.itdr_eval_users,
+                                                  c.eval_seed))
       self.itdr_texts, self.itdr_held = self._itdr_tables[key]
     examples = task_examples(task_name, split, lengths, max_examples, example_ids=example_ids)
     if not examples:

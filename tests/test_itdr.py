@@ -115,7 +115,7 @@ def test_nir_and_uap_text(shop):
   assert len(ex["candidates"]) == 5
 
   uap = _examples("shop_itdr_uap", "test")
-  held = itdr.eval_users(data, 2, 0)
+  held = itdr.eval_users(itdr.sequence_lengths(data), 2, 0)
   assert sorted(int(e["user"]) for e in uap) == sorted(held["test"].tolist())
   e = uap[0]
   u = int(e["user"])
@@ -150,7 +150,7 @@ def test_age_groups():
 
 def test_no_held_out_item_in_any_training_sample(shop):
   data, _ = shop
-  held = itdr.eval_users(data, 2, 0)
+  held = itdr.eval_users(itdr.sequence_lengths(data), 2, 0)
   held_users = set(np.concatenate(list(held.values())).tolist())
   assert held["test"].size == 2 and not set(held["test"]) & set(held["validation"])
   # Items training may not use: every user's validation and test items; the held-out users' last 5.
@@ -246,7 +246,7 @@ def test_cross_domain_task(tmp_path):
       f"the fashion domain is as follows: {hist} Based on this information, please rank the following list of "
       "products in the fashion domain in order of the likelihood that the user will purchase them next, from "
       "highest to lowest. Product list: 1. ")
-  held = itdr.eval_users(t, 2, 0)
+  held = itdr.eval_users(itdr.sequence_lengths(t), 2, 0)
   held_users = set(np.concatenate(list(held.values())).tolist())
   for e in rt.get(task).source.get_dataset("train", shuffle=False).take(rt.get(task).num_input_examples("train")) \
       .as_numpy_iterator():

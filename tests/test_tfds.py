@@ -57,6 +57,9 @@ def test_tfds_copy_holds_every_user_as_prepared(tmp_path):
   np.testing.assert_array_equal(same[0], lengths)
   np.testing.assert_array_equal(pop, data.train_popularity())
   assert pop.sum() == sum(len(s) - 2 for s in data.sequences)
+  keep = np.maximum(lengths - 2 - np.arange(len(lengths)) % 4, 0)  # ITDR's held-out users keep fewer items for training
+  np.testing.assert_array_equal(tfds_data.popularity(builder, data.num_items, keep, batch=7), np.bincount(
+      np.concatenate([s[:k] for s, k in zip(data.sequences, keep)]), minlength=data.num_items))
 
 
 def test_user_records_are_tfds_decoding_in_file_order_for_every_host_slice(tmp_path):
@@ -209,6 +212,40 @@ def test_streamed_tasks_render_the_same_examples_every_epoch(tmp_path, monkeypat
              .as_numpy_iterator()]
     assert sorted(order[:n]) == sorted(order[n:]) == list(range(n))
     assert order[:n] != sorted(order[:n]) and order[:n] != order[n:], f"{kind}: not shuffled, or not afresh"
+  rt.unregister("rated")
+
+
+def test_streamed_itdr_tasks_render_the_in_memory_examples(tmp_path, monkeypatch):
+  """ITDR's TKR, NIR and RP streamed (no user loaded: each row carries its user's items for the negatives,
+  the held-out users' items leave the training popularity in a pass of its own): the same rendered
+  examples -- candidates and negatives drawn from the same keys -- for every (example, epoch) as in memory."""
+  rated_dataset(tmp_path, "rated", users=30)
+  loads = []
+  real = PreparedData._load.__func__
+  monkeypatch.setattr(PreparedData, "_load", classmethod(lambda cls, *a: loads.append(a[2:]) or real(cls, *a)))
+  rendered = []
+  for streamed in (False, True):
+    loads.clear()
+    names = rt.register_dataset(tmp_path / "rated", replace=True,
+                                config=rt.TaskConfig(itdr=True, itdr_eval_users=3, streamed=streamed))
+    assert loads == [(False, not streamed)], loads   # (timestamps, users)
+    assert "rated_itdr_uap" not in names             # (its users have an age only)
+    out = {}
+    for kind in ("tkr", "nir", "rp"):
+      task = rt.get(f"rated_itdr_{kind}")
+      for split in task.splits:
+        n, epochs = task.num_input_examples(split), 2 if split == "train" else 1
+        ds = task.get_dataset({"inputs": 4096, "targets": 1024}, split=split, shuffle=False, seed=5,
+                              num_epochs=None if epochs > 1 else 1)
+        out[kind, split] = (n, _by_id(ds, n * epochs))
+    rendered.append(out)
+  memory, streamed = rendered
+  assert memory.keys() == streamed.keys() and len(memory) == 9
+  for k in memory:
+    assert memory[k][0] == streamed[k][0] > 0 and len(memory[k][1]) == memory[k][0] * (2 if k[1] == "train" else 1), k
+    _same(memory[k][1], streamed[k][1])
+  n, tkr = memory["tkr", "train"]   # the candidates are drawn afresh every epoch
+  assert sum(not np.array_equal(tkr[i, 0]["candidates"], tkr[i, 1]["candidates"]) for i in range(n)) > n // 2
   rt.unregister("rated")
 
 

@@ -1,6 +1,6 @@
 """Memory and start-up of a training input pipeline: examples held in memory vs streamed from TFDS.
 
-    python tools/bench_stream.py --interactions 1000000 [--data DIR] [--train-examples prefixes]
+    python tools/bench_stream.py --interactions 1000000 [--data DIR] [--train-examples prefixes] [--itdr]
 
 Writes synthetic Amazon-style data (zipf item popularity, users of 5+ interactions) unless `--data` names
 an amazon-tsv folder, prepares it as `recalign prepare` does (JSON lines + TFDS copy), then, in a fresh
@@ -58,13 +58,16 @@ def peak_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def pipeline(data: str, streamed: bool, train_examples: str, n: int) -> dict:
-  """(in a process of its own) register, then pull `n` retrieval training examples."""
+def pipeline(data: str, streamed: bool, train_examples: str, n: int, itdr: bool = False) -> dict:
+  """(in a process of its own) register, then pull `n` retrieval training examples (`itdr`: with ITDR's
+  tasks registered too, TKR's examples)."""
   import recalign.tasks as rt
   t0 = time.perf_counter()
-  rt.register_dataset(data, config=rt.TaskConfig(streamed=streamed, train_examples=train_examples))
-  task = rt.get(f"{json.loads((Path(data) / 'manifest.json').read_text())['name']}_retrieval")
-  it = task.get_dataset({"inputs": 512, "targets": 16}, split="train", shuffle=True, seed=0).as_numpy_iterator()
+  rt.register_dataset(data, config=rt.TaskConfig(streamed=streamed, train_examples=train_examples, itdr=itdr))
+  name = json.loads((Path(data) / "manifest.json").read_text())["name"]
+  task = rt.get(f"{name}_{'itdr_tkr' if itdr else 'retrieval'}")
+  lengths = {"inputs": 2048, "targets": 512} if itdr else {"inputs": 512, "targets": 16}
+  it = task.get_dataset(lengths, split="train", shuffle=True, seed=0).as_numpy_iterator()
   t_reg = time.perf_counter() - t0
   next(it)
   first = time.perf_counter() - t0
@@ -108,11 +111,12 @@ def main():
                  "(register, first example, examples/s); train: `recalign train` to the end of its first step")
   p.add_argument("--validate", type=int, default=0, help="with --measure train: validate after the step on "
                  "this many validation users (0: no validation)")
+  p.add_argument("--itdr", action="store_true", help="register ITDR's tasks too and pull TKR's training examples")
   p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
   p.add_argument("--_train", nargs=3, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args._child:
-    print(json.dumps(pipeline(args._child[0], args._child[1] == "1", args.train_examples, args.examples)))
+    print(json.dumps(pipeline(args._child[0], args._child[1] == "1", args.train_examples, args.examples, args.itdr)))
     return
   if args._train:
     print(json.dumps(train_start(args._train[0], args._train[1] == "1", args._train[2], args.validate)))
@@ -133,14 +137,16 @@ def main():
   print(f"{manifest['counts']['users']} users, {manifest['counts']['interactions']} interactions")
   if args.measure == "train":
     return train_rows(prepared, work, args.validate)
-  rows = [in_child("--train-examples", args.train_examples, "--examples", str(args.examples), "--_child",
+  rows = [in_child("--train-examples", args.train_examples, "--examples", str(args.examples),
+                   *(["--itdr"] if args.itdr else []), "--_child",
                    str(prepared), "1" if streamed else "0") for streamed in (False, True)]
   print(f"{'examples':10s} {'register s':>10s} {'1st example s':>14s} {'examples/s':>10s} {'peak RSS GiB':>12s}")
   for r in rows:
     print(f"{'streamed' if r['streamed'] else 'in memory':10s} {r['register_s']:>10} {r['first_example_s']:>14} "
           f"{r['examples_per_s']:>10} {r['peak_rss_gib']:>12}")
   m, s = rows
-  print(f"{m['train_examples']} {args.train_examples} training examples; streamed / in memory: peak memory "
+  kind = "ITDR TKR" if args.itdr else args.train_examples
+  print(f"{m['train_examples']} {kind} training examples; streamed / in memory: peak memory "
         f"{s['peak_rss_gib'] / m['peak_rss_gib']:.2f}x, time to the first example "
         f"{s['first_example_s'] / m['first_example_s']:.2f}x, examples/s {s['examples_per_s'] / m['examples_per_s']:.2f}x")
 

@@ -137,24 +137,40 @@ def user_records(builder: tfds.core.DatasetBuilder, part=SPLIT, batch: int = 1_0
   return tfds_records(builder, part).batch(batch).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
+_INDEX_SPEC = {"user": tf.io.FixedLenFeature([], tf.int64), "validation": tf.io.FixedLenFeature([], tf.int64),
+               "items": tf.io.RaggedFeature(tf.int64)}
+
+
 def index(builder: tfds.core.DatasetBuilder, batch: int = 8_192, *, num_items: Optional[int] = None) -> tuple:
   """(sequence length, validation flag) per user, in user order: one pass, O(users) memory -- what a
   streamed source needs to number its examples as the in-memory one does. Parses only these fields of
   the records in batches (`tfds_record_batches`), ~30x faster than decoding every record through TFDS.
   With `num_items`, also the training popularity of the same pass (interactions per item in every user's
   items but the last two, the leave-one-out training split: `PreparedData.train_popularity`)."""
-  spec = {"user": tf.io.FixedLenFeature([], tf.int64), "validation": tf.io.FixedLenFeature([], tf.int64),
-          "items": tf.io.RaggedFeature(tf.int64)}
   n = builder.info.splits[SPLIT].num_examples
   lengths, val = np.zeros(n, np.int64), np.zeros(n, bool)
   pop = np.zeros(num_items or 0, np.int64)
-  for r in tfds_record_batches(builder, spec, batch):
+  for r in tfds_record_batches(builder, _INDEX_SPEC, batch):
     lengths[r["user"]], val[r["user"]] = r["items"][1], r["validation"]
     if num_items is not None:   # the last two of each row are held out
-      values, rows = r["items"]
-      pos = np.arange(len(values)) - np.repeat(np.cumsum(rows) - rows, rows)
-      pop += np.bincount(values[pos < np.repeat(rows - 2, rows)], minlength=num_items)
+      pop += _leading_counts(*r["items"], r["items"][1] - 2, num_items)
   return (lengths, val) if num_items is None else (lengths, val, pop)
+
+
+def popularity(builder: tfds.core.DatasetBuilder, num_items: int, train_lengths: np.ndarray,
+               batch: int = 8_192) -> np.ndarray:
+  """Interactions per item in each user's first `train_lengths[user]` items (a training split that holds
+  out more than the last two, as ITDR's evaluation users'): one more pass, O(items) memory."""
+  pop = np.zeros(num_items, np.int64)
+  for r in tfds_record_batches(builder, _INDEX_SPEC, batch):
+    pop += _leading_counts(*r["items"], np.asarray(train_lengths)[r["user"]], num_items)
+  return pop
+
+
+def _leading_counts(values: np.ndarray, rows: np.ndarray, keep: np.ndarray, num_items: int) -> np.ndarray:
+  """Item counts over the first `keep[j]` values of every row j of a flat ragged batch (values, rows)."""
+  pos = np.arange(len(values)) - np.repeat(np.cumsum(rows) - rows, rows)
+  return np.bincount(values[pos < np.repeat(keep, rows)], minlength=num_items)
 
 
 def manifest(builder: tfds.core.DatasetBuilder) -> Optional[dict]:

@@ -41,7 +41,7 @@ import seqio
 import tensorflow as tf
 
 from recalign.data.ingest import Domain
-from recalign.data.prepare import PreparedData, item_id
+from recalign.data.prepare import PreparedData, Ragged, item_id
 from recalign.tasks import preprocessors as pp
 from recalign.tasks import sources
 
@@ -220,21 +220,28 @@ def item_titles(data: PreparedData, vocab, max_title_tokens: int) -> list[str]:
 # Examples (numpy): which items each sample shows, by split
 
 
-def eval_users(data: PreparedData, per_split: int, seed: int) -> dict[str, np.ndarray]:
+def sequence_lengths(data: PreparedData) -> np.ndarray:
+  """Every user's number of interactions (what `eval_users` and `train_lengths` read; a streamed data set's
+  `tfds_data.index` gives the same without loading the users)."""
+  return Ragged.of(data.sequences, np.int32).lengths().astype(np.int64)
+
+
+def eval_users(lengths: np.ndarray, per_split: int, seed: int) -> dict[str, np.ndarray]:
   """Validation and test users of the held-out-user tasks (TKR, CDR, UAP): users with >= 11
-  interactions (ITDR's minimum), a seeded draw, disjoint."""
-  eligible = np.array([u for u in range(data.num_users) if len(data.sequences[u]) >= MIN_EVAL_INTERACTIONS], np.int64)
+  interactions (ITDR's minimum; `lengths`: per user), a seeded draw, disjoint."""
+  eligible = np.flatnonzero(np.asarray(lengths) >= MIN_EVAL_INTERACTIONS).astype(np.int64)
   order = np.random.default_rng([seed, zlib.crc32(b"itdr")]).permutation(eligible)
   n = min(per_split, len(order) // 3)   # leave most eligible users for training
   return {"test": np.sort(order[:n]), "validation": np.sort(order[n:2 * n])}
 
 
-def train_lengths(data: PreparedData, held: Mapping[str, np.ndarray]) -> np.ndarray:
+def train_lengths(lengths: np.ndarray, held: Mapping[str, np.ndarray]) -> np.ndarray:
   """Per user, how many leading items training may use: all but the last two (leave-one-out), and
   all but the last POSITIVES for the held-out users (their positives)."""
-  n = np.array([len(s) - 2 for s in data.sequences], np.int64)
+  lengths = np.asarray(lengths, np.int64)
+  n = lengths - 2
   for users in held.values():
-    n[users] = [len(data.sequences[u]) - POSITIVES for u in users]
+    n[users] = lengths[users] - POSITIVES
   return n
 
 
@@ -280,8 +287,13 @@ def next_item_records(data: PreparedData, split: str, lengths: np.ndarray, conte
 UAP_FIELDS = ("age", "gender", "occupation")
 
 
+def attributes_listed(manifest: Mapping) -> bool:
+  """Whether a prepared data set's manifest lists the user attributes UAP answers (age, gender, occupation)."""
+  return set(UAP_FIELDS) <= set(manifest.get("user_attributes", []))
+
+
 def has_attributes(data: PreparedData) -> bool:
-  return data.user_attributes is not None and set(UAP_FIELDS) <= set(data.manifest.get("user_attributes", []))
+  return data.user_attributes is not None and attributes_listed(data.manifest)
 
 
 def attribute_records(data: PreparedData, split: str, held: Mapping[str, np.ndarray], lengths: np.ndarray,
@@ -302,6 +314,86 @@ def attribute_records(data: PreparedData, split: str, held: Mapping[str, np.ndar
       rows.append((int(u), liked[-max_items:], uap_target(age_group(a["age"]), a["gender"], a["occupation"])))
   return sources.Records({"user": np.array([r[0] for r in rows], np.int32), "liked": [r[1] for r in rows],
                           "answer": np.array([r[2] for r in rows], dtype=object).astype(bytes)})
+
+
+def _context(kind: str) -> int:
+  """Items before the target of the next-item kinds (NIR, RP); TKR's windows: history and positives."""
+  return {"rp": RP_CONTEXT, "nir": HISTORY, "tkr": HISTORY + POSITIVES}[kind]
+
+
+def record_counts(kind: str, split: str, lengths: np.ndarray, validation: np.ndarray, train_lengths: np.ndarray,
+                  held: Mapping[str, np.ndarray]) -> np.ndarray:
+  """How many examples `list_records` (TKR) / `next_item_records` (NIR, RP) make of each user, from the
+  sequence lengths alone: what numbers a streamed user's examples as the in-memory ones are numbered."""
+  size, n = _context(kind), np.asarray(train_lengths, np.int64)
+  if split == "train":
+    return np.maximum(n - size + (kind == "tkr"), 0)
+  if kind == "tkr":
+    return np.isin(np.arange(len(lengths)), held[split]).astype(np.int64)
+  fits = np.asarray(lengths) - (2 if split == "validation" else 1) >= size
+  return (fits & validation if split == "validation" else fits).astype(np.int64)
+
+
+def stream_records(users: tf.data.Dataset, kind: str, split: str, *, first_ids: np.ndarray, train_lengths: np.ndarray,
+                   held_mask: Optional[np.ndarray], with_ratings: bool, with_user_items: bool) -> tf.data.Dataset:
+  """`list_records` / `next_item_records` over a stream of user records (tfds_data's `users` split): the
+  same rows, fields and `example_id`s, each user's made when its record is read. `held_mask`: TKR's
+  held-out users of this split; `with_user_items`: each row also carries its user's items (`user_items`:
+  what negative sampling excludes, as `sources.stream_examples` gives them)."""
+  size = _context(kind)
+  with tf.init_scope():   # eager tensors the map captures, not graph constants copied into it
+    first, limit = tf.constant(first_ids, tf.int64), tf.constant(np.asarray(train_lengths, np.int64))
+    held = None if held_mask is None else tf.constant(held_mask)
+
+  def starts(r):   # where each row's items start
+    n = tf.shape(r["items"], tf.int64)[0]
+    if split == "train":
+      return tf.range(tf.maximum(tf.gather(limit, r["user"]) - size + int(kind == "tkr"), 0))
+    if kind == "tkr":
+      return tf.range(n - size, n - size + tf.cast(tf.gather(held, r["user"]), tf.int64))
+    start = n - (2 if split == "validation" else 1) - size
+    ok = start >= 0 if split == "test" else (start >= 0) & r["validation"]
+    return tf.range(start, start + tf.cast(ok, tf.int64))
+
+  def rows(r):
+    s = starts(r)
+    count = tf.shape(s, tf.int64)[0]
+    at = s[:, None] + tf.range(size, dtype=tf.int64)[None]
+    out = {"example_id": tf.gather(first, r["user"]) + tf.range(count), "user": tf.fill([count], r["user"])}
+    if kind == "tkr":
+      window = tf.reshape(tf.gather(r["items"], at), [-1, size])
+      out.update(history=window[:, :HISTORY], positives=window[:, HISTORY:])
+    else:
+      out.update(history=tf.reshape(tf.gather(r["items"], at), [-1, size]), target=tf.gather(r["items"], s + size))
+      if with_ratings:
+        out.update(history_rating=tf.reshape(tf.gather(r["ratings"], at), [-1, size]),
+                   target_rating=tf.gather(r["ratings"], s + size))
+    if with_user_items:
+      out["user_items"] = sources.repeated_items(r["items"], count)
+    return out
+
+  if split == "validation" and kind != "tkr":
+    users = users.filter(lambda r: r["validation"])
+  return users.map(rows, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+@dataclasses.dataclass
+class StreamedRecords(sources.StreamedExamples):
+  """One split of an ITDR list / next-item task as `stream_records` makes it from user records: its count
+  and every user's first example id (O(users)), nothing per example."""
+
+  def make(self, users: tf.data.Dataset) -> tf.data.Dataset:
+    return stream_records(users, split=self.split, first_ids=self.first_ids, **self.options)
+
+
+def streamed_records(kind: str, split: str, lengths: np.ndarray, validation: np.ndarray, train_lengths: np.ndarray,
+                     held: Mapping[str, np.ndarray], *, with_ratings: bool) -> StreamedRecords:
+  """TKR / NIR / RP rows to be streamed (`list_records` / `next_item_records` without the users in memory)."""
+  counts = record_counts(kind, split, lengths, validation, train_lengths, held)
+  held_mask = np.isin(np.arange(len(lengths)), held[split]) if kind == "tkr" and split != "train" else None
+  return StreamedRecords(split, np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), int(counts.sum()),
+                         dict(kind=kind, train_lengths=train_lengths, held_mask=held_mask,
+                              with_ratings=with_ratings and kind != "tkr", with_user_items=False))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -291,15 +291,17 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     raise ValueError("TaskConfig: reclm=True and itdr=True cannot be combined (the profile tasks would show "
                      "ITDR's held-out items); register them in separate runs")
   manifest = Path(data_dir) / "manifest.json"   # (a folder without one: PreparedData.load below says so)
-  name = name or (json.loads(manifest.read_text())["name"] if manifest.exists() else None)
+  listed = json.loads(manifest.read_text()) if manifest.exists() else {}
+  name = name or listed.get("name")
   # decided before the data are loaded: registering the same again costs nothing
   origin = _origin(data_dir, vocab, config) if name in _SOURCES else None
   if origin is not None and _registered_alike(name, origin, replace):
     return list(_REGISTERED[name])
   unregister(name)   # replacing removes everything the name had
   # Streamed tasks read the users from the TFDS copy: in memory only the catalogue and O(users) arrays
-  # (ITDR's and RecLM's tasks are built in memory: with them, the users are loaded).
-  lean = config.streamed and not (config.itdr or config.reclm)
+  # (RecLM's profile tasks and ITDR's UAP -- user attributes, MovieLens 100k / 1M sizes -- are built in
+  # memory: with them, the users are loaded).
+  lean = config.streamed and not (config.reclm or (config.itdr and itdr.attributes_listed(listed)))
   data = PreparedData.load(data_dir, timestamps=False, users=not lean)   # (no task reads the timestamps)
   origin = origin or _origin(data_dir, vocab, config)
   vocab = origin["vocab"]
@@ -313,11 +315,15 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                            config=config)
   templates = tpl.Templates(data.domain)
 
-  # ITDR's list tasks hold out their evaluation users' last 5 items: from every task's training samples
-  held = itdr.eval_users(data, config.itdr_eval_users, config.eval_seed) if config.itdr else {}
   users = tfds_data.reader(data_dir) if config.streamed else None
-  index = tfds_data.index(users, num_items=data.num_items if lean else None) if config.streamed else None
-  train_lengths = index[0] - 2 if lean else itdr.train_lengths(data, held)
+  index = tfds_data.index(users, num_items=data.num_items if lean and not config.itdr else None) \
+      if config.streamed else None
+  lengths = itdr.sequence_lengths(data) if index is None else index[0]
+  # ITDR's list tasks hold out their evaluation users' last 5 items: from every task's training samples
+  held = itdr.eval_users(lengths, config.itdr_eval_users, config.eval_seed) if config.itdr else {}
+  train_lengths = itdr.train_lengths(lengths, held)
+  if lean and config.itdr:   # (so the training popularity needs a pass of its own)
+    index = (*index, tfds_data.popularity(users, data.num_items, train_lengths))
   examples, retrieval_train = _examples(data, index, config, train_lengths)
   log_pop, user_items, longest = _sampling_tables(data, train_lengths, index if lean else None)
   num_candidates = _num_candidates(name, data.num_items, config, longest)
@@ -350,7 +356,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   names += _register_mixtures(name, names, kinds)
   if config.itdr:
     itdr_tasks = _register_itdr(data, name, vocab, config, held, train_lengths, info,
-                                _itdr_sampling(log_pop, user_items, config))
+                                _itdr_sampling(log_pop, user_items, config), (users, index) if lean else None)
     names += itdr_tasks
     for mix, members in (("itdr", itdr_tasks), ("ut_at_itdr", [f"{name}_{m}" for m in MIXTURES["ut_at"]
                                                               if f"{name}_{m}" in names] + itdr_tasks)):
@@ -498,8 +504,9 @@ def _itdr_sampling(log_pop: np.ndarray, user_items, config: TaskConfig) -> dict:
 
 
 def _register_itdr(data: PreparedData, name: str, vocab, config: TaskConfig, held, train_lengths, info,
-                   sampling: dict) -> list[str]:
-  """ITDR's tasks the data set supports: RP (ratings), TKR, NIR, UAP (age, gender, occupation)."""
+                   sampling: dict, stream=None) -> list[str]:
+  """ITDR's tasks the data set supports: RP (ratings), TKR, NIR, UAP (age, gender, occupation). `stream`:
+  (the TFDS copy's builder, its `index`: lengths and validation flags) to stream TKR, NIR and RP from."""
   texts = itdr.ItemTexts.of(data, vocab, config.itdr_max_title_tokens)
   w = itdr.words(data.domain)
   records = {
@@ -508,6 +515,9 @@ def _register_itdr(data: PreparedData, name: str, vocab, config: TaskConfig, hel
       "nir": lambda s: itdr.next_item_records(data, s, train_lengths, itdr.HISTORY),
       "uap": lambda s: itdr.attribute_records(data, s, held, train_lengths, config.itdr_liked_items),
   }
+  if stream is not None:   # (no per-user table: each row carries its user's items for the negatives)
+    for kind in ("rp", "tkr", "nir"):
+      records[kind] = functools.partial(_streamed_itdr, kind, *stream[1][:2], train_lengths, held, data.has_ratings)
   kinds = ["tkr", "nir"] + (["rp"] if data.has_ratings else []) + (["uap"] if itdr.has_attributes(data) else [])
   if not itdr.has_attributes(data):
     logging.info("%s: no ITDR UAP task: its users have no age, gender and occupation (MovieLens' .user file, "
@@ -516,19 +526,25 @@ def _register_itdr(data: PreparedData, name: str, vocab, config: TaskConfig, hel
   for kind in sorted(kinds, key=itdr.KINDS.index):
     task = f"{name}_itdr_{kind}"
     options = {"texts": texts, "w": w, **(sampling if kind in ("tkr", "nir") else {})}
-    _register_itdr_task(task, kind, {s: records[kind](s) for s in sources.SPLITS}, options, vocab, config)
+    _register_itdr_task(task, kind, {s: records[kind](s) for s in sources.SPLITS}, options, vocab, config,
+                        users=stream and stream[0])
     _TASKS[task] = info(f"itdr_{kind}")
     names.append(task)
   return names
 
 
+def _streamed_itdr(kind, lengths, validation, train_lengths, held, with_ratings: bool, split: str):
+  rows = itdr.streamed_records(kind, split, lengths, validation, train_lengths, held, with_ratings=with_ratings)
+  return rows if kind == "rp" else rows.with_user_items()   # (TKR's, NIR's negatives exclude them)
+
+
 def _register_itdr_task(task: str, kind: str, splits: Mapping[str, sources.Records], options: dict, vocab,
-                        config: TaskConfig, fn=None, metric_fns=None) -> None:
+                        config: TaskConfig, fn=None, metric_fns=None, users=None) -> None:
   empty = [s for s, r in splits.items() if not len(r)]
   if empty:
     logging.warning("%s has no %s examples (too few users with enough interactions)", task, "/".join(empty))
   source = RecDataSource({s: r for s, r in splits.items() if len(r)}, seed=config.seed, eval_seed=config.eval_seed,
-                         salt=pp.salt(task))
+                         salt=pp.salt(task), users=users)
   _register_task(task, source, itdr.preprocessors(kind, task, fn, **options), vocab,
                  metric_fns or itdr.METRIC_FNS[kind])
 
@@ -665,8 +681,9 @@ def register_cross_domain(source_dir: str | Path, target_dir: str | Path, *, nam
   shared = np.array([k for k, u in enumerate(tgt.users) if u in src_user], np.int64)
   if not len(shared):
     raise ValueError(f"{source_dir} and {target_dir} share no user IDs: CDR needs the same users in both")
-  held = itdr.eval_users(tgt, config.itdr_eval_users, config.eval_seed)
-  train_lengths = itdr.train_lengths(tgt, held)
+  lengths = itdr.sequence_lengths(tgt)
+  held = itdr.eval_users(lengths, config.itdr_eval_users, config.eval_seed)
+  train_lengths = itdr.train_lengths(lengths, held)
   held_shared = {s: np.intersect1d(u, shared) for s, u in held.items()}
 
   def records(split):

@@ -248,14 +248,18 @@ def stream_examples(users: tf.data.Dataset, split: str, *, first_ids: np.ndarray
     if split == "train" and train_examples == "continuations":
       out["following"] = tf.gather(r["items"], tf.ragged.range(pos + 1, follow))
     if with_user_items:
-      n = tf.shape(r["items"], tf.int64)[0]
-      out["user_items"] = tf.RaggedTensor.from_row_lengths(tf.tile(r["items"], [count]), tf.fill([count], n))
+      out["user_items"] = repeated_items(r["items"], count)
     return out
 
   if split == "validation":
     users = users.filter(lambda r: r["validation"])
   # a batch of examples per user, then one element per example (faster than a dataset per user)
   return users.map(examples, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+def repeated_items(items: tf.Tensor, count: tf.Tensor) -> tf.RaggedTensor:
+  """A user's items once per example of theirs (`user_items`: what the examples' negatives exclude)."""
+  return tf.RaggedTensor.from_row_lengths(tf.tile(items, [count]), tf.fill([count], tf.shape(items, tf.int64)[0]))
 
 
 @dataclasses.dataclass
