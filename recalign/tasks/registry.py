@@ -298,11 +298,7 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
   if origin is not None and _registered_alike(name, origin, replace):
     return list(_REGISTERED[name])
   unregister(name)   # replacing removes everything the name had
-  # Streamed tasks read the users from the TFDS copy: in memory only the catalogue and O(users) arrays
-  # (RecLM's profile tasks and ITDR's UAP -- user attributes, MovieLens 100k / 1M sizes -- are built in
-  # memory: with them, the users are loaded).
-  lean = config.streamed and not (config.reclm or (config.itdr and itdr.attributes_listed(listed)))
-  data = PreparedData.load(data_dir, timestamps=False, users=not lean)   # (no task reads the timestamps)
+  data, lean, users, index, held, train_lengths = _users(data_dir, listed, config)
   origin = origin or _origin(data_dir, vocab, config)
   vocab = origin["vocab"]
   ids = load_ids(data_dir, config.id_scheme, data.num_items)
@@ -315,15 +311,6 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
                            config=config)
   templates = tpl.Templates(data.domain)
 
-  users = tfds_data.reader(data_dir) if config.streamed else None
-  index = tfds_data.index(users, num_items=data.num_items if lean and not config.itdr else None) \
-      if config.streamed else None
-  lengths = itdr.sequence_lengths(data) if index is None else index[0]
-  # ITDR's list tasks hold out their evaluation users' last 5 items: from every task's training samples
-  held = itdr.eval_users(lengths, config.itdr_eval_users, config.eval_seed) if config.itdr else {}
-  train_lengths = itdr.train_lengths(lengths, held)
-  if lean and config.itdr:   # (so the training popularity needs a pass of its own)
-    index = (*index, tfds_data.popularity(users, data.num_items, train_lengths))
   examples, retrieval_train = _examples(data, index, config, train_lengths)
   log_pop, user_items, longest = _sampling_tables(data, train_lengths, index if lean else None)
   num_candidates = _num_candidates(name, data.num_items, config, longest)
@@ -366,6 +353,26 @@ def register_dataset(data_dir: str | Path, *, name: Optional[str] = None, vocab=
     names += register_profile_task(data_dir, name=name, vocab=vocab, seed=config.seed, config=config, data=data)
   _REGISTERED[name], _SOURCES[name] = list(names), origin
   return names
+
+
+def _users(data_dir, listed: dict, config: TaskConfig) -> tuple:
+  """(the data set, lean, the TFDS copy streamed tasks read, its `index`: lengths, validation flags and,
+  when lean, the training popularity -- None in memory --, ITDR's held-out users, every user's training
+  length). Lean: every task streams, no user is loaded -- in memory only the catalogue and O(users) arrays
+  (RecLM's profile tasks and ITDR's UAP -- user attributes, MovieLens 100k / 1M sizes -- are built in
+  memory: with them, the users are loaded)."""
+  lean = config.streamed and not (config.reclm or (config.itdr and itdr.attributes_listed(listed)))
+  data = PreparedData.load(data_dir, timestamps=False, users=not lean)   # (no task reads the timestamps)
+  users = tfds_data.reader(data_dir) if config.streamed else None
+  index = tfds_data.index(users, num_items=data.num_items if lean and not config.itdr else None) \
+      if config.streamed else None
+  lengths = itdr.sequence_lengths(data) if index is None else index[0]
+  # ITDR's list tasks hold out their evaluation users' last 5 items: from every task's training samples
+  held = itdr.eval_users(lengths, config.itdr_eval_users, config.eval_seed) if config.itdr else {}
+  train_lengths = itdr.train_lengths(lengths, held)
+  if lean and config.itdr:   # (so the training popularity needs a pass of its own)
+    index = (*index, tfds_data.popularity(users, data.num_items, train_lengths))
+  return data, lean, users, index, held, train_lengths
 
 
 def _registered_alike(name: str, origin: dict, replace: bool) -> bool:
