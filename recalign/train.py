@@ -160,10 +160,10 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
     bar = tqdm(total=None if budget_min else train_steps, initial=start,  # a time budget: no step total
                desc="train" if not budget_min else f"train ({budget_min:.0f} min budget)",
                disable=not (progress and is_chief), dynamic_ncols=True)
-    log = TrainLog(model_dir, log_every, writer, is_chief, bar, resumed=bool(start), probes=TaskProbes(
+    log = TrainLog(model_dir, log_every, writer, is_chief, bar, start=start, probes=TaskProbes(
         net, getattr(task, "tasks", [task]), lengths, dataset.batch_size, random_seed, batch_sharding))
     clock = TrainClock(log.previous.get("minutes", 0.0))
-    validate = PeriodicValidation(val_cfg, validate_fn, model_dir, writer, is_chief, clock)
+    validate = PeriodicValidation(val_cfg, validate_fn, model_dir, writer, is_chief, clock, start)
     nonfinite = NonFiniteSteps(on_nonfinite, log.previous.get("skipped_steps", 0), mngr)
     saver = Saver(mngr, model_dir)
 

@@ -214,15 +214,29 @@ class TrainClock:
     self.t0 += time.perf_counter() - t
 
 
+def rewound_log(path, step: int, is_chief: bool) -> list[dict]:
+  """A JSON-lines log of a run (re)starting from its checkpoint at `step`: the entries up to it. Steps logged
+  after the newest checkpoint (before a crash) are trained and logged again by the resumed run, so the chief
+  drops them from the file: every step once, and examples seen and minutes go on from the checkpoint's."""
+  rows = paths.read_json_lines(path) or []
+  kept = [r for r in rows if r["step"] <= step]
+  if is_chief and len(kept) < len(rows):
+    logging.info("%s: %d entries after step %d dropped (the resumed run logs those steps again)", path,
+                 len(rows) - len(kept), step)
+    paths.as_path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
+  return kept
+
+
 class TrainLog:
   """The logging action: every `every` steps (and the last) the step's metrics -- loss, accuracy, learning
   rate, useful tokens/s, examples seen, minutes of training, the mixture members' probe losses -- go to
-  train_log.jsonl, TensorBoard and the progress bar. Examples seen and minutes carry over a resume."""
+  train_log.jsonl, TensorBoard and the progress bar. Examples seen and minutes carry over a resume from
+  the step `start` (`rewound_log`)."""
 
-  def __init__(self, model_dir, every: int, writer, is_chief: bool, bar, probes: "TaskProbes", resumed: bool):
+  def __init__(self, model_dir, every: int, writer, is_chief: bool, bar, probes: "TaskProbes", start: int):
     self.path, self.every, self.writer, self.is_chief, self.bar, self.probes = (
         model_dir / "train_log.jsonl", every, writer, is_chief, bar, probes)
-    self.previous = (paths.read_json_lines(self.path) or [{}])[-1] if resumed else {}
+    self.previous = (rewound_log(self.path, start, is_chief) or [{}])[-1]
     self.examples_seen = self.previous.get("examples_seen", 0)
     self.last: dict = {}
     self.t_last, self.tokens = time.perf_counter(), 0.0
@@ -271,13 +285,13 @@ class PeriodicValidation:
   best step (`KeepBest`). Its time is not training time."""
 
   def __init__(self, cfg: ValidationConfig, validate_fn: Callable, model_dir, writer, is_chief: bool,
-               clock: TrainClock):
+               clock: TrainClock, start: int = 0):
     self.cfg, self.validate_fn, self.writer, self.is_chief, self.clock = cfg, validate_fn, writer, is_chief, clock
     self.log = model_dir / "validation_log.jsonl"
     self.keep_best = KeepBest(model_dir, cfg.selection_metric, is_chief)
     self.next_minute = self._next_minute()
     best_step = (self.keep_best.best or {}).get("step", -1)   # validations since the best (a resume)
-    self.stale = sum(r["step"] > best_step for r in (paths.read_json_lines(self.log) or []))
+    self.stale = sum(r["step"] > best_step for r in rewound_log(self.log, start, is_chief))
 
   @property
   def exhausted(self) -> bool:

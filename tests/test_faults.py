@@ -48,11 +48,12 @@ def test_a_run_killed_mid_way_resumes_to_the_same_losses(tiny_root, reference):
   wait_for_lines(log, 11, proc)
   proc.send_signal(signal.SIGKILL)   # a crash: no handler runs, the newest checkpoint is whatever was saved
   proc.wait()
-  killed_at = len(log.read_text().splitlines())
-  assert killed_at < STEPS, "the run finished before it could be killed"
+  from recalign.models.checkpoints import saved_steps
+  assert len(log.read_text().splitlines()) < STEPS, "the run finished before it could be killed"
+  resumed_from = max(saved_steps(run))
   train_tiny(tiny_root / "tiny", run, STEPS, every=EVERY)
-  resumed_from = json.loads(log.read_text().splitlines()[killed_at])["step"] - 1
   assert resumed_from > 1 and resumed_from % EVERY == 0     # from a saved checkpoint, not from scratch ...
+  assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == list(range(1, STEPS + 1))
   assert losses(run) == reference                              # ... and every loss equals the uninterrupted run
 
 
@@ -74,6 +75,23 @@ def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(t
   assert "saving a checkpoint" in err
   train_tiny(tiny_root / "tiny", run, STEPS)
   assert losses(run) == reference                                   # nothing lost, nothing different
+
+
+def test_steps_logged_after_the_newest_checkpoint_are_logged_once_when_trained_again(tiny_root, reference):
+  """A crash after the log got past the newest checkpoint (here: the run's last checkpoint removed, as if the
+  process died before writing it): the resumed run trains those steps again, and train_log.jsonl holds every
+  step once -- the losses, examples seen and minutes of an uninterrupted run's steps, not the lost ones' too."""
+  import shutil
+  run = tiny_root / "rewound"
+  train_tiny(tiny_root / "tiny", run, 10, every=EVERY)
+  shutil.rmtree(run / "checkpoints" / "10")            # the newest left: step 8; steps 9, 10 were logged
+  train_tiny(tiny_root / "tiny", run, 12, every=EVERY)
+  rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+  ref = {r["step"]: r for r in map(json.loads, (tiny_root / "ref" / "train_log.jsonl").read_text().splitlines())}
+  assert [r["step"] for r in rows] == list(range(1, 13))
+  assert [r["loss"] for r in rows] == [reference[s] for s in range(1, 13)]
+  assert [r["examples_seen"] for r in rows] == [ref[s]["examples_seen"] for s in range(1, 13)]
+  assert all(a["minutes"] < b["minutes"] for a, b in zip(rows, rows[1:]))
 
 
 def test_a_non_finite_step_is_never_applied_nor_saved(tiny_root):
