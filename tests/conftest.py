@@ -50,7 +50,7 @@ def train_env(devices: int = 1, file_size: int = 0) -> dict:
 
 
 def logged_losses(model_dir: Path) -> dict[int, float]:
-  """step -> loss from train_log.jsonl (a step trained again after a resume overwrites the first value)."""
+  """step -> loss from train_log.jsonl (every step once: a resume rewinds the log to its checkpoint)."""
   import json
   return {r["step"]: r["loss"] for r in map(json.loads, (model_dir / "train_log.jsonl").read_text().splitlines())}
 
