@@ -21,7 +21,7 @@ import numpy as np
 from recalign import faults, partitioning, paths
 from recalign import metrics as M
 from recalign.data.prepare import PreparedData
-from recalign.evaluator import EVALUABLE, EvalResult, RecEvaluator
+from recalign.evaluator import EVALUABLE, EvalResult, RecEvaluator, needs_users
 from recalign.models import checkpoints as ck
 from recalign.models.model import EncoderDecoderModel
 from recalign.run_record import RunRecord
@@ -124,9 +124,11 @@ def evaluate_checkpoint(checkpoint: Path | str, members: Sequence[str], settings
   with mesh:
     for name in members:
       info = rt.registry.task_info(name)
-      data = PreparedData.load(info.data_dir, timestamps=False)
+      # (streamed retrieval / ranking: no user loaded; the evaluated users' names read from the TFDS copy)
+      data = PreparedData.load(info.data_dir, timestamps=False, users=needs_users(info, settings.exclude_history))
       ev = RecEvaluator(model, data, info.vocab, ids=info.ids, mesh=mesh, beam_size=settings.beam_size,
-                        batch_size=settings.batch_size, exclude_history=settings.exclude_history, progress=progress)
+                        batch_size=settings.batch_size, exclude_history=settings.exclude_history, progress=progress,
+                        names_from=info.data_dir)
       res = ev.evaluate(params, name, settings.split, lengths, settings.max_examples, example_ids=example_ids)
       if jax.process_index() == 0:   # every process holds the whole result; one writes it
         record_evaluation(out_dir, checkpoint, res, res.write(out_dir))

@@ -94,10 +94,11 @@ class RecEvaluator:
 
   def __init__(self, model: EncoderDecoderModel, data: PreparedData, vocab, *, beam_size: int = 20,
                batch_size: int = 32, exclude_history: bool = False, progress: bool = True,
-               ids: Optional[Sequence[str]] = None, mesh=None):
+               ids: Optional[Sequence[str]] = None, mesh=None, names_from=None):
     """`exclude_history`: retrieval ranks the catalogue minus the user's history; by default the
     entire catalogue, as the paper does. `ids`: the items' IDs as the tasks write them (a task's
-    `TaskInfo.ids`; default the data set's random IDs). Predictions name items by their data set ID."""
+    `TaskInfo.ids`; default the data set's random IDs). Predictions name items by their data set ID, users
+    too (`names_from`: the prepared folder whose TFDS copy names them when `data` was loaded without users)."""
     self.model, self.data, self.vocab = model, data, vocab
     self.beam_size, self.batch_size, self.exclude_history = beam_size, batch_size, exclude_history
     self.progress = progress
@@ -108,6 +109,7 @@ class RecEvaluator:
     # caller (`recalign.partitioning.place_params`); jit propagates both through decoding and its cache.
     self.mesh = mesh
     self._itdr_tables: dict[tuple, tuple] = {}   # (title tokens, eval users, seed) -> (ItemTexts, eval users)
+    self._names_from, self._names = names_from, {}
     if mesh is not None and batch_size % mesh.shape["data"]:
       raise ValueError(f"batch_size={batch_size} must be divisible by the mesh's {mesh.shape['data']} data shards")
 
@@ -119,9 +121,12 @@ class RecEvaluator:
     return jax.device_put(x, NamedSharding(self.mesh, P("data")))
 
   def user_name(self, user) -> str:
-    """A user's data set ID in predictions; its index when the data were loaded without users (a training
-    run's validation of streamed tasks, which keeps only the metrics)."""
-    return str(int(user)) if "users" in self.data.omitted else self.data.users[int(user)]
+    """A user's data set ID in predictions (of data loaded without users: read from the TFDS copy for the
+    evaluated users, `names_from`); its index when there is none (a training run's validation of streamed
+    tasks, which keeps only the metrics)."""
+    if "users" not in self.data.omitted:
+      return self.data.users[int(user)]
+    return self._names.get(int(user), str(int(user)))
 
   def history(self, users: np.ndarray, split: str) -> list[np.ndarray]:
     """Items not to recommend: the user's history before the held-out item (if excluded)."""
@@ -281,6 +286,9 @@ class RecEvaluator:
                                                   c.eval_seed))
       self.itdr_texts, self.itdr_held = self._itdr_tables[key]
     examples = task_examples(task_name, split, lengths, max_examples, example_ids=example_ids)
+    if self._names_from is not None and "users" in self.data.omitted:
+      from recalign.data import tfds_data
+      self._names = tfds_data.user_names(tfds_data.reader(self._names_from), (e["user"] for e in examples))
     if not examples:
       raise ValueError(f"{task_name} has no {split} examples that fit {dict(lengths)} (an example that does not fit "
                        "is dropped, never cut)")
@@ -476,15 +484,19 @@ def validation_metrics(kind: str) -> tuple[str, ...]:
   return KINDS[kind].metrics if kind in KINDS else ()
 
 
+def needs_users(info, exclude_history: bool) -> bool:
+  """Whether evaluating a task (its `TaskInfo`) loads the users: streamed retrieval / ranking tasks evaluate
+  from their examples alone (the history to exclude would need them)."""
+  return not (info.config.streamed and info.kind in ("retrieval", "ranking") and not exclude_history)
+
+
 def make_validate_fn(task_name: str, lengths: dict, *, max_examples: Optional[int] = None,
                      beam_size: int = 20, batch_size: int = 32, exclude_history: bool = False) -> Callable:
   """For `train(validate_fn=...)`: validation-split metrics of `task_name` (retrieval: NDCG@10)."""
   from recalign.tasks.registry import task_info
   info = task_info(task_name)
-  # Streamed retrieval / ranking tasks validate from their examples alone: no user loaded (the history to
-  # exclude would need them).
-  lean = info.config.streamed and info.kind in ("retrieval", "ranking") and not exclude_history
-  data, vocab = PreparedData.load(info.data_dir, timestamps=False, users=not lean), info.vocab
+  data, vocab = PreparedData.load(info.data_dir, timestamps=False, users=needs_users(info, exclude_history)), \
+      info.vocab
   cache: dict = {}
 
   def validate(model, params) -> dict:

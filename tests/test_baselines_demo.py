@@ -86,6 +86,7 @@ def test_mean_and_spread_over_seeds_in_tables():
 
 
 def test_format_table():
+  assert B.format_table({}) == ""   # `recalign eval MODEL_DIR` again: nothing left to evaluate, no error
   t = B.format_table({"a": {"hr@5": 0.5, "ndcg@5": 0.25}, "bb": {"hr@5": 1.0}})
   assert t.splitlines()[1].split() == ["a", "0.5000", "0.2500"]
   assert t.splitlines()[2].split() == ["bb", "1.0000", "-"]

@@ -232,3 +232,36 @@ def test_streamed_validation_loads_no_users_and_scores_as_in_memory(tmp_path, mo
   for kind in ("retrieval", "ranking"):
     assert metrics[False, kind] == metrics[True, kind] and metrics[True, kind]["examples"] == 6
   rt.unregister("vs")
+
+
+def test_the_eval_job_of_streamed_tasks_loads_no_users_and_names_them(tmp_path, monkeypatch):
+  """`recalign eval` (evaluate_checkpoint) of streamed retrieval / ranking tasks loads the data without
+  users, names the evaluated users from the TFDS copy, and writes the in-memory evaluation's metrics and
+  predictions; with the history excluded (which needs every user's items) it loads them."""
+  import recalign.tasks as rt
+  from recalign import evaluate as E
+  from recalign.data import PreparedData, tfds_data
+  from recalign.models import checkpoints as ck
+  from recalign.models.network import padded_vocab_size
+  data = prepare(read_source(write_tiny_tsv(tmp_path / "src")), name="ej", kcore=0)
+  tfds_data.save(data, tmp_path / "ej")
+  train_vocabulary(data, tmp_path / "ej" / "vocab", vocab_size=300)
+  rt.register_dataset(tmp_path / "ej", config=rt.TaskConfig(num_candidates=3))
+  vocab = rt.registry.task_info("ej_retrieval").vocab
+  model = EncoderDecoderModel(CONFIGS["tiny"].replace(vocab_size=padded_vocab_size(vocab.vocab_size)))
+  ck.save_hf(model.config, nn.unbox(model.init(jax.random.PRNGKey(0))), tmp_path / "ckpt")
+  loads = []
+  real = PreparedData._load.__func__
+  monkeypatch.setattr(PreparedData, "_load", classmethod(lambda cls, *a: loads.append(a[3]) or real(cls, *a)))
+  out = {}
+  for streamed, exclude in ((False, False), (True, False), (True, True)):
+    loads.clear()
+    rt.register_dataset(tmp_path / "ej", config=rt.TaskConfig(num_candidates=3, streamed=streamed), replace=True)
+    res = E.evaluate_checkpoint(tmp_path / "ckpt", ["ej_retrieval", "ej_ranking"], E.EvalSettings(
+        split="test", beam_size=4, batch_size=4, exclude_history=exclude), output_dir=tmp_path / f"out{streamed}{exclude}",
+        progress=False)
+    assert set(loads) == {not streamed or exclude}, loads     # (users loaded?)
+    out[streamed, exclude] = {k: (r.metrics, r.predictions) for k, r in res.items()}
+  assert out[False, False] == out[True, False]
+  names = {p["user"] for p in out[True, False]["ej_retrieval"][1]}
+  assert names == set(data.users) and len(names) == 6

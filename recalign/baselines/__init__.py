@@ -76,7 +76,10 @@ def mean_std(runs: list[dict]) -> dict:
 
 
 def format_table(rows: dict[str, dict], keys: Optional[list[str]] = None) -> str:
-  """A fixed-width table; a metric with `<metric>_std` (several seeds) prints as mean±std."""
+  """A fixed-width table; a metric with `<metric>_std` (several seeds) prints as mean±std. No rows: an empty
+  string (an eval job whose checkpoints were all evaluated before)."""
+  if not rows:
+    return ""
   keys = keys or sorted({k for r in rows.values() for k in r
                          if k not in ("examples", "runs") and not k.endswith("_std")})
   width = max(len(n) for n in rows) + 2

@@ -167,6 +167,18 @@ def popularity(builder: tfds.core.DatasetBuilder, num_items: int, train_lengths:
   return pop
 
 
+def user_names(builder: tfds.core.DatasetBuilder, users, batch: int = 8_192) -> dict[int, str]:
+  """The data set IDs of `users` (indices), in one pass that parses only the users' two fields: what names
+  an evaluation's predictions without loading every user."""
+  wanted = np.unique(np.asarray(list(users), np.int64))
+  spec = {"user": tf.io.FixedLenFeature([], tf.int64), "user_id": tf.io.FixedLenFeature([], tf.string)}
+  out: dict[int, str] = {}
+  for r in tfds_record_batches(builder, spec, batch):
+    keep = np.isin(r["user"], wanted)
+    out.update((int(u), n.decode()) for u, n in zip(r["user"][keep], r["user_id"][keep]))
+  return out
+
+
 def _leading_counts(values: np.ndarray, rows: np.ndarray, keep: np.ndarray, num_items: int) -> np.ndarray:
   """Item counts over the first `keep[j]` values of every row j of a flat ragged batch (values, rows)."""
   pos = np.arange(len(values)) - np.repeat(np.cumsum(rows) - rows, rows)
