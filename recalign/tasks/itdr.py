@@ -391,7 +391,7 @@ def streamed_records(kind: str, split: str, lengths: np.ndarray, validation: np.
   """TKR / NIR / RP rows to be streamed (`list_records` / `next_item_records` without the users in memory)."""
   counts = record_counts(kind, split, lengths, validation, train_lengths, held)
   held_mask = np.isin(np.arange(len(lengths)), held[split]) if kind == "tkr" and split != "train" else None
-  return StreamedRecords(split, np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), int(counts.sum()),
+  return StreamedRecords(split, sources.first_ids(counts), int(counts.sum()),
                          dict(kind=kind, train_lengths=train_lengths, held_mask=held_mask,
                               with_ratings=with_ratings and kind != "tkr", with_user_items=False))
 

@@ -257,6 +257,11 @@ def stream_examples(users: tf.data.Dataset, split: str, *, first_ids: np.ndarray
   return users.map(examples, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
+def first_ids(counts: np.ndarray) -> np.ndarray:
+  """Every user's first example id, from how many examples each user makes (the users before it)."""
+  return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
 def repeated_items(items: tf.Tensor, count: tf.Tensor) -> tf.RaggedTensor:
   """A user's items once per example of theirs (`user_items`: what the examples' negatives exclude)."""
   return tf.RaggedTensor.from_row_lengths(tf.tile(items, [count]), tf.fill([count], tf.shape(items, tf.int64)[0]))
@@ -291,8 +296,7 @@ def streamed_examples(lengths: np.ndarray, validation: np.ndarray, split: str, w
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
   counts = example_counts(lengths, validation, split, window, train_examples, train_lengths, next_items)
-  first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-  return StreamedExamples(split, first, int(counts.sum()), dict(
+  return StreamedExamples(split, first_ids(counts), int(counts.sum()), dict(
       window=window, train_examples=train_examples, train_lengths=train_lengths, next_items=next_items,
       with_ratings=with_ratings))
 
