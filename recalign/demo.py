@@ -24,24 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from recalign.experiments import (DEFAULT_RECIPE, RECIPES, dataset_config, ensure_prepared, evaluate_best, plot,
-                                  report_ids, train_model)
-
-
-def _sasrecs(data, seed: int, epochs: int, exclude_history: bool) -> tuple[dict, dict]:
-  """SASRec-BCE and SASRec-CE (sampled softmax, the strongest CE variant that converges in minutes), both
-  budgeted in epochs and stopped early on validation NDCG@10, so the bar does not depend on the machine's
-  speed: ({label: (model, params, log)}, {label: what trained})."""
-  from recalign.baselines.sasrec import SASRecConfig, train_sasrec
-  models, summary = {}, {}
-  for label, loss in (("BCE", "bce"), ("CE", "sampled_ce")):
-    t0 = time.time()
-    models[label] = train_sasrec(data, SASRecConfig(seed=seed, loss=loss, epochs=epochs,
-                                                    exclude_history=exclude_history))
-    log = models[label][2]
-    best = max((e for e in log if "validation_ndcg@10" in e), key=lambda e: e["validation_ndcg@10"], default=log[-1])
-    summary[label] = {"loss": loss, "epochs": len(log), "best_epoch": best["epoch"],
-                      "minutes": round((time.time() - t0) / 60, 2)}
-  return models, summary
+                                  report_ids, train_model, train_sasrecs)
 
 
 def _ml100k_rating(source: Path, out: Path, minutes: float, size: str, seed: int) -> dict:
@@ -93,7 +76,7 @@ def run_demo(source: Path, out: Path, minutes: float = 12.0, ml100k: Optional[Pa
   # Both SASRecs budgeted in epochs and stopped early on validation NDCG@10, so the bar does not depend
   # on the machine's speed; CE is the sampled softmax, the strongest CE variant that converges in minutes.
   print("[demo] baselines: popularity, SASRec-BCE, SASRec-CE (sampled softmax), early-stopped")
-  sasrec, results["sasrec"] = _sasrecs(data, seed, sasrec_epochs, exclude_history)
+  sasrec, results["sasrec"] = train_sasrecs(data, seed, sasrec_epochs, exclude_history)
 
   def scored(split: str, exclude: bool) -> dict:
     """Every model of the table on the split's reported users under one protocol."""

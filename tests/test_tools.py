@@ -37,9 +37,60 @@ def test_study_table_means_spreads_and_rating_auc():
                       + "-0.0010 (within spread 0.0070) | 0.5000 ± 0.0000 |")
   assert lines[5] == "| rating only (`ml100k_rating`) | 2 | " + "— | " * 6 + "0.6000 ± 0.0500 |"
   assert len(lines) == 6
+  # the baselines on the same users: rows of the same table, mean ± std over their runs
+  base = study.baseline_runs(
+      {"popularity / validation": {k: 0.005 for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10")},
+       "popularity / test": {k: 0.004 for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10")},
+       "History / test": {"auc": 0.58}},
+      {f"CE/seed{s}": {"validation": {"ndcg@10": v}, "test": {k: v for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10")},
+                       "epochs": 9} for s, v in ((0, 0.03), (1, 0.05))})
+  assert list(base) == ["popularity", "History (training like-rate)", "SASRec-CE (sampled softmax)"]   # no BCE run
+  lines = study.table(results, base).splitlines()
+  assert lines[6] == "| popularity | 1 | " + "0.0040 ± 0.0000 | " * 4 + "0.0050 ± 0.0000 | — | — |"
+  assert lines[7] == "| History (training like-rate) | 1 | " + "— | " * 6 + "0.5800 ± 0.0000 |"
+  assert lines[8] == "| SASRec-CE (sampled softmax) | 2 | " + "0.0400 ± 0.0100 | " * 5 + "— | — |"
+  assert len(lines) == 9
   # without any AUC, no AUC column
   plain = study.table({k: v for k, v in results.items() if k.startswith("retrieval")}).splitlines()
   assert not plain[0].endswith("AUC |") and plain[1].count("---") == 8
+
+
+def test_study_sasrecs_train_once_per_seed_on_the_studys_users(tiny_root, monkeypatch):
+  """study.py's SASRec rows: per seed, both losses, scored on the study's users; kept in sasrec.json, so a
+  resumed study does not train them again -- unless it is scored on other users."""
+  import json
+  import numpy as np
+  from recalign import experiments as E
+  from recalign.baselines.sasrec import evaluate_sasrec
+  from recalign.data import PreparedData
+  study = load_study()
+  data = PreparedData.load(tiny_root / "tiny")
+  path = tiny_root / "sasrec_study.json"
+  ids = {"validation": np.array([0, 1]), "test": np.array([1, 2, 3])}
+  trained = []
+  real = E.train_sasrecs
+
+  def counting(data, seed, epochs, exclude_history):
+    trained.append(seed)
+    out = real(data, seed, epochs, exclude_history)
+    kept[seed] = out[0]
+    return out
+
+  kept: dict = {}
+  monkeypatch.setattr(E, "train_sasrecs", counting)
+  done = study.sasrec_baselines(path, data, [0, 1], ids, epochs=2)
+  assert trained == [0, 1] and sorted(done) == ["BCE/seed0", "BCE/seed1", "CE/seed0", "CE/seed1"]
+  assert json.loads(path.read_text()) == done
+  model, params, _ = kept[1]["CE"]
+  assert done["CE/seed1"]["test"] == evaluate_sasrec(model, params, data, "test", example_ids=ids["test"])
+  assert done["BCE/seed0"]["loss"] == "bce" and done["CE/seed0"]["loss"] == "sampled_ce"
+  assert study.sasrec_baselines(path, data, [0, 1], ids, epochs=2) == done and trained == [0, 1]   # kept
+  other = {**ids, "test": np.array([0, 2])}
+  again = study.sasrec_baselines(path, data, [0], other, epochs=2)   # other users: seed 0 trained and scored again
+  model, params, _ = kept[0]["CE"]
+  assert trained == [0, 1, 0] and again["CE/seed0"]["test"] == evaluate_sasrec(model, params, data, "test",
+                                                                               example_ids=other["test"])
+  assert again["CE/seed0"]["users"] != done["CE/seed0"]["users"] and again["CE/seed1"] == done["CE/seed1"]
 
 
 def test_every_curves_recipe_is_the_gin_run_it_trains():

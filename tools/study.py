@@ -14,7 +14,8 @@ full catalogue: the paper's protocol). Seeds change the model's initialisation a
 <out>/study.json and a Markdown table: mean ± std over seeds, and each row's NDCG@10 difference from
 the retrieval-only row with whether it exceeds the seeds' spread (|difference| > std_a + std_b).
 Rows whose mixture holds the rating task (ml-100k) are also scored by rating AUC on all test users.
-Popularity (and, with ratings, History) on the same users is written beside, as "baselines".
+Popularity (and, with ratings, History), SASRec-BCE and SASRec-CE (sampled softmax; one per seed, early-stopped
+within `--sasrec-epochs`, kept in <out>/sasrec.json) on the same users are rows of the same table.
 `--id-scheme` replaces the recipe's item IDs (random: the paper's; collaborative; semantic). Rows with
 ranking (UT, UT + AT) take `--ranking-inputs` input tokens and proportionally fewer rows per batch.
 
@@ -37,7 +38,9 @@ import argparse
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -77,6 +80,8 @@ def main():
   p.add_argument("--patience", type=int, default=6, help="validations without a new best before stopping")
   p.add_argument("--users-fraction", type=float, default=1.0, help="a seeded subset of the users (data-limited)")
   p.add_argument("--aux-share", type=float, help="the auxiliary tasks' share of the examples (default: by counts)")
+  p.add_argument("--sasrec-epochs", type=int, default=200, help="SASRec-BCE / -CE per seed, early-stopped within "
+                 "these epochs, on the same users (0: none)")
   args = p.parse_args()
 
   import recalign.tasks as rt
@@ -116,6 +121,8 @@ def main():
   out.mkdir(parents=True, exist_ok=True)
   (out / "baselines.json").write_text(json.dumps(base_rows, indent=2))
   print(B.format_table(base_rows))
+  sasrec = (sasrec_baselines(out / "sasrec.json", data, args.seeds, ids, args.sasrec_epochs)
+            if args.sasrec_epochs else {})
   for key, row, seed in todo:
     model_dir = out / row / f"seed{seed}"
     t0 = time.time()
@@ -143,7 +150,7 @@ def main():
                     **{f"{s}/{k}": v for s in m for k, v in m[s].items() if k in KEYS + ["auc"]}}
     results_path.write_text(json.dumps(results, indent=2))
     print(key, results[key], flush=True)
-  print(table(results))
+  print(table(results, baseline_runs(base_rows, sasrec)))
   print(f"validation curves: {plot_curves(out, results)}")
 
 
@@ -186,6 +193,42 @@ def plot_curves(out: Path, results: dict) -> Path:
   return out / "validation_curves.png"
 
 
+def sasrec_baselines(path: Path, data, seeds, ids: dict, epochs: int = 200) -> dict:
+  """SASRec-BCE and SASRec-CE per seed, early-stopped (`recalign.experiments.train_sasrecs`), scored on the
+  study's users (`ids`: split -> example ids, full catalogue): {"<BCE|CE>/seed<s>": {"validation": metrics,
+  "test": metrics, "epochs", "best_epoch", "minutes", "users"}}, kept in `path` -- a seed trains once, and
+  again only if the study's users change (their checksum, "users")."""
+  from recalign.baselines.sasrec import evaluate_sasrec
+  from recalign.experiments import train_sasrecs
+  done = json.loads(path.read_text()) if path.exists() else {}
+  users = {s: zlib.crc32(np.asarray(v, np.int64).tobytes()) for s, v in sorted(ids.items())}
+  for seed in seeds:
+    if all(done.get(f"{label}/seed{seed}", {}).get("users") == users for label in ("BCE", "CE")):
+      continue
+    models, summary = train_sasrecs(data, seed, epochs, exclude_history=False)
+    for label, (model, params, _) in models.items():
+      done[f"{label}/seed{seed}"] = {**summary[label], "users": users, **{
+          s: evaluate_sasrec(model, params, data, s, example_ids=v) for s, v in ids.items()}}
+    path.write_text(json.dumps(done, indent=2))
+  return done
+
+
+def baseline_runs(base_rows: dict, sasrec: dict) -> dict[str, list[dict]]:
+  """The baselines as the table's runs (keys as the study's: "test/ndcg@10"): popularity (one run: it has no
+  seed), History's rating AUC, SASRec-BCE and -CE (one run per seed)."""
+  def flat(by_split: dict) -> dict:
+    return {f"{s}/{k}": v for s, m in by_split.items() for k, v in m.items()}
+  runs = {"popularity": [flat({s: base_rows[f"popularity / {s}"] for s in ("validation", "test")})]}
+  if "History / test" in base_rows:
+    runs["History (training like-rate)"] = [flat({"test": base_rows["History / test"]})]
+  for label, desc in (("BCE", "SASRec-BCE"), ("CE", "SASRec-CE (sampled softmax)")):
+    seeds = [flat({s: r[s] for s in ("validation", "test")}) for k, r in sorted(sasrec.items())
+             if k.startswith(f"{label}/")]
+    if seeds:
+      runs[desc] = seeds
+  return runs
+
+
 def aux_mixture(name: str, row: str, share) -> str:
   """The row's mixture; with `share`, one where its auxiliary tasks (MIM, MLM, BPR, item QA) take `share` of
   the examples together and the others the rest, each group mixed within by example counts as the
@@ -214,9 +257,10 @@ def mean_std(runs: list[dict], key: str) -> str:
   return f"{vals.mean():.4f} ± {vals.std():.4f}" if len(vals) else "—"
 
 
-def table(results: dict) -> str:
+def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> str:
   """The Markdown table of a study: per row, mean ± std over seeds, the NDCG@10 difference from
-  retrieval-only against the seeds' spread, and rating AUC when any row has it."""
+  retrieval-only against the seeds' spread, and rating AUC when any row has it; then `baselines`
+  (`baseline_runs`) on the same users."""
   auc = any("test/auc" in r for r in results.values())
   lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | val NDCG@10 | test NDCG@10 vs "
            "retrieval only |" + (" test rating AUC |" if auc else ""), "|---|---|" + "---|" * (len(KEYS) + 2 + auc)]
@@ -225,7 +269,7 @@ def table(results: dict) -> str:
     runs = [v for v in results.values() if v["row"] == row]
     if not runs:
       continue
-    cells = [mean_std(runs, k) for k in [f"test/{k}" for k in KEYS] + ["validation/ndcg@10"]]
+    cells = _cells(runs)
     vals = np.array([r["test/ndcg@10"] for r in runs if "test/ndcg@10" in r])
     if row == "retrieval" or not len(ref) or not len(vals):
       cells.append("—")
@@ -235,7 +279,14 @@ def table(results: dict) -> str:
     if auc:
       cells.append(mean_std(runs, "test/auc"))
     lines.append(f"| {desc} (`{runs[0]['mixture']}`) | {len(runs)} | " + " | ".join(cells) + " |")
+  for desc, runs in (baselines or {}).items():
+    cells = [*_cells(runs), "—", *([mean_std(runs, "test/auc")] if auc else [])]
+    lines.append(f"| {desc} | {len(runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def _cells(runs: list[dict]) -> list[str]:
+  return [mean_std(runs, k) for k in [f"test/{k}" for k in KEYS] + ["validation/ndcg@10"]]
 
 
 if __name__ == "__main__":
