@@ -29,13 +29,13 @@ def test_study_table_means_spreads_and_rating_auc():
       run("ut_at", 0, 0.012, 0.5), run("ut_at", 1, 0.016, 0.5),      # -0.0010 < spread 0.0050 + 0.0020
       run("rating", 0, auc=0.55), run("rating", 1, auc=0.65)]}       # no retrieval metrics
   lines = study.table(results).splitlines()
-  assert lines[0].endswith("| test NDCG@10 vs retrieval only | test rating AUC |")
-  assert lines[2] == ("| retrieval only (`ml100k_retrieval`) | 2 | " + "0.0150 ± 0.0050 | " * 5 + "— | — |")
+  assert lines[0].endswith("| test NDCG@10 vs retrieval only | test rating AUC | training (mean) |")
+  assert lines[2] == ("| retrieval only (`ml100k_retrieval`) | 2 | " + "0.0150 ± 0.0050 | " * 5 + "— | — | — |")
   assert lines[3] == ("| UT (retrieval + ranking [+ rating]) (`ml100k_ut`) | 2 | " + "0.0300 ± 0.0000 | " * 5
-                      + "+0.0150 (exceeds spread 0.0050) | 0.6500 ± 0.0500 |")
+                      + "+0.0150 (exceeds spread 0.0050) | 0.6500 ± 0.0500 | — |")
   assert lines[4] == ("| UT + AT (+ MLM + MIM) (`ml100k_ut_at`) | 2 | " + "0.0140 ± 0.0020 | " * 5
-                      + "-0.0010 (within spread 0.0070) | 0.5000 ± 0.0000 |")
-  assert lines[5] == "| rating only (`ml100k_rating`) | 2 | " + "— | " * 6 + "0.6000 ± 0.0500 |"
+                      + "-0.0010 (within spread 0.0070) | 0.5000 ± 0.0000 | — |")
+  assert lines[5] == "| rating only (`ml100k_rating`) | 2 | " + "— | " * 6 + "0.6000 ± 0.0500 | — |"
   assert len(lines) == 6
   # the baselines on the same users: rows of the same table, mean ± std over their runs
   base = study.baseline_runs(
@@ -43,16 +43,21 @@ def test_study_table_means_spreads_and_rating_auc():
        "popularity / test": {k: 0.004 for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10")},
        "History / test": {"auc": 0.58}},
       {f"CE/seed{s}": {"validation": {"ndcg@10": v}, "test": {k: v for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10")},
-                       "epochs": 9} for s, v in ((0, 0.03), (1, 0.05))})
+                       "epochs": 9 + s, "best_epoch": 5, "minutes": 1.0} for s, v in ((0, 0.03), (1, 0.05))})
   assert list(base) == ["popularity", "History (training like-rate)", "SASRec-CE (sampled softmax)"]   # no BCE run
   lines = study.table(results, base).splitlines()
-  assert lines[6] == "| popularity | 1 | " + "0.0040 ± 0.0000 | " * 4 + "0.0050 ± 0.0000 | — | — |"
-  assert lines[7] == "| History (training like-rate) | 1 | " + "— | " * 6 + "0.5800 ± 0.0000 |"
-  assert lines[8] == "| SASRec-CE (sampled softmax) | 2 | " + "0.0400 ± 0.0100 | " * 5 + "— | — |"
+  assert lines[6] == "| popularity | 1 | " + "0.0040 ± 0.0000 | " * 4 + "0.0050 ± 0.0000 | — | — | — |"
+  assert lines[7] == "| History (training like-rate) | 1 | " + "— | " * 6 + "0.5800 ± 0.0000 | — |"
+  assert lines[8] == ("| SASRec-CE (sampled softmax) | 2 | " + "0.0400 ± 0.0100 | " * 5
+                      + "— | — | 10 epochs (best 5), 1.0 min |")
+  # how long recalign's rows trained: steps, best step, minutes, how many stopped early (the rest hit the cap)
+  trained = [{**run("retrieval", s, 0.01), "steps": n, "best_step": b, "training_minutes": m, "early_stopped": e}
+             for s, (n, b, m, e) in enumerate([(3000, 1500, 40.0, True), (4500, None, 61.0, False)])]
+  assert study._training(trained) == "3750 steps (best 3000), 50 min, 1/2 stopped early"
   assert len(lines) == 9
   # without any AUC, no AUC column
   plain = study.table({k: v for k, v in results.items() if k.startswith("retrieval")}).splitlines()
-  assert not plain[0].endswith("AUC |") and plain[1].count("---") == 8
+  assert not plain[0].endswith("AUC | training (mean) |") and plain[1].count("---") == 9
 
 
 def test_study_sasrecs_train_once_per_seed_on_the_studys_users(tiny_root, monkeypatch):

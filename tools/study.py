@@ -222,8 +222,9 @@ def baseline_runs(base_rows: dict, sasrec: dict) -> dict[str, list[dict]]:
   if "History / test" in base_rows:
     runs["History (training like-rate)"] = [flat({"test": base_rows["History / test"]})]
   for label, desc in (("BCE", "SASRec-BCE"), ("CE", "SASRec-CE (sampled softmax)")):
-    seeds = [flat({s: r[s] for s in ("validation", "test")}) for k, r in sorted(sasrec.items())
-             if k.startswith(f"{label}/")]
+    seeds = [{**flat({s: r[s] for s in ("validation", "test")}),
+              **{k: r[k] for k in ("epochs", "best_epoch", "minutes")}}
+             for key, r in sorted(sasrec.items()) if key.startswith(f"{label}/")]
     if seeds:
       runs[desc] = seeds
   return runs
@@ -263,7 +264,8 @@ def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> s
   (`baseline_runs`) on the same users."""
   auc = any("test/auc" in r for r in results.values())
   lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | val NDCG@10 | test NDCG@10 vs "
-           "retrieval only |" + (" test rating AUC |" if auc else ""), "|---|---|" + "---|" * (len(KEYS) + 2 + auc)]
+           "retrieval only |" + (" test rating AUC |" if auc else "") + " training (mean) |",
+           "|---|---|" + "---|" * (len(KEYS) + 3 + auc)]
   ref = np.array([r["test/ndcg@10"] for r in results.values() if r["row"] == "retrieval"])
   for row, (_, desc) in ROWS.items():
     runs = [v for v in results.values() if v["row"] == row]
@@ -278,15 +280,31 @@ def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> s
       cells.append(f"{diff:+.4f} ({'exceeds' if abs(diff) > spread else 'within'} spread {spread:.4f})")
     if auc:
       cells.append(mean_std(runs, "test/auc"))
+    cells.append(_training(runs))
     lines.append(f"| {desc} (`{runs[0]['mixture']}`) | {len(runs)} | " + " | ".join(cells) + " |")
   for desc, runs in (baselines or {}).items():
-    cells = [*_cells(runs), "—", *([mean_std(runs, "test/auc")] if auc else [])]
+    cells = [*_cells(runs), "—", *([mean_std(runs, "test/auc")] if auc else []), _training(runs)]
     lines.append(f"| {desc} | {len(runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def _cells(runs: list[dict]) -> list[str]:
   return [mean_std(runs, k) for k in [f"test/{k}" for k in KEYS] + ["validation/ndcg@10"]]
+
+
+def _training(runs: list[dict]) -> str:
+  """How long the runs trained (means): steps and the best step, training minutes and how many stopped early
+  (the others hit the cap) for recalign's rows; epochs for SASRec's."""
+  def avg(key):
+    return np.mean([r[key] for r in runs])
+  if all("steps" in r for r in runs):
+    best = np.mean([r["best_step"] or r["steps"] for r in runs])
+    early = sum(bool(r.get("early_stopped")) for r in runs)
+    return (f"{avg('steps'):.0f} steps (best {best:.0f}), {avg('training_minutes'):.0f} min, "
+            f"{early}/{len(runs)} stopped early")
+  if all("epochs" in r for r in runs):
+    return f"{avg('epochs'):.0f} epochs (best {avg('best_epoch'):.0f}), {avg('minutes'):.1f} min"
+  return "—"
 
 
 if __name__ == "__main__":
