@@ -84,6 +84,8 @@ def main():
                  "these epochs, on the same users (0: none)")
   args = p.parse_args()
 
+  from recalign.console import quiet_startup
+  quiet_startup()
   import recalign.tasks as rt
   from recalign import baselines as B
   from recalign.data import PreparedData
@@ -170,23 +172,29 @@ def named_recipe(name: str, id_scheme=None):
 
 
 def plot_curves(out: Path, results: dict) -> Path:
-  """<out>/validation_curves.png: every run's validation NDCG@10 against the examples it had seen (of every
-  task of its mixture), one colour per row (a row still rising when the cap stopped it shows it)."""
+  """<out>/validation_curves.png: every run's validation metric (NDCG@10; the rating rows' AUC on a panel of
+  its own) against the examples it had seen (of every task of its mixture), one colour per row (a row still
+  rising when the cap stopped it shows it)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(8, 4.5))
-  colours = dict(zip(ROWS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  curves = {}
   for key, r in sorted(results.items()):
     log = out / r["row"] / f"seed{r['seed']}" / "validation_log.jsonl"
     if log.exists():
       val = [json.loads(x) for x in log.read_text().splitlines()]
-      ax.plot([v["examples_seen"] for v in val], [v["ndcg@10"] for v in val], "o-", ms=3, color=colours[r["row"]],
-              label=ROWS[r["row"]][1] if r["seed"] == min(x["seed"] for x in results.values() if x["row"] == r["row"])
-              else None)
-  ax.set_xlabel("training examples seen")
-  ax.set_ylabel("validation NDCG@10 (selection users)")
-  ax.legend()
+      metric = "ndcg@10" if "ndcg@10" in val[0] else "auc"
+      curves.setdefault(metric, []).append((r, [v["examples_seen"] for v in val], [v[metric] for v in val]))
+  fig, axes = plt.subplots(1, max(len(curves), 1), figsize=(8 * max(len(curves), 1), 4.5), squeeze=False)
+  colours = dict(zip(ROWS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  for ax, (metric, runs) in zip(axes[0], sorted(curves.items(), reverse=True)):
+    labelled = set()
+    for r, x, y in runs:
+      ax.plot(x, y, "o-", ms=3, color=colours[r["row"]], label=None if r["row"] in labelled else ROWS[r["row"]][1])
+      labelled.add(r["row"])
+    ax.set_xlabel("training examples seen")
+    ax.set_ylabel(f"validation {metric.upper()} (selection users)")
+    ax.legend()
   fig.tight_layout()
   fig.savefig(out / "validation_curves.png", dpi=120)
   plt.close(fig)
