@@ -27,6 +27,7 @@ class RunRecord:
   vocabulary: Optional[dict] = None          # path, sha256, ids, extra_ids, appended_pieces
   data_dirs: tuple = ()
   task_config: Optional[dict] = None         # recalign.tasks.TaskConfig fields
+  ema_decay: Optional[float] = None          # EMA_DECAY: the checkpoints hold the parameters' moving average
   version: int = VERSION
 
   def write(self, model_dir: paths.PathLike) -> None:

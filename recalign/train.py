@@ -43,8 +43,8 @@ from recalign.partitioning import PartitionConfig, maybe_initialize_distributed,
 from recalign.run_record import RunRecord
 from recalign.trainer import (CheckpointConfig, DatasetConfig, ModelConfig, NonFiniteSteps, PeriodicValidation,
                               Saver, TaskProbes, TrainClock, TrainLog, ValidationConfig, checkpoint_manager,
-                              initial_state, input_batches, learning_rate_schedule, make_optimizer, summary_writer,
-                              train_step)
+                              eval_params, initial_state, input_batches, learning_rate_schedule, make_optimizer,
+                              summary_writer, train_step)
 
 def resolve_vocabulary(vocabulary: Optional[str], initial_checkpoint_path: Optional[str]):
   """VOCABULARY: None (each data set's own vocab/spm.model), 'checkpoint' (the SentencePiece model of
@@ -80,7 +80,8 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
           checkpoint: Optional[CheckpointConfig] = None, validation: Optional[ValidationConfig] = None,
           random_seed: int = 0, gradient_accumulation_steps: int = 1, log_every: int = 10,
           time_budget_s: Optional[float] = None, train_minutes_budget: Optional[float] = None,
-          on_nonfinite: str = "stop", tensorboard: bool = True, progress: bool = True,
+          on_nonfinite: str = "stop", ema_decay: Optional[float] = None, tensorboard: bool = True,
+          progress: bool = True,
           optimizer: Optional[optax.GradientTransformation] = None, schedule: Optional[optax.Schedule] = None,
           validate_fn: Optional[Callable[[EncoderDecoderModel, dict], dict]] = None) -> dict:
   """Trains `model` on `dataset` for `train_steps` steps in MODEL_DIR and returns the last step's metrics
@@ -90,7 +91,10 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
   `PartitionConfig`, `CheckpointConfig`, `ValidationConfig` (gin-configurable; None: defaults).
   `validate_fn(model, params) -> metrics` replaces the built-in validation of `validation.task`.
   `schedule` / `optimizer`: optax objects to use instead of gin's `learning_rate_schedule` /
-  `make_optimizer` (the logged learning rate is `schedule`'s).
+  `make_optimizer` (the logged learning rate is `schedule`'s). `ema_decay` (EMA_DECAY, e.g. 0.999): keep an
+  exponential moving average of the parameters in the state (`trainer.ema_rate`); validation scores it,
+  MODEL_DIR/best keeps it and readers of the checkpoints (`recalign eval`, INITIAL_CHECKPOINT_PATH) take it
+  (ValidationConfig.raw_too: the trained parameters validated beside it).
   train_log.jsonl and validation_log.jsonl record examples seen and minutes of training (validation
   excluded) for learning curves. `time_budget_s` stops after that much wall clock in all,
   `train_minutes_budget` after that many minutes of training (validation excluded).
@@ -107,7 +111,7 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
   model_dir = paths.as_path(model_dir)     # local, or gs:// (any etils.epath scheme)
   is_chief = jax.process_index() == 0
   _check_values(train_steps=train_steps, dataset=dataset, accum=gradient_accumulation_steps, log_every=log_every,
-                checkpoint=ckpt_cfg, validation=val_cfg, on_nonfinite=on_nonfinite)
+                checkpoint=ckpt_cfg, validation=val_cfg, on_nonfinite=on_nonfinite, ema_decay=ema_decay)
   # one training job per MODEL_DIR (the chief holds the lock); its first write, so an unwritable
   # MODEL_DIR fails here
   if not is_chief:
@@ -122,11 +126,11 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
     if val_cfg.selection_metric is None:   # the validation task's headline metric
       kind = rt.registry.task_info(val_cfg.task).kind if val_cfg.task else "retrieval"
       val_cfg = dataclasses.replace(val_cfg, selection_metric=headline_metric(kind))
-    _check_settings(val_cfg, validate_fn, model_dir, vocab)
+    _check_settings(val_cfg, validate_fn, model_dir, vocab, ema_decay)
     mesh = (partitioning or PartitionConfig()).mesh()
     _check_batch(dataset.batch_size, mesh, gradient_accumulation_steps)
     if is_chief:  # what `recalign eval` needs to rebuild the model and its tasks next to its checkpoints
-      run_record(net, dataset, train_steps, vocab, task).write(model_dir)
+      run_record(net, dataset, train_steps, vocab, task, ema_decay).write(model_dir)
     if validate_fn is None and val_cfg.enabled:
       validate_fn = make_validate_fn(val_cfg.task, dict(val_cfg.lengths or dataset.task_feature_lengths),
                                      max_examples=val_cfg.examples)
@@ -139,7 +143,8 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
     mngr = checkpoint_manager(model_dir, ckpt_cfg)
     state, state_sharding, origin = initial_state(
         net, tx, mesh, mngr, seed=random_seed, initial_checkpoint_path=model.initial_checkpoint_path, vocab=vocab,
-        vocabulary_mismatch=model.vocabulary_mismatch, restore_fallback=ckpt_cfg.restore_fallback)
+        vocabulary_mismatch=model.vocabulary_mismatch, restore_fallback=ckpt_cfg.restore_fallback,
+        ema=ema_decay is not None)
     logging.info("%s: starting from %s", model_dir, origin)
     start = int(state["step"])
     if start >= train_steps:
@@ -148,7 +153,7 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
       print(f"{model_dir} is already at step {start} >= TRAIN_STEPS={train_steps}: nothing to train")
     step_fn = jax.jit(functools.partial(train_step, model=net, tx=tx, schedule=schedule,
                                         accum=gradient_accumulation_steps,
-                                        dropout_key=jax.random.PRNGKey(random_seed + 1)),
+                                        dropout_key=jax.random.PRNGKey(random_seed + 1), ema_decay=ema_decay),
                       in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                       donate_argnums=0)
 
@@ -195,7 +200,8 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
           log(done, metrics, state["params"], minutes=clock.minutes(), skipped=nonfinite.skipped)
         if validate.due(done, final) or saver.due(done, final or validate.exhausted):
           nonfinite.check(done, in_flight[1])   # what is validated or saved is known to be finite
-        validate(net, state["params"], done, log.examples_seen, final=final)
+        validate(net, eval_params(state), done, log.examples_seen, final=final,
+                 raw=state["params"] if ema_decay is not None else None)
         stop = spent or validate.exhausted or preempted
         saver.save(done, state, force=done == train_steps or stop)
         if stop:
@@ -231,13 +237,14 @@ def register_tasks(dataset: DatasetConfig, model: ModelConfig):
   return task, vocab
 
 
-def run_record(model: EncoderDecoderModel, dataset: DatasetConfig, train_steps: int, vocab, task) -> RunRecord:
+def run_record(model: EncoderDecoderModel, dataset: DatasetConfig, train_steps: int, vocab, task,
+               ema_decay: Optional[float] = None) -> RunRecord:
   """What `recalign eval` needs to rebuild the model and its tasks next to the checkpoints."""
   first = getattr(task, "tasks", [task])[0].name
   return RunRecord(network_config=dataclasses.asdict(model.config), mixture_or_task_name=dataset.mixture_or_task_name,
                    task_feature_lengths=dict(dataset.task_feature_lengths), train_steps=train_steps,
                    vocabulary=vocabulary_record(vocab), data_dirs=tuple(str(paths.resolve(d)) for d in dataset.data_dirs),
-                   task_config=dataclasses.asdict(rt.registry.task_info(first).config))
+                   task_config=dataclasses.asdict(rt.registry.task_info(first).config), ema_decay=ema_decay)
 
 
 def _stopped(model_dir, step: int, is_chief: bool, preempted: bool, spent: bool, validate: PeriodicValidation):
@@ -257,7 +264,8 @@ def _check_batch(batch_size: int, mesh, accum: int) -> None:
 
 
 def _check_values(*, train_steps: int, dataset: DatasetConfig, accum: int, log_every: int,
-                  checkpoint: CheckpointConfig, validation: ValidationConfig, on_nonfinite: str) -> None:
+                  checkpoint: CheckpointConfig, validation: ValidationConfig, on_nonfinite: str,
+                  ema_decay: Optional[float] = None) -> None:
   """Values no run can use, refused before anything is read or compiled, with the setting's name."""
   checks = [(isinstance(train_steps, int) and train_steps > 0,
              f"TRAIN_STEPS must be a positive integer, not {train_steps!r}"),
@@ -273,7 +281,10 @@ def _check_values(*, train_steps: int, dataset: DatasetConfig, accum: int, log_e
              "ValidationConfig.every, every_minutes and patience cannot be negative"),
             (validation.examples is None or validation.examples > 0,
              f"ValidationConfig.examples must be positive (or None: all), not {validation.examples!r}"),
-            (on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be 'stop' or 'skip', not {on_nonfinite!r}")]
+            (on_nonfinite in ("stop", "skip"),
+             f"train.on_nonfinite must be 'stop' or 'skip', not {on_nonfinite!r}"),
+            (ema_decay is None or 0.0 < ema_decay < 1.0,
+             f"EMA_DECAY must be between 0 and 1 (e.g. 0.999), or None: no average, not {ema_decay!r}")]
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
@@ -283,7 +294,8 @@ def _check_values(*, train_steps: int, dataset: DatasetConfig, accum: int, log_e
                      f"{dict(lengths)!r}")
 
 
-def _check_settings(val: ValidationConfig, validate_fn, model_dir: paths.PathLike, vocab) -> None:
+def _check_settings(val: ValidationConfig, validate_fn, model_dir: paths.PathLike, vocab,
+                    ema_decay: Optional[float] = None) -> None:
   """Settings that would fail (or silently do nothing) after steps of training are errors now."""
   from recalign.data.vocab import describe
   if val.enabled and validate_fn is None and not val.task:
@@ -300,3 +312,7 @@ def _check_settings(val: ValidationConfig, validate_fn, model_dir: paths.PathLik
   if previous and previous.vocabulary and previous.vocabulary["sha256"] != vocabulary_record(vocab)["sha256"]:
     raise ValueError(f"{model_dir} was trained with {previous.vocabulary['path']}, not "
                      f"{describe(vocab)}: use another MODEL_DIR")
+  if previous and (previous.ema_decay is None) != (ema_decay is None) and ck.saved_steps(model_dir):
+    # (its checkpoints hold the average or not: the state could not be restored)
+    raise ValueError(f"{model_dir} was trained with EMA_DECAY = {previous.ema_decay}, not {ema_decay}: resume it "
+                     "with the same setting, or use another MODEL_DIR")

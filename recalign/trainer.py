@@ -158,7 +158,10 @@ class ValidationConfig:
   (default the training lengths). The best step by `selection_metric` (default the task's headline
   metric: retrieval ndcg@10, ranking score/ndcg@10, rating auc) is kept in MODEL_DIR/best.
   `patience`: stop early after that many validations in a row without a new best (as SASRec trains;
-  0: never), counted from validation_log.jsonl, so a resumed run stops where an uninterrupted one would."""
+  0: never), counted from validation_log.jsonl, so a resumed run stops where an uninterrupted one would.
+  With an exponential moving average of the parameters (train's `ema_decay`) the average is validated and
+  kept; `raw_too` validates the trained parameters as well and logs them as raw/<metric> (a paired
+  measurement of what the average gives; twice the validation time; never selects)."""
   task: Optional[str] = None
   every: int = 0
   every_minutes: Optional[float] = None
@@ -166,6 +169,7 @@ class ValidationConfig:
   lengths: Optional[Mapping[str, int]] = None
   selection_metric: Optional[str] = None
   patience: int = 0
+  raw_too: bool = False
 
   @property
   def enabled(self) -> bool:
@@ -307,12 +311,16 @@ class PeriodicValidation:
       return False
     return bool(final or (self.cfg.every and step % self.cfg.every == 0) or self.clock.minutes() >= self.next_minute)
 
-  def __call__(self, model, params, step: int, examples_seen: int, final: bool) -> None:
+  def __call__(self, model, params, step: int, examples_seen: int, final: bool, raw=None) -> None:
+    """Validates (and may keep as the best) `params`; `raw`: the trained parameters when `params` is their
+    moving average, validated beside it with `cfg.raw_too`."""
     if not self.due(step, final):
       return
     minutes = self.clock.minutes()
     with self.clock.paused():
       val = self.validate_fn(model, params)
+      if raw is not None and self.cfg.raw_too:
+        val.update({f"raw/{k}": v for k, v in self.validate_fn(model, raw).items()})
       write_summaries(self.writer, step, {f"validation/{k}": v for k, v in val.items()})
       if self.is_chief:
         paths.append_line(self.log, json.dumps({"step": step, "examples_seen": examples_seen, "minutes": minutes,
@@ -395,11 +403,12 @@ class Saver:
 
 def initial_state(model: EncoderDecoderModel, tx: optax.GradientTransformation, mesh: Mesh,
                   mngr: ocp.CheckpointManager, *, seed: int, initial_checkpoint_path: Optional[str] = None,
-                  vocab=None, vocabulary_mismatch: str = "error",
-                  restore_fallback: bool = False) -> tuple[dict, dict, str]:
+                  vocab=None, vocabulary_mismatch: str = "error", restore_fallback: bool = False,
+                  ema: bool = False) -> tuple[dict, dict, str]:
   """(state, its shardings, where it came from). As T5X: the latest checkpoint in MODEL_DIR (resume:
   parameters, optimiser state, step) -> INITIAL_CHECKPOINT_PATH (parameters only) -> random init.
-  State is {"step", "params", "opt_state"}; parameters are placed by LOGICAL_AXIS_RULES."""
+  State is {"step", "params", "opt_state"} (+ "ema_params" with `ema`: the moving average, starting at the
+  initial parameters); parameters are placed by LOGICAL_AXIS_RULES."""
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(seed)))
   param_sharding = param_shardings(model, mesh)
   latest = mngr.latest_step()
@@ -414,6 +423,8 @@ def initial_state(model: EncoderDecoderModel, tx: optax.GradientTransformation, 
       params = jax.jit(lambda r: nn.unbox(model.init(r)), out_shardings=param_sharding)(jax.random.PRNGKey(seed))
       origin = f"random initialisation (seed {seed})"
     state = {"step": jnp.array(0, jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
+    if ema:   # a copy: the step donates the state, and one buffer cannot be donated twice
+      state["ema_params"] = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=param_sharding)(params)
   # One sharding per state leaf, fixed for the whole run: without it the first step sees uncommitted
   # leaves (the step counter, optimiser slots) and the second step compiles the train step again.
   sharding = jax.tree_util.tree_map(
@@ -473,10 +484,24 @@ def _set_aside(root, steps: Sequence[int]) -> None:
 # The step
 
 
+def ema_rate(ema_decay: float, step) -> jax.Array:
+  """The moving average's decay at `step` (0-based): `ema_decay`, lower while few steps are averaged
+  ((1 + step) / (10 + step), as tf.train.ExponentialMovingAverage with num_updates), so the random
+  initialisation is forgotten within the first steps."""
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def eval_params(state: dict):
+  """What validation scores and MODEL_DIR/best keeps: the moving average when the run keeps one."""
+  return state.get("ema_params", state["params"])
+
+
 def train_step(state: dict, batch: dict, *, model: EncoderDecoderModel, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, accum: int, dropout_key: jax.Array) -> tuple[dict, dict]:
+               schedule: optax.Schedule, accum: int, dropout_key: jax.Array,
+               ema_decay: Optional[float] = None) -> tuple[dict, dict]:
   """One optimiser step; with accum > 1 the batch is split into `accum` micro-batches whose gradients
-  are averaged (a scan, so memory holds one micro-batch's activations)."""
+  are averaged (a scan, so memory holds one micro-batch's activations). With `ema_decay`, the state's
+  "ema_params" move toward the new parameters (Polyak averaging; `ema_rate`)."""
   key = jax.random.fold_in(dropout_key, state["step"])   # dropout: a pure function of the step
   grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
   if accum == 1:
@@ -502,6 +527,10 @@ def train_step(state: dict, batch: dict, *, model: EncoderDecoderModel, tx: opta
       optax.global_norm(updates))
   new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
   old = {"params": state["params"], "opt_state": state["opt_state"]}
+  if ema_decay is not None:
+    d = ema_rate(ema_decay, state["step"].astype(jnp.float32))
+    new["ema_params"] = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], new["params"])
+    old["ema_params"] = state["ema_params"]
   metrics["finite"] = finite
   return {"step": state["step"] + 1,
           **jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)}, metrics

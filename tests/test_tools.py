@@ -110,12 +110,15 @@ def test_every_curves_recipe_is_the_gin_run_it_trains():
   sys.path.insert(0, str(REPO / "tools"))
   import curves
   names = [*curves.RECIPES, "bare_prefixes@dropout=0.1", "prefixes_semantic@lr=1e-3,batch=128,decay=linear",
-           'compact_random@size={"num_encoder_layers":2}']   # (one key: variants split at commas)
+           "bare_prefixes_hybrid_item@ema=0.995,raw=1",
+           'compact_random@size={"num_encoder_layers":2}']   # (one key: variants split at commas; last: checked below)
   for name in names:
     r = curves.recipe(name)
     with E.recipe_config(curves.gin_recipe(r), ["DATA_DIRS = ['/d']", "MIXTURE_OR_TASK_NAME = 'm'"]):
       ds, mc = trainer.DatasetConfig(), trainer.ModelConfig()
       schedule, optimizer = trainer.learning_rate_schedule(total_steps=200), gin.query_parameter("make_optimizer.name")
+      averaged = (gin.query_parameter("%EMA_DECAY"), trainer.ValidationConfig().raw_too)
+    assert averaged == (r["ema"], bool(r["raw"])), name
     want = trainer.learning_rate_schedule(base=r["lr"], warmup_steps=r["warmup"], decay=r["decay"], total_steps=200)
     assert ds.task_config == rt.TaskConfig(**r["data"]), name
     assert (dict(ds.task_feature_lengths), ds.batch_size, mc.loss_normalizing_factor, optimizer) == (

@@ -346,3 +346,47 @@ def test_early_stopping_on_validation_patience_survives_a_resume(tiny_root):
   T.train(model_dir=str(split), validate_fn=fake, **{**kw, "train_steps": 3})
   resumed = T.train(model_dir=str(split), validate_fn=fake, **kw)
   assert resumed["step"] == 4 and json.loads((split / "early_stop.json").read_text())["step"] == 4
+
+
+def test_moving_average_of_the_parameters_is_validated_kept_and_read(tiny_root):
+  """EMA_DECAY: every step the state's ema_params move toward the new parameters at `ema_rate` (hand-checked
+  from the saved checkpoints: (1 + s) / (10 + s) early, then the decay); validation scores the average and the
+  raw parameters beside it (raw_too), MODEL_DIR/best keeps the average, and checkpoint readers get it. A
+  resume with the other setting, and a decay outside (0, 1), are refused by name."""
+  import jax
+  import numpy as np
+  import pytest
+  from recalign import trainer
+  from recalign.models import checkpoints as ck
+  from tiny_run import train as train_tiny
+
+  def total(tree) -> float:   # a fingerprint of a parameter tree
+    return float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(tree)))
+
+  seen = []
+
+  def fingerprint(model, params):
+    seen.append(total(params))
+    return {"ndcg@10": 1.0 + len(seen)}   # rises: every validation is a new best
+
+  model_dir = tiny_root / "ema"
+  train_tiny(tiny_root / "tiny", model_dir, 4, ema_decay=0.25, every=1, keep=None, validate_fn=fingerprint,
+             validation=trainer.ValidationConfig(every=2, task="tiny_retrieval", raw_too=True))
+  states = {s: ck._restore_numpy(model_dir / "checkpoints" / str(s) / "default") for s in (1, 2, 3, 4)}
+  for s in (2, 3, 4):   # the update of step s (0-based: s - 1), from the saved states alone
+    d = min(0.25, s / (9 + s))
+    for e, e_prev, p in zip(*(jax.tree_util.tree_leaves(x) for x in (
+        states[s]["ema_params"], states[s - 1]["ema_params"], states[s]["params"]))):
+      np.testing.assert_allclose(e, d * e_prev + (1 - d) * p, rtol=1e-5, atol=1e-7)
+  assert total(states[4]["ema_params"]) != pytest.approx(total(states[4]["params"]), rel=1e-6)
+  val = [json.loads(x) for x in (model_dir / "validation_log.jsonl").read_text().splitlines()]
+  assert [v["step"] for v in val] == [2, 4] and [v["raw/ndcg@10"] - v["ndcg@10"] for v in val] == [1.0, 1.0]
+  assert seen == pytest.approx([total(states[2]["ema_params"]), total(states[2]["params"]),
+                                total(states[4]["ema_params"]), total(states[4]["params"])], rel=1e-6)
+  assert total(ck.load_params(model_dir / "best")) == pytest.approx(total(states[4]["ema_params"]), rel=1e-6)
+  assert total(ck.load_params(model_dir / "checkpoints" / "3")) == pytest.approx(total(states[3]["ema_params"]),
+                                                                                 rel=1e-6)
+  with pytest.raises(ValueError, match="EMA_DECAY = 0.25, not None"):
+    train_tiny(tiny_root / "tiny", model_dir, 6, every=1, keep=None)
+  with pytest.raises(ValueError, match="EMA_DECAY must be between 0 and 1"):
+    train_tiny(tiny_root / "tiny", tiny_root / "ema_bad", 2, ema_decay=1.0)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 # name -> recipe. data: TaskConfig fields; size: a network.CONFIGS name or a dict of T5Config fields.
 BASE = {"mixture": "retrieval", "data": {}, "size": "mini", "lengths": {"inputs": 320, "targets": 64},
         "batch": 64, "lr": 3e-3, "warmup": 50, "decay": "constant", "loss": "NUM_REAL_TARGET_TOKENS",
-        "dropout": 0.1, "dtype": "bfloat16", "optimizer": "adafactor"}
+        "dropout": 0.1, "dtype": "bfloat16", "optimizer": "adafactor", "ema": None, "raw": False}
 RECIPES = {
     # the paper's prompts and IDs (titles in the history, random IDs, sliding windows)
     "paper_random": {},
@@ -125,6 +125,7 @@ def gin_recipe(r: dict):
       f"WARMUP_STEPS = {r['warmup']}", f"learning_rate_schedule.decay = {r['decay']!r}",
       f"LOSS_NORMALIZING_FACTOR = {r['loss']!r}", f"DROPOUT_RATE = {r['dropout']!r}",
       f"ACTIVATION_DTYPE = {r['dtype']!r}", f"make_optimizer.name = {r['optimizer']!r}", f"ITEM_IDS = {scheme!r}",
+      f"EMA_DECAY = {r['ema']!r}", f"ValidationConfig.raw_too = {bool(r['raw'])!r}",   # @ema=0.999,raw=1
       *(f"TaskConfig.{k} = {v!r}" for k, v in data.items())))
 
 

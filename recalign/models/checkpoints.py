@@ -331,7 +331,8 @@ def checkpoint_format(path: paths.PathLike) -> str:
 
 def load_checkpoint(path: paths.PathLike) -> Checkpoint:
   """The one reader of model checkpoints: dispatches on `checkpoint_format`. recalign keeps parameters
-  under 'params' (train state: step, params, opt_state); only T5X checkpoints use T5X's 'target'."""
+  under 'params' (train state: step, params, opt_state; + ema_params, the parameters' moving average, which
+  is what is read when present); only T5X checkpoints use T5X's 'target'."""
   path = paths.as_path(path)
   fmt = checkpoint_format(path)
   if fmt == "huggingface":
@@ -341,7 +342,8 @@ def load_checkpoint(path: paths.PathLike) -> Checkpoint:
     step = path.name.removeprefix("checkpoint_")
     return Checkpoint(load_t5x(path), fmt, None, int(step) if step.isdigit() else None)
   restored = _restore_numpy(path / "default")
-  key = "params" if "params" in restored else "target"   # runs saved before 2026-11-30 used T5X's key
+  # a run with EMA_DECAY: its moving average, what its validation scored; before 2026-11-30 T5X's key
+  key = next((k for k in ("ema_params", "params") if k in restored), "target")
   if key not in restored:
     raise KeyError(f"{path}: no 'params' in the checkpoint (top-level keys: {sorted(restored)})")
   model_dir = find_model_dir(path)
