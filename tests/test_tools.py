@@ -1,6 +1,9 @@
 """The study script's table: the numbers the ablation's reading is written from."""
 
 import importlib.util
+import os
+
+import pytest
 
 from conftest import REPO
 
@@ -196,3 +199,32 @@ def test_study_recipes_and_a_subsets_own_item_ids(tmp_path):
   assert own == build_ids(data, "collaborative").ids
   assert own != json.loads((tmp_path / "syn" / "ids" / "collaborative.json").read_text())["ids"]
   assert E.ensure_subset(tmp_path / "syn", 0.5, id_schemes=("collaborative",)) == sub    # written once
+
+
+@pytest.mark.slow   # ~2 minutes: the study's whole path, twice (run by hand before a study of many CPU hours)
+def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_path):
+  """tools/study.py end to end on tiny data (rows capped in steps, SASRecs per seed): study.json, the table with
+  the baselines' rows, the validation curves; the same command again trains nothing and prints the same table."""
+  import json
+  import subprocess
+  import sys
+  from conftest import write_tiny_tsv
+  src = write_tiny_tsv(tmp_path / "src")
+  cmd = [sys.executable, str(REPO / "tools" / "study.py"), "--data", str(src), "--name", "beauty", "--out",
+         str(tmp_path / "study"), "--recipe", "bare", "--size", "tiny", "--kcore", "0", "--max-steps", "4",
+         "--every", "2", "--rows", "retrieval", "re_mlm", "--seeds", "0", "--test-users", "4", "--val-users", "2",
+         "--sasrec-epochs", "1"]
+  first = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert first.returncode == 0, first.stderr[-2000:]
+  results = json.loads((tmp_path / "study" / "study.json").read_text())
+  assert sorted(results) == ["re_mlm/seed0", "retrieval/seed0"] and {r["steps"] for r in results.values()} == {4}
+  assert sorted(json.loads((tmp_path / "study" / "sasrec.json").read_text())) == ["BCE/seed0", "CE/seed0"]
+  table = [x for x in first.stdout.splitlines() if x.startswith("| ")]
+  assert [x.split(" | ")[0] for x in table[1:]] == ["| retrieval only (`beauty_retrieval`)",
+                                                     "| retrieval + MLM (`beauty_re_mlm`)", "| popularity",
+                                                     "| History (training like-rate)",   # (it has ratings)
+                                                     "| SASRec-BCE", "| SASRec-CE (sampled softmax)"]
+  assert (tmp_path / "study" / "validation_curves.png").stat().st_size > 1000
+  again = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert again.returncode == 0 and "trained beauty" not in again.stdout   # no row, no SASRec trained again
+  assert [x for x in again.stdout.splitlines() if x.startswith("| ")] == table
