@@ -99,6 +99,8 @@ def test_study_sasrecs_train_once_per_seed_on_the_studys_users(tiny_root, monkey
   assert trained == [0, 1, 0] and again["CE/seed0"]["test"] == evaluate_sasrec(model, params, data, "test",
                                                                                example_ids=other["test"])
   assert again["CE/seed0"]["users"] != done["CE/seed0"]["users"] and again["CE/seed1"] == done["CE/seed1"]
+  study.sasrec_baselines(path, data, [1], ids, epochs=1)   # another epoch budget: trained again
+  assert trained == [0, 1, 0, 1]
 
 
 def test_every_curves_recipe_is_the_gin_run_it_trains():

@@ -204,18 +204,19 @@ def plot_curves(out: Path, results: dict) -> Path:
 def sasrec_baselines(path: Path, data, seeds, ids: dict, epochs: int = 200) -> dict:
   """SASRec-BCE and SASRec-CE per seed, early-stopped (`recalign.experiments.train_sasrecs`), scored on the
   study's users (`ids`: split -> example ids, full catalogue): {"<BCE|CE>/seed<s>": {"validation": metrics,
-  "test": metrics, "epochs", "best_epoch", "minutes", "users"}}, kept in `path` -- a seed trains once, and
-  again only if the study's users change (their checksum, "users")."""
+  "test": metrics, "epochs", "best_epoch", "minutes", "users", "max_epochs"}}, kept in `path` -- a seed trains
+  once, and again only if the study's users (their checksum) or the epoch budget change."""
   from recalign.baselines.sasrec import evaluate_sasrec
   from recalign.experiments import train_sasrecs
   done = json.loads(path.read_text()) if path.exists() else {}
   users = {s: zlib.crc32(np.asarray(v, np.int64).tobytes()) for s, v in sorted(ids.items())}
   for seed in seeds:
-    if all(done.get(f"{label}/seed{seed}", {}).get("users") == users for label in ("BCE", "CE")):
+    if all({k: done.get(f"{label}/seed{seed}", {}).get(k) for k in ("users", "max_epochs")} ==
+           {"users": users, "max_epochs": epochs} for label in ("BCE", "CE")):
       continue
     models, summary = train_sasrecs(data, seed, epochs, exclude_history=False)
     for label, (model, params, _) in models.items():
-      done[f"{label}/seed{seed}"] = {**summary[label], "users": users, **{
+      done[f"{label}/seed{seed}"] = {**summary[label], "users": users, "max_epochs": epochs, **{
           s: evaluate_sasrec(model, params, data, s, example_ids=v) for s, v in ids.items()}}
     path.write_text(json.dumps(done, indent=2))
   return done
