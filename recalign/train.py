@@ -284,7 +284,10 @@ def _check_values(*, train_steps: int, dataset: DatasetConfig, accum: int, log_e
             (on_nonfinite in ("stop", "skip"),
              f"train.on_nonfinite must be 'stop' or 'skip', not {on_nonfinite!r}"),
             (ema_decay is None or 0.0 < ema_decay < 1.0,
-             f"EMA_DECAY must be between 0 and 1 (e.g. 0.999), or None: no average, not {ema_decay!r}")]
+             f"EMA_DECAY must be between 0 and 1 (e.g. 0.999), or None: no average, not {ema_decay!r}"),
+            (not validation.raw_too or ema_decay is not None,
+             "ValidationConfig.raw_too validates the trained parameters beside their moving average: set EMA_DECAY "
+             "too (without it there is nothing beside them)")]
   for ok, message in checks:
     if not ok:
       raise ValueError(message)

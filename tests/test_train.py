@@ -390,3 +390,6 @@ def test_moving_average_of_the_parameters_is_validated_kept_and_read(tiny_root):
     train_tiny(tiny_root / "tiny", model_dir, 6, every=1, keep=None)
   with pytest.raises(ValueError, match="EMA_DECAY must be between 0 and 1"):
     train_tiny(tiny_root / "tiny", tiny_root / "ema_bad", 2, ema_decay=1.0)
+  with pytest.raises(ValueError, match="raw_too validates the trained parameters beside their moving average"):
+    train_tiny(tiny_root / "tiny", tiny_root / "ema_bad", 2, validate_fn=fingerprint,
+               validation=trainer.ValidationConfig(every=2, task="tiny_retrieval", raw_too=True))
