@@ -209,14 +209,15 @@ def sasrec_baselines(path: Path, data, seeds, ids: dict, epochs: int = 200) -> d
   from recalign.baselines.sasrec import evaluate_sasrec
   from recalign.experiments import train_sasrecs
   done = json.loads(path.read_text()) if path.exists() else {}
-  users = {s: zlib.crc32(np.asarray(v, np.int64).tobytes()) for s, v in sorted(ids.items())}
+  # what an entry was trained and scored for (the users by their checksum)
+  wanted = {"users": {s: zlib.crc32(np.asarray(v, np.int64).tobytes()) for s, v in sorted(ids.items())},
+            "max_epochs": epochs}
   for seed in seeds:
-    if all({k: done.get(f"{label}/seed{seed}", {}).get(k) for k in ("users", "max_epochs")} ==
-           {"users": users, "max_epochs": epochs} for label in ("BCE", "CE")):
+    if all({k: done.get(f"{label}/seed{seed}", {}).get(k) for k in wanted} == wanted for label in ("BCE", "CE")):
       continue
     models, summary = train_sasrecs(data, seed, epochs, exclude_history=False)
     for label, (model, params, _) in models.items():
-      done[f"{label}/seed{seed}"] = {**summary[label], "users": users, "max_epochs": epochs, **{
+      done[f"{label}/seed{seed}"] = {**summary[label], **wanted, **{
           s: evaluate_sasrec(model, params, data, s, example_ids=v) for s, v in ids.items()}}
     path.write_text(json.dumps(done, indent=2))
   return done
