@@ -28,8 +28,9 @@ validates every `--every` steps on the selection users, stops after `--patience`
 better NDCG@10 or at `--max-steps` (the same cap for every row), checkpoints every `--every` steps: run
 the same command again after an interruption and every row goes on where it stopped; finished rows are
 read back from <out>/study.json and the table is printed again. `--users-fraction`: a seeded subset of
-the users (the data-limited regime; random IDs). `--aux-share`: the auxiliary tasks' share of the
-examples, together (default: the paper's mixing by example counts).
+the users (the data-limited regime; the recipe's IDs, built from the subset's own training sequences).
+`--aux-share`: the auxiliary tasks' share of the examples, together (default: the paper's mixing by
+example counts).
 """
 
 from __future__ import annotations
