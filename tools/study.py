@@ -11,8 +11,9 @@ selection users (`recalign.experiments.SELECTION_USERS`); the best step is evalu
 (or `--test-users` seeded ones) and on the validation users outside the selection sample (or `--val-users`
 of them), beam 20, full catalogue: the paper's protocol. Seeds change the model's initialisation and the training data
 (masks, spans, negatives, order). Writes
-<out>/study.json and a Markdown table: mean ± std over seeds, and each row's NDCG@10 difference from
-the retrieval-only row with whether it exceeds the seeds' spread (|difference| > std_a + std_b).
+<out>/study.json and a Markdown table: mean ± std over seeds, and each row's difference from the row it
+adds to (+ MLM and ReAT from retrieval only, UT + AT from UT, RpAT from rating only; test NDCG@10, AUC for
+the rating rows) with whether it exceeds the seeds' spread (|difference| > std_a + std_b).
 Rows whose mixture holds the rating task (ml-100k) are also scored by rating AUC on all test users.
 Popularity (and, with ratings, History), SASRec-BCE and SASRec-CE (sampled softmax; one per seed, early-stopped
 within `--sasrec-epochs`, kept in <out>/sasrec.json) on the same users are rows of the same table.
@@ -57,6 +58,9 @@ ROWS = {  # name -> (mixture suffix, description)
     "rpat": ("rpat", "rating + MLM + MIM (RpAT)"),
 }
 KEYS = ["hr@5", "ndcg@5", "hr@10", "ndcg@10"]
+# what each row is compared with (the same row without its addition) and on which test metric: the
+# auxiliary rows with the row they add to, UT with retrieval alone
+BASE_ROW = {"re_mlm": "retrieval", "reat": "retrieval", "ut": "retrieval", "ut_at": "ut", "rpat": "rating"}
 
 
 def main():
@@ -273,25 +277,18 @@ def mean_std(runs: list[dict], key: str) -> str:
 
 
 def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> str:
-  """The Markdown table of a study: per row, mean ± std over seeds, the NDCG@10 difference from
-  retrieval-only against the seeds' spread, and rating AUC when any row has it; then `baselines`
-  (`baseline_runs`) on the same users."""
+  """The Markdown table of a study: per row, mean ± std over seeds, the difference from its base row
+  (`BASE_ROW`: test NDCG@10, or rating AUC for rows without retrieval) against the seeds' spread, and
+  rating AUC when any row has it; then `baselines` (`baseline_runs`) on the same users."""
   auc = any("test/auc" in r for r in results.values())
-  lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | val NDCG@10 | test NDCG@10 vs "
-           "retrieval only |" + (" test rating AUC |" if auc else "") + " training (mean) |",
+  lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | val NDCG@10 | vs its base row (test) |"
+           + (" test rating AUC |" if auc else "") + " training (mean) |",
            "|---|---|" + "---|" * (len(KEYS) + 3 + auc)]
-  ref = np.array([r["test/ndcg@10"] for r in results.values() if r["row"] == "retrieval"])
   for row, (_, desc) in ROWS.items():
     runs = [v for v in results.values() if v["row"] == row]
     if not runs:
       continue
-    cells = _cells(runs)
-    vals = np.array([r["test/ndcg@10"] for r in runs if "test/ndcg@10" in r])
-    if row == "retrieval" or not len(ref) or not len(vals):
-      cells.append("—")
-    else:
-      diff, spread = vals.mean() - ref.mean(), vals.std() + ref.std()
-      cells.append(f"{diff:+.4f} ({'exceeds' if abs(diff) > spread else 'within'} spread {spread:.4f})")
+    cells = [*_cells(runs), _against_base(results, row, runs)]
     if auc:
       cells.append(mean_std(runs, "test/auc"))
     cells.append(_training(runs))
@@ -300,6 +297,21 @@ def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> s
     cells = [*_cells(runs), "—", *([mean_std(runs, "test/auc")] if auc else []), _training(runs)]
     lines.append(f"| {desc} | {len(runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def _against_base(results: dict, row: str, runs: list[dict]) -> str:
+  """The row's mean test NDCG@10 (AUC where it has no retrieval) minus its base row's, and whether that
+  exceeds the two rows' spreads added; "—" without a base row in the study."""
+  base = BASE_ROW.get(row)
+  base_runs = [v for v in results.values() if v["row"] == base]
+  key = next((k for k in ("test/ndcg@10", "test/auc") if all(k in r for r in runs + base_runs)), None)
+  if not base_runs or key is None:
+    return "—"
+  vals, ref = (np.array([r[key] for r in rs]) for rs in (runs, base_runs))
+  diff, spread = vals.mean() - ref.mean(), vals.std() + ref.std()
+  name = {"test/ndcg@10": "NDCG@10", "test/auc": "AUC"}[key]
+  return (f"{diff:+.4f} {name} vs {ROWS[base][1]} ({'exceeds' if abs(diff) > spread else 'within'} "
+          f"spread {spread:.4f})")
 
 
 def _cells(runs: list[dict]) -> list[str]:
