@@ -65,6 +65,8 @@ def test_study_table_means_spreads_and_rating_auc():
   trained = [{**run("retrieval", s, 0.01), "steps": n, "best_step": b, "training_minutes": m, "early_stopped": e}
              for s, (n, b, m, e) in enumerate([(3000, 1500, 40.0, True), (4500, None, 61.0, False)])]
   assert study._training(trained) == "3750 steps (best 3000), 50 min, 1/2 stopped early"
+  trained = [{**r, "epochs": e} for r, e in zip(trained, (4.0, 5.0))]
+  assert study._training(trained) == "3750 steps (best 3000), 4.5 epochs, 50 min, 1/2 stopped early"
   assert len(lines) == 10
   # without any AUC, no AUC column
   plain = study.table({k: v for k, v in results.items() if k.startswith("retrieval")}).splitlines()
@@ -167,6 +169,14 @@ def test_aux_share_mixture_gives_the_auxiliary_tasks_their_share(tiny_root):
   assert abs(rates["tiny_retrieval"] - 0.7) < 1e-9 and abs(rates["tiny_mim"] + rates["tiny_mlm"] - 0.3) < 1e-9
   n = {t: rt.get(t).num_input_examples("train") for t in ("tiny_mim", "tiny_mlm")}
   assert abs(rates["tiny_mim"] / rates["tiny_mlm"] - n["tiny_mim"] / n["tiny_mlm"]) < 1e-9
+  # a run's epochs: passes over its mixture's training examples, every member counted, whatever the rates
+  total = sum(rt.get(f"tiny_{t}").num_input_examples("train") for t in ("retrieval", "mim", "mlm"))
+  runs = {"a": {"mixture": "tiny_reat", "examples_seen": 3 * total},
+          "b": {"mixture": mix.name, "examples_seen": total // 2},
+          "c": {"mixture": "tiny_retrieval", "examples_seen": 9}}
+  epochs = {k: r["epochs"] for k, r in study.with_epochs(runs).items()}
+  assert epochs["a"] == 3.0 and epochs["b"] == round(total // 2 / total, 2)
+  assert epochs["c"] == round(9 / rt.get("tiny_retrieval").num_input_examples("train"), 2)
 
 
 def test_users_subset_is_seeded_whole_and_keeps_the_catalogue(tiny_root):

@@ -160,7 +160,7 @@ def main():
                     **{f"{s}/{k}": v for s in m for k, v in m[s].items() if k in KEYS + ["auc"]}}
     results_path.write_text(json.dumps(results, indent=2))
     print(key, results[key], flush=True)
-  print(table(results, baseline_runs(base_rows, sasrec)))
+  print(table(with_epochs(results), baseline_runs(base_rows, sasrec)))
   print(f"validation curves: {plot_curves(out, results)}")
 
 
@@ -318,15 +318,28 @@ def _cells(runs: list[dict]) -> list[str]:
   return [mean_std(runs, k) for k in [f"test/{k}" for k in KEYS] + ["validation/ndcg@10"]]
 
 
+def with_epochs(results: dict) -> dict:
+  """`results` with each run's epochs: examples seen over its mixture's training examples (every member's,
+  auxiliary ones included; passes over the mixture, whatever its rates). Computed when printed, from the
+  registered tasks, so rows a study kept from before have them too."""
+  import seqio
+  def size(mixture: str) -> int:
+    task = seqio.get_mixture_or_task(mixture)
+    return sum(t.num_input_examples("train") for t in getattr(task, "tasks", [task]))
+  sizes = {m: size(m) for m in {r["mixture"] for r in results.values()}}
+  return {k: {**r, "epochs": round(r["examples_seen"] / sizes[r["mixture"]], 2)} for k, r in results.items()}
+
+
 def _training(runs: list[dict]) -> str:
-  """How long the runs trained (means): steps and the best step, training minutes and how many stopped early
-  (the others hit the cap) for recalign's rows; epochs for SASRec's."""
+  """How long the runs trained (means): steps and the best step, epochs (`with_epochs`), training minutes and
+  how many stopped early (the others hit the cap) for recalign's rows; epochs for SASRec's."""
   def avg(key):
     return np.mean([r[key] for r in runs])
   if all("steps" in r for r in runs):
     best = np.mean([r["best_step"] or r["steps"] for r in runs])
     early = sum(bool(r.get("early_stopped")) for r in runs)
-    return (f"{avg('steps'):.0f} steps (best {best:.0f}), {avg('training_minutes'):.0f} min, "
+    epochs = f"{avg('epochs'):.1f} epochs, " if all("epochs" in r for r in runs) else ""
+    return (f"{avg('steps'):.0f} steps (best {best:.0f}), {epochs}{avg('training_minutes'):.0f} min, "
             f"{early}/{len(runs)} stopped early")
   if all("epochs" in r for r in runs):
     return f"{avg('epochs'):.0f} epochs (best {avg('best_epoch'):.0f}), {avg('minutes'):.1f} min"
