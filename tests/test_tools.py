@@ -233,7 +233,7 @@ def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_p
   cmd = [sys.executable, str(REPO / "tools" / "study.py"), "--data", str(src), "--name", "beauty", "--out",
          str(tmp_path / "study"), "--recipe", "bare", "--size", "tiny", "--kcore", "0", "--max-steps", "4",
          "--every", "2", "--rows", "retrieval", "re_mlm", "--seeds", "0", "--test-users", "4", "--val-users", "2",
-         "--sasrec-epochs", "1"]
+         "--sasrec-epochs", "1", "--aux-share", "0.5"]   # (a mixture the second run must register again)
   first = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
   assert first.returncode == 0, first.stderr[-2000:]
   results = json.loads((tmp_path / "study" / "study.json").read_text())
@@ -241,7 +241,7 @@ def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_p
   assert sorted(json.loads((tmp_path / "study" / "sasrec.json").read_text())) == ["BCE/seed0", "CE/seed0"]
   table = [x for x in first.stdout.splitlines() if x.startswith("| ")]
   assert [x.split(" | ")[0] for x in table[1:]] == ["| retrieval only (`beauty_retrieval`)",
-                                                     "| retrieval + MLM (`beauty_re_mlm`)", "| popularity",
+                                                     "| retrieval + MLM (`beauty_re_mlm_aux50`)", "| popularity",
                                                      "| History (training like-rate)",   # (it has ratings)
                                                      "| SASRec-BCE", "| SASRec-CE (sampled softmax)"]
   assert (tmp_path / "study" / "validation_curves.png").stat().st_size > 1000

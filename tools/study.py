@@ -160,6 +160,8 @@ def main():
                     **{f"{s}/{k}": v for s in m for k, v in m[s].items() if k in KEYS + ["auc"]}}
     results_path.write_text(json.dumps(results, indent=2))
     print(key, results[key], flush=True)
+  for r in results.values():   # (rows kept from an earlier sitting: their --aux-share mixtures registered again)
+    aux_mixture(name, r["row"], r.get("aux_share"))
   print(table(with_epochs(results), baseline_runs(base_rows, sasrec)))
   print(f"validation curves: {plot_curves(out, results)}")
 
