@@ -10,6 +10,7 @@ it knows nothing of either.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -287,8 +288,8 @@ class RecEvaluator:
       self.itdr_texts, self.itdr_held = self._itdr_tables[key]
     examples = task_examples(task_name, split, lengths, max_examples, example_ids=example_ids)
     if self._names_from is not None and "users" in self.data.omitted:
-      from recalign.data import tfds_data
-      self._names = tfds_data.user_names(tfds_data.reader(self._names_from), (e["user"] for e in examples))
+      users = np.unique(np.fromiter((e["user"] for e in examples), np.int64))
+      self._names = _user_names(str(self._names_from), users.tobytes())
     if not examples:
       raise ValueError(f"{task_name} has no {split} examples that fit {dict(lengths)} (an example that does not fit "
                        "is dropped, never cut)")
@@ -482,6 +483,15 @@ def headline_metric(kind: str) -> str:
 def validation_metrics(kind: str) -> tuple[str, ...]:
   """The metrics the RecEvaluator reports for a task kind (what ValidationConfig.selection_metric may name)."""
   return KINDS[kind].metrics if kind in KINDS else ()
+
+
+@functools.lru_cache(maxsize=8)
+def _user_names(data_dir: str, users: bytes) -> dict[int, str]:
+  """The names of `users` (int64 indices, as bytes) from the TFDS copy in `data_dir`, read once per process:
+  an eval job asks for the same users at every checkpoint and for every task of a split (a pass over the
+  copy each time: seconds per million users)."""
+  from recalign.data import tfds_data
+  return tfds_data.user_names(tfds_data.reader(data_dir), np.frombuffer(users, np.int64))
 
 
 def needs_users(info, exclude_history: bool) -> bool:

@@ -250,11 +250,13 @@ def test_the_eval_job_of_streamed_tasks_loads_no_users_and_names_them(tmp_path, 
   vocab = rt.registry.task_info("ej_retrieval").vocab
   model = EncoderDecoderModel(CONFIGS["tiny"].replace(vocab_size=padded_vocab_size(vocab.vocab_size)))
   ck.save_hf(model.config, nn.unbox(model.init(jax.random.PRNGKey(0))), tmp_path / "ckpt")
-  loads = []
+  loads, passes = [], []
   real = PreparedData._load.__func__
   monkeypatch.setattr(PreparedData, "_load", classmethod(lambda cls, *a: loads.append(a[3]) or real(cls, *a)))
+  read_names = tfds_data.user_names
+  monkeypatch.setattr(tfds_data, "user_names", lambda *a: passes.append(1) or read_names(*a))
   out = {}
-  for streamed, exclude in ((False, False), (True, False), (True, True)):
+  for streamed, exclude in ((False, False), (True, False), (True, True), (True, False)):
     loads.clear()
     rt.register_dataset(tmp_path / "ej", config=rt.TaskConfig(num_candidates=3, streamed=streamed), replace=True)
     res = E.evaluate_checkpoint(tmp_path / "ckpt", ["ej_retrieval", "ej_ranking"], E.EvalSettings(
@@ -263,5 +265,6 @@ def test_the_eval_job_of_streamed_tasks_loads_no_users_and_names_them(tmp_path, 
     assert set(loads) == {not streamed or exclude}, loads     # (users loaded?)
     out[streamed, exclude] = {k: (r.metrics, r.predictions) for k, r in res.items()}
   assert out[False, False] == out[True, False]
+  assert len(passes) == 1   # the names read once: both tasks, and the job's next evaluation, ask for the same users
   names = {p["user"] for p in out[True, False]["ej_retrieval"][1]}
   assert names == set(data.users) and len(names) == 6
