@@ -58,8 +58,8 @@ ROWS = {  # name -> (mixture suffix, description)
     "rpat": ("rpat", "rating + MLM + MIM (RpAT)"),
 }
 KEYS = ["hr@5", "ndcg@5", "hr@10", "ndcg@10"]
-# what each row is compared with (the same row without its addition) and on which test metric: the
-# auxiliary rows with the row they add to, UT with retrieval alone
+# what each row is compared with (the same row without its addition): the auxiliary rows with the row they
+# add to, UT with retrieval alone (on test NDCG@10, or AUC where neither has retrieval: `_against_base`)
 BASE_ROW = {"re_mlm": "retrieval", "reat": "retrieval", "ut": "retrieval", "ut_at": "ut", "rpat": "rating"}
 
 
