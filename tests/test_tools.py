@@ -67,10 +67,27 @@ def test_study_table_means_spreads_and_rating_auc():
   assert study._training(trained) == "3750 steps (best 3000), 50 min, 1/2 stopped early"
   trained = [{**r, "epochs": e} for r, e in zip(trained, (4.0, 5.0))]
   assert study._training(trained) == "3750 steps (best 3000), 4.5 epochs, 50 min, 1/2 stopped early"
+  # where the capped runs were heading: their validation curve's slope at the end (the early-stopped one's ignored)
+  trained = [{**r, "trend": t} for r, t in zip(trained, (-0.002, 0.0012))]
+  assert study._training(trained) == ("3750 steps (best 3000), 4.5 epochs, 50 min, 1/2 stopped early; "
+                                      "capped runs' validation +0.0012 per 1k steps at the end")
   assert len(lines) == 10
   # without any AUC, no AUC column
   plain = study.table({k: v for k, v in results.items() if k.startswith("retrieval")}).splitlines()
   assert not plain[0].endswith("AUC | training (mean) |") and plain[1].count("---") == 9
+
+
+def test_study_trend_is_the_slope_of_the_last_validations(tmp_path):
+  import json
+  study = load_study()
+  log = tmp_path / "retrieval" / "seed0" / "validation_log.jsonl"
+  log.parent.mkdir(parents=True)
+  # 0.010 then +0.001 every 500 steps over the last four: +0.002 per 1,000 steps (the first point is left out)
+  log.write_text("\n".join(json.dumps({"step": s, "ndcg@10": v}) for s, v in
+                           [(500, 0.030), (1000, 0.010), (1500, 0.011), (2000, 0.012), (2500, 0.013)]))
+  runs = {"retrieval/seed0": run("retrieval", 0, 0.01), "retrieval/seed1": run("retrieval", 1, 0.01)}
+  trend = {k: r["trend"] for k, r in study.with_trend(tmp_path, runs).items()}
+  assert trend["retrieval/seed0"] == pytest.approx(0.002) and trend["retrieval/seed1"] is None   # (no log)
 
 
 def test_study_sasrecs_train_once_per_seed_on_the_studys_users(tiny_root, monkeypatch):

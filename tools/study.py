@@ -162,7 +162,7 @@ def main():
     print(key, results[key], flush=True)
   for r in results.values():   # (rows kept from an earlier sitting: their --aux-share mixtures registered again)
     aux_mixture(name, r["row"], r.get("aux_share"))
-  print(table(with_epochs(results), baseline_runs(base_rows, sasrec)))
+  print(table(with_trend(out, with_epochs(results)), baseline_runs(base_rows, sasrec)))
   print(f"validation curves: {plot_curves(out, results)}")
 
 
@@ -332,17 +332,34 @@ def with_epochs(results: dict) -> dict:
   return {k: {**r, "epochs": round(r["examples_seen"] / sizes[r["mixture"]], 2)} for k, r in results.items()}
 
 
+def with_trend(out: Path, results: dict, last: int = 4) -> dict:
+  """`results` with each run's "trend": the least-squares slope of its validation metric (NDCG@10, AUC for
+  the rating rows) over its `last` validations, per 1,000 steps -- where a run the cap stopped was heading
+  (with a decay that ends at the cap, flattening there is partly the learning rate's doing)."""
+  def trend(r: dict):
+    log = out / r["row"] / f"seed{r['seed']}" / "validation_log.jsonl"
+    val = [json.loads(x) for x in log.read_text().splitlines()][-last:] if log.exists() else []
+    if len(val) < 2:
+      return None
+    metric = "ndcg@10" if "ndcg@10" in val[0] else "auc"
+    return float(np.polyfit([v["step"] for v in val], [v[metric] for v in val], 1)[0]) * 1000
+  return {k: {**r, "trend": trend(r)} for k, r in results.items()}
+
+
 def _training(runs: list[dict]) -> str:
-  """How long the runs trained (means): steps and the best step, epochs (`with_epochs`), training minutes and
-  how many stopped early (the others hit the cap) for recalign's rows; epochs for SASRec's."""
+  """How long the runs trained (means): steps and the best step, epochs (`with_epochs`), training minutes,
+  how many stopped early (the others hit the cap) and where the capped ones were heading (`with_trend`) for
+  recalign's rows; epochs for SASRec's."""
   def avg(key):
     return np.mean([r[key] for r in runs])
   if all("steps" in r for r in runs):
     best = np.mean([r["best_step"] or r["steps"] for r in runs])
     early = sum(bool(r.get("early_stopped")) for r in runs)
     epochs = f"{avg('epochs'):.1f} epochs, " if all("epochs" in r for r in runs) else ""
+    capped = [r["trend"] for r in runs if not r.get("early_stopped") and r.get("trend") is not None]
+    heading = f"; capped runs' validation {np.mean(capped):+.4f} per 1k steps at the end" if capped else ""
     return (f"{avg('steps'):.0f} steps (best {best:.0f}), {epochs}{avg('training_minutes'):.0f} min, "
-            f"{early}/{len(runs)} stopped early")
+            f"{early}/{len(runs)} stopped early{heading}")
   if all("epochs" in r for r in runs):
     return f"{avg('epochs'):.0f} epochs (best {avg('best_epoch'):.0f}), {avg('minutes'):.1f} min"
   return "—"
