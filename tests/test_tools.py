@@ -227,6 +227,13 @@ def test_study_recipes_and_a_subsets_own_item_ids(tmp_path):
   assert ids == {"leaf": "item"} and cfg.task_config.id_scheme == "hybrid" and cfg.task_config.train_examples == "prefixes"
   assert study.named_recipe("bare_prefixes_hybrid_item", "collaborative")[1] == {}   # --id-scheme replaces its IDs
   assert study.named_recipe("bare") == (E.RECIPES["bare"], {})
+  # a gin run file: its own lengths, or the paper's mixture files' where it leaves them to one
+  assert E.dataset_config(study.named_recipe("recalign/gin/runs/cpu_bare.gin")[0]).task_feature_lengths == {
+      "inputs": 96, "targets": 16}
+  assert E.dataset_config(study.named_recipe("recalign/gin/runs/paper_base.gin")[0], [
+      "INITIAL_CHECKPOINT_PATH = '/ckpt'"]).task_feature_lengths == study.PAPER_LENGTHS
+  with pytest.raises(SystemExit, match="no such gin file"):
+    study.named_recipe("recalign/gin/runs/nope.gin")
   synthetic_dataset(tmp_path, "syn", users=60)
   E.ensure_ids(tmp_path / "syn", ("collaborative",))
   sub = E.ensure_subset(tmp_path / "syn", 0.5, id_schemes=("collaborative",))
@@ -265,3 +272,39 @@ def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_p
   again = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
   assert again.returncode == 0 and "trained beauty" not in again.stdout   # no row, no SASRec trained again
   assert [x for x in again.stdout.splitlines() if x.startswith("| ")] == table
+
+
+@pytest.mark.slow   # ~2 minutes: the paper-scale command's path (a gin run file + --gin) on a checkpoint made here
+def test_study_fine_tunes_a_checkpoint_from_a_gin_run_file_on_its_own_vocabulary(tmp_path, tiny_root):
+  """`--recipe <run file> --gin "INITIAL_CHECKPOINT_PATH = ..."`: the study's rows start from a Hugging Face
+  T5 (made here, with its own T5-like SentencePiece model), train on that vocabulary and are scored."""
+  import json
+  import subprocess
+  import sys
+  import torch
+  import transformers
+  from conftest import train_t5_like_vocab, write_tiny_tsv
+  from recalign.data import PreparedData
+  from recalign.data.vocab import load_vocabulary
+  from recalign.models.network import padded_vocab_size
+  hf_dir = tmp_path / "hf"
+  train_t5_like_vocab(PreparedData.load(tiny_root / "tiny"), hf_dir / "spiece.model")
+  torch.manual_seed(0)
+  transformers.T5ForConditionalGeneration(transformers.T5Config(   # the shape of recalign's `tiny`
+      vocab_size=padded_vocab_size(load_vocabulary(hf_dir).vocab_size), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+      num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+      pad_token_id=0, eos_token_id=1)).save_pretrained(hf_dir)
+  src = write_tiny_tsv(tmp_path / "src")
+  out = tmp_path / "study"
+  cmd = [sys.executable, str(REPO / "tools" / "study.py"), "--data", str(src), "--name", "beauty", "--out", str(out),
+         "--recipe", "recalign/gin/runs/finetune.gin", "--gin", "include 'recalign/gin/models/tiny.gin'",
+         "--gin", f"INITIAL_CHECKPOINT_PATH = '{hf_dir}'", "--kcore", "0", "--max-steps", "2", "--every", "2",
+         "--rows", "retrieval", "--seeds", "0", "--test-users", "4", "--val-users", "2", "--sasrec-epochs", "0"]
+  done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert done.returncode == 0, done.stderr[-2000:]
+  run = json.loads((out / "retrieval" / "seed0" / "run.json").read_text())
+  assert run["vocabulary"]["path"] == str((hf_dir / "spiece.model").resolve())   # not the data set's own
+  config = (out / "retrieval" / "seed0" / "config.gin").read_text().replace("\\\n    ", "")   # (gin wraps lines)
+  assert f"INITIAL_CHECKPOINT_PATH = '{hf_dir}'" in config
+  result = json.loads((out / "study.json").read_text())["retrieval/seed0"]
+  assert result["steps"] == 2 and 0 <= result["test/ndcg@10"] <= 1

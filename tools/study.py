@@ -4,7 +4,7 @@
     python tools/study.py --out runs/study_sem --id-scheme semantic --rows retrieval reat
     python tools/study.py --data ../shared/data/ml-100k --name ml100k --out runs/study_ml --rows retrieval reat ut ut_at
 
-Every row: a T5 (`--size`, default mini) from scratch with the demo's recipe (`recalign.experiments.RECIPES`:
+Every row: a T5 (`--size`, default the recipe's) from scratch with the demo's recipe (`recalign.experiments.RECIPES`:
 its data configuration, item IDs, learning rate, dtype) and the row's mixture, trained for the same
 `--minutes` of training (validation excluded), validated every `--minutes`/3 on the demo's
 selection users (`recalign.experiments.SELECTION_USERS`); the best step is evaluated on all test users
@@ -32,6 +32,12 @@ read back from <out>/study.json and the table is printed again. `--users-fractio
 the users (the data-limited regime; the recipe's IDs, built from the subset's own training sequences).
 `--aux-share`: the auxiliary tasks' share of the examples, together (default: the paper's mixing by
 example counts).
+
+At paper scale (a GPU / TPU VM): the paper's run file, fine-tuning FLAN-T5-Base on its own vocabulary, with
+`--gin` bindings as `recalign train` takes them:
+
+    python tools/study.py --out runs/study_flan --recipe recalign/gin/runs/paper_base.gin \
+        --gin "INITIAL_CHECKPOINT_PATH = '/ckpt/flan-t5-base'" --max-steps 10000 --every 1000 --patience 6
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ ROWS = {  # name -> (mixture suffix, description)
 KEYS = ["hr@5", "ndcg@5", "hr@10", "ndcg@10"]
 # what each row is compared with (the same row without its addition): the auxiliary rows with the row they
 # add to, UT with retrieval alone (on test NDCG@10, or AUC where neither has retrieval: `_against_base`)
+# a gin run file's lengths when it leaves them to a mixture file (as recalign/gin/reat.gin sets them)
+PAPER_LENGTHS = {"inputs": 512, "targets": 128}
 BASE_ROW = {"re_mlm": "retrieval", "reat": "retrieval", "ut": "retrieval", "ut_at": "ut", "rpat": "rating"}
 
 
@@ -70,11 +78,16 @@ def main():
   p.add_argument("--id-scheme", choices=["random", "collaborative", "semantic", "atomic", "hybrid"],
                  help="item IDs (default: the recipe's)")
   p.add_argument("--out", default="runs/study")
-  p.add_argument("--recipe", default="compact", help="a recipe of recalign.experiments (compact, bare, paper) or of "
-                 "tools/curves.py, variants included (e.g. 'bare_prefixes_hybrid_item@dropout=0.1,decay=linear')")
+  p.add_argument("--recipe", default="compact", help="a recipe of recalign.experiments (compact, bare, paper), of "
+                 "tools/curves.py, variants included (e.g. 'bare_prefixes_hybrid_item@dropout=0.1,decay=linear'), "
+                 "or a gin run file (e.g. recalign/gin/runs/paper_base.gin; without TASK_FEATURE_LENGTHS, those of "
+                 "the paper's mixture files: inputs 512, targets 128)")
+  p.add_argument("--gin", action="append", default=[], metavar="BINDING",
+                 help="a gin binding applied after the recipe's, as recalign train's --gin.NAME=VALUE (repeatable): "
+                 "e.g. \"INITIAL_CHECKPOINT_PATH = '/ckpt/flan-t5-base'\"")
   p.add_argument("--rows", nargs="+", default=["retrieval", "re_mlm", "reat"], choices=sorted(ROWS))
   p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-  p.add_argument("--size", default="mini")
+  p.add_argument("--size", help="the model size (default: the recipe's)")
   p.add_argument("--minutes", type=float, default=6.0, help="training minutes per run (validation excluded)")
   # every user by default: on a sample of 2,000 the users alone move NDCG@10 by ~10% (one standard error),
   # three times the seeds' spread at convergence
@@ -101,6 +114,7 @@ def main():
                                     report_ids, selection_size, train_model)
   out = Path(args.out)
   named, id_settings = named_recipe(args.recipe, args.id_scheme)
+  named = named.bind(*args.gin)
   base = dataset_config(named)
   lengths = {**base.task_feature_lengths, "targets": max(32, base.task_feature_lengths["targets"])}
   # every row sees the same target length: MIM needs room for several masked IDs
@@ -167,12 +181,23 @@ def main():
 
 
 def named_recipe(name: str, id_scheme=None):
-  """(the experiments.Recipe named `name` -- one of recalign.experiments.RECIPES, or a tools/curves.py recipe
-  with its variant, as gin --, the `build_ids` settings of its item IDs (a curves recipe's "ids"; none when
-  `id_scheme` replaces its scheme))."""
-  from recalign.experiments import RECIPES
+  """(the experiments.Recipe named `name` -- one of recalign.experiments.RECIPES, a tools/curves.py recipe
+  with its variant, as gin, or a gin run file --, the `build_ids` settings of its item IDs (a curves recipe's
+  "ids"; none when `id_scheme` replaces its scheme))."""
+  from recalign.experiments import RECIPES, Recipe, dataset_config
   if name in RECIPES:
     return RECIPES[name], {}
+  if name.endswith(".gin"):   # (each row binds its own mixture)
+    if not Path(name).is_file() and not (REPO / name).is_file():
+      raise SystemExit(f"--recipe {name}: no such gin file")
+    r = Recipe(name if Path(name).is_file() else str(REPO / name), "retrieval")
+    try:
+      dataset_config(r)
+    except ValueError as e:   # a run file leaves the lengths to a mixture file: the paper's mixture files'
+      if "TASK_FEATURE_LENGTHS" not in str(e):
+        raise
+      r = r.bind(f"TASK_FEATURE_LENGTHS = {PAPER_LENGTHS}")
+    return r, {}
   import curves
   try:
     r = curves.recipe(name)
