@@ -194,6 +194,10 @@ def test_aux_share_mixture_gives_the_auxiliary_tasks_their_share(tiny_root):
   epochs = {k: r["epochs"] for k, r in study.with_epochs(runs).items()}
   assert epochs["a"] == 3.0 and epochs["b"] == round(total // 2 / total, 2)
   assert epochs["c"] == round(9 / rt.get("tiny_retrieval").num_input_examples("train"), 2)
+  # the share of the main tasks' examples (the curves' second axis): 70% at --aux-share 0.3, by counts otherwise
+  assert study.main_share(mix.name) == pytest.approx(0.7) and study.main_share("tiny_retrieval") == 1.0
+  n = {t: rt.get(f"tiny_{t}").num_input_examples("train") for t in ("retrieval", "mim", "mlm")}
+  assert study.main_share("tiny_reat") == pytest.approx(n["retrieval"] / sum(n.values()))
 
 
 def test_users_subset_is_seeded_whole_and_keeps_the_catalogue(tiny_root):

@@ -207,9 +207,10 @@ def named_recipe(name: str, id_scheme=None):
 
 
 def plot_curves(out: Path, results: dict) -> Path:
-  """<out>/validation_curves.png: every run's validation metric (NDCG@10; the rating rows' AUC on a panel of
-  its own) against the examples it had seen (of every task of its mixture), one colour per row (a row still
-  rising when the cap stopped it shows it)."""
+  """<out>/validation_curves.png: every run's validation metric (NDCG@10; the rating rows' AUC on a row of
+  panels of its own), one colour per row, against the steps (the same compute) and against the examples of
+  its main tasks seen (the same supervision: examples seen x `main_share`) -- a row still rising when the
+  cap stopped it shows it."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -219,21 +220,39 @@ def plot_curves(out: Path, results: dict) -> Path:
     if log.exists():
       val = [json.loads(x) for x in log.read_text().splitlines()]
       metric = "ndcg@10" if "ndcg@10" in val[0] else "auc"
-      curves.setdefault(metric, []).append((r, [v["examples_seen"] for v in val], [v[metric] for v in val]))
-  fig, axes = plt.subplots(1, max(len(curves), 1), figsize=(8 * max(len(curves), 1), 4.5), squeeze=False)
+      share = main_share(r["mixture"])
+      curves.setdefault(metric, []).append((r, [v["step"] for v in val],
+                                            [v["examples_seen"] * share for v in val], [v[metric] for v in val]))
+  n = max(len(curves), 1)
+  fig, axes = plt.subplots(n, 2, figsize=(15, 4.5 * n), squeeze=False)
   colours = dict(zip(ROWS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-  for ax, (metric, runs) in zip(axes[0], sorted(curves.items(), reverse=True)):
-    labelled = set()
-    for r, x, y in runs:
-      ax.plot(x, y, "o-", ms=3, color=colours[r["row"]], label=None if r["row"] in labelled else ROWS[r["row"]][1])
-      labelled.add(r["row"])
-    ax.set_xlabel("training examples seen")
-    ax.set_ylabel(f"validation {metric.upper()} (selection users)")
-    ax.legend()
+  for panels, (metric, runs) in zip(axes, sorted(curves.items(), reverse=True)):
+    for ax, xlabel, col in ((panels[0], "training steps", 1), (panels[1], "main-task examples seen", 2)):
+      labelled = set()
+      for run in runs:
+        r = run[0]
+        ax.plot(run[col], run[3], "o-", ms=3, color=colours[r["row"]],
+                label=None if r["row"] in labelled else ROWS[r["row"]][1])
+        labelled.add(r["row"])
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel(f"validation {metric.upper()} (selection users)")
+      ax.legend()
   fig.tight_layout()
   fig.savefig(out / "validation_curves.png", dpi=120)
   plt.close(fig)
   return out / "validation_curves.png"
+
+
+def main_share(mixture: str) -> float:
+  """The share of a mixture's examples that are its main tasks' (retrieval, ranking, rating: not MIM, MLM,
+  BPR, item QA), from its mixing rates; 1 for a task."""
+  import seqio
+  from recalign.tasks.registry import AUX_TASKS
+  task = seqio.get_mixture_or_task(mixture)
+  if not isinstance(task, seqio.Mixture):
+    return 1.0
+  rates = {t.name: task.get_rate(t) for t in task.tasks}
+  return sum(v for t, v in rates.items() if not t.endswith(tuple(f"_{a}" for a in AUX_TASKS))) / sum(rates.values())
 
 
 def sasrec_baselines(path: Path, data, seeds, ids: dict, epochs: int = 200) -> dict:
