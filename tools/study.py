@@ -66,9 +66,9 @@ ROWS = {  # name -> (mixture suffix, description)
 KEYS = ["hr@5", "ndcg@5", "hr@10", "ndcg@10"]
 # what each row is compared with (the same row without its addition): the auxiliary rows with the row they
 # add to, UT with retrieval alone (on test NDCG@10, or AUC where neither has retrieval: `_against_base`)
+BASE_ROW = {"re_mlm": "retrieval", "reat": "retrieval", "ut": "retrieval", "ut_at": "ut", "rpat": "rating"}
 # a gin run file's lengths when it leaves them to a mixture file (as recalign/gin/reat.gin sets them)
 PAPER_LENGTHS = {"inputs": 512, "targets": 128}
-BASE_ROW = {"re_mlm": "retrieval", "reat": "retrieval", "ut": "retrieval", "ut_at": "ut", "rpat": "rating"}
 
 
 def main():
@@ -188,9 +188,10 @@ def named_recipe(name: str, id_scheme=None):
   if name in RECIPES:
     return RECIPES[name], {}
   if name.endswith(".gin"):   # (each row binds its own mixture)
-    if not Path(name).is_file() and not (REPO / name).is_file():
+    path = next((f for f in (Path(name), REPO / name) if f.is_file()), None)
+    if path is None:
       raise SystemExit(f"--recipe {name}: no such gin file")
-    r = Recipe(name if Path(name).is_file() else str(REPO / name), "retrieval")
+    r = Recipe(str(path), "retrieval")
     try:
       dataset_config(r)
     except ValueError as e:   # a run file leaves the lengths to a mixture file: the paper's mixture files'
@@ -216,10 +217,8 @@ def plot_curves(out: Path, results: dict) -> Path:
   import matplotlib.pyplot as plt
   curves = {}
   for key, r in sorted(results.items()):
-    log = out / r["row"] / f"seed{r['seed']}" / "validation_log.jsonl"
-    if log.exists():
-      val = [json.loads(x) for x in log.read_text().splitlines()]
-      metric = "ndcg@10" if "ndcg@10" in val[0] else "auc"
+    metric, val = validation_log(out, r)
+    if val:
       share = main_share(r["mixture"])
       curves.setdefault(metric, []).append((r, [v["step"] for v in val],
                                             [v["examples_seen"] * share for v in val], [v[metric] for v in val]))
@@ -381,13 +380,19 @@ def with_trend(out: Path, results: dict, last: int = 4) -> dict:
   the rating rows) over its `last` validations, per 1,000 steps -- where a run the cap stopped was heading
   (with a decay that ends at the cap, flattening there is partly the learning rate's doing)."""
   def trend(r: dict):
-    log = out / r["row"] / f"seed{r['seed']}" / "validation_log.jsonl"
-    val = [json.loads(x) for x in log.read_text().splitlines()][-last:] if log.exists() else []
-    if len(val) < 2:
+    metric, val = validation_log(out, r)
+    if len(val[-last:]) < 2:
       return None
-    metric = "ndcg@10" if "ndcg@10" in val[0] else "auc"
-    return float(np.polyfit([v["step"] for v in val], [v[metric] for v in val], 1)[0]) * 1000
+    return float(np.polyfit([v["step"] for v in val[-last:]], [v[metric] for v in val[-last:]], 1)[0]) * 1000
   return {k: {**r, "trend": trend(r)} for k, r in results.items()}
+
+
+def validation_log(out: Path, r: dict) -> tuple[Optional[str], list[dict]]:
+  """(the metric a run validated on -- NDCG@10, or AUC for the rating rows --, its validations in order);
+  (None, []) before its first validation."""
+  log = out / r["row"] / f"seed{r['seed']}" / "validation_log.jsonl"
+  val = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+  return ("ndcg@10" if "ndcg@10" in val[0] else "auc") if val else None, val
 
 
 def _training(runs: list[dict]) -> str:
