@@ -27,23 +27,23 @@ def run(row, seed, ndcg=None, auc=None):
 def test_study_table_means_spreads_and_rating_auc():
   study = load_study()
   results = {f"{r['row']}/seed{r['seed']}": r for r in [
-      run("retrieval", 0, 0.010), run("retrieval", 1, 0.020),        # 0.0150 ± 0.0050
-      run("ut", 0, 0.030, 0.6), run("ut", 1, 0.030, 0.7),            # +0.0150 > spread 0.0050 + 0
-      run("ut_at", 0, 0.012, 0.5), run("ut_at", 1, 0.016, 0.5),      # -0.0010 < spread 0.0050 + 0.0020
+      run("retrieval", 0, 0.010), run("retrieval", 1, 0.020),        # 0.0150 ± 0.0071 (0.01 / sqrt 2: ddof=1)
+      run("ut", 0, 0.030, 0.6), run("ut", 1, 0.030, 0.7),            # +0.0150 > spread 0.0071 + 0
+      run("ut_at", 0, 0.012, 0.5), run("ut_at", 1, 0.016, 0.5),      # vs UT: -0.0160 > spread 0 + 0.0028
       run("rating", 0, auc=0.55), run("rating", 1, auc=0.65),         # no retrieval metrics
-      run("rpat", 0, auc=0.62), run("rpat", 1, auc=0.64)]}            # +0.03 AUC < spread 0.05 + 0.01
+      run("rpat", 0, auc=0.62), run("rpat", 1, auc=0.64)]}            # +0.03 AUC < spread 0.0707 + 0.0141
   lines = study.table(results).splitlines()
   assert lines[0].endswith("| val NDCG@10 | vs its base row (test) | test rating AUC | training (mean) |")
-  assert lines[2] == ("| retrieval only (`ml100k_retrieval`) | 2 | " + "0.0150 ± 0.0050 | " * 5 + "— | — | — |")
+  assert lines[2] == ("| retrieval only (`ml100k_retrieval`) | 2 | " + "0.0150 ± 0.0071 | " * 5 + "— | — | — |")
   # each row against the row it adds to: UT and retrieval, UT + AT and UT (not retrieval), RpAT and rating by AUC
   assert lines[3] == ("| UT (retrieval + ranking [+ rating]) (`ml100k_ut`) | 2 | " + "0.0300 ± 0.0000 | " * 5
-                      + "+0.0150 NDCG@10 vs retrieval only (exceeds spread 0.0050) | 0.6500 ± 0.0500 | — |")
-  assert lines[4] == ("| UT + AT (+ MLM + MIM) (`ml100k_ut_at`) | 2 | " + "0.0140 ± 0.0020 | " * 5
-                      + "-0.0160 NDCG@10 vs UT (retrieval + ranking [+ rating]) (exceeds spread 0.0020) | "
+                      + "+0.0150 NDCG@10 vs retrieval only (exceeds spread 0.0071) | 0.6500 ± 0.0707 | — |")
+  assert lines[4] == ("| UT + AT (+ MLM + MIM) (`ml100k_ut_at`) | 2 | " + "0.0140 ± 0.0028 | " * 5
+                      + "-0.0160 NDCG@10 vs UT (retrieval + ranking [+ rating]) (exceeds spread 0.0028) | "
                       + "0.5000 ± 0.0000 | — |")
-  assert lines[5] == "| rating only (`ml100k_rating`) | 2 | " + "— | " * 6 + "0.6000 ± 0.0500 | — |"
+  assert lines[5] == "| rating only (`ml100k_rating`) | 2 | " + "— | " * 6 + "0.6000 ± 0.0707 | — |"
   assert lines[6] == ("| rating + MLM + MIM (RpAT) (`ml100k_rpat`) | 2 | " + "— | " * 5
-                      + "+0.0300 AUC vs rating only (within spread 0.0600) | 0.6300 ± 0.0100 | — |")
+                      + "+0.0300 AUC vs rating only (within spread 0.0849) | 0.6300 ± 0.0141 | — |")
   # a row whose base row is not in the study has no difference
   alone = study.table({k: v for k, v in results.items() if v["row"] == "ut_at"}).splitlines()
   assert alone[2].split(" | ")[7] == "—"
@@ -57,9 +57,9 @@ def test_study_table_means_spreads_and_rating_auc():
                        "epochs": 9 + s, "best_epoch": 5, "minutes": 1.0} for s, v in ((0, 0.03), (1, 0.05))})
   assert list(base) == ["popularity", "History (training like-rate)", "SASRec-CE (sampled softmax)"]   # no BCE run
   lines = study.table(results, base).splitlines()
-  assert lines[7] == "| popularity | 1 | " + "0.0040 ± 0.0000 | " * 4 + "0.0050 ± 0.0000 | — | — | — |"
-  assert lines[8] == "| History (training like-rate) | 1 | " + "— | " * 6 + "0.5800 ± 0.0000 | — |"
-  assert lines[9] == ("| SASRec-CE (sampled softmax) | 2 | " + "0.0400 ± 0.0100 | " * 5
+  assert lines[7] == "| popularity | 1 | " + "0.0040 | " * 4 + "0.0050 | — | — | — |"   # one run: no spread
+  assert lines[8] == "| History (training like-rate) | 1 | " + "— | " * 6 + "0.5800 | — |"
+  assert lines[9] == ("| SASRec-CE (sampled softmax) | 2 | " + "0.0400 ± 0.0141 | " * 5
                       + "— | — | 10 epochs (best 5), 1.0 min |")
   # how long recalign's rows trained: steps, best step, minutes, how many stopped early (the rest hit the cap)
   trained = [{**run("retrieval", s, 0.01), "steps": n, "best_step": b, "training_minutes": m, "early_stopped": e}
