@@ -324,9 +324,9 @@ def seed_std(vals: np.ndarray) -> float:
 def mean_std(runs: list[dict], key: str) -> str:
   """"mean ± std" (`seed_std`) of `key` over the runs that have it; the mean alone for one; "—" for none."""
   vals = np.array([r[key] for r in runs if key in r])
-  if len(vals) < 2:
-    return f"{vals.mean():.4f}" if len(vals) else "—"
-  return f"{vals.mean():.4f} ± {seed_std(vals):.4f}"
+  if not len(vals):
+    return "—"
+  return f"{vals.mean():.4f}" + (f" ± {seed_std(vals):.4f}" if len(vals) > 1 else "")
 
 
 def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> str:
@@ -389,9 +389,10 @@ def with_trend(out: Path, results: dict, last: int = 4) -> dict:
   (with a decay that ends at the cap, flattening there is partly the learning rate's doing)."""
   def trend(r: dict):
     metric, val = validation_log(out, r)
-    if len(val[-last:]) < 2:
+    val = val[-last:]
+    if len(val) < 2:
       return None
-    return float(np.polyfit([v["step"] for v in val[-last:]], [v[metric] for v in val[-last:]], 1)[0]) * 1000
+    return float(np.polyfit([v["step"] for v in val], [v[metric] for v in val], 1)[0]) * 1000
   return {k: {**r, "trend": trend(r)} for k, r in results.items()}
 
 
