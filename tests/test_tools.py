@@ -252,14 +252,17 @@ def test_study_recipes_and_a_subsets_own_item_ids(tmp_path):
 @pytest.mark.slow   # ~2 minutes: the study's whole path, twice (run by hand before a study of many CPU hours)
 def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_path):
   """tools/study.py end to end on tiny data (rows capped in steps, SASRecs per seed): study.json, the table with
-  the baselines' rows, the validation curves; the same command again trains nothing and prints the same table."""
+  the baselines' rows, the validation curves, all in the record (`--record`); the same command again, after
+  <out> (checkpoints, prepared data) is lost, trains nothing and prints the same table."""
   import json
+  import shutil
   import subprocess
   import sys
   from conftest import write_tiny_tsv
   src = write_tiny_tsv(tmp_path / "src")
   cmd = [sys.executable, str(REPO / "tools" / "study.py"), "--data", str(src), "--name", "beauty", "--out",
-         str(tmp_path / "study"), "--recipe", "bare", "--size", "tiny", "--kcore", "0", "--max-steps", "4",
+         str(tmp_path / "scratch"), "--record", str(tmp_path / "study"), "--recipe", "bare", "--size", "tiny",
+         "--kcore", "0", "--max-steps", "4",
          "--every", "2", "--rows", "retrieval", "re_mlm", "--seeds", "0", "--test-users", "4", "--val-users", "2",
          "--sasrec-epochs", "1", "--aux-share", "0.5"]   # (a mixture the second run must register again)
   first = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -273,6 +276,11 @@ def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_p
                                                      "| History (training like-rate)",   # (it has ratings)
                                                      "| SASRec-BCE", "| SASRec-CE (sampled softmax)"]
   assert (tmp_path / "study" / "validation_curves.png").stat().st_size > 1000
+  assert (tmp_path / "study" / "re_mlm" / "seed0" / "validation_log.jsonl").read_text() == (
+      tmp_path / "scratch" / "re_mlm" / "seed0" / "validation_log.jsonl").read_text()
+  kept = {f.relative_to(tmp_path / "study").parts[-1] for f in (tmp_path / "study").glob("*/seed0/**/*")}
+  assert kept == {"train_log.jsonl", "validation_log.jsonl"}   # (the record: logs, no checkpoint)
+  shutil.rmtree(tmp_path / "scratch")
   again = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
   assert again.returncode == 0 and "trained beauty" not in again.stdout   # no row, no SASRec trained again
   assert [x for x in again.stdout.splitlines() if x.startswith("| ")] == table

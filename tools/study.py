@@ -28,7 +28,10 @@ To convergence (the budget in steps, not minutes: a busy machine does not change
 validates every `--every` steps on the selection users, stops after `--patience` validations without a
 better NDCG@10 or at `--max-steps` (the same cap for every row), checkpoints every `--every` steps: run
 the same command again after an interruption and every row goes on where it stopped; finished rows are
-read back from <out>/study.json and the table is printed again. `--users-fraction`: a seeded subset of
+read back from <out>/study.json and the table is printed again. `--record DIR` keeps what a study
+concluded apart from its checkpoints and prepared data: study.json, sasrec.json, baselines.json, the curves
+and every finished run's logs (a few hundred KB, for docs/), so a study survives losing <out> between
+sittings -- only an unfinished run starts over. `--users-fraction`: a seeded subset of
 the users (the data-limited regime; the recipe's IDs, built from the subset's own training sequences).
 `--aux-share`: the auxiliary tasks' share of the examples, together (default: the paper's mixing by
 example counts).
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import zlib
@@ -78,6 +82,8 @@ def main():
   p.add_argument("--id-scheme", choices=["random", "collaborative", "semantic", "atomic", "hybrid"],
                  help="item IDs (default: the recipe's)")
   p.add_argument("--out", default="runs/study")
+  p.add_argument("--record", help="where the study's results, baselines, curves and finished runs' logs are kept "
+                 "(default: --out)")
   p.add_argument("--recipe", default="compact", help="a recipe of recalign.experiments (compact, bare, paper), of "
                  "tools/curves.py, variants included (e.g. 'bare_prefixes_hybrid_item@dropout=0.1,decay=linear'), "
                  "or a gin run file (e.g. recalign/gin/runs/paper_base.gin; without TASK_FEATURE_LENGTHS, those of "
@@ -113,6 +119,7 @@ def main():
   from recalign.experiments import (dataset_config, ensure_prepared, ensure_subset, evaluate_best, pending_runs,
                                     report_ids, selection_size, train_model)
   out = Path(args.out)
+  record = Path(args.record or args.out)
   named, id_settings = named_recipe(args.recipe, args.id_scheme)
   named = named.bind(*args.gin)
   base = dataset_config(named)
@@ -134,7 +141,7 @@ def main():
   data = PreparedData.load(data_dir)
   name = data.name
   rt.register_dataset(data_dir, config=task_config, replace=True)   # rows differ in config
-  results_path = out / "study.json"
+  results_path = record / "study.json"
   results, todo = pending_runs(results_path, args.rows, args.seeds)
   task = f"{name}_retrieval"
   ids = {s: report_ids(task, s, args.test_users if s == "test" else args.val_users) for s in ("validation", "test")}
@@ -142,10 +149,10 @@ def main():
   base_rows = {f"popularity / {s}": B.popularity(data, s, example_ids=ids[s]) for s in ids}
   if data.has_ratings:
     base_rows["History / test"] = B.history_rating(data, "test")
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "baselines.json").write_text(json.dumps(base_rows, indent=2))
+  record.mkdir(parents=True, exist_ok=True)
+  (record / "baselines.json").write_text(json.dumps(base_rows, indent=2))
   print(B.format_table(base_rows))
-  sasrec = (sasrec_baselines(out / "sasrec.json", data, args.seeds, ids, args.sasrec_epochs)
+  sasrec = (sasrec_baselines(record / "sasrec.json", data, args.seeds, ids, args.sasrec_epochs)
             if args.sasrec_epochs else {})
   for key, row, seed in todo:
     model_dir = out / row / f"seed{seed}"
@@ -172,12 +179,13 @@ def main():
                     "users_fraction": args.users_fraction, "aux_share": args.aux_share,
                     "wall_minutes_this_sitting": round((time.time() - t0) / 60, 1),
                     **{f"{s}/{k}": v for s in m for k, v in m[s].items() if k in KEYS + ["auc"]}}
+    keep_logs(model_dir, record / row / f"seed{seed}")
     results_path.write_text(json.dumps(results, indent=2))
     print(key, results[key], flush=True)
   for r in results.values():   # (rows kept from an earlier sitting: their --aux-share mixtures registered again)
     aux_mixture(name, r["row"], r.get("aux_share"))
-  print(table(with_trend(out, with_epochs(results)), baseline_runs(base_rows, sasrec)))
-  print(f"validation curves: {plot_curves(out, results)}")
+  print(table(with_trend(record, with_epochs(results)), baseline_runs(base_rows, sasrec)))
+  print(f"validation curves: {plot_curves(record, results)}")
 
 
 def named_recipe(name: str, id_scheme=None):
@@ -205,6 +213,19 @@ def named_recipe(name: str, id_scheme=None):
   except KeyError:
     raise SystemExit(f"--recipe {name!r}: neither {sorted(RECIPES)} nor a recipe of tools/curves.py") from None
   return curves.gin_recipe(r), {} if id_scheme else r.get("ids", {})
+
+
+RUN_LOGS = ("train_log.jsonl", "validation_log.jsonl", "early_stop.json")
+
+
+def keep_logs(model_dir: Path, dest: Path) -> None:
+  """A finished run's logs (`RUN_LOGS`: what the table and the curves read) copied to the study's record."""
+  if dest.resolve() == model_dir.resolve():
+    return
+  dest.mkdir(parents=True, exist_ok=True)
+  for name in RUN_LOGS:
+    if (model_dir / name).exists():
+      shutil.copyfile(model_dir / name, dest / name)
 
 
 def plot_curves(out: Path, results: dict) -> Path:
