@@ -116,31 +116,14 @@ def main():
   import recalign.tasks as rt
   from recalign import baselines as B
   from recalign.data import PreparedData
-  from recalign.experiments import (dataset_config, ensure_prepared, ensure_subset, evaluate_best, pending_runs,
-                                    report_ids, selection_size, train_model)
+  from recalign.experiments import dataset_config, evaluate_best, pending_runs, report_ids, selection_size, train_model
   out = Path(args.out)
   record = Path(args.record or args.out)
-  named, id_settings = named_recipe(args.recipe, args.id_scheme)
-  named = named.bind(*args.gin)
-  base = dataset_config(named)
-  lengths = {**base.task_feature_lengths, "targets": max(32, base.task_feature_lengths["targets"])}
-  # every row sees the same target length: MIM needs room for several masked IDs
-  recipe = named.bind(f"TASK_FEATURE_LENGTHS = {lengths}",
-                      *([f"ITEM_IDS = {args.id_scheme!r}"] if args.id_scheme else []))
-  # ranking prompts hold 100 candidates: the rows with ranking get longer inputs and proportionally fewer
-  # rows per batch (the same tokens per step as the others)
-  rows_per_batch = max(1, base.batch_size * lengths["inputs"] // args.ranking_inputs)
-  long_recipe = recipe.bind(f"TASK_FEATURE_LENGTHS = {({**lengths, 'inputs': args.ranking_inputs})}",
-                            f"BATCH_SIZE = {rows_per_batch}")
+  recipe, long_recipe, data_dir = study_setup(args)
   task_config = dataset_config(recipe).task_config
   scheme = task_config.id_scheme
-  schemes = {} if scheme == "random" else {scheme: id_settings}
-  data_dir = ensure_prepared(Path(args.data), out / "data" / args.name, args.name, args.kcore, id_schemes=schemes)
-  if args.users_fraction < 1:   # (its IDs built from the subset's own training sequences)
-    data_dir = ensure_subset(data_dir, args.users_fraction, id_schemes=schemes)
   data = PreparedData.load(data_dir)
   name = data.name
-  rt.register_dataset(data_dir, config=task_config, replace=True)   # rows differ in config
   results_path = record / "study.json"
   results, todo = pending_runs(results_path, args.rows, args.seeds)
   task = f"{name}_retrieval"
@@ -186,6 +169,35 @@ def main():
     aux_mixture(name, r["row"], r.get("aux_share"))
   print(table(with_trend(record, with_epochs(results)), baseline_runs(base_rows, sasrec)))
   print(f"validation curves: {plot_curves(record, results)}")
+
+
+def study_setup(args) -> tuple:
+  """(the rows' recipe, the recipe of the rows with ranking, the prepared data -- its tasks registered with
+  the recipe's configuration) from the command line's --recipe, --gin, --id-scheme, --data, --name,
+  --kcore, --users-fraction, --ranking-inputs and --out."""
+  import recalign.tasks as rt
+  from recalign.experiments import dataset_config, ensure_prepared, ensure_subset
+  named, id_settings = named_recipe(args.recipe, args.id_scheme)
+  named = named.bind(*args.gin)
+  base = dataset_config(named)
+  lengths = {**base.task_feature_lengths, "targets": max(32, base.task_feature_lengths["targets"])}
+  # every row sees the same target length: MIM needs room for several masked IDs
+  recipe = named.bind(f"TASK_FEATURE_LENGTHS = {lengths}",
+                      *([f"ITEM_IDS = {args.id_scheme!r}"] if args.id_scheme else []))
+  # ranking prompts hold 100 candidates: the rows with ranking get longer inputs and proportionally fewer
+  # rows per batch (the same tokens per step as the others)
+  rows_per_batch = max(1, base.batch_size * lengths["inputs"] // args.ranking_inputs)
+  long_recipe = recipe.bind(f"TASK_FEATURE_LENGTHS = {({**lengths, 'inputs': args.ranking_inputs})}",
+                            f"BATCH_SIZE = {rows_per_batch}")
+  task_config = dataset_config(recipe).task_config
+  scheme = task_config.id_scheme
+  schemes = {} if scheme == "random" else {scheme: id_settings}
+  data_dir = ensure_prepared(Path(args.data), Path(args.out) / "data" / args.name, args.name, args.kcore,
+                             id_schemes=schemes)
+  if args.users_fraction < 1:   # (its IDs built from the subset's own training sequences)
+    data_dir = ensure_subset(data_dir, args.users_fraction, id_schemes=schemes)
+  rt.register_dataset(data_dir, config=task_config, replace=True)   # rows differ in config
+  return recipe, long_recipe, data_dir
 
 
 def named_recipe(name: str, id_scheme=None):
