@@ -253,7 +253,8 @@ def test_study_recipes_and_a_subsets_own_item_ids(tmp_path):
 def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_path):
   """tools/study.py end to end on tiny data (rows capped in steps, SASRecs per seed): study.json, the table with
   the baselines' rows, the validation curves, all in the record (`--record`); the same command again, after
-  <out> (checkpoints, prepared data) is lost, trains nothing and prints the same table."""
+  <out> (checkpoints, prepared data) is lost, trains nothing and prints the same table; so does --report with
+  seeds not yet trained."""
   import json
   import shutil
   import subprocess
@@ -284,6 +285,12 @@ def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_p
   again = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
   assert again.returncode == 0 and "trained beauty" not in again.stdout   # no row, no SASRec trained again
   assert [x for x in again.stdout.splitlines() if x.startswith("| ")] == table
+  # --report: what the record holds, nothing trained (not seed 1's rows, nor its SASRecs)
+  report = subprocess.run(cmd + ["--seeds", "0", "1", "--report"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert report.returncode == 0 and "[recalign] trained" not in report.stdout
+  assert [x for x in report.stdout.splitlines() if x.startswith("| ")] == table
+  assert sorted(json.loads((tmp_path / "study" / "sasrec.json").read_text())) == ["BCE/seed0", "CE/seed0"]
 
 
 @pytest.mark.slow   # ~2 minutes: the paper-scale command's path (a gin run file + --gin) on a checkpoint made here

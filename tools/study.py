@@ -31,7 +31,8 @@ the same command again after an interruption and every row goes on where it stop
 read back from <out>/study.json and the table is printed again. `--record DIR` keeps what a study
 concluded apart from its checkpoints and prepared data: study.json, sasrec.json, baselines.json, the curves
 and every finished run's logs (a few hundred KB, for docs/), so a study survives losing <out> between
-sittings -- only an unfinished run starts over. `--users-fraction`: a seeded subset of
+sittings -- only an unfinished run starts over. `--report`: the table and the curves of what the record holds
+so far, while the study is still going, training nothing. `--users-fraction`: a seeded subset of
 the users (the data-limited regime; the recipe's IDs, built from the subset's own training sequences).
 `--aux-share`: the auxiliary tasks' share of the examples, together (default: the paper's mixing by
 example counts).
@@ -82,6 +83,8 @@ def main():
   p.add_argument("--id-scheme", choices=["random", "collaborative", "semantic", "atomic", "hybrid"],
                  help="item IDs (default: the recipe's)")
   p.add_argument("--out", default="runs/study")
+  p.add_argument("--report", action="store_true", help="print the table and the curves of the runs the record "
+                 "holds so far, training nothing (SASRec included)")
   p.add_argument("--record", help="where the study's results, baselines, curves and finished runs' logs are kept "
                  "(default: --out)")
   p.add_argument("--recipe", default="compact", help="a recipe of recalign.experiments (compact, bare, paper), of "
@@ -126,6 +129,7 @@ def main():
   name = data.name
   results_path = record / "study.json"
   results, todo = pending_runs(results_path, args.rows, args.seeds)
+  todo = [] if args.report else todo
   task = f"{name}_retrieval"
   ids = {s: report_ids(task, s, args.test_users if s == "test" else args.val_users) for s in ("validation", "test")}
   # on the very users the rows are scored on (seconds: computed every time, never stale for other --test-users)
@@ -135,8 +139,11 @@ def main():
   record.mkdir(parents=True, exist_ok=True)
   (record / "baselines.json").write_text(json.dumps(base_rows, indent=2))
   print(B.format_table(base_rows))
-  sasrec = (sasrec_baselines(record / "sasrec.json", data, args.seeds, ids, args.sasrec_epochs)
-            if args.sasrec_epochs else {})
+  sasrec_path = record / "sasrec.json"
+  if args.report:
+    sasrec = json.loads(sasrec_path.read_text()) if sasrec_path.exists() else {}
+  else:
+    sasrec = sasrec_baselines(sasrec_path, data, args.seeds, ids, args.sasrec_epochs) if args.sasrec_epochs else {}
   for key, row, seed in todo:
     model_dir = out / row / f"seed{seed}"
     t0 = time.time()
