@@ -10,13 +10,12 @@ its data configuration, item IDs, learning rate, dtype) and the row's mixture, t
 selection users (`recalign.experiments.SELECTION_USERS`); the best step is evaluated on all test users
 (or `--test-users` seeded ones) and on the validation users outside the selection sample (or `--val-users`
 of them), beam 20, full catalogue: the paper's protocol. Seeds change the model's initialisation and the training data
-(masks, spans, negatives, order). Writes
-<out>/study.json and a Markdown table: mean ± std over seeds, and each row's difference from the row it
-adds to (+ MLM and ReAT from retrieval only, UT + AT from UT, RpAT from rating only; test NDCG@10, AUC for
-the rating rows) with whether it exceeds the seeds' spread (|difference| > std_a + std_b).
+(masks, spans, negatives, order). Writes <record>/study.json (`--record`, default <out>) and a Markdown
+table: mean ± std over seeds, and each row's difference from the row it adds to (+ MLM and ReAT from
+retrieval only, UT + AT from UT, RpAT from rating only; test NDCG@10, AUC for the rating rows) with whether it exceeds the seeds' spread (|difference| > std_a + std_b).
 Rows whose mixture holds the rating task (ml-100k) are also scored by rating AUC on all test users.
 Popularity (and, with ratings, History), SASRec-BCE and SASRec-CE (sampled softmax; one per seed, early-stopped
-within `--sasrec-epochs`, kept in <out>/sasrec.json) on the same users are rows of the same table.
+within `--sasrec-epochs`, kept in <record>/sasrec.json) on the same users are rows of the same table.
 `--id-scheme` replaces the recipe's item IDs (random: the paper's; collaborative; semantic). Rows with
 ranking (UT, UT + AT) take `--ranking-inputs` input tokens and proportionally fewer rows per batch.
 
@@ -28,9 +27,9 @@ To convergence (the budget in steps, not minutes: a busy machine does not change
 validates every `--every` steps on the selection users, stops after `--patience` validations without a
 better NDCG@10 or at `--max-steps` (the same cap for every row), checkpoints every `--every` steps: run
 the same command again after an interruption and every row goes on where it stopped; finished rows are
-read back from <out>/study.json and the table is printed again. `--record DIR` keeps what a study
+read back from <record>/study.json and the table is printed again. `--record DIR` keeps what a study
 concluded apart from its checkpoints and prepared data: study.json, sasrec.json, baselines.json, the curves
-and every finished run's logs (a few hundred KB, for docs/), so a study survives losing <out> between
+and every finished run's logs (~100 KB a run, for docs/), so a study survives losing <out> between
 sittings -- only an unfinished run starts over. `--report`: the table and the curves of what the record holds
 so far, while the study is still going, training nothing. `--users-fraction`: a seeded subset of
 the users (the data-limited regime; the recipe's IDs, built from the subset's own training sequences).
@@ -248,7 +247,7 @@ def keep_logs(model_dir: Path, dest: Path) -> None:
 
 
 def plot_curves(out: Path, results: dict) -> Path:
-  """<out>/validation_curves.png: every run's validation metric (NDCG@10; the rating rows' AUC on a row of
+  """<record>/validation_curves.png (`out`): every run's validation metric (NDCG@10; the rating rows' AUC on a row of
   panels of its own), one colour per row, against the steps (the same compute) and against the examples of
   its main tasks seen (the same supervision: examples seen x `main_share`) -- a row still rising when the
   cap stopped it shows it."""
