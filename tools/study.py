@@ -13,7 +13,8 @@ of them), beam 20, full catalogue: the paper's protocol. Seeds change the model'
 (masks, spans, negatives, order). Writes <record>/study.json (`--record`, default <out>) and a Markdown
 table: mean ± std over seeds, and each row's difference from the row it adds to (+ MLM and ReAT from
 retrieval only, UT + AT from UT, RpAT from rating only; test NDCG@10, AUC for the rating rows)
-with whether it exceeds the seeds' spread (|difference| > std_a + std_b, sample standard deviations). Rows whose mixture holds the rating task (ml-100k) are also scored by rating AUC on all test users.
+with whether it exceeds the seeds' spread (|difference| > std_a + std_b, sample standard deviations).
+Rows whose mixture holds the rating task (ml-100k) are also scored by rating AUC on all test users.
 Popularity (and, with ratings, History), SASRec-BCE and SASRec-CE (sampled softmax; one per seed, early-stopped
 within `--sasrec-epochs`, kept in <record>/sasrec.json) on the same users are rows of the same table.
 `--id-scheme` replaces the recipe's item IDs (random: the paper's; collaborative; semantic). Rows with
