@@ -35,11 +35,10 @@ def worker(args) -> None:
   import study
   from recalign.data import PreparedData
   from recalign.experiments import train_model
-  recipe, long_recipe, data_dir = study.study_setup(args)
-  members = study.ROWS[args.row][0]
+  recipe, long_recipe, data_dir, _ = study.study_setup(args)
   mixture = study.aux_mixture(PreparedData.load(data_dir).name, args.row, None)
   train_model(data_dir, Path(args.model_dir), mixture, None, minutes=None, size=None, seed=0,
-              recipe=long_recipe if members in ("ut", "ut_at") else recipe, steps=args.steps,
+              recipe=long_recipe if "ranking" in study.row_members(args.row) else recipe, steps=args.steps,
               extra=[f"train.log_every = {args.log_every}"])
 
 

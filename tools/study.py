@@ -116,15 +116,12 @@ def main():
 
   from recalign.console import quiet_startup
   quiet_startup()
-  import recalign.tasks as rt
   from recalign import baselines as B
   from recalign.data import PreparedData
-  from recalign.experiments import dataset_config, evaluate_best, pending_runs, report_ids, selection_size, train_model
+  from recalign.experiments import evaluate_best, pending_runs, report_ids, selection_size, train_model
   out = Path(args.out)
   record = Path(args.record or args.out)
-  recipe, long_recipe, data_dir = study_setup(args)
-  task_config = dataset_config(recipe).task_config
-  scheme = task_config.id_scheme
+  recipe, long_recipe, data_dir, scheme = study_setup(args)
   data = PreparedData.load(data_dir)
   name = data.name
   results_path = record / "study.json"
@@ -139,15 +136,13 @@ def main():
   record.mkdir(parents=True, exist_ok=True)
   (record / "baselines.json").write_text(json.dumps(base_rows, indent=2))
   print(B.format_table(base_rows))
-  sasrec_path = record / "sasrec.json"
-  if args.report:
-    sasrec = json.loads(sasrec_path.read_text()) if sasrec_path.exists() else {}
-  else:
-    sasrec = sasrec_baselines(sasrec_path, data, args.seeds, ids, args.sasrec_epochs) if args.sasrec_epochs else {}
+  # (--report: no seed to train, what the record holds)
+  sasrec = (sasrec_baselines(record / "sasrec.json", data, [] if args.report else args.seeds, ids, args.sasrec_epochs)
+            if args.sasrec_epochs else {})
   for key, row, seed in todo:
     model_dir = out / row / f"seed{seed}"
     t0 = time.time()
-    members = rt.MIXTURES.get(ROWS[row][0], (ROWS[row][0],))
+    members = row_members(row)
     retrieval = "retrieval" in members
     # the checkpoint is picked on retrieval, or on rating for the rows without retrieval
     mixture = aux_mixture(name, row, args.aux_share)
@@ -180,8 +175,8 @@ def main():
 
 def study_setup(args) -> tuple:
   """(the rows' recipe, the recipe of the rows with ranking, the prepared data -- its tasks registered with
-  the recipe's configuration) from the command line's --recipe, --gin, --id-scheme, --data, --name,
-  --kcore, --users-fraction, --ranking-inputs and --out."""
+  the recipe's configuration --, the item ID scheme) from the command line's --recipe, --gin, --id-scheme,
+  --data, --name, --kcore, --users-fraction, --ranking-inputs and --out."""
   import recalign.tasks as rt
   from recalign.experiments import dataset_config, ensure_prepared, ensure_subset
   named, id_settings = named_recipe(args.recipe, args.id_scheme)
@@ -204,7 +199,13 @@ def study_setup(args) -> tuple:
   if args.users_fraction < 1:   # (its IDs built from the subset's own training sequences)
     data_dir = ensure_subset(data_dir, args.users_fraction, id_schemes=schemes)
   rt.register_dataset(data_dir, config=task_config, replace=True)   # rows differ in config
-  return recipe, long_recipe, data_dir
+  return recipe, long_recipe, data_dir, scheme
+
+
+def row_members(row: str) -> tuple:
+  """The tasks a row's mixture holds (its one task for a task): "ranking" among them takes the long recipe."""
+  import recalign.tasks as rt
+  return rt.MIXTURES.get(ROWS[row][0], (ROWS[row][0],))
 
 
 def named_recipe(name: str, id_scheme=None):
@@ -248,8 +249,8 @@ def keep_logs(model_dir: Path, dest: Path) -> None:
 
 
 def plot_curves(out: Path, results: dict) -> Path:
-  """<record>/validation_curves.png (`out`): every run's validation metric (NDCG@10; the rating rows' AUC on a row of
-  panels of its own), one colour per row, against the steps (the same compute) and against the examples of
+  """<record>/validation_curves.png (`out`): every run's validation metric (NDCG@10; the rating rows' AUC on
+  a row of panels of its own), one colour per row, against the steps (the same compute) and against the examples of
   its main tasks seen (the same supervision: examples seen x `main_share`) -- a row still rising when the
   cap stopped it shows it."""
   import matplotlib
@@ -341,7 +342,7 @@ def aux_mixture(name: str, row: str, share) -> str:
   import recalign.tasks as rt
   from recalign.tasks.registry import AUX_TASKS
   base = f"{name}_{ROWS[row][0]}"
-  members = rt.MIXTURES.get(ROWS[row][0], (ROWS[row][0],))
+  members = row_members(row)
   aux = [f"{name}_{m}" for m in members if m in AUX_TASKS]
   main = [f"{name}_{m}" for m in members if m not in AUX_TASKS]
   if share is None or not aux:
