@@ -163,15 +163,22 @@ def to_dataset(ex: Examples | Records, *, split: str, shuffle: bool, seed: int, 
   otherwise); `salt` (the task's) makes the tasks of a mixture shuffle independently.
   """
   n = len(ex)
-  features = {"example_id": np.arange(n, dtype=np.int64), "sample_seed": np.full(n, seed, np.int64),
-              **ex.features()}
-  base = tf.data.Dataset.from_tensor_slices(features)
+  features = ex.features()
+  with tf.init_scope():   # captured by the gather, not copied into every epoch's graph
+    columns = {k: v if isinstance(v, tf.RaggedTensor) else tf.constant(v) for k, v in features.items()}
+
+  def example(i):
+    return {"example_id": i, "sample_seed": tf.constant(seed, tf.int64),
+            **{k: v[i] if isinstance(v, tf.RaggedTensor) else tf.gather(v, i) for k, v in columns.items()}}
 
   def epoch_ds(epoch):
-    ds = base
+    # the epoch's order shuffles example indices, not examples: the same order as shuffling the
+    # examples themselves (a shuffle's draws do not depend on what it holds), and a checkpoint of the
+    # input iterator holds 8 bytes an example instead of every waiting example's features
+    ds = tf.data.Dataset.range(n)
     if shuffle:
       ds = ds.shuffle(n, seed=_epoch_seed(seed, salt, epoch), reshuffle_each_iteration=False)
-    return ds.map(lambda x: {**x, "epoch": epoch})
+    return ds.map(lambda i: {**example(i), "epoch": epoch})
 
   return _epochs(epoch_ds, split)
 
