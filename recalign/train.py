@@ -43,7 +43,7 @@ from recalign.partitioning import PartitionConfig, maybe_initialize_distributed,
 from recalign.run_record import RunRecord
 from recalign.trainer import (CheckpointConfig, DatasetConfig, ModelConfig, NonFiniteSteps, PeriodicValidation,
                               Saver, TaskProbes, TrainClock, TrainLog, ValidationConfig, checkpoint_manager,
-                              eval_params, initial_state, input_batches, learning_rate_schedule, make_optimizer,
+                              eval_params, initial_state, InputBatches, learning_rate_schedule, make_optimizer,
                               summary_writer, train_step)
 
 def resolve_vocabulary(vocabulary: Optional[str], initial_checkpoint_path: Optional[str]):
@@ -159,7 +159,8 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
 
     # 5. input, and the loop's actions
     lengths = dict(dataset.task_feature_lengths)
-    batches = input_batches(task, lengths, dataset.batch_size, seed=random_seed, pack=dataset.pack, start_step=start)
+    batches = InputBatches(task, lengths, dataset.batch_size, seed=random_seed, pack=dataset.pack)
+    logging.info("%s: %s", model_dir, batches.resume(model_dir, start))
     writer = summary_writer(model_dir / "train") if is_chief and tensorboard else None
     budget_min = time_budget_s / 60 if time_budget_s else train_minutes_budget
     bar = tqdm(total=None if budget_min else train_steps, initial=start,  # a time budget: no step total
@@ -194,16 +195,19 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
           bar.update(done - 1 - bar.n)
         in_flight = (done, metrics)
         preempted, spent = preemption.requested(done), out_of_time()
-        final = done == train_steps or spent or preempted
+        last = done == train_steps or spent   # validated even off the schedule; a preempted step is not: the
+        final = last or preempted             # save must beat the notice, and the resumed run validates as usual
         if log.due(done, final):
           nonfinite.check(done, metrics)
           log(done, metrics, state["params"], minutes=clock.minutes(), skipped=nonfinite.skipped)
-        if validate.due(done, final) or saver.due(done, final or validate.exhausted):
+        if validate.due(done, last) or saver.due(done, final or validate.exhausted):
           nonfinite.check(done, in_flight[1])   # what is validated or saved is known to be finite
-        validate(net, eval_params(state), done, log.examples_seen, final=final,
+        validate(net, eval_params(state), done, log.examples_seen, final=last,
                  raw=state["params"] if ema_decay is not None else None)
         stop = spent or validate.exhausted or preempted
         saver.save(done, state, force=done == train_steps or stop)
+        if (preempted and ckpt_cfg.input_state != "never") or (ckpt_cfg.input_state == "every" and saver.saved(done)):
+          batches.save(model_dir, done)
         if stop:
           _stopped(model_dir, done, is_chief, preempted, spent, validate)
           break
@@ -277,6 +281,8 @@ def _check_values(*, train_steps: int, dataset: DatasetConfig, accum: int, log_e
             (checkpoint.every > 0, f"CheckpointConfig.every must be positive, not {checkpoint.every!r}"),
             (checkpoint.keep is None or checkpoint.keep > 0,
              f"CheckpointConfig.keep must be positive (or None: keep all), not {checkpoint.keep!r}"),
+            (checkpoint.input_state in ("preemption", "every", "never"),
+             f"CheckpointConfig.input_state must be 'preemption', 'every' or 'never', not {checkpoint.input_state!r}"),
             (validation.every >= 0 and (validation.every_minutes or 0) >= 0 and validation.patience >= 0,
              "ValidationConfig.every, every_minutes and patience cannot be negative"),
             (validation.examples is None or validation.examples > 0,

@@ -57,7 +57,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_losses(tiny_root, reference):
   assert losses(run) == reference                              # ... and every loss equals the uninterrupted run
 
 
-def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(tiny_root, reference):
+def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(tiny_root, reference, capfd):
   from recalign.faults import PREEMPTED_EXIT_CODE
   from recalign.models.checkpoints import saved_steps
   assert sorted(reference) == list(range(1, STEPS + 1))         # the reference run learns
@@ -73,8 +73,70 @@ def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(t
   k = max(losses(run))
   assert 8 <= k < STEPS and saved_steps(run) == [1, k]          # the checkpoint of the step it stopped at
   assert "saving a checkpoint" in err
+  assert [p.name for p in (run / "input_state").iterdir()] == [str(k)]   # and the input stream's state there
   train_tiny(tiny_root / "tiny", run, STEPS)
+  assert "replaying the input stream" not in capfd.readouterr().err    # restored, not replayed
   assert losses(run) == reference                                   # nothing lost, nothing different
+
+
+def test_a_preempted_run_saves_at_once_and_validates_the_steps_an_uninterrupted_run_validates(tiny_root):
+  """SIGTERM during step 2's validation: step 3 is saved and the run stops without validating it -- a validation
+  can outlast a preemption notice, and an extra one would move the best step and the patience count away from
+  an uninterrupted run's -- and the resumed run validates steps 4 and 6, as an uninterrupted one."""
+  import recalign.tasks as rt
+  from recalign import faults, train as T, trainer
+  from recalign.models.checkpoints import saved_steps
+  from recalign.models.network import CONFIGS
+  rt.register_dataset(tiny_root / "tiny", config=rt.TaskConfig(num_candidates=3))
+  calls = []
+
+  def validate(model, params):
+    calls.append(len(calls))
+    if len(calls) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)    # the notice arrives while step 2 is validated
+    return {"ndcg@10": 0.1 * len(calls)}
+
+  kw = configs(mixture_or_task_name="tiny_retrieval", task_feature_lengths={"inputs": 128, "targets": 16},
+               batch_size=4, network_config=CONFIGS["tiny"], progress=False, train_steps=6,
+               validation=trainer.ValidationConfig(every=2, task="tiny_retrieval"))
+  run = tiny_root / "preempted_validating"
+  validated = lambda: [json.loads(x)["step"] for x in (run / "validation_log.jsonl").read_text().splitlines()]  # noqa: E731
+  with pytest.raises(faults.Preempted):
+    T.train(model_dir=str(run), validate_fn=validate, **kw)
+  assert validated() == [2] and saved_steps(run)[-1] == 3
+  T.train(model_dir=str(run), validate_fn=validate, **kw)
+  assert validated() == [2, 4, 6]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_the_input_stream_restored_or_replayed_goes_on_as_one_never_interrupted(tiny_root, tmp_path, pack):
+  """Saved after 3 batches and restored into a fresh pipeline, the stream gives the batches of a stream never
+  interrupted -- the examples waiting in the packer included, and past the tasks' epoch ends, where masks and
+  negatives are drawn anew -- and so does replaying it, as a resume without a saved state does."""
+  import recalign.tasks as rt
+  from recalign import trainer
+  from recalign.tasks import packing
+  rt.register_dataset(tiny_root / "tiny", config=rt.TaskConfig(num_candidates=3))
+  task, lengths = rt.get("tiny_reat"), {"inputs": 128, "targets": 48}
+
+  def batches(n: int, resume_from=None, at: int = 0) -> list[dict]:
+    stream = trainer.InputBatches(task, lengths, 8, seed=0, pack=pack)
+    how = stream.resume(resume_from, at) if resume_from is not None else ""
+    return [next(stream) for _ in range(n)], stream, how
+
+  never, _, _ = batches(15)
+  _, saved, _ = batches(3)
+  assert not pack or len(saved._packer.waiting) == 8     # a batch closes with `rows` examples waiting
+  saved.save(tmp_path, 3)
+  restored, _, how = batches(12, tmp_path, 3)
+  replayed, _, how_replayed = batches(12, tmp_path / "nothing saved", 3)
+  assert "restored" in how and "replayed" in how_replayed
+  one_epoch = sum(t.num_input_examples("train") for t in task.tasks)
+  assert sum(packing.num_examples(b) for b in never[3:]) > one_epoch     # every task's epoch ended on the way
+  for got in (restored, replayed):
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(never[3:], got) for k in a)
+  saved.save(tmp_path, 4)
+  assert [p.name for p in (tmp_path / "input_state").iterdir()] == ["4"]   # the newest state only
 
 
 def test_steps_logged_after_the_newest_checkpoint_are_logged_once_when_trained_again(tiny_root, reference):

@@ -44,7 +44,7 @@ def segments(batch):
 @pytest.mark.parametrize("lookahead", [1, 3, 4])
 def test_every_example_once_cut_to_lengths_and_delayed_at_most_one_batch(lookahead):
   exs = stream(300)
-  batches = list(packing.pack_batches(iter(exs), LENGTHS, rows=4, lookahead=lookahead))
+  batches = list(packing.Packer(iter(exs), LENGTHS, rows=4, lookahead=lookahead))
   seen = {}
   for b, batch in enumerate(batches):
     assert batch["encoder_input_tokens"].shape == (4, 32) and batch["decoder_target_tokens"].shape == (4, 8)
@@ -64,7 +64,7 @@ def test_same_features_as_seqio_packing_when_nothing_shares_a_row():
   ds = tf.data.Dataset.from_generator(lambda: iter(exs), output_signature={
       "inputs": tf.TensorSpec([None], tf.int32), "targets": tf.TensorSpec([None], tf.int32)})
   ref = list(seqio.EncDecFeatureConverter(pack=True)(ds, LENGTHS).batch(4).as_numpy_iterator())
-  ours = list(packing.pack_batches(iter(exs), LENGTHS, rows=4, lookahead=1))
+  ours = list(packing.Packer(iter(exs), LENGTHS, rows=4, lookahead=1))
   assert len(ours) == len(ref) == 2
   for a, b in zip(ours, ref):
     assert set(a) == set(b)
@@ -78,15 +78,15 @@ def test_denser_than_next_fit():
       "inputs": tf.TensorSpec([None], tf.int32), "targets": tf.TensorSpec([None], tf.int32)})
   next_fit = [packing.density(b) for b in
               seqio.EncDecFeatureConverter(pack=True)(ds, LENGTHS).batch(8, drop_remainder=True).as_numpy_iterator()]
-  first_fit = [packing.density(b) for b in packing.pack_batches(iter(exs), LENGTHS, rows=8)][:-1]
+  first_fit = [packing.density(b) for b in packing.Packer(iter(exs), LENGTHS, rows=8)][:-1]
   assert np.mean(first_fit) > np.mean(next_fit) + 0.1, (np.mean(first_fit), np.mean(next_fit))
   # and it uses correspondingly fewer rows for the same examples
   assert len(first_fit) < 0.9 * len(next_fit)
 
 
 def test_deterministic_and_rejects_bad_lookahead():
-  a = [b["encoder_input_tokens"] for b in itertools.islice(packing.pack_batches(iter(stream(200)), LENGTHS, 4), 10)]
-  b = [b["encoder_input_tokens"] for b in itertools.islice(packing.pack_batches(iter(stream(200)), LENGTHS, 4), 10)]
+  a = [b["encoder_input_tokens"] for b in itertools.islice(packing.Packer(iter(stream(200)), LENGTHS, 4), 10)]
+  b = [b["encoder_input_tokens"] for b in itertools.islice(packing.Packer(iter(stream(200)), LENGTHS, 4), 10)]
   assert all(np.array_equal(x, y) for x, y in zip(a, b))
   with pytest.raises(ValueError, match="lookahead"):
-    next(packing.pack_batches(iter(stream(5)), LENGTHS, rows=4, lookahead=5))
+    packing.Packer(iter(stream(5)), LENGTHS, rows=4, lookahead=5)

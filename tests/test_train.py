@@ -183,7 +183,7 @@ def test_finetuning_uses_the_checkpoint_vocabulary_and_matches_transformers_loss
   assert run["vocabulary"]["path"] == str((hf_dir / "spiece.model").resolve())
   task_vocab = rt.registry.get_vocabulary(rt.get("tiny_reat"))
   assert task_vocab.sp_model == t5_vocab.sp_model and task_vocab.vocab_size == t5_vocab.vocab_size
-  batch = next(trainer.input_batches(rt.get("tiny_reat"), lengths, 8, seed=0, pack=False))
+  batch = next(trainer.InputBatches(rt.get("tiny_reat"), lengths, 8, seed=0, pack=False))
   assert batch["encoder_input_tokens"].max() >= 100          # ids from the T5-like model, not cut
   with torch.no_grad():
     enc = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
@@ -246,7 +246,7 @@ def test_two_processes_train_on_the_union_of_their_shards(tiny_root):
     with pytest.MonkeyPatch.context() as mp:
       mp.setattr(jax, "process_count", lambda: 2)
       mp.setattr(jax, "process_index", lambda pid=pid: pid)
-      local.append(next(trainer.input_batches(task, lengths, 8, seed=0, pack=True)))
+      local.append(next(trainer.InputBatches(task, lengths, 8, seed=0, pack=True)))
   batch = {k: np.concatenate([local[0][k], local[1][k]]) for k in local[0]}
   vocab = rt.registry.get_vocabulary(task)
   model = EncoderDecoderModel(CONFIGS["tiny"].replace(dropout_rate=0.0, vocab_size=padded_vocab_size(vocab.vocab_size)))

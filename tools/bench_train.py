@@ -61,7 +61,7 @@ def run_recalign(task, cfg, lengths, batch_size, steps, pack):
     return optax.apply_updates(params, upd), opt, m["loss"]
 
   it = (next_fit_batches(task, lengths, batch_size) if pack == "next-fit"
-        else trainer.input_batches(task, lengths, batch_size, seed=0, pack=pack == "first-fit"))
+        else trainer.InputBatches(task, lengths, batch_size, seed=0, pack=pack == "first-fit"))
   batches = [next(it) for _ in range(steps + 1)]
   params, opt, loss = step(params, opt, batches[0])  # compile
   jax.block_until_ready(loss)

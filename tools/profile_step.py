@@ -54,7 +54,7 @@ def profile(name: str, data_dir: Path, steps: int) -> dict:
                                                  vocab_size=padded_vocab_size(vocab.vocab_size))
   model = EncoderDecoderModel(cfg)
   lengths = r["lengths"]
-  batches = trainer.input_batches(task, lengths, r["batch"], seed=0, pack=True)
+  batches = trainer.InputBatches(task, lengths, r["batch"], seed=0, pack=True)
   next(batches)                                                   # tf.data start-up
   t = time.perf_counter()
   held = [next(batches) for _ in range(steps)]

@@ -16,7 +16,7 @@ and segment ids keep attention inside each example.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -60,39 +60,49 @@ class _Batch:
     return out
 
 
-def pack_batches(examples: Iterable[Mapping[str, np.ndarray]], lengths: Mapping[str, int], rows: int,
-                 lookahead: Optional[int] = None) -> Iterator[dict[str, np.ndarray]]:
-  """Batches of `rows` packed rows from examples with "inputs" and "targets" token arrays.
+class Packer:
+  """Batches of `rows` packed rows from examples with "inputs" and "targets" token arrays (an iterator).
 
   Examples longer than `lengths` are cut as seqio cuts them; empty ones are skipped (they carry
-  no tokens). A finite stream ends with a last, partly filled batch.
+  no tokens). A finite stream ends with a last, partly filled batch. `waiting` (the examples drawn
+  but not yet placed) is the packer's whole state: a packer given the same examples, from the point
+  its `examples` iterator has reached, and the same `waiting` makes the same batches (a resume).
   """
-  li, lt = int(lengths["inputs"]), int(lengths["targets"])
-  lookahead = rows if lookahead is None else lookahead
-  if not 0 < lookahead <= rows:
-    raise ValueError(f"lookahead must be in 1..rows={rows} (so waiting examples fit the next batch), got {lookahead}")
-  it = iter(examples)
-  waiting: list = []
-  exhausted = False
-  while waiting or not exhausted:
-    batch = _Batch(rows, (li, lt))
-    queue, waiting = sorted(waiting, key=lambda e: -len(e[0])), []
-    for ex in queue:
-      if not batch.place(ex):  # cannot happen with lookahead <= rows; kept for safety
-        waiting.append(ex)
-    while len(waiting) < lookahead and not exhausted:
-      try:
-        ex = next(it)
-      except StopIteration:
-        exhausted = True
-        break
+
+  def __init__(self, examples: Iterable[Mapping[str, np.ndarray]], lengths: Mapping[str, int], rows: int,
+               lookahead: Optional[int] = None, waiting: Sequence[tuple[np.ndarray, np.ndarray]] = ()):
+    self.lengths = int(lengths["inputs"]), int(lengths["targets"])
+    self.rows, self.lookahead = rows, rows if lookahead is None else lookahead
+    if not 0 < self.lookahead <= rows:
+      raise ValueError(f"lookahead must be in 1..rows={rows} (so waiting examples fit the next batch), "
+                       f"got {self.lookahead}")
+    self.examples, self.waiting, self.exhausted = iter(examples), list(waiting), False
+
+  def __iter__(self) -> "Packer":
+    return self
+
+  def _draw(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    li, lt = self.lengths
+    for ex in self.examples:
       ex = (np.asarray(ex["inputs"])[:li], np.asarray(ex["targets"])[:lt])
-      if len(ex[0]) == 0 and len(ex[1]) == 0:
-        continue
-      if not batch.place(ex):
-        waiting.append(ex)
-    if any(batch.rows):
-      yield batch.arrays((li, lt))
+      if len(ex[0]) or len(ex[1]):
+        return ex
+    self.exhausted = True
+    return None
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while self.waiting or not self.exhausted:
+      batch = _Batch(self.rows, self.lengths)
+      queue, self.waiting = sorted(self.waiting, key=lambda e: -len(e[0])), []
+      for ex in queue:
+        if not batch.place(ex):  # cannot happen with lookahead <= rows; kept for safety
+          self.waiting.append(ex)
+      while len(self.waiting) < self.lookahead and (ex := self._draw()) is not None:
+        if not batch.place(ex):
+          self.waiting.append(ex)
+      if any(batch.rows):
+        return batch.arrays(self.lengths)
+    raise StopIteration
 
 
 def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
