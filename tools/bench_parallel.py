@@ -1,4 +1,4 @@
-"""A study's throughput on a CPU: one training on all the cores vs one training per core, side by side.
+r"""A study's throughput on a CPU: one training on all the cores vs one training per core, side by side.
 
     python tools/bench_parallel.py --out runs/study29 --recipe 'bare_prefixes_hybrid_item@dropout=0.1,decay=linear' \
         --row reat --steps 150

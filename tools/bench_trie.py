@@ -1,4 +1,4 @@
-"""Constrained beam search speed and trie size per ID scheme, side by side in one run.
+r"""Constrained beam search speed and trie size per ID scheme, side by side in one run.
 
     python tools/bench_trie.py collaborative=runs/converge/data/beauty hybrid=runs/cw_hybrid/data/beauty \
         [--users 64] [--beam 20] [--input-length 96]

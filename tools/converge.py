@@ -1,4 +1,4 @@
-"""Train a curves recipe (tools/curves.py) to convergence, several seeds, and score the best step on every
+r"""Train a curves recipe (tools/curves.py) to convergence, several seeds, and score the best step on every
 test user under both protocols, beside popularity and converged SASRecs on the same split.
 
     python tools/converge.py --recipes cont_atomic --seeds 0 1 2 --max-steps 20000 --every 500 --patience 6 \

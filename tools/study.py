@@ -1,4 +1,4 @@
-"""The paper's ablation at small scale: retrieval only -> + MLM -> + MLM + MIM (ReAT), and UT vs UT+AT.
+r"""The paper's ablation at small scale: retrieval only -> + MLM -> + MLM + MIM (ReAT), and UT vs UT+AT.
 
     python tools/study.py --out runs/study --recipe compact --minutes 6 --seeds 0 1 2 --rows retrieval reat
     python tools/study.py --out runs/study_sem --id-scheme semantic --rows retrieval reat
