@@ -206,8 +206,7 @@ def train(*, model_dir: str = gin.REQUIRED, dataset: DatasetConfig = gin.REQUIRE
                  raw=state["params"] if ema_decay is not None else None)
         stop = spent or validate.exhausted or preempted
         saver.save(done, state, force=done == train_steps or stop)
-        if (preempted and ckpt_cfg.input_state != "never") or (ckpt_cfg.input_state == "every" and saver.saved(done)):
-          batches.save(model_dir, done)
+        batches.save_if_due(model_dir, done, ckpt_cfg.input_state, preempted=preempted, checkpointed=saver.saved(done))
         if stop:
           _stopped(model_dir, done, is_chief, preempted, spent, validate)
           break

@@ -161,14 +161,17 @@ class InputBatches:
     iterator, waiting = self._files(model_dir, step)
     iterator.parent.mkdir(parents=True, exist_ok=True)
     tf.train.Checkpoint(iterator=self._iterator).write(str(iterator))
-    queue = self._packer.waiting if self._packer is not None else []
     with waiting.open("wb") as f:   # written last: a state without it is incomplete, and not read
-      np.savez(f, inputs=_flat([x[0] for x in queue]), targets=_flat([x[1] for x in queue]),
-               inputs_len=[len(x[0]) for x in queue], targets_len=[len(x[1]) for x in queue])
+      np.savez(f, **(self._packer.state() if self._packer is not None else {}))
     if self.process == 0:
       for old in iterator.parent.parent.iterdir():
         if old.name != str(step):
           old.rmtree()
+
+  def save_if_due(self, model_dir, step: int, policy: str, *, preempted: bool, checkpointed: bool) -> None:
+    """Saves the state as `CheckpointConfig.input_state` asks: at a preemption's checkpoint, or every one."""
+    if (preempted and policy != "never") or (policy == "every" and checkpointed):
+      self.save(model_dir, step)
 
   def resume(self, model_dir, step: int) -> str:
     """Positions the stream after `step` batches: from the state saved at `step`, else by replaying it."""
@@ -177,11 +180,9 @@ class InputBatches:
     if step and waiting.exists():
       try:
         tf.train.Checkpoint(iterator=self._iterator).read(str(iterator)).assert_consumed()
-        with waiting.open("rb") as f:
-          z = np.load(f)
-          queue = list(zip(*(_unflat(z[k], z[f"{k}_len"]) for k in ("inputs", "targets"))))
         if self._packer is not None:
-          self._packer.waiting = queue
+          with waiting.open("rb") as f:
+            self._packer.restore(dict(np.load(f)))
         return f"input restored at step {step} ({iterator.parent})"
       except Exception as e:   # the replay below gives the same batches, only slower
         logging.warning("input state of step %d unreadable (%s): replaying the stream", step, ck.first_line(e))
@@ -191,14 +192,6 @@ class InputBatches:
     for _ in range(step):
       next(self)
     return f"input replayed to step {step}" if step else "input from the start"
-
-
-def _flat(arrays: list) -> np.ndarray:
-  return np.concatenate(arrays) if arrays else np.zeros([0], np.int32)
-
-
-def _unflat(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
-  return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
 # --------------------------------------------------------------------------------------------

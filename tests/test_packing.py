@@ -90,3 +90,23 @@ def test_deterministic_and_rejects_bad_lookahead():
   assert all(np.array_equal(x, y) for x, y in zip(a, b))
   with pytest.raises(ValueError, match="lookahead"):
     packing.Packer(iter(stream(5)), LENGTHS, rows=4, lookahead=5)
+
+
+def test_state_restored_into_a_fresh_packer_gives_the_same_batches():
+  """A packer's `state()` (its waiting examples as flat arrays) restored into a packer reading the rest of the
+  stream makes the batches the first would have made; an empty state restores to no waiting examples."""
+  exs = stream(200, seed=2)
+  whole = list(packing.Packer(iter(exs), LENGTHS, rows=4))
+  first = packing.Packer(iter(exs), LENGTHS, rows=4)
+  head = [next(first) for _ in range(5)]
+  state = first.state()
+  assert len(state["inputs_len"]) == len(first.waiting) == 4 and state["inputs"].size == sum(state["inputs_len"])
+  drawn = sum(len(segments(b)) for b in head) + len(first.waiting)
+  resumed = packing.Packer(iter(exs[drawn:]), LENGTHS, rows=4)
+  resumed.restore({k: v.copy() for k, v in state.items()})
+  tail = list(resumed)
+  assert len(head) + len(tail) == len(whole)
+  assert all(np.array_equal(a[k], b[k]) for a, b in zip(whole, head + tail) for k in a)
+  empty = packing.Packer(iter([]), LENGTHS, rows=4)
+  empty.restore(packing.Packer(iter([]), LENGTHS, rows=4).state())
+  assert empty.waiting == [] and list(empty) == []

@@ -104,6 +104,21 @@ class Packer:
         return batch.arrays(self.lengths)
     raise StopIteration
 
+  def state(self) -> dict[str, np.ndarray]:
+    """`waiting` as flat arrays (what a checkpoint stores): each side's tokens end to end, and lengths."""
+    out = {}
+    for k, side in (("inputs", 0), ("targets", 1)):
+      arrays = [ex[side] for ex in self.waiting]
+      out[k] = np.concatenate(arrays) if arrays else np.zeros([0], np.int32)
+      out[f"{k}_len"] = np.array([len(a) for a in arrays], np.int64)
+    return out
+
+  def restore(self, state: Mapping[str, np.ndarray]) -> None:
+    """Sets `waiting` from a `state()`."""
+    sides = [np.split(state[k], np.cumsum(state[f"{k}_len"])[:-1]) if len(state[f"{k}_len"]) else []
+             for k in ("inputs", "targets")]
+    self.waiting = list(zip(*sides))
+
 
 def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
   """Non-padding tokens of a batch, inputs + targets (the "useful tokens" of throughput numbers)."""
