@@ -126,24 +126,30 @@ class InputBatches:
   """
 
   def __init__(self, task, lengths: Mapping[str, int], batch_size: int, *, seed: int, pack: bool):
-    import seqio
-    import tensorflow as tf
     n_proc, self.process = jax.process_count(), jax.process_index()
     if batch_size % n_proc:
       raise ValueError(f"BATCH_SIZE={batch_size} must be divisible by the {n_proc} processes")
-    ds = task.get_dataset(dict(lengths), split="train", shuffle=True, seed=seed, num_epochs=None,
+    self._args = task, dict(lengths), batch_size // n_proc, seed, pack, n_proc
+    self._start()
+
+  def _start(self) -> None:
+    """The stream from its first batch, built afresh (a second iterator of one tf.data pipeline may shuffle
+    differently)."""
+    import seqio
+    import tensorflow as tf
+    task, lengths, rows, seed, pack, n_proc = self._args
+    ds = task.get_dataset(lengths, split="train", shuffle=True, seed=seed, num_epochs=None,
                           shard_info=seqio.ShardInfo(self.process, n_proc) if n_proc > 1 else None)
     if pack:
       ds = ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]})
     else:
-      ds = seqio.EncDecFeatureConverter(pack=False)(ds, dict(lengths))
-      ds = ds.batch(batch_size // n_proc, drop_remainder=True)
+      ds = seqio.EncDecFeatureConverter(pack=False)(ds, lengths)
+      ds = ds.batch(rows, drop_remainder=True)
     options = tf.data.Options()   # the shuffles' seed-generator handles hold no state of the stream
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     self._iterator = iter(ds.prefetch(tf.data.AUTOTUNE).with_options(options))
-    numpy = (jax.tree.map(lambda t: t.numpy(), x) for x in self._iterator)
-    self._packer = packing.Packer(numpy, lengths, batch_size // n_proc) if pack else None
-    self._numpy = numpy
+    self._numpy = (jax.tree.map(lambda t: t.numpy(), x) for x in self._iterator)
+    self._packer = packing.Packer(self._numpy, lengths, rows) if pack else None
 
   def __iter__(self) -> "InputBatches":
     return self
@@ -179,13 +185,14 @@ class InputBatches:
     iterator, waiting = self._files(model_dir, step)
     if step and waiting.exists():
       try:
-        tf.train.Checkpoint(iterator=self._iterator).read(str(iterator)).assert_consumed()
         if self._packer is not None:
           with waiting.open("rb") as f:
             self._packer.restore(dict(np.load(f)))
+        tf.train.Checkpoint(iterator=self._iterator).read(str(iterator)).assert_consumed()
         return f"input restored at step {step} ({iterator.parent})"
       except Exception as e:   # the replay below gives the same batches, only slower
         logging.warning("input state of step %d unreadable (%s): replaying the stream", step, ck.first_line(e))
+        self._start()   # from the first batch: a failed read may have moved the stream
     if step and self.process == 0:
       print(f"resuming at step {step}: replaying the input stream up to it (no input state saved at that step)",
             file=sys.stderr, flush=True)

@@ -137,6 +137,12 @@ def test_the_input_stream_restored_or_replayed_goes_on_as_one_never_interrupted(
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(never[3:], got) for k in a)
   saved.save(tmp_path, 4)
   assert [p.name for p in (tmp_path / "input_state").iterdir()] == ["4"]   # the newest state only
+  if pack:   # a damaged state (here the iterator's, read after the packer's) is replayed from the start
+    for f in (tmp_path / "input_state" / "4").glob("process_0.data*"):
+      f.write_bytes(b"\0" * 64)
+    damaged, _, how = batches(11, tmp_path, 4)
+    assert "replayed" in how
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(never[4:], damaged) for k in a)
 
 
 def test_steps_logged_after_the_newest_checkpoint_are_logged_once_when_trained_again(tiny_root, reference):
