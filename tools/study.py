@@ -171,6 +171,7 @@ def main():
     aux_mixture(name, r["row"], r.get("aux_share"))
   print(table(with_trend(record, with_epochs(results)), baseline_runs(base_rows, sasrec)))
   print(f"validation curves: {plot_curves(record, results)}")
+  print(compute_used(results, sasrec))
 
 
 def study_setup(args) -> tuple:
@@ -462,6 +463,15 @@ def _training(runs: list[dict]) -> str:
   if all("epochs" in r for r in runs):
     return f"{avg('epochs'):.0f} epochs (best {avg('best_epoch'):.0f}), {avg('minutes'):.1f} min"
   return "—"
+
+
+def compute_used(results: dict, sasrec: dict) -> str:
+  """The training time the record holds: the runs' own training minutes (their validations and scoring not
+  counted; a resume's replay counted) and SASRec's, in hours."""
+  runs = sum(r["training_minutes"] for r in results.values()) / 60
+  base = sum(r["minutes"] for r in sasrec.values()) / 60
+  return (f"training time in the record: {len(results)} runs {runs:.1f} h + {len(sasrec)} SASRec runs {base:.1f} h "
+          f"= {runs + base:.1f} h (validation and scoring not counted)")
 
 
 if __name__ == "__main__":
