@@ -169,15 +169,23 @@ class InputBatches:
     tf.train.Checkpoint(iterator=self._iterator).write(str(iterator))
     with waiting.open("wb") as f:   # written last: a state without it is incomplete, and not read
       np.savez(f, **(self._packer.state() if self._packer is not None else {}))
-    if self.process == 0:
-      for old in iterator.parent.parent.iterdir():
-        if old.name != str(step):
+    self._remove_states(model_dir, but=step)
+
+  def _remove_states(self, model_dir, but: Optional[int] = None) -> None:
+    root = paths.as_path(model_dir) / INPUT_STATE
+    if self.process == 0 and root.exists():
+      for old in root.iterdir():
+        if old.name != str(but):
           old.rmtree()
 
   def save_if_due(self, model_dir, step: int, policy: str, *, preempted: bool, checkpointed: bool) -> None:
-    """Saves the state as `CheckpointConfig.input_state` asks: at a preemption's checkpoint, or every one."""
+    """Saves the state as `CheckpointConfig.input_state` asks: at a preemption's checkpoint, or every one.
+    A checkpoint saved without it makes the older states useless (a resume starts at the newest
+    checkpoint), so they go: a finished run keeps none."""
     if (preempted and policy != "never") or (policy == "every" and checkpointed):
       self.save(model_dir, step)
+    elif checkpointed:
+      self._remove_states(model_dir)
 
   def resume(self, model_dir, step: int) -> str:
     """Positions the stream after `step` batches: from the state saved at `step`, else by replaying it."""

@@ -77,6 +77,7 @@ def test_sigterm_saves_the_step_and_the_resume_reproduces_an_uninterrupted_run(t
   train_tiny(tiny_root / "tiny", run, STEPS)
   assert "replaying the input stream" not in capfd.readouterr().err    # restored, not replayed
   assert losses(run) == reference                                   # nothing lost, nothing different
+  assert not any((run / "input_state").iterdir())                  # the final checkpoint made the state stale
 
 
 def test_a_preempted_run_saves_at_once_and_validates_the_steps_an_uninterrupted_run_validates(tiny_root):
