@@ -65,7 +65,8 @@ def test_study_table_means_spreads_and_rating_auc():
   trained = [{**run("retrieval", s, 0.01), "steps": n, "best_step": b, "training_minutes": m, "early_stopped": e}
              for s, (n, b, m, e) in enumerate([(3000, 1500, 40.0, True), (4500, None, 61.0, False)])]
   assert study._training(trained) == "3750 steps (best 3000), 50 min, 1/2 stopped early"
-  assert study.compute_used(dict(enumerate(trained)), {"BCE/seed0": {"minutes": 6.0}, "CE/seed0": {"minutes": 12.0}}) == (
+  sasrec = {"BCE/seed0": {"minutes": 6.0}, "CE/seed0": {"minutes": 12.0}}
+  assert study.compute_used(dict(enumerate(trained)), sasrec) == (
       "training time in the record: 2 runs 1.7 h + 2 SASRec runs 0.3 h = 2.0 h (validation and scoring not counted)")
   trained = [{**r, "epochs": e} for r, e in zip(trained, (4.0, 5.0))]
   assert study._training(trained) == "3750 steps (best 3000), 4.5 epochs, 50 min, 1/2 stopped early"
