@@ -330,3 +330,31 @@ def test_study_fine_tunes_a_checkpoint_from_a_gin_run_file_on_its_own_vocabulary
   assert f"INITIAL_CHECKPOINT_PATH = '{hf_dir}'" in config
   result = json.loads((out / "study.json").read_text())["retrieval/seed0"]
   assert result["steps"] == 2 and 0 <= result["test/ndcg@10"] <= 1
+
+
+def test_study_aux_share_runs_are_rows_of_their_own(tmp_path):
+  """A row trained at --aux-share sits in the same record and table as the default mixing, under its own name
+  (keys, log directories), set against the same base row; a row without auxiliary tasks is one row at any share."""
+  import json
+  study = load_study()
+  assert study.run_label("reat", 0.3) == "reat@aux30" and study.run_label("reat", None) == "reat"
+  assert study.run_label("retrieval", 0.3) == "retrieval" and study.run_label("ut_at", 0.25) == "ut_at@aux25"
+  shared = [{**run("ut_at", s, v), "aux_share": 0.3, "mixture": "ml100k_ut_at_aux30"}
+            for s, v in ((0, 0.05), (1, 0.07))]
+  results = {f"{study.label_of(r)}/seed{r['seed']}": r for r in [
+      run("ut", 0, 0.04), run("ut", 1, 0.04), run("ut_at", 0, 0.02), run("ut_at", 1, 0.02), *shared,
+      {**run("ut", 2, 0.04), "aux_share": 0.3}]}                     # UT has nothing to share: a UT run
+  assert sorted(results) == ["ut/seed0", "ut/seed1", "ut/seed2", "ut_at/seed0", "ut_at/seed1",
+                             "ut_at@aux30/seed0", "ut_at@aux30/seed1"]
+  lines = study.table(results).splitlines()
+  assert len(lines) == 5 and lines[2].startswith("| UT (retrieval + ranking [+ rating]) (`ml100k_ut`) | 3 |")
+  assert lines[3].startswith("| UT + AT (+ MLM + MIM) (`ml100k_ut_at`) | 2 | 0.0200 ± 0.0000 |")
+  assert lines[4] == ("| UT + AT (+ MLM + MIM), auxiliary tasks 30% of the examples (`ml100k_ut_at_aux30`) | 2 | "
+                      + "0.0600 ± 0.0141 | " * 5 + "+0.0200 NDCG@10 vs UT (retrieval + ranking [+ rating]) "
+                      + "(exceeds spread 0.0141) | — |")
+  # its validation log is read from its own directory
+  log = tmp_path / "ut_at@aux30" / "seed1" / "validation_log.jsonl"
+  log.parent.mkdir(parents=True)
+  log.write_text(json.dumps({"step": 500, "ndcg@10": 0.07}))
+  assert study.validation_log(tmp_path, shared[1]) == ("ndcg@10", [{"step": 500, "ndcg@10": 0.07}])
+  assert study.validation_log(tmp_path, results["ut_at/seed1"]) == (None, [])

@@ -35,7 +35,8 @@ sittings -- only an unfinished run starts over. `--report`: the table and the cu
 so far, while the study is still going, training nothing. `--users-fraction`: a seeded subset of
 the users (the data-limited regime; the recipe's IDs, built from the subset's own training sequences).
 `--aux-share`: the auxiliary tasks' share of the examples, together (default: the paper's mixing by
-example counts).
+example counts); such runs are rows of their own in the same record (`reat@aux30/seed0`), set against the
+same base row, so one table holds both mixings.
 
 At paper scale (a GPU / TPU VM): the paper's run file, fine-tuning FLAN-T5-Base on its own vocabulary, with
 `--gin` bindings as `recalign train` takes them:
@@ -125,7 +126,8 @@ def main():
   data = PreparedData.load(data_dir)
   name = data.name
   results_path = record / "study.json"
-  results, todo = pending_runs(results_path, args.rows, args.seeds)
+  rows = {run_label(r, args.aux_share): r for r in args.rows}   # (a row at --aux-share is a row of its own)
+  results, todo = pending_runs(results_path, list(rows), args.seeds)
   todo = [] if args.report else todo
   task = f"{name}_retrieval"
   ids = {s: report_ids(task, s, args.test_users if s == "test" else args.val_users) for s in ("validation", "test")}
@@ -139,8 +141,9 @@ def main():
   # (--report: no seed to train, what the record holds)
   sasrec = (sasrec_baselines(record / "sasrec.json", data, [] if args.report else args.seeds, ids, args.sasrec_epochs)
             if args.sasrec_epochs else {})
-  for key, row, seed in todo:
-    model_dir = out / row / f"seed{seed}"
+  for key, label, seed in todo:
+    row = rows[label]
+    model_dir = out / label / f"seed{seed}"
     t0 = time.time()
     members = row_members(row)
     retrieval = "retrieval" in members
@@ -164,7 +167,7 @@ def main():
                     "users_fraction": args.users_fraction, "aux_share": args.aux_share,
                     "wall_minutes_this_sitting": round((time.time() - t0) / 60, 1),
                     **{f"{s}/{k}": v for s in m for k, v in m[s].items() if k in KEYS + ["auc"]}}
-    keep_logs(model_dir, record / row / f"seed{seed}")
+    keep_logs(model_dir, record / label / f"seed{seed}")
     results_path.write_text(json.dumps(results, indent=2))
     print(key, results[key], flush=True)
   for r in results.values():   # (rows kept from an earlier sitting: their --aux-share mixtures registered again)
@@ -201,6 +204,24 @@ def study_setup(args) -> tuple:
     data_dir = ensure_subset(data_dir, args.users_fraction, id_schemes=schemes)
   rt.register_dataset(data_dir, config=task_config, replace=True)   # rows differ in config
   return recipe, long_recipe, data_dir, scheme
+
+
+def run_label(row: str, share: Optional[float]) -> str:
+  """A row's name in the study (its runs' keys and directories): the row, or `<row>@aux<percent>` when it was
+  trained at an --aux-share and has auxiliary tasks to share (for the others the share changes nothing)."""
+  from recalign.tasks.registry import AUX_TASKS
+  return f"{row}@aux{round(share * 100)}" if share is not None and set(row_members(row)) & set(AUX_TASKS) else row
+
+
+def label_of(r: dict) -> str:
+  """A run's row name (`run_label`) from what the study recorded for it."""
+  return run_label(r["row"], r.get("aux_share"))
+
+
+def describe(label: str) -> str:
+  """A row's description in the table and the plot's legend."""
+  row, _, share = label.partition("@aux")
+  return ROWS[row][1] + (f", auxiliary tasks {share}% of the examples" if share else "")
 
 
 def row_members(row: str) -> tuple:
@@ -251,9 +272,9 @@ def keep_logs(model_dir: Path, dest: Path) -> None:
 
 def plot_curves(out: Path, results: dict) -> Path:
   """<record>/validation_curves.png (`out`): every run's validation metric (NDCG@10; the rating rows' AUC on
-  a row of panels of its own), one colour per row, against the steps (the same compute) and against the examples of
-  its main tasks seen (the same supervision: examples seen x `main_share`) -- a row still rising when the
-  cap stopped it shows it."""
+  a row of panels of its own), one colour per row (its --aux-share runs dashed), against the steps (the same
+  compute) and against the examples of its main tasks seen (the same supervision: examples seen x
+  `main_share`) -- a row still rising when the cap stopped it shows it."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -271,10 +292,10 @@ def plot_curves(out: Path, results: dict) -> Path:
     for ax, xlabel, col in ((panels[0], "training steps", 1), (panels[1], "main-task examples seen", 2)):
       labelled = set()
       for run in runs:
-        r = run[0]
-        ax.plot(run[col], run[3], "o-", ms=3, color=colours[r["row"]],
-                label=None if r["row"] in labelled else ROWS[r["row"]][1])
-        labelled.add(r["row"])
+        r, label = run[0], label_of(run[0])
+        ax.plot(run[col], run[3], "o--" if "@" in label else "o-", ms=3, color=colours[r["row"]],
+                label=None if label in labelled else describe(label))
+        labelled.add(label)
       ax.set_xlabel(xlabel)
       ax.set_ylabel(f"validation {metric.upper()} (selection users)")
       ax.legend()
@@ -379,15 +400,14 @@ def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> s
   lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | val NDCG@10 | vs its base row (test) |"
            + (" test rating AUC |" if auc else "") + " training (mean) |",
            "|---|---|" + "---|" * (len(KEYS) + 3 + auc)]
-  for row, (_, desc) in ROWS.items():
-    runs = [v for v in results.values() if v["row"] == row]
-    if not runs:
-      continue
-    cells = [*_cells(runs), _against_base(results, row, runs)]
+  labels = sorted({label_of(v) for v in results.values()}, key=lambda x: (list(ROWS).index(x.partition("@")[0]), x))
+  for label in labels:
+    runs = [v for v in results.values() if label_of(v) == label]
+    cells = [*_cells(runs), _against_base(results, runs[0]["row"], runs)]
     if auc:
       cells.append(mean_std(runs, "test/auc"))
     cells.append(_training(runs))
-    lines.append(f"| {desc} (`{runs[0]['mixture']}`) | {len(runs)} | " + " | ".join(cells) + " |")
+    lines.append(f"| {describe(label)} (`{runs[0]['mixture']}`) | {len(runs)} | " + " | ".join(cells) + " |")
   for desc, runs in (baselines or {}).items():
     cells = [*_cells(runs), "—", *([mean_std(runs, "test/auc")] if auc else []), _training(runs)]
     lines.append(f"| {desc} | {len(runs)} | " + " | ".join(cells) + " |")
@@ -398,7 +418,7 @@ def _against_base(results: dict, row: str, runs: list[dict]) -> str:
   """The row's mean test NDCG@10 (AUC where it has no retrieval) minus its base row's, and whether that
   exceeds the two rows' spreads added; "—" without a base row in the study."""
   base = BASE_ROW.get(row)
-  base_runs = [v for v in results.values() if v["row"] == base]
+  base_runs = [v for v in results.values() if label_of(v) == base]
   key = next((k for k in ("test/ndcg@10", "test/auc") if all(k in r for r in runs + base_runs)), None)
   if not base_runs or key is None:
     return "—"
@@ -441,7 +461,7 @@ def with_trend(out: Path, results: dict, last: int = 4) -> dict:
 def validation_log(out: Path, r: dict) -> tuple[Optional[str], list[dict]]:
   """(the metric a run validated on -- NDCG@10, or AUC for the rating rows --, its validations in order);
   (None, []) before its first validation."""
-  log = out / r["row"] / f"seed{r['seed']}" / "validation_log.jsonl"
+  log = out / label_of(r) / f"seed{r['seed']}" / "validation_log.jsonl"
   val = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
   return ("ndcg@10" if "ndcg@10" in val[0] else "auc") if val else None, val
 
