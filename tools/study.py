@@ -363,13 +363,12 @@ def aux_mixture(name: str, row: str, share) -> str:
   import seqio
   import recalign.tasks as rt
   from recalign.tasks.registry import AUX_TASKS
-  base = f"{name}_{ROWS[row][0]}"
-  members = row_members(row)
-  aux = [f"{name}_{m}" for m in members if m in AUX_TASKS]
-  main = [f"{name}_{m}" for m in members if m not in AUX_TASKS]
-  if share is None or not aux:
+  base, label = f"{name}_{ROWS[row][0]}", run_label(row, share)
+  if label == row:  # no --aux-share, or no auxiliary tasks to share
     return base
-  mix = f"{base}_aux{round(share * 100)}"
+  mix = f"{base}_{label.partition('@')[2]}"
+  aux = [f"{name}_{m}" for m in row_members(row) if m in AUX_TASKS]
+  main = [f"{name}_{m}" for m in row_members(row) if m not in AUX_TASKS]
   if mix not in seqio.MixtureRegistry.names():
     count = {t: rt.get(t).num_input_examples("train") for t in aux + main}
     rates = [(t, share * count[t] / sum(count[a] for a in aux)) for t in aux]
