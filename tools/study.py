@@ -393,7 +393,8 @@ def mean_std(runs: list[dict], key: str) -> str:
 
 def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> str:
   """The Markdown table of a study: per row, mean ± std over seeds, the difference from its base row
-  (`BASE_ROW`: test NDCG@10, or rating AUC for rows without retrieval) against the seeds' spread, and
+  (`BASE_ROW`: test NDCG@10, or rating AUC for rows without retrieval; an --aux-share row's also from the
+  row at the paper's mixing) against the seeds' spread, and
   rating AUC when any row has it; then `baselines` (`baseline_runs`) on the same users."""
   auc = any("test/auc" in r for r in results.values())
   lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | val NDCG@10 | vs its base row (test) |"
@@ -402,7 +403,7 @@ def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> s
   labels = sorted({label_of(v) for v in results.values()}, key=lambda x: (list(ROWS).index(x.partition("@")[0]), x))
   for label in labels:
     runs = [v for v in results.values() if label_of(v) == label]
-    cells = [*_cells(runs), _against_base(results, runs[0]["row"], runs)]
+    cells = [*_cells(runs), _against_base(results, label, runs)]
     if auc:
       cells.append(mean_std(runs, "test/auc"))
     cells.append(_training(runs))
@@ -413,18 +414,24 @@ def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> s
   return "\n".join(lines)
 
 
-def _against_base(results: dict, row: str, runs: list[dict]) -> str:
-  """The row's mean test NDCG@10 (AUC where it has no retrieval) minus its base row's, and whether that
-  exceeds the two rows' spreads added; "—" without a base row in the study."""
-  base = BASE_ROW.get(row)
-  base_runs = [v for v in results.values() if label_of(v) == base]
-  key = next((k for k in ("test/ndcg@10", "test/auc") if all(k in r for r in runs + base_runs)), None)
-  if not base_runs or key is None:
-    return "—"
-  vals, ref = (np.array([r[key] for r in rs]) for rs in (runs, base_runs))
-  diff, spread = vals.mean() - ref.mean(), seed_std(vals) + seed_std(ref)
-  name = {"test/ndcg@10": "NDCG@10", "test/auc": "AUC"}[key]
-  return (f"{diff:+.4f} {name} vs {ROWS[base][1]} ({'exceeds' if abs(diff) > spread else 'within'} "
+def _against_base(results: dict, label: str, runs: list[dict]) -> str:
+  """The row's mean test NDCG@10 (AUC where it has no retrieval) minus its base row's (`BASE_ROW`) and, for a
+  row trained at an --aux-share, minus the same row's at the paper's mixing; each against the two rows'
+  spreads added; "—" with neither in the study."""
+  row = label.partition("@")[0]
+  refs = [(BASE_ROW.get(row), None)] + ([(row, "the paper's mixing")] if label != row else [])
+  return "; ".join(d for ref, name in refs if ref and (d := _difference(results, runs, ref, name))) or "—"
+
+
+def _difference(results: dict, runs: list[dict], ref: str, name: Optional[str]) -> Optional[str]:
+  ref_runs = [v for v in results.values() if label_of(v) == ref]
+  key = next((k for k in ("test/ndcg@10", "test/auc") if all(k in r for r in runs + ref_runs)), None)
+  if not ref_runs or key is None:
+    return None
+  vals, base = (np.array([r[key] for r in rs]) for rs in (runs, ref_runs))
+  diff, spread = vals.mean() - base.mean(), seed_std(vals) + seed_std(base)
+  metric = {"test/ndcg@10": "NDCG@10", "test/auc": "AUC"}[key]
+  return (f"{diff:+.4f} {metric} vs {name or ROWS[ref][1]} ({'exceeds' if abs(diff) > spread else 'within'} "
           f"spread {spread:.4f})")
 
 
