@@ -215,7 +215,8 @@ class RecEvaluator:
   def rating_values(self) -> np.ndarray:
     return np.unique(np.concatenate([r[:-2] for r in self.data.ratings]))
 
-  def decode_itdr(self, params, examples: list[dict], split: str, *, kind: str, max_length: int) -> dict[str, np.ndarray]:
+  def decode_itdr(self, params, examples: list[dict], split: str, *, kind: str,
+                  max_length: int) -> dict[str, np.ndarray]:
     gen, scores = [], []
     for s, chunk in _batches(examples, self.batch_size, f"{kind}/{split}", self.progress):
       enc = self._put(pad_inputs(chunk))
@@ -436,8 +437,8 @@ def _score_profile(collab: bool) -> Callable:
 def _score_uap(ev, examples, a, texts, targets, preds) -> dict:
   """UAP: each attribute's accuracy (age's RMSE), and the training users' majority answer beside it."""
   metrics = itdr.attribute_metrics(targets, texts)
-  metrics.update({f"majority/{k}": v for k, v in itdr.attribute_metrics(targets, [ev._majority()] * len(targets)).items()
-                  if k != "unparsable"})
+  majority = itdr.attribute_metrics(targets, [ev._majority()] * len(targets))
+  metrics.update({f"majority/{k}": v for k, v in majority.items() if k != "unparsable"})
   metrics["mean_accuracy"] = float(np.mean([metrics[f"{f}_accuracy"] for f in ("age_group", "gender", "occupation")]))
   return metrics
 

@@ -134,7 +134,8 @@ def train_model(data_dir: Path, model_dir: Path, mixture: str, validation_task: 
       f"MODEL_DIR = {str(model_dir)!r}", f"DATA_DIRS = [{str(data_dir)!r}]", f"MIXTURE_OR_TASK_NAME = {mixture!r}",
       f"RANDOM_SEED = {seed}", f"TRAIN_STEPS = {steps or 10 ** 7}", "train.log_every = 25",
       f"train.train_minutes_budget = {minutes!r}", f"ValidationConfig.task = {validation_task!r}",
-      f"ValidationConfig.every_minutes = {eval_every_minutes!r}", f"ValidationConfig.examples = {validation_examples!r}",
+      f"ValidationConfig.every_minutes = {eval_every_minutes!r}",
+      f"ValidationConfig.examples = {validation_examples!r}",
       *([f"MODEL_SIZE = {size!r}"] if size else []), *extra]):
     if gin.query_parameter("learning_rate_schedule.decay") == "linear" and not steps:
       raise ValueError("a linear decay needs a budget in steps (the number of steps of a minutes budget is unknown)")

@@ -246,7 +246,8 @@ def run_record(model: EncoderDecoderModel, dataset: DatasetConfig, train_steps: 
   first = getattr(task, "tasks", [task])[0].name
   return RunRecord(network_config=dataclasses.asdict(model.config), mixture_or_task_name=dataset.mixture_or_task_name,
                    task_feature_lengths=dict(dataset.task_feature_lengths), train_steps=train_steps,
-                   vocabulary=vocabulary_record(vocab), data_dirs=tuple(str(paths.resolve(d)) for d in dataset.data_dirs),
+                   vocabulary=vocabulary_record(vocab),
+                   data_dirs=tuple(str(paths.resolve(d)) for d in dataset.data_dirs),
                    task_config=dataclasses.asdict(rt.registry.task_info(first).config), ema_decay=ema_decay)
 
 

@@ -61,7 +61,8 @@ def _clustered(users=80, items=40, length=10, seed=0):
   seqs = {}
   for u in range(users):
     half = np.arange(items // 2) + (items // 2) * (u % 2)
-    seqs[f"u{u}"] = [Interaction(f"i{int(x)}", float(t), None) for t, x in enumerate(rng.choice(half, length, replace=False))]
+    chosen = rng.choice(half, length, replace=False)
+    seqs[f"u{u}"] = [Interaction(f"i{int(x)}", float(t), None) for t, x in enumerate(chosen)]
   return prepare(RawData(seqs, {}, AMAZON, "synthetic", [], IngestReport()), name="clusters", kcore=0)
 
 

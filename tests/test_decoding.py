@@ -260,8 +260,8 @@ def test_the_eval_job_of_streamed_tasks_loads_no_users_and_names_them(tmp_path, 
     loads.clear()
     rt.register_dataset(tmp_path / "ej", config=rt.TaskConfig(num_candidates=3, streamed=streamed), replace=True)
     res = E.evaluate_checkpoint(tmp_path / "ckpt", ["ej_retrieval", "ej_ranking"], E.EvalSettings(
-        split="test", beam_size=4, batch_size=4, exclude_history=exclude), output_dir=tmp_path / f"out{streamed}{exclude}",
-        progress=False)
+        split="test", beam_size=4, batch_size=4, exclude_history=exclude),
+        output_dir=tmp_path / f"out{streamed}{exclude}", progress=False)
     assert set(loads) == {not streamed or exclude}, loads     # (users loaded?)
     out[streamed, exclude] = {k: (r.metrics, r.predictions) for k, r in res.items()}
   assert out[False, False] == out[True, False]

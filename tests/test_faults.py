@@ -301,7 +301,8 @@ def test_an_unwritable_model_dir_and_impossible_values_are_refused_before_traini
 
 def test_batch_not_divisible_by_the_data_parallel_devices_is_refused_by_name(tiny_root):
   code = (f"import recalign.tasks as rt, jax; from recalign import train as T, trainer; from recalign.models.network "
-          f"import CONFIGS; rt.register_dataset({str(tiny_root / 'tiny')!r}); T.train(model_dir={str(tiny_root / 'par')!r}, "
+          f"import CONFIGS; rt.register_dataset({str(tiny_root / 'tiny')!r}); "
+          f"T.train(model_dir={str(tiny_root / 'par')!r}, "
           "dataset=trainer.DatasetConfig('tiny_retrieval', {'inputs': 128, 'targets': 16}, 12), "
           "model=trainer.ModelConfig(CONFIGS['tiny']), train_steps=2, progress=False)")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -318,7 +319,8 @@ def test_the_eval_job_stops_cleanly_on_sigterm_while_it_waits(tiny_root, referen
   shutil.copytree(tiny_root / "ref", run)
   code = "import sys; from recalign.cli import main; sys.exit(main(sys.argv[1:]))"
   proc = subprocess.Popen([sys.executable, "-c", code, "eval", "--checkpoint", str(run), "--task",
-                           "tiny_retrieval", "--data", str(tiny_root / "tiny"), "--split", "validation", "--beam", "2", "--batch", "4", "--wait",
+                           "tiny_retrieval", "--data", str(tiny_root / "tiny"), "--split", "validation",
+                           "--beam", "2", "--batch", "4", "--wait",
                            "--until-step", "1000", "--poll-seconds", "600"],
                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300      # the saved steps evaluated, then it sleeps until step 1000 appears

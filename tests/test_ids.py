@@ -83,7 +83,8 @@ def test_large_catalogues_cluster_in_mini_batches(data, monkeypatch):
   got = {}
   for scheme in ("collaborative", "semantic"):
     got[scheme] = build_ids(data, scheme, seed=0, **SMALL[scheme]).ids
-    assert len(set(got[scheme])) == data.num_items and got[scheme] == build_ids(data, scheme, seed=0, **SMALL[scheme]).ids
+    assert len(set(got[scheme])) == data.num_items
+    assert got[scheme] == build_ids(data, scheme, seed=0, **SMALL[scheme]).ids
   assert used and max(used) == data.num_items and min(used) > 50    # the whole catalogue, and only big clusters
   assert got["collaborative"] != small.ids                          # another algorithm: other clusters
   monkeypatch.setattr(I, "MINIBATCH_ABOVE", 10 ** 9)

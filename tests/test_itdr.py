@@ -55,7 +55,8 @@ def _title(data, k):
 
 def test_registers_tasks_and_mixtures(shop):
   _, names = shop
-  assert {"shop_itdr_rp", "shop_itdr_tkr", "shop_itdr_nir", "shop_itdr_uap", "shop_itdr", "shop_ut_at_itdr"} <= set(names)
+  assert {"shop_itdr_rp", "shop_itdr_tkr", "shop_itdr_nir", "shop_itdr_uap", "shop_itdr",
+          "shop_ut_at_itdr"} <= set(names)
   assert sorted(t.name for t in rt.get("shop_itdr").tasks) == ["shop_itdr_nir", "shop_itdr_rp", "shop_itdr_tkr",
                                                                "shop_itdr_uap"]
   assert {"shop_retrieval", "shop_mim", "shop_itdr_tkr"} <= {t.name for t in rt.get("shop_ut_at_itdr").tasks}
@@ -124,7 +125,8 @@ def test_nir_and_uap_text(shop):
   liked = [k for k, r in zip(train, data.ratings[u][:-5]) if r > 3][-10:]
   liked_text = ", ".join(f"{_title(data, k)}: {data.items[k].categories[0].split(' > ')[-1]}" for k in liked)
   assert e["inputs_pretokenized"].decode() == (
-      f"{itdr.DESCRIPTIONS['uap']} The user's product preferences are as follows: He/She likes purchasing {liked_text}. "
+      f"{itdr.DESCRIPTIONS['uap']} The user's product preferences are as follows: "
+      f"He/She likes purchasing {liked_text}. "
       "Based on the user's product preferences, predict his/her age group, gender, and occupation.")
   assert e["targets_pretokenized"].decode() == (
       f"age group:{itdr.age_group(a['age'])},gender:{a['gender']},occupation:{a['occupation']}.")

@@ -72,7 +72,8 @@ def test_profile_task_text_and_user_split(data, tmp_path):
   assert train["targets_pretokenized"].decode() == dict(zip(d.users, reclm.silver_user_profiles(d)))[u]
   # teacher profiles a user supplies replace the silver ones; unknown users are an error naming the line
   teacher = tmp_path / "teacher.jsonl"
-  teacher.write_text('{"user": "u1", "profile": "User identity: x; User interests: y"}\n{"user": "zz", "profile": "p"}\n')
+  teacher.write_text('{"user": "u1", "profile": "User identity: x; User interests: y"}\n'
+                     '{"user": "zz", "profile": "p"}\n')
   with pytest.raises(Exception, match=r"teacher.jsonl:2 \[user\]"):
     rt.register_profile_task(path, profiles=teacher, collab=False, items=False)
 
@@ -144,7 +145,7 @@ def test_collab_records_never_use_held_out_interactions(collab_data):
   near = np.array([[1], [2], [0]])     # u1 -> u2 -> u3 -> u1
   rec, skipped = reclm.collab_records(d, [0, 1, 2], near, max_items=3)
   rows = {(int(u), int(y)): (list(h), list(p), list(n)) for u, y, h, p, n in zip(
-      rec.columns["user"], rec.columns["label"], rec.columns["history"], rec.columns["pool"], rec.columns["neighbour_0"])}
+      *(rec.columns[k] for k in ("user", "label", "history", "pool", "neighbour_0")))}
   # u1: shown b c d, neighbour u2 shows d g h -> positive d; negatives g h (not e / f: u1's validation / test)
   assert rows[(0, 1)] == (_items(d, "bcd", True), _items(d, "d"), _items(d, "dgh", True))
   assert rows[(0, 0)][1] == _items(d, "gh")
@@ -258,7 +259,8 @@ def test_profile_tasks_are_evaluated_as_generated_text(collab_data):
   model = EncoderDecoderModel(named_config("tiny").replace(vocab_size=padded_vocab_size(vocab.vocab_size)))
   ev = RecEvaluator(model, d, vocab, progress=False)
   params = model.init(jax.random.PRNGKey(0))
-  for task, kind in (("ev_profile", "profile"), ("ev_collab_profile", "collab_profile"), ("ev_item_profile", "item_profile")):
+  for task, kind in (("ev_profile", "profile"), ("ev_collab_profile", "collab_profile"),
+                     ("ev_item_profile", "item_profile")):
     res = ev.evaluate(params, task, "test", {"inputs": 512, "targets": 128})
     assert set(validation_metrics(kind)) <= set(res.metrics)
     # the constant-profile baseline scores the commonest target against every target: this tiny test split

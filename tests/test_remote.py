@@ -113,7 +113,8 @@ try:
     return (a.users == b.users and a.items == b.items and a.source_item_ids == b.source_item_ids
             and all(np.array_equal(x, y) for x, y in zip(a.sequences, b.sequences))
             and all(np.array_equal(x, y) for x, y in zip(a.timestamps, b.timestamps))
-            and np.array_equal(a.validation_users, b.validation_users) and drop(a.manifest, a_root) == drop(b.manifest, b_root))
+            and np.array_equal(a.validation_users, b.validation_users)
+            and drop(a.manifest, a_root) == drop(b.manifest, b_root))
 
   settings = dict(name="x", kcore=3, num_validation_users=10)
   local = prepare(read_source(tsv), **settings)

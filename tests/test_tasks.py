@@ -566,7 +566,8 @@ def test_seqio_metric_fns_and_recalign_eval_cannot_disagree(tiny):
   scored = M.rank_by_scores(rng.normal(size=cands.shape), cands)
   ours, _ = KINDS["ranking"].finish(ev, [{**e, "candidates": c} for e, c in zip(examples, cands)],
                                     {"beam": scored, "scored": scored})
-  theirs = rt.get("tiny_ranking").metric_fns[0]([item_id(t) for t in targets], [[item_id(i) for i in r] for r in scored])
+  theirs = rt.get("tiny_ranking").metric_fns[0]([item_id(t) for t in targets],
+                                                [[item_id(i) for i in r] for r in scored])
   assert 0 < theirs["ndcg@5"] < 1
   assert {k: ours[f"score/{k}"] for k in theirs} == pytest.approx(theirs)     # (@10: beyond 5 candidates)
   labels = rng.integers(0, 2, n)

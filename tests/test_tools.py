@@ -159,7 +159,8 @@ def test_every_curves_recipe_is_the_gin_run_it_trains():
     assert (dict(ds.task_feature_lengths), ds.batch_size, mc.loss_normalizing_factor, optimizer) == (
         r["lengths"], r["batch"], r["loss"], r["optimizer"]), name
     assert mc.network == curves.network_config(r["size"]).replace(dropout_rate=r["dropout"], dtype=r["dtype"]), name
-    assert [float(schedule(s)) for s in (0, 25, 49, 50, 120, 199)] == [float(want(s)) for s in (0, 25, 49, 50, 120, 199)]
+    steps = (0, 25, 49, 50, 120, 199)
+    assert [float(schedule(s)) for s in steps] == [float(want(s)) for s in steps]
   assert mc.network.num_encoder_layers == 2     # the size dict reached the network
 
 
@@ -231,7 +232,8 @@ def test_study_recipes_and_a_subsets_own_item_ids(tmp_path):
   study = load_study()
   recipe, ids = study.named_recipe("bare_prefixes_hybrid_item@dropout=0.1,decay=linear")
   cfg = E.dataset_config(recipe)
-  assert ids == {"leaf": "item"} and cfg.task_config.id_scheme == "hybrid" and cfg.task_config.train_examples == "prefixes"
+  assert ids == {"leaf": "item"} and cfg.task_config.id_scheme == "hybrid"
+  assert cfg.task_config.train_examples == "prefixes"
   assert study.named_recipe("bare_prefixes_hybrid_item", "collaborative")[1] == {}   # --id-scheme replaces its IDs
   assert study.named_recipe("bare") == (E.RECIPES["bare"], {})
   # a gin run file: its own lengths, or the paper's mixture files' where it leaves them to one

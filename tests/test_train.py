@@ -286,7 +286,8 @@ def test_recalign_train_cli_runs_in_a_fresh_process(tiny_root):
   """`recalign train` as a user runs it (a new process, gin locked after parsing), without validation."""
   model_dir = tiny_root / "cli_run"
   gin_dir = REPO / "recalign" / "gin"
-  argv = ["train", f"--gin_file={gin_dir / 'models' / 'tiny.gin'}", f"--gin_file={gin_dir / 'runs' / 'from_scratch.gin'}",
+  argv = ["train", f"--gin_file={gin_dir / 'models' / 'tiny.gin'}",
+          f"--gin_file={gin_dir / 'runs' / 'from_scratch.gin'}",
           f"--gin.DATA_DIRS=['{tiny_root / 'tiny'}']", "--gin.MIXTURE_OR_TASK_NAME='tiny_retrieval'",
           "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 16}", "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=4",
           f"--gin.MODEL_DIR='{model_dir}'", "--gin.TaskConfig.num_candidates=3", "--gin.CheckpointConfig.every=1"]

@@ -30,7 +30,8 @@ def main():
     (work / "users.jsonl").unlink()
   builder = tfds.builder_from_directory(str(tfds_data.directory(work)))
   t0 = time.perf_counter()
-  decoded = {int(r["user"]): r for r in builder.as_dataset(split=tfds_data.SPLIT, shuffle_files=False).as_numpy_iterator()}
+  rows = builder.as_dataset(split=tfds_data.SPLIT, shuffle_files=False).as_numpy_iterator()
+  decoded = {int(r["user"]): r for r in rows}
   t1 = time.perf_counter()
   parsed = tfds_data.read_users(builder)
   t2 = time.perf_counter()

@@ -148,7 +148,8 @@ def main():
   kind = "ITDR TKR" if args.itdr else args.train_examples
   print(f"{m['train_examples']} {kind} training examples; streamed / in memory: peak memory "
         f"{s['peak_rss_gib'] / m['peak_rss_gib']:.2f}x, time to the first example "
-        f"{s['first_example_s'] / m['first_example_s']:.2f}x, examples/s {s['examples_per_s'] / m['examples_per_s']:.2f}x")
+        f"{s['first_example_s'] / m['first_example_s']:.2f}x, "
+        f"examples/s {s['examples_per_s'] / m['examples_per_s']:.2f}x")
 
 
 def in_child(*argv: str) -> dict:

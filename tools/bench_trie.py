@@ -51,7 +51,8 @@ def main():
     first = first or speed
     nodes, width = trie.child_node.shape
     print(f"{scheme:14s} {len(ids)} items, trie {nodes} nodes x {width} children, alphabet {len(trie.alphabet)}, "
-          f"depth {trie.depth}: {2 * trie.child_node.nbytes / 2**20:.1f} MiB (dense {nodes * len(trie.alphabet) * 4 / 2**20:.0f}"
+          f"depth {trie.depth}: {2 * trie.child_node.nbytes / 2**20:.1f} MiB "
+          f"(dense {nodes * len(trie.alphabet) * 4 / 2**20:.0f}"
           f" MiB); {speed:.1f} users/s ({speed / first:.2f}x the first)", flush=True)
 
 

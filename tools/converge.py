@@ -37,7 +37,8 @@ def run(name: str, seed: int, data_dir: Path, work: Path, args) -> dict:
   out = train_model(data_dir, model_dir, f"{data_dir.name}_{r['mixture']}", f"{data_dir.name}_retrieval", None,
                     None, seed, curves.gin_recipe(r), steps=args.max_steps, validation_examples=args.val_users,
                     extra=[f"ValidationConfig.every = {args.every}", f"ValidationConfig.patience = {args.patience}",
-                           f"CheckpointConfig.every = {args.every}", "CheckpointConfig.keep = 2", "train.log_every = 50"])
+                           f"CheckpointConfig.every = {args.every}", "CheckpointConfig.keep = 2",
+                           "train.log_every = 50"])
   log = [json.loads(x) for x in (model_dir / "train_log.jsonl").read_text().splitlines()]
   test = {p: evaluate_best(model_dir, f"{data_dir.name}_retrieval", "test", exclude_history=ex).metrics
           for p, ex in PROTOCOLS.items()}

@@ -224,8 +224,8 @@ def plot(paths: list[Path], png: Path, title: str, metric: str = "ndcg@10") -> N
 
 def markdown(paths: list[Path]) -> str:
   """One row per run: the recipe's data and settings, best validation NDCG@10 / HR@10 and when."""
-  lines = ["| data | recipe | IDs | history | lr, decay / dropout / dtype | best val NDCG@10 (x popularity) | HR@10 | at min "
-           "| examples seen | final loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| data | recipe | IDs | history | lr, decay / dropout / dtype | best val NDCG@10 (x popularity) "
+           "| HR@10 | at min | examples seen | final loss |", "|---|---|---|---|---|---|---|---|---|---|"]
   for p in paths:
     r = json.loads(p.read_text())
     c, best = r["config"], max(r["validation"], key=lambda v: v["ndcg@10"])
@@ -237,7 +237,8 @@ def markdown(paths: list[Path]) -> str:
         ", no words" if d.get("prompt_words") is False else "") + (
         f", next {d['next_items']} items" if d.get("next_items", 1) > 1 else "")
     lines.append(f"| {r.get('data', 'beauty')} | {r['recipe']} | {d.get('id_scheme', 'random')} | {history} | "
-                 f"{c['lr']:g} {c.get('decay', 'constant')} / {c['dropout']:g} / {c['dtype']} | {best['ndcg@10']:.4f} ({best['ndcg@10'] / pop:.2f}x "
+                 f"{c['lr']:g} {c.get('decay', 'constant')} / {c['dropout']:g} / {c['dtype']} | "
+                 f"{best['ndcg@10']:.4f} ({best['ndcg@10'] / pop:.2f}x "
                  f"of {pop:.4f}) | {best['hr@10']:.3f} | {best['minutes']:.1f} | {best['examples_seen']:,} | "
                  f"{r['train'][-1]['loss']:.2f} |")
   return "\n".join(lines)

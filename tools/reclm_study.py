@@ -128,7 +128,8 @@ def main():
         test = cf.evaluate_cf(params, cfg, graph, data, "test", prof, candidates=cold)
         results[key] = {"split": split, "variant": variant, "seed": seed, "epochs": log[-1]["epoch"],
                         "minutes": round((time.time() - t0) / 60, 2), "config": dataclasses.asdict(cfg),
-                        "profiles": ("generated" if args.checkpoint else args.user_profiles or "silver"), **{f"test/{k}": v for k, v in test.items()}}
+                        "profiles": ("generated" if args.checkpoint else args.user_profiles or "silver"),
+                        **{f"test/{k}": v for k, v in test.items()}}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         print(key, {k: v for k, v in results[key].items() if k.startswith("test/")}, flush=True)

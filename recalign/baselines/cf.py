@@ -214,7 +214,8 @@ def train_cf(data: PreparedData, cfg: CFConfig = CFConfig(), profiles: Optional[
     return optax.apply_updates(params, updates), state, loss
 
   # negatives: never any of the user's items, nor a zero-shot item (training never sees those)
-  pool = np.setdiff1d(np.arange(data.num_items), holdout_items) if holdout_items is not None else np.arange(data.num_items)
+  pool = np.arange(data.num_items)
+  pool = np.setdiff1d(pool, holdout_items) if holdout_items is not None else pool
   seen = [set(s.tolist()) for s in data.sequences]
   rng = np.random.default_rng(cfg.seed)
   best, best_params, log, bad = -1.0, params, [], 0

@@ -20,7 +20,8 @@ Five schemes, one place:
 A code is one vocabulary piece: position p uses letter p (`<a_12><b_201><c_7><d_0>`), an item's own
 piece is `<item_k>` (k = the item's row in items.jsonl). The first code of an ID carries the word
 boundary (`▁<a_12>`, `▁<item_7>` for atomic IDs), so inside `Item ID: <a_12><b_201>...` an ID is
-exactly its codes, and IDs written one after another (`▁<a_1><b_2> ▁<a_4>...`) split without a separator. `recalign vocab` adds the pieces to the project vocabulary; a pretrained
+exactly its codes, and IDs written one after another (`▁<a_1><b_2> ▁<a_4>...`) split without a separator.
+`recalign vocab` adds the pieces to the project vocabulary; a pretrained
 vocabulary gets them as new rows after its own (`vocab.ExtendedVocabulary`).
 
 Every scheme is deterministic for a seed and built from training data only (never a validation or

@@ -102,7 +102,8 @@ def words(domain: Domain) -> Words:
 
 # Inputs with placeholders: {words} fields, then the parts each example fills in.
 TEMPLATES = {
-    "rp": "A user has {verb_past} and rated the following {items} with ratings: {rated}. Predict his rating for {title}.",
+    "rp": ("A user has {verb_past} and rated the following {items} with ratings: {rated}. "
+           "Predict his rating for {title}."),
     "tkr": "Given a user's {records} records in chronological order as follows: {history_list} Based on the {history} "
            "history, please rank the {items} in the candidate list by the likelihood of the user {gerund} them next "
            "from highest to lowest. Candidate list: {candidate_list}",
@@ -249,7 +250,8 @@ def _windows(seq: np.ndarray, size: int) -> list[np.ndarray]:
   return [seq[s:s + size] for s in range(len(seq) - size + 1)]
 
 
-def list_records(data: PreparedData, split: str, held: Mapping[str, np.ndarray], lengths: np.ndarray) -> sources.Records:
+def list_records(data: PreparedData, split: str, held: Mapping[str, np.ndarray],
+                 lengths: np.ndarray) -> sources.Records:
   """TKR: 5 history items and the 5 that follow (the positives). Training: every window of 10 training
   items; validation / test: the held-out users' last 10 items."""
   rows = []
@@ -467,7 +469,8 @@ def render_tkr(ex, key, *, texts: ItemTexts, w: Words, log_popularity, user_item
   cands, negatives = _candidates(ex, key, ex["positives"], POSITIVES, log_popularity, user_items)
   text = fill(template("tkr", w), history_list=_tf_numbered(titles, ex["history"]),
               candidate_list=_tf_numbered(titles, cands))
-  return {"inputs": _instruction("tkr", text), "targets": _tf_numbered(titles, tf.concat([ex["positives"], negatives], 0)),
+  return {"inputs": _instruction("tkr", text),
+          "targets": _tf_numbered(titles, tf.concat([ex["positives"], negatives], 0)),
           "candidates": cands, "positives": ex["positives"]}
 
 
@@ -492,7 +495,8 @@ def render_cdr(ex, key, *, texts: ItemTexts, source_texts: ItemTexts, w: Words, 
   text = fill(template("cdr", w, source_domain=domains[0], target_domain=domains[1]),
               source_list=_tf_numbered(source_texts.tensor("titles"), ex["source_history"]),
               history_list=_tf_numbered(titles, ex["history"]), candidate_list=_tf_numbered(titles, cands))
-  return {"inputs": _instruction("cdr", text), "targets": _tf_numbered(titles, tf.concat([ex["positives"], negatives], 0)),
+  return {"inputs": _instruction("cdr", text),
+          "targets": _tf_numbered(titles, tf.concat([ex["positives"], negatives], 0)),
           "candidates": cands, "positives": ex["positives"]}
 
 

@@ -74,7 +74,8 @@ def genre_counts(data: PreparedData, exclude: frozenset = frozenset()) -> collec
   return c
 
 
-def user_interests(data: PreparedData, u: int, totals: collections.Counter, exclude: frozenset = frozenset()) -> list[str]:
+def user_interests(data: PreparedData, u: int, totals: collections.Counter,
+                   exclude: frozenset = frozenset()) -> list[str]:
   seq, ratings = _train(data, u, exclude)
   liked = seq if ratings is None else seq[ratings >= 4]
   mine = collections.Counter(g for i in liked for g in leaf_categories(data.items[i].categories))
@@ -163,7 +164,8 @@ def embed_tfidf(texts: Sequence[str], dims: int = 64, seed: int = 0) -> np.ndarr
   return tfidf_svd(list(texts), dims, seed)
 
 
-def embed_encoder(model, params, vocab, texts: Sequence[str], *, batch_size: int = 64, max_len: int = 256) -> np.ndarray:
+def embed_encoder(model, params, vocab, texts: Sequence[str], *, batch_size: int = 64,
+                  max_len: int = 256) -> np.ndarray:
   """The language model's own encoder: mean of the encoder states over each text's tokens (EOS included,
   padding excluded), L2-normalised. Texts longer than `max_len` tokens keep their first `max_len`."""
   import jax.numpy as jnp
