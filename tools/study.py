@@ -213,6 +213,11 @@ def run_label(row: str, share: Optional[float]) -> str:
   return f"{row}@aux{round(share * 100)}" if share is not None and set(row_members(row)) & set(AUX_TASKS) else row
 
 
+def row_of(label: str) -> str:
+  """The row a `run_label` names (`reat@aux30` -> `reat`)."""
+  return label.partition("@")[0]
+
+
 def label_of(r: dict) -> str:
   """A run's row name (`run_label`) from what the study recorded for it."""
   return run_label(r["row"], r.get("aux_share"))
@@ -367,8 +372,9 @@ def aux_mixture(name: str, row: str, share) -> str:
   if label == row:  # no --aux-share, or no auxiliary tasks to share
     return base
   mix = f"{base}_{label.partition('@')[2]}"
-  aux = [f"{name}_{m}" for m in row_members(row) if m in AUX_TASKS]
-  main = [f"{name}_{m}" for m in row_members(row) if m not in AUX_TASKS]
+  members = row_members(row)
+  aux = [f"{name}_{m}" for m in members if m in AUX_TASKS]
+  main = [f"{name}_{m}" for m in members if m not in AUX_TASKS]
   if mix not in seqio.MixtureRegistry.names():
     count = {t: rt.get(t).num_input_examples("train") for t in aux + main}
     rates = [(t, share * count[t] / sum(count[a] for a in aux)) for t in aux]
@@ -400,7 +406,7 @@ def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> s
   lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | val NDCG@10 | vs its base row (test) |"
            + (" test rating AUC |" if auc else "") + " training (mean) |",
            "|---|---|" + "---|" * (len(KEYS) + 3 + auc)]
-  labels = sorted({label_of(v) for v in results.values()}, key=lambda x: (list(ROWS).index(x.partition("@")[0]), x))
+  labels = sorted({label_of(v) for v in results.values()}, key=lambda x: (list(ROWS).index(row_of(x)), x))
   for label in labels:
     runs = [v for v in results.values() if label_of(v) == label]
     cells = [*_cells(runs), _against_base(results, label, runs)]
@@ -418,7 +424,7 @@ def _against_base(results: dict, label: str, runs: list[dict]) -> str:
   """The row's mean test NDCG@10 (AUC where it has no retrieval) minus its base row's (`BASE_ROW`) and, for a
   row trained at an --aux-share, minus the same row's at the paper's mixing; each against the two rows'
   spreads added; "—" with neither in the study."""
-  row = label.partition("@")[0]
+  row = row_of(label)
   refs = [(BASE_ROW.get(row), None)] + ([(row, "the paper's mixing")] if label != row else [])
   return "; ".join(d for ref, name in refs if ref and (d := _difference(results, runs, ref, name))) or "—"
 
