@@ -206,16 +206,20 @@ def study_setup(args) -> tuple:
   return recipe, long_recipe, data_dir, scheme
 
 
+AUX_SUFFIX = "@aux"   # `run_label`'s mark of a row trained at an --aux-share (`reat@aux30`)
+
+
 def run_label(row: str, share: Optional[float]) -> str:
   """A row's name in the study (its runs' keys and directories): the row, or `<row>@aux<percent>` when it was
   trained at an --aux-share and has auxiliary tasks to share (for the others the share changes nothing)."""
   from recalign.tasks.registry import AUX_TASKS
-  return f"{row}@aux{round(share * 100)}" if share is not None and set(row_members(row)) & set(AUX_TASKS) else row
+  shares = share is not None and set(row_members(row)) & set(AUX_TASKS)
+  return f"{row}{AUX_SUFFIX}{round(share * 100)}" if shares else row
 
 
 def row_of(label: str) -> str:
   """The row a `run_label` names (`reat@aux30` -> `reat`)."""
-  return label.partition("@")[0]
+  return label.partition(AUX_SUFFIX)[0]
 
 
 def label_of(r: dict) -> str:
@@ -225,7 +229,7 @@ def label_of(r: dict) -> str:
 
 def describe(label: str) -> str:
   """A row's description in the table and the plot's legend."""
-  row, _, share = label.partition("@aux")
+  row, _, share = label.partition(AUX_SUFFIX)
   return ROWS[row][1] + (f", auxiliary tasks {share}% of the examples" if share else "")
 
 
