@@ -169,6 +169,7 @@ def main():
                     **{f"{s}/{k}": v for s in m for k, v in m[s].items() if k in KEYS + ["auc"]}}
     keep_logs(model_dir, record / label / f"seed{seed}")
     results_path.write_text(json.dumps(results, indent=2))
+    plot_curves(record, results)   # (after every run: a sitting preempted later still leaves current curves)
     print(key, results[key], flush=True)
   for r in results.values():   # (rows kept from an earlier sitting: their --aux-share mixtures registered again)
     aux_mixture(name, r["row"], r.get("aux_share"))
@@ -302,7 +303,7 @@ def plot_curves(out: Path, results: dict) -> Path:
       labelled = set()
       for run in runs:
         r, label = run[0], label_of(run[0])
-        ax.plot(run[col], run[3], "o--" if "@" in label else "o-", ms=3, color=colours[r["row"]],
+        ax.plot(run[col], run[3], "o--" if AUX_SUFFIX in label else "o-", ms=3, color=colours[r["row"]],
                 label=None if label in labelled else describe(label))
         labelled.add(label)
       ax.set_xlabel(xlabel)
