@@ -274,16 +274,17 @@ def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_p
   first = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
   assert first.returncode == 0, first.stderr[-2000:]
   results = json.loads((tmp_path / "study" / "study.json").read_text())
-  assert sorted(results) == ["re_mlm/seed0", "retrieval/seed0"] and {r["steps"] for r in results.values()} == {4}
+  assert sorted(results) == ["re_mlm@aux50/seed0", "retrieval/seed0"] and {r["steps"] for r in results.values()} == {4}
   assert sorted(json.loads((tmp_path / "study" / "sasrec.json").read_text())) == ["BCE/seed0", "CE/seed0"]
   table = [x for x in first.stdout.splitlines() if x.startswith("| ")]
   assert [x.split(" | ")[0] for x in table[1:]] == ["| retrieval only (`beauty_retrieval`)",
-                                                     "| retrieval + MLM (`beauty_re_mlm_aux50`)", "| popularity",
+                                                     "| retrieval + MLM, auxiliary tasks 50% of the examples "
+                                                     "(`beauty_re_mlm_aux50`)", "| popularity",
                                                      "| History (training like-rate)",   # (it has ratings)
                                                      "| SASRec-BCE", "| SASRec-CE (sampled softmax)"]
   assert (tmp_path / "study" / "validation_curves.png").stat().st_size > 1000
-  assert (tmp_path / "study" / "re_mlm" / "seed0" / "validation_log.jsonl").read_text() == (
-      tmp_path / "scratch" / "re_mlm" / "seed0" / "validation_log.jsonl").read_text()
+  assert (tmp_path / "study" / "re_mlm@aux50" / "seed0" / "validation_log.jsonl").read_text() == (
+      tmp_path / "scratch" / "re_mlm@aux50" / "seed0" / "validation_log.jsonl").read_text()
   kept = {f.relative_to(tmp_path / "study").parts[-1] for f in (tmp_path / "study").glob("*/seed0/**/*")}
   assert kept == {"train_log.jsonl", "validation_log.jsonl"}   # (the record: logs, no checkpoint)
   shutil.rmtree(tmp_path / "scratch")
