@@ -297,6 +297,16 @@ def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_p
   assert report.returncode == 0 and "[recalign] trained" not in report.stdout
   assert [x for x in report.stdout.splitlines() if x.startswith("| ")] == table
   assert sorted(json.loads((tmp_path / "study" / "sasrec.json").read_text())) == ["BCE/seed0", "CE/seed0"]
+  # a later command trains one row alone, without --aux-share: the curves drawn after its run hold the record's
+  # re_mlm@aux50 too, whose mixture that command registers from the record
+  alone = subprocess.run(cmd[:-2] + ["--rows", "retrieval", "--seeds", "1"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert alone.returncode == 0, alone.stderr[-2000:]
+  assert sorted(json.loads((tmp_path / "study" / "study.json").read_text())) == [
+      "re_mlm@aux50/seed0", "retrieval/seed0", "retrieval/seed1"]
+  assert [x.split(" | ")[:2] for x in alone.stdout.splitlines() if x.startswith("| retrieval")] == [
+      ["| retrieval only (`beauty_retrieval`)", "2"],
+      ["| retrieval + MLM, auxiliary tasks 50% of the examples (`beauty_re_mlm_aux50`)", "1"]]
 
 
 @pytest.mark.slow   # ~2 minutes: the paper-scale command's path (a gin run file + --gin) on a checkpoint made here

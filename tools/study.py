@@ -128,6 +128,8 @@ def main():
   results_path = record / "study.json"
   rows = {run_label(r, args.aux_share): r for r in args.rows}   # (a row at --aux-share is a row of its own)
   results, todo = pending_runs(results_path, list(rows), args.seeds)
+  for r in results.values():   # (rows kept from an earlier command: the curves after each run need their mixtures)
+    aux_mixture(name, r["row"], r.get("aux_share"))
   todo = [] if args.report else todo
   task = f"{name}_retrieval"
   ids = {s: report_ids(task, s, args.test_users if s == "test" else args.val_users) for s in ("validation", "test")}
@@ -171,8 +173,6 @@ def main():
     results_path.write_text(json.dumps(results, indent=2))
     plot_curves(record, results)   # (after every run: a sitting preempted later still leaves current curves)
     print(key, results[key], flush=True)
-  for r in results.values():   # (rows kept from an earlier sitting: their --aux-share mixtures registered again)
-    aux_mixture(name, r["row"], r.get("aux_share"))
   print(table(with_trend(record, with_epochs(results)), baseline_runs(base_rows, sasrec)))
   print(f"validation curves: {plot_curves(record, results)}")
   print(compute_used(results, sasrec))
