@@ -47,6 +47,10 @@ def test_study_table_means_spreads_and_rating_auc():
   # a row whose base row is not in the study has no difference
   alone = study.table({k: v for k, v in results.items() if v["row"] == "ut_at"}).splitlines()
   assert alone[2].split(" | ")[7] == "—"
+  # one seed of each row: a difference, but no spread to read it against (not "exceeds spread 0.0000")
+  first = study.table({k: v for k, v in results.items() if k in ("ut/seed0", "ut_at/seed0")}).splitlines()
+  assert first[3].split(" | ")[7] == ("-0.0180 NDCG@10 vs UT (retrieval + ranking [+ rating]) "
+                                     "(one seed each: no spread yet)")
   assert len(lines) == 7
   # the baselines on the same users: rows of the same table, mean ± std over their runs
   base = study.baseline_runs(

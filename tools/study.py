@@ -442,8 +442,9 @@ def _difference(results: dict, runs: list[dict], ref: str, name: Optional[str]) 
   vals, base = (np.array([r[key] for r in rs]) for rs in (runs, ref_runs))
   diff, spread = vals.mean() - base.mean(), seed_std(vals) + seed_std(base)
   metric = {"test/ndcg@10": "NDCG@10", "test/auc": "AUC"}[key]
-  return (f"{diff:+.4f} {metric} vs {name or ROWS[ref][1]} ({'exceeds' if abs(diff) > spread else 'within'} "
-          f"spread {spread:.4f})")
+  verdict = ("one seed each: no spread yet" if len(vals) == len(base) == 1 else
+             f"{'exceeds' if abs(diff) > spread else 'within'} spread {spread:.4f}")
+  return f"{diff:+.4f} {metric} vs {name or ROWS[ref][1]} ({verdict})"
 
 
 def _cells(runs: list[dict]) -> list[str]:
