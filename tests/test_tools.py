@@ -97,6 +97,19 @@ def test_study_trend_is_the_slope_of_the_last_validations(tmp_path):
   assert trend["retrieval/seed0"] == pytest.approx(0.002) and trend["retrieval/seed1"] is None   # (no log)
 
 
+def test_study_record_refuses_a_command_with_other_settings(tmp_path):
+  """A record's runs and a command (a resume, or --report) with another recipe, gin binding, ID scheme or
+  users fraction: stopped, naming the record, the run and the setting; settings an older record lacks pass."""
+  study = load_study()
+  same = {"recipe": "bare", "gin": [], "id_scheme": "hybrid", "users_fraction": 0.25}
+  results = {"ut/seed0": {"row": "ut", **same}, "rating/seed0": {"row": "rating", "recipe": "bare"}}
+  study.check_record(tmp_path / "study.json", results, same)   # (rating/seed0: an older run, recipe only)
+  for field, other in [("recipe", "compact"), ("gin", ["X = 1"]), ("id_scheme", "collaborative"),
+                       ("users_fraction", 1.0)]:
+    with pytest.raises(SystemExit, match=rf"study.json: ut/seed0 was trained with {field} .*, this command has "):
+      study.check_record(tmp_path / "study.json", results, {**same, field: other})
+
+
 def test_study_sasrecs_train_once_per_seed_on_the_studys_users(tiny_root, monkeypatch):
   """study.py's SASRec rows: per seed, both losses, scored on the study's users; kept in sasrec.json, so a
   resumed study does not train them again -- unless it is scored on other users."""
@@ -301,6 +314,10 @@ def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_p
   assert report.returncode == 0 and "[recalign] trained" not in report.stdout
   assert [x for x in report.stdout.splitlines() if x.startswith("| ")] == table
   assert sorted(json.loads((tmp_path / "study" / "sasrec.json").read_text())) == ["BCE/seed0", "CE/seed0"]
+  # --report with another recipe (the epochs and curves would come from its mixtures): refused
+  other = [x if x != "bare" else "compact" for x in cmd] + ["--report"]
+  refused = subprocess.run(other, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert refused.returncode != 0 and "was trained with recipe 'bare', this command has 'compact'" in refused.stderr
   # a later command trains one row alone, without --aux-share: the curves drawn after its run hold the record's
   # re_mlm@aux50 too, whose mixture that command registers from the record
   alone = subprocess.run(cmd[:-2] + ["--rows", "retrieval", "--seeds", "1"], capture_output=True, text=True,

@@ -128,6 +128,8 @@ def main():
   results_path = record / "study.json"
   rows = {run_label(r, args.aux_share): r for r in args.rows}   # (a row at --aux-share is a row of its own)
   results, todo = pending_runs(results_path, list(rows), args.seeds)
+  same = {"recipe": args.recipe, "gin": list(args.gin), "id_scheme": scheme, "users_fraction": args.users_fraction}
+  check_record(results_path, results, same)
   for r in results.values():   # (rows kept from an earlier command: the curves after each run need their mixtures)
     aux_mixture(name, r["row"], r.get("aux_share"))
   todo = [] if args.report else todo
@@ -162,11 +164,11 @@ def main():
     if "rating" in members and data.has_ratings:
       m["test"]["auc"] = evaluate_best(model_dir, f"{name}_rating", "test").metrics["auc"]
     log = [json.loads(x) for x in (model_dir / "train_log.jsonl").read_text().splitlines()]
-    results[key] = {"row": row, "seed": seed, "mixture": mixture, "recipe": args.recipe,
-                    "id_scheme": scheme, "steps": run["step"], "best_step": (run.get("best") or {}).get("step"),
+    results[key] = {"row": row, "seed": seed, "mixture": mixture, **same, "steps": run["step"],
+                    "best_step": (run.get("best") or {}).get("step"),
                     "early_stopped": (model_dir / "early_stop.json").exists(),
                     "examples_seen": log[-1]["examples_seen"], "training_minutes": round(log[-1]["minutes"], 1),
-                    "users_fraction": args.users_fraction, "aux_share": args.aux_share,
+                    "aux_share": args.aux_share,
                     "wall_minutes_this_sitting": round((time.time() - t0) / 60, 1),
                     **{f"{s}/{k}": v for s in m for k, v in m[s].items() if k in KEYS + ["auc"]}}
     keep_logs(model_dir, record / label / f"seed{seed}")
@@ -208,6 +210,18 @@ def study_setup(args) -> tuple:
 
 
 AUX_SUFFIX = "@aux"   # `run_label`'s mark of a row trained at an --aux-share (`reat@aux30`)
+
+
+def check_record(path: Path, results: dict, settings: dict) -> None:
+  """Stop when the record's runs were trained with other `settings` (recipe, gin bindings, ID scheme, users
+  fraction) than this command's: its new runs would not be comparable, and the table's epochs and the curves
+  come from the mixtures this command registers. A setting a run does not hold (older records) is not checked."""
+  for key, run in results.items():
+    for field, value in settings.items():
+      if run.get(field) is not None and run[field] != value:
+        raise SystemExit(f"{path}: {key} was trained with {field} {run[field]!r}, this command has {value!r}: "
+                         f"give the record's settings (--recipe, --gin, --id-scheme, --users-fraction) or "
+                         f"another --record")
 
 
 def run_label(row: str, share: Optional[float]) -> str:
