@@ -122,14 +122,16 @@ def main():
   from recalign.experiments import evaluate_best, pending_runs, report_ids, selection_size, train_model
   out = Path(args.out)
   record = Path(args.record or args.out)
-  recipe, long_recipe, data_dir, scheme = study_setup(args)
-  data = PreparedData.load(data_dir)
-  name = data.name
   results_path = record / "study.json"
   rows = {run_label(r, args.aux_share): r for r in args.rows}   # (a row at --aux-share is a row of its own)
   results, todo = pending_runs(results_path, list(rows), args.seeds)
-  same = {"recipe": args.recipe, "gin": list(args.gin), "id_scheme": scheme, "users_fraction": args.users_fraction}
-  check_record(results_path, results, same)
+  same = {"recipe": args.recipe, "gin": list(args.gin), "users_fraction": args.users_fraction}
+  check_record(results_path, results, same)   # (before preparing anything)
+  recipe, long_recipe, data_dir, scheme = study_setup(args)
+  check_record(results_path, results, {"id_scheme": scheme})   # (--id-scheme)
+  same["id_scheme"] = scheme
+  data = PreparedData.load(data_dir)
+  name = data.name
   for r in results.values():   # (rows kept from an earlier command: the curves after each run need their mixtures)
     aux_mixture(name, r["row"], r.get("aux_share"))
   todo = [] if args.report else todo
