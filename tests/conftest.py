@@ -25,7 +25,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
   a VM of 2 hyperthreads), at most 4 and one per 6 GiB of memory -- a worker peaked at 4.4 GiB, with the training
   processes its tests start up to 1.7 GiB more (2 workers, 2026-12-05)."""
   memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  return max(1, min(4, len(os.sched_getaffinity(0)), int(memory_gib // 6)))
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: none
+  return max(1, min(4, cores, int(memory_gib // 6)))
 
 
 def pytest_collection_modifyitems(config, items):
