@@ -1,6 +1,7 @@
 """The study script's table: the numbers the ablation's reading is written from."""
 
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -22,6 +23,13 @@ def run(row, seed, ndcg=None, auc=None):
   if auc is not None:
     r["test/auc"] = auc
   return r
+
+
+def study_table(stdout: str) -> list[str]:
+  """The study's table: the first block of Markdown rows it prints (the equal-supervision table may follow)."""
+  lines = stdout.splitlines()
+  start = next(i for i, x in enumerate(lines) if x.startswith("| "))
+  return [x for x in itertools.takewhile(lambda x: x.startswith("|"), lines[start:]) if x.startswith("| ")]
 
 
 def test_study_table_means_spreads_and_rating_auc():
@@ -95,6 +103,39 @@ def test_study_trend_is_the_slope_of_the_last_validations(tmp_path):
   runs = {"retrieval/seed0": run("retrieval", 0, 0.01), "retrieval/seed1": run("retrieval", 1, 0.01)}
   trend = {k: r["trend"] for k, r in study.with_trend(tmp_path, runs).items()}
   assert trend["retrieval/seed0"] == pytest.approx(0.002) and trend["retrieval/seed1"] is None   # (no log)
+
+
+def test_study_compares_auxiliary_rows_at_equal_main_task_examples(tmp_path):
+  """Each auxiliary row's last validation against its base row's curve interpolated at as many main-task
+  examples (examples seen x the mixture's main share), over the base seeds whose curve spans that point."""
+  import json
+  study = load_study()
+  logs = {  # run: (main share, [(examples seen in thousands, metric)])
+      "retrieval/seed0": (1.0, [(100, 0.01), (200, 0.02), (300, 0.03)]),
+      "retrieval/seed1": (1.0, [(100, 0.02), (200, 0.04)]),
+      "re_mlm/seed0": (0.5, [(200, 0.015), (400, 0.025)]),   # at 200k main: base 0.02 and 0.04 -> -0.005
+      "re_mlm/seed1": (0.5, [(300, 0.02), (500, 0.035)]),    # at 250k: only seed 0's curve gets there, 0.025
+      "reat/seed0": (1 / 3, [(3000, 0.05)]),                  # 1,000k: beyond every base curve -> no line
+      "ut/seed0": (1.0, [(100, 0.05)]),                        # adds main tasks, no auxiliary one -> no line
+      "rating/seed0": (1.0, [(1000, 0.60), (2000, 0.70)]),
+      "rpat/seed0": (1 / 3, [(3000, 0.66)]),                   # 1,000k, the base's first point: 0.60
+  }
+  results = {}
+  for key, (share, points) in logs.items():
+    row, seed = key.split("/seed")
+    metric = "auc" if "rating" in row or row == "rpat" else "ndcg@10"
+    log = tmp_path / row / f"seed{seed}" / "validation_log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("\n".join(json.dumps({"step": i, "examples_seen": x * 1000, metric: v})
+                             for i, (x, v) in enumerate(points)))
+    results[key] = run(row, int(seed))
+  shares = {f"ml100k_{k.split('/')[0]}": share for k, (share, _) in logs.items()}
+  lines = study.at_equal_supervision(tmp_path, results, shares.get).splitlines()
+  assert lines[2] == "| retrieval + MLM | 2 | NDCG@10 | 225k | 0.0300 | 0.0275 | +0.0025 ± 0.0106 |"
+  assert lines[3] == "| rating + MLM + MIM (RpAT) | 1 | AUC | 1000k | 0.6600 | 0.6000 | +0.0600 |"
+  assert len(lines) == 4
+  assert study.at_equal_supervision(tmp_path, {k: results[k] for k in ("retrieval/seed0", "ut/seed0")},
+                                    shares.get) == ""
 
 
 def test_study_record_refuses_a_command_with_other_settings(tmp_path):
@@ -293,7 +334,7 @@ def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_p
   results = json.loads((tmp_path / "study" / "study.json").read_text())
   assert sorted(results) == ["re_mlm@aux50/seed0", "retrieval/seed0"] and {r["steps"] for r in results.values()} == {4}
   assert sorted(json.loads((tmp_path / "study" / "sasrec.json").read_text())) == ["BCE/seed0", "CE/seed0"]
-  table = [x for x in first.stdout.splitlines() if x.startswith("| ")]
+  table = study_table(first.stdout)
   assert [x.split(" | ")[0] for x in table[1:]] == ["| retrieval only (`beauty_retrieval`)",
                                                      "| retrieval + MLM, auxiliary tasks 50% of the examples "
                                                      "(`beauty_re_mlm_aux50`)", "| popularity",
@@ -307,12 +348,12 @@ def test_study_runs_to_its_step_cap_and_a_second_run_reads_everything_back(tmp_p
   shutil.rmtree(tmp_path / "scratch")
   again = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
   assert again.returncode == 0 and "trained beauty" not in again.stdout   # no row, no SASRec trained again
-  assert [x for x in again.stdout.splitlines() if x.startswith("| ")] == table
+  assert study_table(again.stdout) == table
   # --report: what the record holds, nothing trained (not seed 1's rows, nor its SASRecs)
   report = subprocess.run(cmd + ["--seeds", "0", "1", "--report"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
   assert report.returncode == 0 and "[recalign] trained" not in report.stdout
-  assert [x for x in report.stdout.splitlines() if x.startswith("| ")] == table
+  assert study_table(report.stdout) == table
   assert sorted(json.loads((tmp_path / "study" / "sasrec.json").read_text())) == ["BCE/seed0", "CE/seed0"]
   # --report with another recipe (the epochs and curves would come from its mixtures): refused
   other = [x if x != "bare" else "compact" for x in cmd] + ["--report"]

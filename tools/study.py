@@ -36,7 +36,9 @@ so far, while the study is still going, training nothing. `--users-fraction`: a 
 the users (the data-limited regime; the recipe's IDs, built from the subset's own training sequences).
 `--aux-share`: the auxiliary tasks' share of the examples, together (default: the paper's mixing by
 example counts); such runs are rows of their own in the same record (`reat@aux30/seed0`), set against the
-same base row, so one table holds both mixings.
+same base row, so one table holds both mixings. After the table, the auxiliary rows against their base rows at the same
+main-task examples rather than the same steps (`at_equal_supervision`): does an auxiliary task make each
+retrieval / rating example worth more?
 
 At paper scale (a GPU / TPU VM): the paper's run file, fine-tuning FLAN-T5-Base on its own vocabulary, with
 `--gin` bindings as `recalign train` takes them:
@@ -54,7 +56,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -178,6 +180,8 @@ def main():
     plot_curves(record, results)   # (after every run: a sitting preempted later still leaves current curves)
     print(key, results[key], flush=True)
   print(table(with_trend(record, with_epochs(results)), baseline_runs(base_rows, sasrec)))
+  if equal := at_equal_supervision(record, results):
+    print("at the same main-task examples (selection validation, the runs' last point):\n" + equal)
   print(f"validation curves: {plot_curves(record, results)}")
   print(compute_used(results, sasrec))
 
@@ -461,6 +465,40 @@ def _difference(results: dict, runs: list[dict], ref: str, name: Optional[str]) 
   verdict = ("one seed each: no spread yet" if len(vals) == len(base) == 1 else
              f"{'exceeds' if abs(diff) > spread else 'within'} spread {spread:.4f}")
   return f"{diff:+.4f} {metric} vs {name or ROWS[ref][1]} ({verdict})"
+
+
+def at_equal_supervision(out: Path, results: dict, share: Optional[Callable[[str], float]] = None) -> str:
+  """The auxiliary rows against their base rows at the same supervision rather than the same steps: at a
+  run's last validation, the main-task examples it had seen (examples seen x `share`, default `main_share`)
+  and its selection metric there, beside its base row's at as many main-task examples (each base seed's
+  curve interpolated; the mean over the seeds whose curve spans that point). Whether an auxiliary task makes
+  each main-task example worth more -- what the step-matched table cannot say. (The row is then at the end of
+  its learning-rate decay, the base row part-way through its own: a bias in the row's favour.) Markdown;
+  "" when no auxiliary row has its base row's curves."""
+  from recalign.tasks.registry import AUX_TASKS
+  share = share or main_share
+  curves: dict[str, list] = {}
+  for r in results.values():
+    metric, val = validation_log(out, r)
+    if val:
+      x = np.array([v["examples_seen"] for v in val]) * share(r["mixture"])
+      curves.setdefault(label_of(r), []).append((metric, x, np.array([v[metric] for v in val])))
+  lines = []
+  for label in sorted(curves, key=lambda x: (list(ROWS).index(row_of(x)), x)):
+    base = curves.get(BASE_ROW.get(row_of(label)))
+    if not base or not set(row_members(row_of(label))) & set(AUX_TASKS):   # (UT adds main tasks)
+      continue
+    at = [(metric, x[-1], y[-1], np.mean(b)) for metric, x, y in curves[label]
+          if (b := [np.interp(x[-1], bx, by) for m, bx, by in base if m == metric and bx[0] <= x[-1] <= bx[-1]])]
+    if at:
+      gap = np.array([y - b for _, _, y, b in at])
+      lines.append(f"| {describe(label)} | {len(at)} | {at[0][0].upper()} | "
+                   f"{np.mean([x for _, x, _, _ in at]) / 1e3:.0f}k | {np.mean([y for _, _, y, _ in at]):.4f} | "
+                   f"{np.mean([b for *_, b in at]):.4f} | {gap.mean():+.4f}"
+                   + (f" ± {seed_std(gap):.4f}" if len(gap) > 1 else "") + " |")
+  head = ["| row | seeds | selection metric | main-task examples at its last validation | the row there "
+          "| its base row at as many | difference |", "|---|---|---|---|---|---|---|"]
+  return "\n".join(head + lines) if lines else ""
 
 
 def _cells(runs: list[dict]) -> list[str]:
