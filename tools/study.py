@@ -36,9 +36,9 @@ so far, while the study is still going, training nothing. `--users-fraction`: a 
 the users (the data-limited regime; the recipe's IDs, built from the subset's own training sequences).
 `--aux-share`: the auxiliary tasks' share of the examples, together (default: the paper's mixing by
 example counts); such runs are rows of their own in the same record (`reat@aux30/seed0`), set against the
-same base row, so one table holds both mixings. After the table, the auxiliary rows against their base rows at the same
-main-task examples rather than the same steps (`at_equal_supervision`): does an auxiliary task make each
-retrieval / rating example worth more?
+same base row, so one table holds both mixings. After the table, the auxiliary rows against their base
+rows at the same main-task examples rather than the same steps (`at_equal_supervision`): does an auxiliary
+task make each retrieval / rating example worth more?
 
 At paper scale (a GPU / TPU VM): the paper's run file, fine-tuning FLAN-T5-Base on its own vocabulary, with
 `--gin` bindings as `recalign train` takes them:
@@ -309,12 +309,8 @@ def plot_curves(out: Path, results: dict) -> Path:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   curves = {}
-  for key, r in sorted(results.items()):
-    metric, val = validation_log(out, r)
-    if val:
-      share = main_share(r["mixture"])
-      curves.setdefault(metric, []).append((r, [v["step"] for v in val],
-                                            [v["examples_seen"] * share for v in val], [v[metric] for v in val]))
+  for r, metric, *curve in main_task_curves(out, dict(sorted(results.items()))):
+    curves.setdefault(metric, []).append((r, *curve))
   n = max(len(curves), 1)
   fig, axes = plt.subplots(n, 2, figsize=(15, 4.5 * n), squeeze=False)
   colours = dict(zip(ROWS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -333,6 +329,24 @@ def plot_curves(out: Path, results: dict) -> Path:
   fig.savefig(out / "validation_curves.png", dpi=120)
   plt.close(fig)
   return out / "validation_curves.png"
+
+
+def main_task_curves(out: Path, results: dict, share: Optional[Callable[[str], float]] = None) -> list[tuple]:
+  """Every run's validation curve that has a point: (run, metric, steps, main-task examples seen -- examples
+  seen x `share` of its mixture, default `main_share` --, the metric's values), the last three arrays."""
+  share = share or main_share
+  curves = []
+  for r in results.values():
+    metric, val = validation_log(out, r)
+    if val:
+      steps, seen, y = (np.array([v[k] for v in val]) for k in ("step", "examples_seen", metric))
+      curves.append((r, metric, steps, seen * share(r["mixture"]), y))
+  return curves
+
+
+def row_order(label: str) -> tuple:
+  """Tables list rows in `ROWS` order (an --aux-share row after its row at the paper's mixing)."""
+  return list(ROWS).index(row_of(label)), label
 
 
 def main_share(mixture: str) -> float:
@@ -431,7 +445,7 @@ def table(results: dict, baselines: Optional[dict[str, list[dict]]] = None) -> s
   lines = ["| row | seeds | " + " | ".join(f"test {k}" for k in KEYS) + " | val NDCG@10 | vs its base row (test) |"
            + (" test rating AUC |" if auc else "") + " training (mean) |",
            "|---|---|" + "---|" * (len(KEYS) + 3 + auc)]
-  labels = sorted({label_of(v) for v in results.values()}, key=lambda x: (list(ROWS).index(row_of(x)), x))
+  labels = sorted({label_of(v) for v in results.values()}, key=row_order)
   for label in labels:
     runs = [v for v in results.values() if label_of(v) == label]
     cells = [*_cells(runs), _against_base(results, label, runs)]
@@ -476,15 +490,11 @@ def at_equal_supervision(out: Path, results: dict, share: Optional[Callable[[str
   its learning-rate decay, the base row part-way through its own: a bias in the row's favour.) Markdown;
   "" when no auxiliary row has its base row's curves."""
   from recalign.tasks.registry import AUX_TASKS
-  share = share or main_share
   curves: dict[str, list] = {}
-  for r in results.values():
-    metric, val = validation_log(out, r)
-    if val:
-      x = np.array([v["examples_seen"] for v in val]) * share(r["mixture"])
-      curves.setdefault(label_of(r), []).append((metric, x, np.array([v[metric] for v in val])))
+  for r, metric, _, x, y in main_task_curves(out, results, share):
+    curves.setdefault(label_of(r), []).append((metric, x, y))
   lines = []
-  for label in sorted(curves, key=lambda x: (list(ROWS).index(row_of(x)), x)):
+  for label in sorted(curves, key=row_order):
     base = curves.get(BASE_ROW.get(row_of(label)))
     if not base or not set(row_members(row_of(label))) & set(AUX_TASKS):   # (UT adds main tasks)
       continue
